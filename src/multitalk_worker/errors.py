@@ -1,0 +1,126 @@
+"""Typed errors. Each class has a stable `code`; the worker maps exceptions to payloads in one place.
+
+Engine code raises the most specific subclass with a message that says what was wrong and what is
+accepted. Only `worker.py` turns these into error payloads.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class WorkerError(Exception):
+    """Base class. `code`, `stage` and `retryable` are part of the wire contract."""
+
+    code: ClassVar[str] = "GENERATION_FAILED"
+    default_stage: ClassVar[str] = "generate"
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str, *, stage: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.stage = stage or self.default_stage
+
+    def to_dict(self) -> dict[str, object]:
+        return {"code": self.code, "message": self.message, "stage": self.stage, "retryable": self.retryable}
+
+
+class InvalidInput(WorkerError):
+    code = "INVALID_INPUT"
+    default_stage = "validate"
+
+
+class InputFetchFailed(WorkerError):
+    code = "INPUT_FETCH_FAILED"
+    default_stage = "fetch"
+    retryable = True
+
+
+class InputTooLarge(WorkerError):
+    code = "INPUT_TOO_LARGE"
+    default_stage = "fetch"
+
+
+class AudioDecodeFailed(WorkerError):
+    code = "AUDIO_DECODE_FAILED"
+    default_stage = "audio"
+
+
+class ImageDecodeFailed(WorkerError):
+    code = "IMAGE_DECODE_FAILED"
+    default_stage = "image"
+
+
+class DurationTooLong(WorkerError):
+    code = "DURATION_TOO_LONG"
+    default_stage = "validate"
+
+
+class ModelMissing(WorkerError):
+    code = "MODEL_MISSING"
+    default_stage = "load"
+
+
+class ModelLoadFailed(WorkerError):
+    code = "MODEL_LOAD_FAILED"
+    default_stage = "load"
+
+
+class CheckpointError(ModelLoadFailed):
+    """A tensor in a checkpoint is missing, unexpected or wrongly shaped. Names the file and the key."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
+        where = ", ".join(part for part in (f"file {file}" if file else "", f"key {key}" if key else "") if part)
+        super().__init__(f"{message} ({where})" if where else message)
+        self.file = file
+        self.key = key
+
+
+class OutOfMemory(WorkerError):
+    code = "OUT_OF_MEMORY"
+    default_stage = "generate"
+    retryable = True
+
+
+class GenerationFailed(WorkerError):
+    code = "GENERATION_FAILED"
+    default_stage = "generate"
+
+
+class OutputInvalid(WorkerError):
+    code = "OUTPUT_INVALID"
+    default_stage = "output"
+
+
+class UploadFailed(WorkerError):
+    code = "UPLOAD_FAILED"
+    default_stage = "output"
+    retryable = True
+
+
+class OutputTooLarge(WorkerError):
+    code = "OUTPUT_TOO_LARGE"
+    default_stage = "output"
+
+
+class Cancelled(WorkerError):
+    code = "CANCELLED"
+    default_stage = "generate"
+
+
+ERROR_CODES: tuple[str, ...] = (
+    "INVALID_INPUT",
+    "INPUT_FETCH_FAILED",
+    "INPUT_TOO_LARGE",
+    "AUDIO_DECODE_FAILED",
+    "IMAGE_DECODE_FAILED",
+    "DURATION_TOO_LONG",
+    "MODEL_MISSING",
+    "MODEL_LOAD_FAILED",
+    "OUT_OF_MEMORY",
+    "GENERATION_FAILED",
+    "OUTPUT_INVALID",
+    "UPLOAD_FAILED",
+    "OUTPUT_TOO_LARGE",
+    "CANCELLED",
+)
