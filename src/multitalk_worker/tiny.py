@@ -1,0 +1,138 @@
+"""The built-in tiny model: every network of the TINY preset with seeded random weights, built in-process.
+
+It is a real model (the same classes, code paths and precisions as the 14B one, random weights), used by
+`--weights tiny` and by the tests. Nothing is downloaded: the umT5-style tokenizer is built here with the
+`tokenizers` library (Unigram model, pad id 0, EOS `</s>` id 1 appended to every sequence).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import Unigram
+from torch import nn
+from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+from multitalk_worker.models.audio_encoder import SAMPLE_RATE, audio_encoder_config
+from multitalk_worker.models.configs import TINY, MultiTalkConfig
+from multitalk_worker.weights.checkpoint import assign_state, empty_model
+from multitalk_worker.weights.loader import ModelBundle, component_dtypes, empty_models
+from multitalk_worker.weights.original import T5_TIED
+
+SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umT5
+_WORDS = (
+    "a an the and of in on with to is are man woman person people talking speaking singing smiling "
+    "looking camera close up portrait studio light background room outdoor video face hands head "
+    "two one young old happy calm bright tones overexposed static blurred details subtitles style "
+    "works paintings images overall gray worst quality low jpeg compression residue ugly incomplete "
+    "extra fingers poorly drawn deformed disfigured misshapen limbs fused still picture messy three "
+    "legs many walking backwards"
+).split()
+
+
+def build_tiny_tokenizer(
+    vocab_size: int = TINY.text_encoder.vocab_size, max_length: int = 512
+) -> PreTrainedTokenizerFast:
+    """A small SentencePiece-style Unigram tokenizer with umT5's special-token ids."""
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces = ["▁", *letters, *".,!?'-:;()\"", *(f"▁{c}" for c in letters), *(f"▁{w}" for w in _WORDS)]
+    pieces = list(dict.fromkeys(pieces))[: vocab_size - len(SPECIAL_TOKENS)]
+    # longer pieces score higher, so whole words win over letter sequences
+    vocab = [(token, 0.0) for token in SPECIAL_TOKENS] + [(p, -10.0 / len(p)) for p in pieces]
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+        padding_side="right",
+    )
+
+
+def build_tiny_feature_extractor() -> Wav2Vec2FeatureExtractor:
+    """wav2vec2 preprocessing: 16 kHz mono, zero-mean unit-variance normalisation."""
+    return Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=SAMPLE_RATE,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=False,
+    )
+
+
+def _random_tensor(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Weights that keep activations in range: 1 ± 0.1 for norm scales, fan-in scaled for matrices.
+
+    Values are rounded to bf16 so that every file dtype of the real layouts (bf16 .pth, float32 shards)
+    stores them exactly and a written checkpoint loads back bit for bit.
+    """
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    leaf = key.rsplit(".", 1)[-1]
+    if leaf == "gamma" or (leaf == "weight" and "norm" in key):
+        value = 1.0 + 0.1 * noise
+    elif len(shape) >= 2 and "modulation" not in key and "scale_shift" not in key:
+        value = noise / math.sqrt(math.prod(shape[1:]))
+    else:
+        value = 0.1 * noise
+    return value.to(torch.bfloat16).float()
+
+
+def randomize(
+    model: nn.Module,
+    generator: torch.Generator,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    tied: dict[str, str] | None = None,
+) -> nn.Module:
+    """Give a meta-built model seeded random weights (visited in sorted key order), cast and assigned."""
+    tied = tied or {}
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in sorted(model.state_dict().items()):
+        if key in tied:
+            continue
+        value = _random_tensor(key, tensor.shape, generator)
+        state[key] = value.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+    for key, source in tied.items():
+        state[key] = state[source]
+    assign_state(model, state, device=device)
+    return model
+
+
+def build_tiny_bundle(
+    seed: int = 0,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    config: MultiTalkConfig = TINY,
+) -> ModelBundle:
+    """Every network of `config` (TINY) with weights drawn from `seed`, at the precisions of `load_models`."""
+    device = torch.device(device)
+    dtypes = component_dtypes(dtype)
+    generator = torch.Generator().manual_seed(seed)
+    models = empty_models(config)
+    with empty_model():
+        audio_encoder = Wav2Vec2Model(audio_encoder_config(config.audio_encoder))
+    for name, model in models.items():
+        tied = dict(T5_TIED) if name == "text_encoder" else None
+        randomize(model, generator, device=device, dtype=getattr(dtypes, name), tied=tied)
+    randomize(audio_encoder, generator, device=torch.device("cpu"), dtype=dtypes.audio_encoder)
+    return ModelBundle(
+        dit=models["dit"],
+        text_encoder=models["text_encoder"],
+        tokenizer=build_tiny_tokenizer(max_length=config.text_encoder.text_len),
+        image_encoder=models["image_encoder"],
+        vae=models["vae"],
+        audio_encoder=audio_encoder,
+        feature_extractor=build_tiny_feature_extractor(),
+        config=config,
+    )

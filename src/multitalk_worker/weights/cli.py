@@ -1,0 +1,36 @@
+"""`weights verify DIR`: print what is missing or wrong in a model folder; exit status 1 on any problem."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from multitalk_worker.models.configs import CONFIGS, get_config
+from multitalk_worker.weights.manifest import verify
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `weights` command group (`weights verify DIR`) to a CLI's subparsers."""
+    weights = subparsers.add_parser("weights", help="inspect model weight folders")
+    commands = weights.add_subparsers(dest="weights_command", required=True)
+    check = commands.add_parser(
+        "verify", help="check a Wan2.1-I2V-14B(-Diffusers) + MultiTalk folder without loading it"
+    )
+    check.add_argument("dir", type=Path, help="model folder (original or Diffusers layout)")
+    check.add_argument(
+        "--wav2vec", type=Path, default=None, help="wav2vec2 folder (default: DIR/chinese-wav2vec2-base)"
+    )
+    check.add_argument(
+        "--preset",
+        choices=sorted(CONFIGS),
+        default=None,
+        help="model preset (default: from DIR's config.json)",
+    )
+    check.set_defaults(func=run_verify)
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    config = get_config(args.preset) if args.preset else None
+    report = verify(args.dir, config=config, wav2vec_path=args.wav2vec)
+    print(report)
+    return 0 if report.ok else 1

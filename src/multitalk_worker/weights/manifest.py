@@ -1,0 +1,180 @@
+"""What each layout must contain, and `verify`: every missing file, missing shard, and missing, unexpected or
+wrongly shaped tensor, found from safetensors headers and memory-mapped .pth files (nothing is loaded).
+
+Exact byte sizes of the real files are not known (spec 8 gives approximate sizes only), so files are checked
+by presence and tensors by shape. The one exact number the spec knows, the Wan I2V-14B index `total_size`
+(the bytes of the Wan DiT tensors in float32), is compared with the shards' headers and reported as a note:
+a correct checkpoint stored in another dtype is still loadable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from multitalk_worker.errors import CheckpointError, ModelLoadFailed, ModelMissing
+from multitalk_worker.models.configs import MultiTalkConfig
+from multitalk_worker.weights import diffusers_layout, original
+from multitalk_worker.weights.checkpoint import Problem, check_component
+from multitalk_worker.weights.loader import (
+    Layout,
+    component_sources,
+    detect_config,
+    detect_layout,
+    empty_models,
+)
+from multitalk_worker.weights.wav2vec import (
+    CONFIG_FILE,
+    PREPROCESSOR_FILE,
+    WAV2VEC_DIR,
+    WEIGHT_FILES,
+    check_wav2vec,
+)
+
+WAN_I2V_14B_TOTAL_SIZE = 65_579_515_136  # `total_size` of Wan2.1-I2V-14B's own index (spec 8.1)
+
+
+@dataclass(frozen=True)
+class RequiredFile:
+    """A file a layout needs; any one of `path` and `alternatives` will do."""
+
+    path: str
+    what: str
+    alternatives: tuple[str, ...] = ()
+
+
+MANIFESTS: dict[Layout, tuple[RequiredFile, ...]] = {
+    "original": (
+        RequiredFile(original.CONFIG_FILE, "Wan DiT config"),
+        RequiredFile(original.DIT_INDEX, "DiT index (MeiGen's replacement or Wan's own)"),
+        RequiredFile(original.MULTITALK_FILE, "MultiTalk audio layers"),
+        RequiredFile(original.T5_FILE, "umT5-XXL encoder"),
+        RequiredFile(original.CLIP_FILE, "open-clip ViT-H/14"),
+        RequiredFile(original.VAE_FILE, "Wan VAE"),
+        RequiredFile(f"{original.TOKENIZER_DIR}/tokenizer_config.json", "umT5 tokenizer config"),
+        RequiredFile(
+            f"{original.TOKENIZER_DIR}/tokenizer.json",
+            "umT5 tokenizer",
+            (f"{original.TOKENIZER_DIR}/spiece.model",),
+        ),
+    ),
+    "diffusers": (
+        RequiredFile(diffusers_layout.MODEL_INDEX, "pipeline index"),
+        RequiredFile("transformer/config.json", "DiT config"),
+        RequiredFile(diffusers_layout.TRANSFORMER_INDEX, "DiT index"),
+        RequiredFile(original.MULTITALK_FILE, "MultiTalk audio layers"),
+        RequiredFile(diffusers_layout.TEXT_ENCODER_INDEX, "umT5 encoder index"),
+        RequiredFile(diffusers_layout.IMAGE_ENCODER_FILE, "CLIP vision tower"),
+        RequiredFile(diffusers_layout.VAE_FILE, "Wan VAE"),
+        RequiredFile("tokenizer/tokenizer_config.json", "umT5 tokenizer config"),
+        RequiredFile("tokenizer/tokenizer.json", "umT5 tokenizer", ("tokenizer/spiece.model",)),
+    ),
+}
+WAV2VEC_MANIFEST = (
+    RequiredFile(CONFIG_FILE, "wav2vec2 config"),
+    RequiredFile(PREPROCESSOR_FILE, "wav2vec2 feature extractor"),
+    RequiredFile(WEIGHT_FILES[0], "wav2vec2 weights", WEIGHT_FILES[1:]),
+)
+
+
+@dataclass
+class VerifyReport:
+    """Everything wrong with one model folder; `ok` when nothing is."""
+
+    root: Path
+    layout: str | None = None
+    preset: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def __str__(self) -> str:
+        head = f"{self.root}: layout {self.layout or '?'}, preset {self.preset or '?'}"
+        lines = [head, *(f"  problem  {p}" for p in self.problems), *(f"  note     {n}" for n in self.notes)]
+        lines.append("  OK" if self.ok else f"  {len(self.problems)} problem(s)")
+        return "\n".join(lines)
+
+
+def missing_files(root: Path, manifest: tuple[RequiredFile, ...], prefix: str = "") -> list[Problem]:
+    problems = []
+    for required in manifest:
+        if not any((root / name).is_file() for name in (required.path, *required.alternatives)):
+            either = " or ".join((required.path, *required.alternatives))
+            problems.append(
+                Problem("missing_file", prefix + required.path, None, f"{required.what}: need {either}")
+            )
+    return problems
+
+
+def _as_problem(err: ModelMissing | CheckpointError | ModelLoadFailed, file: str) -> Problem:
+    if isinstance(err, ModelMissing):
+        return Problem("missing_file", file, None, err.message)
+    return Problem("bad_file", getattr(err, "file", None) or file, getattr(err, "key", None), err.message)
+
+
+def verify(
+    path: str | Path, *, config: MultiTalkConfig | None = None, wav2vec_path: str | Path | None = None
+) -> VerifyReport:
+    """Check a model folder (and its wav2vec2 folder, default `<path>/chinese-wav2vec2-base`) completely."""
+    root = Path(path)
+    report = VerifyReport(root)
+    try:
+        layout = detect_layout(root)
+    except ModelMissing as err:
+        report.problems.append(Problem("missing_file", str(root), None, err.message))
+        return report
+    report.layout = layout
+    report.problems += [
+        p for p in missing_files(root, MANIFESTS[layout]) if not p.file.endswith("index.json")
+    ]
+    try:
+        config = config or detect_config(root, layout)
+    except (ModelMissing, ModelLoadFailed) as err:
+        report.problems.append(_as_problem(err, "config.json"))
+        return report
+    report.preset = config.name
+    _check_components(root, layout, config, report)
+    _check_wav2vec(Path(wav2vec_path) if wav2vec_path is not None else root / WAV2VEC_DIR, report)
+    return report
+
+
+def _check_components(root: Path, layout: Layout, config: MultiTalkConfig, report: VerifyReport) -> None:
+    models = empty_models(config)
+    for name, open_component in component_sources(root, layout).items():
+        try:
+            component = open_component(root)
+        except (ModelMissing, CheckpointError) as err:
+            report.problems.append(_as_problem(err, name))
+            continue
+        try:
+            report.problems += check_component(component, models[name])
+        finally:
+            component.close()
+    if layout == "original" and config.dit.dim == 5120:
+        report.notes += _total_size_notes(root)
+
+
+def _total_size_notes(root: Path) -> list[str]:
+    """Compare the index's total_size with the Wan I2V-14B figure (informational)."""
+    try:
+        total = json.loads((root / original.DIT_INDEX).read_text())["metadata"]["total_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [f"{original.DIT_INDEX} has no metadata.total_size"]
+    if total == WAN_I2V_14B_TOTAL_SIZE:
+        return [f"index total_size {total} is Wan's own float32 index"]
+    return [f"index total_size {total} (Wan's own float32 index: {WAN_I2V_14B_TOTAL_SIZE})"]
+
+
+def _check_wav2vec(folder: Path, report: VerifyReport) -> None:
+    missing = missing_files(folder, WAV2VEC_MANIFEST, prefix=f"{folder.name}/")
+    report.problems += missing
+    if missing:
+        return
+    try:
+        report.problems += check_wav2vec(folder)
+    except (ModelMissing, CheckpointError) as err:
+        report.problems.append(_as_problem(err, folder.name))

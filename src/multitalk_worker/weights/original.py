@@ -1,0 +1,174 @@
+"""The original layout: a `Wan-AI/Wan2.1-I2V-14B-480P` folder with MeiGen-MultiTalk linked in (spec 8.1, 8.2).
+
+    config.json
+    diffusion_pytorch_model-0000{1..7}-of-00007.safetensors   Wan DiT, float32
+    diffusion_pytorch_model.safetensors.index.json             MeiGen's replacement index (audio keys ->
+                                                               multitalk.safetensors) or Wan's own index
+    multitalk.safetensors                                      MultiTalk audio layers
+    models_t5_umt5-xxl-enc-bf16.pth                            umT5-XXL encoder
+    models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth    open-clip XLM-R ViT-H/14 (visual.* used)
+    Wan2.1_VAE.pth                                             Wan VAE
+    google/umt5-xxl/                                           tokenizer
+
+The DiT keys are the model's own keys. If the index is Wan's own (no audio keys) and multitalk.safetensors
+sits next to it, its keys are added, so both ways of installing MeiGen's files load.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+from multitalk_worker.weights.checkpoint import (
+    Component,
+    Convert,
+    Plan,
+    Shape,
+    identity_keymap,
+    open_files,
+    open_sharded,
+    plan_files,
+)
+
+DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIT_SHARDS = tuple(f"diffusion_pytorch_model-{i:05d}-of-00007.safetensors" for i in range(1, 8))
+MULTITALK_FILE = "multitalk.safetensors"
+T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
+CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+VAE_FILE = "Wan2.1_VAE.pth"
+TOKENIZER_DIR = "google/umt5-xxl"
+CONFIG_FILE = "config.json"
+
+KeyTargets = list[tuple[str, Shape, Convert | None]]
+
+
+def is_audio_key(key: str) -> bool:
+    """True for MultiTalk's additions: audio_proj.*, blocks.N.audio_cross_attn.*, blocks.N.norm_x.*."""
+    return (
+        key.startswith("audio_proj.")
+        or re.match(r"blocks\.\d+\.(audio_cross_attn|norm_x)\.", key) is not None
+    )
+
+
+def dit_home(index_name: str) -> Callable[[str], str]:
+    def home(key: str) -> str:
+        return MULTITALK_FILE if is_audio_key(key) else index_name
+
+    return home
+
+
+def dit_component(root: Path) -> Component:
+    """The DiT tensors from the index's shards (+ multitalk.safetensors when the index omits it)."""
+    plan = Plan()
+    files = open_sharded(root, DIT_INDEX, plan, extra=(MULTITALK_FILE,))
+    plan_files(files, identity_keymap, plan)
+    return Component("dit", files, plan, dit_home(DIT_INDEX))
+
+
+_T5_BLOCK = {
+    "attn.q.weight": "layer.0.SelfAttention.q.weight",
+    "attn.k.weight": "layer.0.SelfAttention.k.weight",
+    "attn.v.weight": "layer.0.SelfAttention.v.weight",
+    "attn.o.weight": "layer.0.SelfAttention.o.weight",
+    "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+    "norm1.weight": "layer.0.layer_norm.weight",
+    "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",  # GELU branch
+    "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",  # linear branch
+    "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+    "norm2.weight": "layer.1.layer_norm.weight",
+}
+T5_TIED = {"encoder.embed_tokens.weight": "shared.weight"}
+
+
+def t5_keymap(key: str, shape: Shape) -> KeyTargets | None:
+    """Wan's umT5 .pth key -> transformers UMT5EncoderModel key (spec 8.5)."""
+    if key == "token_embedding.weight":
+        return [("shared.weight", shape, None)]
+    if key == "norm.weight":
+        return [("encoder.final_layer_norm.weight", shape, None)]
+    match = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+    if match and match.group(2) in _T5_BLOCK:
+        return [(f"encoder.block.{match.group(1)}.{_T5_BLOCK[match.group(2)]}", shape, None)]
+    return None
+
+
+def t5_component(root: Path) -> Component:
+    plan = Plan()
+    files = open_files(root, [T5_FILE], plan)
+    plan_files(files, t5_keymap, plan)
+    return Component("text_encoder", files, plan, lambda _key: T5_FILE, dict(T5_TIED))
+
+
+_CLIP_BLOCK = {
+    "norm1": "layer_norm1",
+    "norm2": "layer_norm2",
+    "attn.proj": "self_attn.out_proj",
+    "mlp.0": "mlp.fc1",
+    "mlp.2": "mlp.fc2",
+}
+
+
+def _rows(part: int, parts: int) -> Convert:
+    def take(tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.shape[0] // parts
+        return tensor[part * size : (part + 1) * size].clone()
+
+    return take
+
+
+def _clip_block_targets(index: str, name: str, param: str, shape: Shape) -> KeyTargets | None:
+    prefix = f"encoder.layers.{index}"
+    if name == "attn.to_qkv":
+        rows = shape[0] // 3
+        part_shape = (rows, *shape[1:])
+        return [
+            (f"{prefix}.self_attn.{p}_proj.{param}", part_shape, _rows(i, 3)) for i, p in enumerate("qkv")
+        ]
+    if name in _CLIP_BLOCK:
+        return [(f"{prefix}.{_CLIP_BLOCK[name]}.{param}", shape, None)]
+    return None
+
+
+def clip_keymap(key: str, shape: Shape) -> KeyTargets | None:
+    """open-clip XLM-R ViT-H/14 key -> transformers CLIPVisionModel key (spec 8.5). The text tower,
+    `log_scale` and the visual projection head are known and unused."""
+    if key.startswith("textual.") or key in ("log_scale", "visual.head"):
+        return []
+    if key == "visual.patch_embedding.weight":
+        return [("embeddings.patch_embedding.weight", shape, None)]
+    if key == "visual.cls_embedding":  # [1, 1, D] -> [D]
+        return [("embeddings.class_embedding", shape[-1:], lambda t: t.reshape(-1))]
+    if key == "visual.pos_embedding":  # [1, N, D] -> [N, D]
+        return [("embeddings.position_embedding.weight", shape[-2:], lambda t: t.reshape(t.shape[-2:]))]
+    match = re.fullmatch(r"visual\.(pre_norm|post_norm)\.(weight|bias)", key)
+    if match:
+        name = "pre_layrnorm" if match.group(1) == "pre_norm" else "post_layernorm"
+        return [(f"{name}.{match.group(2)}", shape, None)]
+    match = re.fullmatch(r"visual\.transformer\.(\d+)\.(.+)\.(weight|bias)", key)
+    if match:
+        return _clip_block_targets(match.group(1), match.group(2), match.group(3), shape)
+    return None
+
+
+def clip_component(root: Path) -> Component:
+    plan = Plan()
+    files = open_files(root, [CLIP_FILE], plan)
+    plan_files(files, clip_keymap, plan)
+    return Component("image_encoder", files, plan, lambda _key: CLIP_FILE)
+
+
+def vae_keymap(key: str, shape: Shape) -> KeyTargets | None:
+    """Wan VAE key -> diffusers AutoencoderKLWan key, through diffusers' own converter (spec 8.5)."""
+    (target,) = convert_wan_vae_to_diffusers({key: key}).keys()
+    return [(target, shape, None)]
+
+
+def vae_component(root: Path) -> Component:
+    plan = Plan()
+    files = open_files(root, [VAE_FILE], plan)
+    plan_files(files, vae_keymap, plan)
+    return Component("vae", files, plan, lambda _key: VAE_FILE)
