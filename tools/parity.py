@@ -1,0 +1,184 @@
+"""Numerical parity of multitalk_worker against the official MultiTalk code, stage by stage, on CPU.
+
+    python tools/parity.py --reference /path/to/MultiTalk [--seed N] [--persons 1|2] [--write-fixtures]
+
+Tiny seeded weights are written in the original checkpoint layouts; the reference (imported from the
+checkout, which is not modified; see tools/_parity_reference.py for what is replaced to run it on a CPU)
+and our code load the same files and run on the same inputs. One line per stage:
+
+    stage  max_abs_err  rel_err  tolerance  ok|FAIL
+
+rel_err = ||ours − ref||₂ / ||ref||₂ over every element of the stage's outputs (float64 sums). The exit
+status is 1 if any stage fails.
+
+Tolerances. float32 stages: 1e-4. bfloat16 stages (the DiT cast by the pipeline's own
+`to_param_dtype_fp32only`, inputs in the pipeline's dtypes; T5 in bf16 as the pipeline runs it): 2e-2, and
+5e-2 for the two-person DiT. bf16 keeps 8 significant bits (unit roundoff 2^-9 = 2e-3) and the DiT rounds its
+residual stream after every sub-layer, so two correct implementations that only order a sum differently
+drift apart by a few 1e-3. Measured on this tiny model (seeds 0-3): running our DiT with SDPA's math kernel
+instead of its default CPU kernel moves the one-person output by 4.5e-3 to 5.0e-3 and the two-person output
+by 5.8e-3 to 1.9e-2; the two-person case is larger because each token's Label-RoPE class is an argmax over
+bf16 reference-map values, and near-ties flip. The reference's own bf16 output is 7e-3 to 8e-3 (one person)
+and 7e-3 to 1.1e-1 (two persons) away from its float32 output (printed as "noise floor"). The bounds are
+about four (one person, T5) and 2.5 (two persons) times the kernel-swap drift: they absorb a different
+kernel or CPU (the fixtures are checked on other machines) and still fail on a structural error, which the
+float32 stages catch at 1e-4 anyway (a 1 % change of one audio-attention weight moves the float32 DiT output
+by 4e-3).
+
+--write-fixtures stores the seed's weights (original layouts), inputs and reference outputs under
+tests/fixtures/parity/, which tests/test_parity_fixtures.py checks our code against without the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import torch  # noqa: E402
+from _parity_cases import (  # noqa: E402
+    build_reference_dit,
+    clip_case,
+    dit_inputs,
+    run_reference_audio_proj,
+    run_reference_dit,
+    seed_weights,
+    t5_case,
+    vae_case,
+    wav2vec_case,
+    write_dit_weights,
+)
+from _parity_ours import (  # noqa: E402
+    CLIP_DIR,
+    DIT_DIR,
+    NATIVE_DIR,
+    NATIVE_DIT,
+    PARITY,
+    STAGE_TOLERANCES,
+    T5_DIR,
+    VAE_DIR,
+    compare,
+    run_stage,
+)
+from _parity_reference import Reference, load_reference  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+FIXTURES = REPO / "tests" / "fixtures" / "parity"
+Tensors = dict[str, torch.Tensor]
+Case = tuple[Tensors, Tensors]  # (inputs, reference outputs)
+
+
+def reference_cases(ref: Reference, root: Path, seed: int, persons: list[int]) -> dict[str, Case]:
+    """Write every stage's weights under `root`; return each stage's inputs and reference outputs."""
+    cfg = PARITY.dit
+    write_dit_weights(root / DIT_DIR, seed_weights(build_reference_dit(ref, cfg), seed), cfg)
+    cases: dict[str, Case] = {}
+    dit_in = {p: dit_inputs(cfg, p, seed) for p in persons}
+    for p in persons:
+        for name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+            out = run_reference_dit(ref, root / DIT_DIR, cfg, dit_in[p], dtype)
+            cases[f"dit_{p}p_{name}"] = (dit_in[p], {"out": out})
+    p = max(persons)
+    native = dit_inputs(NATIVE_DIT, p, seed)
+    write_dit_weights(root / NATIVE_DIR, seed_weights(build_reference_dit(ref, NATIVE_DIT), seed), NATIVE_DIT)
+    native_out = run_reference_dit(ref, root / NATIVE_DIR, NATIVE_DIT, native, torch.float32)
+    cases[f"dit_native_{p}p_f32"] = (native, {"out": native_out})
+    audio = dit_in[max(persons)]["audio"]
+    cases["audio_proj"] = (
+        {"audio": audio},
+        {"tokens": run_reference_audio_proj(ref, root / DIT_DIR, cfg, audio)},
+    )
+    t5_in, t5_f32, t5_bf16 = t5_case(ref, root / T5_DIR, seed)
+    cases["t5"], cases["t5_bf16"] = (t5_in, t5_f32), (t5_in, t5_bf16)
+    cases["clip"] = clip_case(ref, root / CLIP_DIR, seed)
+    vae_in, vae_out = vae_case(ref, root / VAE_DIR, seed)
+    cases["vae_encode"] = (vae_in, {"latent": vae_out["latent"]})
+    cases["vae_decode"] = ({"latent": vae_out["latent"]}, {"decoded": vae_out["decoded"]})
+    cases["wav2vec2"] = wav2vec_case(ref, root / "wav2vec", seed)
+    return cases
+
+
+def bf16_noise_floor(cases: dict[str, Case]) -> dict[str, float]:
+    """rel distance of the reference's own bf16 outputs from its float32 outputs, per bf16 stage."""
+    floors = {}
+    for stage, (_, ref) in cases.items():
+        if stage.endswith("_bf16"):
+            f32 = cases.get(stage.replace("_bf16", "_f32")) or cases[stage.removesuffix("_bf16")]
+            floors[stage] = compare(ref, f32[1])[1]
+    return floors
+
+
+def write_fixtures(cases: dict[str, Case], root: Path, seed: int, ref: Reference) -> None:
+    """cases.safetensors (`<stage>/in/<name>`, `<stage>/ref/<name>`) and manifest.json next to the weights."""
+    tensors = {}
+    for stage, (inputs, outputs) in cases.items():
+        tensors |= {f"{stage}/in/{k}": v.clone().contiguous() for k, v in inputs.items()}
+        tensors |= {f"{stage}/ref/{k}": v.clone().contiguous() for k, v in outputs.items()}
+    save_file(tensors, str(root / "cases.safetensors"))
+    manifest = {
+        "written_by": "tools/parity.py --write-fixtures",
+        "reference": "MeiGen-AI/MultiTalk @ c1ad840, imported from a checkout and run on CPU",
+        "seed": seed,
+        "metric": "rel_err = ||ours - ref||_2 / ||ref||_2 over all outputs of the stage",
+        "tolerances": {stage: STAGE_TOLERANCES[stage] for stage in cases},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def run(ref: Reference, root: Path, seed: int, persons: list[int]) -> tuple[dict[str, Case], list[str], bool]:
+    cases = reference_cases(ref, root, seed, persons)
+    lines, ok_all = [], True
+    for stage, (inputs, reference) in cases.items():
+        try:
+            max_abs, rel = compare(run_stage(stage, root, inputs), reference)
+        except Exception as exc:  # a stage that cannot run on our side is a failure, reported as such
+            lines.append(
+                f"{stage:<18} {'-':>11} {'-':>11} {STAGE_TOLERANCES[stage]:>9.0e}  FAIL ({exc!r:.200})"
+            )
+            ok_all = False
+            continue
+        tolerance = STAGE_TOLERANCES[stage]
+        ok = rel <= tolerance
+        ok_all &= ok
+        lines.append(f"{stage:<18} {max_abs:>11.3e} {rel:>11.3e} {tolerance:>9.0e}  {'ok' if ok else 'FAIL'}")
+    return cases, lines, ok_all
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", type=Path, required=True, help="MultiTalk checkout (read only)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--persons", type=int, choices=(1, 2), help="DiT stages for this person count only")
+    parser.add_argument("--write-fixtures", action="store_true", help=f"store the case under {FIXTURES}")
+    args = parser.parse_args(argv)
+    persons = [1, 2] if args.persons is None or args.write_fixtures else [args.persons]
+    torch.manual_seed(args.seed)
+    ref = load_reference(args.reference)
+    with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
+        root = Path(tmp)
+        cases, lines, ok = run(ref, root, args.seed, persons)
+        if args.write_fixtures:
+            shutil.rmtree(FIXTURES, ignore_errors=True)
+            shutil.copytree(root, FIXTURES, ignore=shutil.ignore_patterns(NATIVE_DIR))
+            write_fixtures({k: v for k, v in cases.items() if "native" not in k}, FIXTURES, args.seed, ref)
+    print(
+        f"seed {args.seed}, persons {persons}, float32 and bfloat16 on CPU; rel_err = ||ours-ref|| / ||ref||"
+    )
+    print(f"{'stage':<18} {'max_abs_err':>11} {'rel_err':>11} {'tolerance':>9}  result")
+    print("\n".join(lines))
+    for stage, floor in bf16_noise_floor(cases).items():
+        print(f"note: {stage}: reference bf16 vs reference float32 rel {floor:.3e} (bf16 noise floor)")
+    if args.write_fixtures:
+        size = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
+        print(f"fixtures written to {FIXTURES.relative_to(REPO)} ({size / 1e6:.2f} MB)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
