@@ -1,0 +1,199 @@
+"""Reference image in, bucket-sized conditioning image and person masks out (spec 3.1, 3.2, 3.5).
+
+Regions. Our requests give a person's region as `[x0, y0, x1, y1]` normalised to the input image:
+x runs left to right, y top to bottom, both 0..1 (or the shorthands `left`, `right`, `full`). The
+reference's JSON `bbox` is different and a frequent trap: `[r0, c0, r1, c1]` in source pixels with the
+ROW (y) range first, filling `mask[r0:r1, c0:c1]`. `region_to_bbox` converts ours to theirs. The
+shorthands `left`/`right` are exactly the reference's default two-person masks (halves with 5% margins).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from multitalk_worker.errors import ImageDecodeFailed, InvalidInput
+from multitalk_worker.pipeline.request import Region
+
+# Keys are height/width ratios as the reference writes them; values are (H, W) in pixels.
+BUCKETS_480P: dict[str, tuple[int, int]] = {
+    "0.26": (320, 1216), "0.38": (384, 1024), "0.50": (448, 896), "0.67": (512, 768),
+    "0.82": (576, 704), "1.00": (640, 640), "1.22": (704, 576), "1.50": (768, 512),
+    "1.86": (832, 448), "2.00": (896, 448), "2.50": (960, 384), "2.83": (1088, 384),
+    "3.60": (1152, 320), "3.80": (1216, 320), "4.00": (1280, 320),
+}  # fmt: skip
+BUCKETS_720P: dict[str, tuple[int, int]] = {
+    "0.22": (448, 2048), "0.29": (512, 1792), "0.36": (576, 1600), "0.45": (640, 1408),
+    "0.55": (704, 1280), "0.63": (768, 1216), "0.76": (832, 1088), "0.88": (896, 1024),
+    "1.00": (960, 960), "1.14": (1024, 896), "1.31": (1088, 832), "1.50": (1152, 768),
+    "1.58": (1216, 768), "1.82": (1280, 704), "1.91": (1344, 704), "2.20": (1408, 640),
+    "2.30": (1472, 640), "2.67": (1536, 576), "2.89": (1664, 576), "3.62": (1856, 512),
+    "3.75": (1920, 512),
+}  # fmt: skip
+# Only for the tiny random-weight model (whole-pipeline CPU runs in seconds); not a reference table.
+BUCKETS_TINY: dict[str, tuple[int, int]] = {
+    "0.50": (32, 64), "0.75": (48, 64), "1.00": (48, 48), "1.33": (64, 48), "2.00": (64, 32),
+}  # fmt: skip
+BUCKET_TABLES: dict[str, dict[str, tuple[int, int]]] = {
+    "480p": BUCKETS_480P,
+    "720p": BUCKETS_720P,
+    "tiny": BUCKETS_TINY,
+}
+FACE_MARGIN = 0.05  # the reference's `face_scale`: margin of the default two-person masks
+PixelBox = tuple[int, int, int, int]  # (r0, c0, r1, c1): rows r0:r1, columns c0:c1
+
+
+@dataclass(frozen=True)
+class ConditionImage:
+    pixels: torch.Tensor  # float32 [1, 3, 1, H, W] in [-1, 1]
+    source_size: tuple[int, int]  # (src_h, src_w)
+    bucket: tuple[int, int]  # (H, W)
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open any PIL-readable image as RGB (alpha dropped, no EXIF rotation, as the reference)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeFailed(f"{Path(path).name}: not a readable image ({exc})") from exc
+
+
+def choose_bucket(src_h: int, src_w: int, resolution: str) -> tuple[int, int]:
+    """First key in table order minimising |key - src_h/src_w| (spec 3.1)."""
+    try:
+        table = BUCKET_TABLES[resolution]
+    except KeyError:
+        raise InvalidInput(
+            f"resolution {resolution!r} is not accepted; use one of {list(BUCKET_TABLES)}"
+        ) from None
+    ratio = src_h / src_w
+    key = min(table, key=lambda k: abs(float(k) - ratio))
+    return table[key]
+
+
+def _scaled_size(src_h: int, src_w: int, target: tuple[int, int]) -> tuple[int, int]:
+    """`ceil(scale * side)` with `scale = max(H/src_h, W/src_w)` in double precision (spec 3.2)."""
+    scale = max(target[0] / src_h, target[1] / src_w)
+    return math.ceil(scale * src_h), math.ceil(scale * src_w)
+
+
+def _centre_crop(array: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
+    """Crop the last two axes to `target`; offsets `round((size - target) / 2)` (half to even)."""
+    height, width = array.shape[-2:]
+    top = int(round((height - target[0]) / 2.0))
+    left = int(round((width - target[1]) / 2.0))
+    return array[..., top : top + target[0], left : left + target[1]]
+
+
+def prepare_image(image: Image.Image, resolution: str) -> ConditionImage:
+    """Bucket, PIL bilinear resize, centre crop, map to [-1, 1] -> [1, 3, 1, H, W] float32."""
+    src_h, src_w = image.height, image.width
+    bucket = choose_bucket(src_h, src_w, resolution)
+    new_h, new_w = _scaled_size(src_h, src_w, bucket)
+    resized = np.asarray(image.resize((new_w, new_h), resample=Image.BILINEAR))
+    pixels = _centre_crop(torch.from_numpy(resized.copy()).permute(2, 0, 1), bucket)  # [3, H, W] uint8
+    pixels = pixels[None, :, None].float() / 255
+    return ConditionImage(pixels=(pixels - 0.5) * 2, source_size=(src_h, src_w), bucket=bucket)
+
+
+def default_bbox(side: str, src_h: int, src_w: int) -> PixelBox:
+    """The reference's default mask of the left or right person (spec 3.5), in pixels."""
+    half = src_w // 2
+    r0, r1 = int(src_h * FACE_MARGIN), int(src_h * (1 - FACE_MARGIN))
+    c0, c1 = int(half * FACE_MARGIN), int(half * (1 - FACE_MARGIN))
+    if side == "right":
+        c0, c1 = int(half * FACE_MARGIN + half), int(half * (1 - FACE_MARGIN) + half)
+    return r0, c0, r1, c1
+
+
+def region_to_bbox(region: Region, src_h: int, src_w: int) -> PixelBox:
+    """Our `[x0, y0, x1, y1]` (normalised, x right, y down) or shorthand -> the reference's row-first box."""
+    if region in ("left", "right"):
+        return default_bbox(str(region), src_h, src_w)
+    if region == "full":
+        return 0, 0, src_h, src_w
+    if isinstance(region, str) or len(region) != 4:
+        raise InvalidInput(
+            f"region {region!r} is not accepted; use [x0, y0, x1, y1] in 0..1, 'left', 'right' or 'full'"
+        )
+    x0, y0, x1, y1 = (float(v) for v in region)
+    if not all(0.0 <= v <= 1.0 for v in (x0, y0, x1, y1)) or not (x0 < x1 and y0 < y1):
+        raise InvalidInput(
+            f"region {list(region)} is not accepted; need 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 "
+            "(x to the right, y down, as fractions of the image)"
+        )
+    return int(y0 * src_h), int(x0 * src_w), int(y1 * src_h), int(x1 * src_w)
+
+
+def _describe(region: Region | None) -> str:
+    return region if isinstance(region, str) else "[" + ", ".join(f"{float(v):g}" for v in region or ()) + "]"
+
+
+def _overlap(a: PixelBox, b: PixelBox) -> bool:
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def person_boxes(regions: list[Region | None], src_h: int, src_w: int) -> list[PixelBox] | None:
+    """Pixel boxes of two persons (defaults: left and right halves); None for one person."""
+    if len(regions) == 1:
+        if regions[0] is not None:
+            raise InvalidInput("a region only applies with two speakers; omit it for a single speaker")
+        return None
+    if all(r is None for r in regions):
+        regions = ["left", "right"]
+    elif any(r is None for r in regions):
+        raise InvalidInput("give a region for both speakers or for neither")
+    boxes = [region_to_bbox(r, src_h, src_w) for r in regions]  # type: ignore[arg-type]
+    for person, box in enumerate(boxes, start=1):
+        if box[2] <= box[0] or box[3] <= box[1]:
+            raise InvalidInput(f"region of speaker {person} covers no pixel of the {src_w}x{src_h} image")
+    if _overlap(boxes[0], boxes[1]):
+        raise InvalidInput(
+            f"the regions of the two speakers overlap ({_describe(regions[0])} and {_describe(regions[1])}); "
+            "give each speaker its own part of the image"
+        )
+    return boxes
+
+
+def person_masks(
+    boxes: list[PixelBox] | None,
+    source_size: tuple[int, int],
+    bucket: tuple[int, int],
+    latent: tuple[int, int],
+) -> torch.Tensor:
+    """Spec 3.5: [person1, person2, background] at source size -> nearest resize + crop -> latent grid.
+
+    Returns float32 [3, h, w] of 0/1. One person (`boxes` None): three all-ones maps.
+    """
+    src_h, src_w = source_size
+    if boxes is None:
+        masks = torch.ones(3, src_h, src_w)
+    else:
+        masks = torch.zeros(3, src_h, src_w)
+        for index, (r0, c0, r1, c1) in enumerate(boxes):
+            masks[index, r0:r1, c0:c1] = 1
+        masks[2] = (masks[:2].sum(0) == 0).float()
+    scaled = F.interpolate(masks[None], size=_scaled_size(src_h, src_w, bucket), mode="nearest")
+    cropped = _centre_crop(scaled, bucket)
+    return (F.interpolate(cropped, size=latent, mode="nearest")[0] > 0).float()
+
+
+def check_masks_visible(masks: torch.Tensor, persons: int) -> None:
+    """Each person mask must keep a cell on the DiT token grid (half the latent grid), or the model's
+    per-person attention average divides by zero."""
+    tokens = (masks.shape[1] // 2, masks.shape[2] // 2)
+    grid = F.interpolate(masks[None], size=tokens, mode="nearest")[0] > 0
+    for person in range(persons if persons > 1 else 0):
+        if not grid[person].any():
+            raise InvalidInput(
+                f"region of speaker {person + 1} is too small: it covers no cell of the model's "
+                f"{tokens[1]}x{tokens[0]} token grid; make it larger"
+            )

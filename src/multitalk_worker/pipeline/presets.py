@@ -1,0 +1,84 @@
+"""Named sampling presets with the reference's recipes (spec 1.2, README of MeiGen-AI/MultiTalk).
+
+`fusionx` and `lightx2v` are the few-step recipes of the FusioniX and lightx2v distillation LoRAs: they
+only give good videos with that LoRA merged into the DiT (LoRA loading comes with the GPU work). Without
+it they are still valid sampling settings, just of lower quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from multitalk_worker.errors import InvalidInput
+from multitalk_worker.pipeline.request import SamplingParams
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    steps: int
+    text_guidance: float
+    audio_guidance: float
+    shift_480p: float
+    shift_720p: float
+    needs_lora: bool
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "default",
+            steps=40,
+            text_guidance=5.0,
+            audio_guidance=4.0,
+            shift_480p=7.0,
+            shift_720p=11.0,
+            needs_lora=False,
+        ),
+        Preset(
+            "fusionx",
+            steps=8,
+            text_guidance=1.0,
+            audio_guidance=2.0,
+            shift_480p=2.0,
+            shift_720p=2.0,
+            needs_lora=True,
+        ),
+        Preset(
+            "lightx2v",
+            steps=4,
+            text_guidance=1.0,
+            audio_guidance=2.0,
+            shift_480p=2.0,
+            shift_720p=2.0,
+            needs_lora=True,
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise InvalidInput(f"unknown preset {name!r}; accepted: {', '.join(PRESETS)}") from None
+
+
+def default_shift(resolution: str) -> float:
+    """Shift of the plain model: 11 at 720p, 7 otherwise (480p and the tiny test buckets)."""
+    preset = PRESETS["default"]
+    return preset.shift_720p if resolution == "720p" else preset.shift_480p
+
+
+def apply_preset(name: str, resolution: str, base: SamplingParams | None = None) -> SamplingParams:
+    """`base` (seed, TeaCache, APG, colour correction) with the preset's steps, guidance and shift."""
+    preset = get_preset(name)
+    shift = preset.shift_720p if resolution == "720p" else preset.shift_480p
+    return replace(
+        base or SamplingParams(),
+        steps=preset.steps,
+        text_guidance=preset.text_guidance,
+        audio_guidance=preset.audio_guidance,
+        shift=shift,
+    )

@@ -1,0 +1,163 @@
+"""`multitalk-worker generate` end to end on the tiny model: mp4s read back with a decoder; bad inputs
+end with one line on stderr."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soxr
+
+from multitalk_worker.cli import main
+from multitalk_worker.media import probe_video, read_frames
+from multitalk_worker.pipeline.audio import frames_for_samples, read_track
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+AAC_FRAME_S = 1024 / 16000
+SPEECH_A_FRAMES = 102  # La of examples/speech_a.wav
+SPEECH_B_FRAMES = 87  # La of examples/speech_b.wav
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: threads only add overhead
+    command = [sys.executable, "-m", "multitalk_worker.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def generate(out: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    proc = run_cli(
+        "generate", "--prompt", "people talking", "--weights", "tiny", "--steps", "1", "--out", out, *args
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "tiny model with random weights" in proc.stdout
+    return proc
+
+
+def check_video(path: Path, frames: int) -> None:
+    info = probe_video(path)
+    assert info.fps == 25.0 and info.frames == frames
+    assert info.has_audio and abs(info.audio_duration_s - frames / 25) <= AAC_FRAME_S + 1e-6
+    pictures = read_frames(path)
+    assert not (pictures == pictures[0]).all()
+
+
+def decode_samples(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.concatenate([f.to_ndarray() for f in container.decode(audio=0)], axis=1)
+
+
+def write_encoded(path: Path, samples: np.ndarray, rate: int, codec: str, fmt: str) -> Path:
+    layout = "stereo" if samples.shape[0] == 2 else "mono"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = layout
+        data = samples if fmt == "fltp" else np.round(samples.T.reshape(1, -1) * 32767).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data), format=fmt, layout=layout)
+        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    return path
+
+
+def test_one_person(tmp_path: Path) -> None:
+    out = tmp_path / "one.mp4"
+    proc = generate(out, "--image", EXAMPLES / "person.png", "--audio", EXAMPLES / "speech_a.wav")
+    assert "2 clip(s)" in proc.stdout
+    check_video(out, SPEECH_A_FRAMES - 3)
+
+
+def test_two_people_parallel(tmp_path: Path) -> None:
+    out = tmp_path / "parallel.mp4"
+    generate(
+        out,
+        "--image", EXAMPLES / "two_people.png",
+        "--audio", EXAMPLES / "speech_a.wav", "--region", "left",
+        "--audio", EXAMPLES / "speech_b.wav", "--region", "0.5,0,1,1",
+    )  # fmt: skip
+    check_video(out, max(SPEECH_A_FRAMES, SPEECH_B_FRAMES) - 3)
+
+
+def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path) -> None:
+    """Also the longer-than-one-clip case: three clips."""
+    speech_a = decode_samples(EXAMPLES / "speech_a.wav").astype(np.float32) / 32768
+    mp3 = write_encoded(tmp_path / "a.mp3", np.repeat(speech_a, 2, axis=0), 16000, "libmp3lame", "fltp")
+    speech_b = decode_samples(EXAMPLES / "speech_b.wav")[0].astype(np.float32) / 32768
+    b44 = soxr.resample(speech_b, 16000, 44100)
+    stereo = write_encoded(tmp_path / "b.wav", np.stack([b44, 0.5 * b44]), 44100, "pcm_s16le", "s16")
+    out = tmp_path / "sequential.mp4"
+    proc = generate(
+        out,
+        "--image", EXAMPLES / "two_people.png",
+        "--audio", mp3, "--audio", stereo, "--audio-mode", "sequential",
+    )  # fmt: skip
+    assert "3 clip(s)" in proc.stdout
+    samples = read_track(mp3).shape[0] + read_track(stereo).shape[0]
+    check_video(out, frames_for_samples(samples) - 3)
+
+
+def test_bad_audio_bytes_end_with_one_line(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(os.urandom(4000))
+    proc = run_cli(
+        "generate", "--image", EXAMPLES / "person.png", "--audio", garbage, "--prompt", "x",
+        "--weights", "tiny", "--out", tmp_path / "x.mp4",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error [AUDIO_DECODE_FAILED]: garbage.wav"), proc.stderr
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def _short_wav(tmp_path: Path) -> Path:
+    tone = (0.3 * np.sin(np.arange(4800) / 5)).astype(np.float32)[None]
+    return write_encoded(tmp_path / "short.wav", tone, 16000, "pcm_s16le", "s16")
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("short", "error [INVALID_INPUT]: audio is 0.30 s long; at least 3.28 s is needed"),
+        ("image", "error [IMAGE_DECODE_FAILED]: bad.png: not a readable image"),
+        (
+            "overlap",
+            "error [INVALID_INPUT]: the regions of the two speakers overlap ([0, 0, 0.6, 1] and [0.5,",
+        ),
+        ("three", "error [INVALID_INPUT]: 3 speakers given; one or two are accepted"),
+        ("region", "error [INVALID_INPUT]: --region 'middle' is not accepted"),
+    ],
+)
+def test_bad_inputs_exit_non_zero_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
+) -> None:
+    speech, image = EXAMPLES / "speech_a.wav", EXAMPLES / "two_people.png"
+    bad_image = tmp_path / "bad.png"
+    bad_image.write_bytes(b"not an image at all")
+    inputs = {
+        "short": ["--image", image, "--audio", _short_wav(tmp_path)],
+        "image": ["--image", bad_image, "--audio", speech],
+        "overlap": ["--image", image, "--audio", speech, "--region", "0,0,0.6,1", "--audio", speech,
+                    "--region", "0.5,0,1,1"],
+        "three": ["--image", image, "--audio", speech, "--audio", speech, "--audio", speech],
+        "region": ["--image", image, "--audio", speech, "--region", "middle", "--audio", speech,
+                   "--region", "right"],
+    }[case]  # fmt: skip
+    args = [
+        "generate",
+        "--prompt",
+        "x",
+        "--weights",
+        "tiny",
+        "--out",
+        str(tmp_path / "x.mp4"),
+        *map(str, inputs),
+    ]
+    assert main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(message), err
+    assert not (tmp_path / "x.mp4").exists()

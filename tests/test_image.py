@@ -1,0 +1,140 @@
+"""Bucket choice, resize/crop arithmetic, regions and person masks (spec 3.1, 3.2, 3.5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from multitalk_worker.errors import ImageDecodeFailed, InvalidInput
+from multitalk_worker.pipeline import image
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def test_bucket_tables_are_the_reference_tables() -> None:
+    assert list(image.BUCKETS_480P) == [
+        "0.26", "0.38", "0.50", "0.67", "0.82", "1.00", "1.22", "1.50",
+        "1.86", "2.00", "2.50", "2.83", "3.60", "3.80", "4.00",
+    ]  # fmt: skip
+    assert len(image.BUCKETS_720P) == 21 and image.BUCKETS_720P["3.75"] == (1920, 512)
+    assert image.BUCKETS_480P["2.83"] == (1088, 384) and image.BUCKETS_720P["1.31"] == (1088, 832)
+    for table in (image.BUCKETS_480P, image.BUCKETS_720P, image.BUCKETS_TINY):
+        assert all(h % 16 == 0 and w % 16 == 0 for h, w in table.values())
+
+
+@pytest.mark.parametrize(
+    ("src", "resolution", "bucket"),
+    [
+        ((720, 1280), "480p", (448, 896)),
+        ((720, 1280), "720p", (704, 1280)),
+        ((1280, 720), "480p", (832, 448)),
+        ((1280, 720), "720p", (1280, 704)),
+        ((512, 512), "480p", (640, 640)),
+        ((512, 512), "720p", (960, 960)),
+        ((1440, 2560), "480p", (448, 896)),
+        ((100, 1000), "480p", (320, 1216)),  # beyond the table: nearest key
+    ],
+)
+def test_bucket_choice(src: tuple[int, int], resolution: str, bucket: tuple[int, int]) -> None:
+    assert image.choose_bucket(*src, resolution) == bucket
+
+
+def test_unknown_resolution_is_rejected() -> None:
+    with pytest.raises(InvalidInput, match="1080p"):
+        image.choose_bucket(10, 10, "1080p")
+
+
+def test_resize_uses_pil_bilinear_ceil_and_half_to_even_crop() -> None:
+    rng = np.random.default_rng(0)
+    src = Image.fromarray(rng.integers(0, 255, (641, 640, 3), dtype=np.uint8))
+    cond = image.prepare_image(src, "480p")
+    assert cond.bucket == (640, 640) and cond.pixels.shape == (1, 3, 1, 640, 640)
+    # scale = max(640/641, 640/640) = 1 -> 641x640; top = round(0.5) = 0 (half to even), not 1
+    expected = np.asarray(src.resize((640, 641), resample=Image.BILINEAR))[0:640]
+    got = ((cond.pixels[0, :, 0].permute(1, 2, 0) / 2 + 0.5) * 255).round().to(torch.uint8).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert cond.pixels.min() >= -1 and cond.pixels.max() <= 1
+
+
+def test_resize_scale_and_crop_offsets_for_16_9() -> None:
+    src = Image.new("RGB", (1280, 720), (255, 0, 0))
+    src.paste((0, 0, 255), (0, 0, 1280, 60))  # blue band of 60 rows at the top
+    cond = image.prepare_image(src, "480p")
+    # scale 0.7 -> 504x896 and crop top = 28: the band (42 resized rows) keeps 14 rows in the output
+    assert cond.bucket == (448, 896)
+    red = cond.pixels[0, 0, 0, :, 0]
+    assert (red[:12] < -0.9).all() and (red[16:] > 0.9).all()
+
+
+def test_example_image_loads_and_bad_bytes_fail(tmp_path: Path) -> None:
+    img = image.load_image(EXAMPLES / "person.png")
+    assert img.mode == "RGB"
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
+    with pytest.raises(ImageDecodeFailed, match="bad.png"):
+        image.load_image(bad)
+    with pytest.raises(ImageDecodeFailed):
+        image.load_image(tmp_path / "missing.png")
+
+
+def test_region_is_x_right_y_down_and_converts_to_row_first_bbox() -> None:
+    # 100 rows x 200 columns: x0=0.1 -> column 20, y0=0.2 -> row 20, x1=0.5 -> column 100, y1=0.9 -> row 90
+    assert image.region_to_bbox((0.1, 0.2, 0.5, 0.9), 100, 200) == (20, 20, 90, 100)
+    assert image.region_to_bbox("full", 100, 200) == (0, 0, 100, 200)
+
+
+def test_default_masks_are_the_reference_halves() -> None:
+    # the reference example image: 2560 wide, 1440 high
+    assert image.default_bbox("left", 1440, 2560) == (72, 64, 1368, 1216)
+    assert image.default_bbox("right", 1440, 2560) == (72, 1344, 1368, 2496)
+    assert image.person_boxes([None, None], 1440, 2560) == [(72, 64, 1368, 1216), (72, 1344, 1368, 2496)]
+    assert image.person_boxes(["left", "right"], 1440, 2560) == image.person_boxes([None, None], 1440, 2560)
+
+
+@pytest.mark.parametrize(
+    ("regions", "message"),
+    [
+        ([(0.0, 0.0, 0.6, 1.0), (0.5, 0.0, 1.0, 1.0)], "overlap"),
+        (["full", "right"], "overlap"),
+        ([(0.5, 0.0, 0.2, 1.0), "right"], "0 <= x0 < x1 <= 1"),
+        ([(0.0, 0.0, 1.2, 1.0), "right"], "0 <= x0 < x1 <= 1"),
+        ([(0.0, 0.0, 0.5), "right"], "not accepted"),
+        (["left", None], "both speakers or for neither"),
+        (["middle", "right"], "not accepted"),
+    ],
+)
+def test_bad_regions_are_rejected(regions: list, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        image.person_boxes(regions, 360, 640)
+
+
+def test_single_speaker_takes_no_region() -> None:
+    assert image.person_boxes([None], 360, 640) is None
+    with pytest.raises(InvalidInput, match="only applies with two speakers"):
+        image.person_boxes(["left"], 360, 640)
+
+
+def test_person_masks_two_people_and_one() -> None:
+    src, bucket, latent = (360, 640), (448, 896), (56, 112)
+    boxes = image.person_boxes([None, None], *src)
+    masks = image.person_masks(boxes, src, bucket, latent)
+    assert masks.shape == (3, 56, 112) and masks.dtype == torch.float32
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    assert masks[0, 28, 20] == 1 and masks[0, 28, 90] == 0 and masks[1, 28, 90] == 1
+    assert torch.equal(masks[2], ((masks[0] + masks[1]) == 0).float())
+    assert masks[0, :, 56:].sum() == 0 and masks[1, :, :56].sum() == 0
+    ones = image.person_masks(None, src, bucket, latent)
+    assert torch.equal(ones, torch.ones(3, 56, 112))
+    image.check_masks_visible(masks, 2)
+
+
+def test_tiny_region_is_rejected_on_the_token_grid() -> None:
+    src, bucket, latent = (360, 640), (448, 896), (56, 112)
+    boxes = image.person_boxes([(0.0, 0.0, 0.004, 0.004), "right"], *src)
+    masks = image.person_masks(boxes, src, bucket, latent)
+    with pytest.raises(InvalidInput, match="speaker 1 is too small"):
+        image.check_masks_visible(masks, 2)
