@@ -1,0 +1,343 @@
+"""Settings: the worker's configuration, built once from the environment.
+
+`Settings.from_env(mapping)` is pure (it reads only the mapping it is given); `settings_from_process()` is
+the one place in the package that reads `os.environ`. Every variable is declared once in `ENV_VARS`
+(name, type, default, meaning); docs/settings.md is checked against that table by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+TINY_WEIGHTS = "tiny"
+RESOLUTIONS: tuple[str, ...] = ("480p", "720p")
+LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the worker cannot use. Stops the worker at startup."""
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One environment variable: the documentation row and how to parse it."""
+
+    name: str
+    attr: str  # attribute of Settings; "s3.x" for S3Settings
+    kind: Literal["str", "path", "int", "float", "bool", "secret", "choice", "flag"]
+    default: str | None  # as written in the environment; None: unset
+    meaning: str
+    choices: tuple[str, ...] = ()
+
+
+ENV_VARS: tuple[EnvVar, ...] = (
+    EnvVar(
+        "MULTITALK_WEIGHTS",
+        "weights",
+        "str",
+        "/runpod-volume/multitalk",
+        "`tiny` selects the built-in tiny model (random weights, tests); else the weights folder.",
+    ),
+    EnvVar(
+        "MULTITALK_DEVICE",
+        "device",
+        "str",
+        "auto",
+        "torch device for the pipeline; `auto`: `cuda` if present, else `cpu`.",
+    ),
+    EnvVar(
+        "MULTITALK_MAX_RESOLUTION",
+        "max_resolution",
+        "choice",
+        "720p",
+        "Largest resolution this worker accepts; the startup GPU-memory check is made for it.",
+        RESOLUTIONS,
+    ),
+    EnvVar(
+        "MULTITALK_MIN_GPU_MEMORY_GIB",
+        "min_gpu_memory_gib",
+        "float",
+        None,
+        "GPU memory the startup check requires; unset: the built-in estimate for MULTITALK_MAX_RESOLUTION.",
+    ),
+    EnvVar(
+        "MULTITALK_VOLUME_ROOT",
+        "volume_root",
+        "path",
+        "/runpod-volume",
+        "The only directory that path inputs may name and that `volume` delivery writes under.",
+    ),
+    EnvVar(
+        "MULTITALK_OUTPUT_DIR",
+        "output_dir",
+        "str",
+        "outputs",
+        "Default folder (relative to the volume root) for `volume` delivery.",
+    ),
+    EnvVar(
+        "MULTITALK_WORK_DIR",
+        "work_dir",
+        "path",
+        None,
+        "Where per-job scratch folders are made; unset: the system temp dir.",
+    ),
+    EnvVar(
+        "MULTITALK_MAX_INPUT_MB",
+        "max_input_mb",
+        "float",
+        "100",
+        "Size cap per input file (image or audio), in MB (10^6 bytes).",
+    ),
+    EnvVar(
+        "MULTITALK_FETCH_TIMEOUT_S",
+        "fetch_timeout_s",
+        "float",
+        "60",
+        "Time limit per input download, in seconds.",
+    ),
+    EnvVar(
+        "MULTITALK_ALLOW_LOOPBACK",
+        "allow_loopback",
+        "bool",
+        "false",
+        "Allow URL inputs on loopback addresses (local tests only). Private and link-local stay refused.",
+    ),
+    EnvVar(
+        "MULTITALK_CA_BUNDLE",
+        "ca_bundle",
+        "path",
+        None,
+        "CA bundle (PEM) for https inputs; unset: certifi's bundle.",
+    ),
+    EnvVar(
+        "MULTITALK_MAX_DURATION_S",
+        "max_duration_s",
+        "float",
+        "40",
+        "Longest video a job may ask for, in seconds (the streaming limit is 1000 frames = 40 s).",
+    ),
+    EnvVar(
+        "MULTITALK_MAX_BASE64_MB",
+        "max_base64_mb",
+        "float",
+        "10",
+        "Largest base64 video returned in the job result, in MB of base64 text (RunPod /run: 10 MB).",
+    ),
+    EnvVar(
+        "MULTITALK_S3_BUCKET", "s3.bucket", "str", None, "Bucket for `s3` delivery (and `auto` when set)."
+    ),
+    EnvVar("MULTITALK_S3_PREFIX", "s3.prefix", "str", "multitalk/", "Key prefix for uploaded videos."),
+    EnvVar(
+        "MULTITALK_S3_ENDPOINT_URL",
+        "s3.endpoint_url",
+        "str",
+        None,
+        "S3-compatible endpoint (R2, MinIO, ...); unset: AWS.",
+    ),
+    EnvVar("MULTITALK_S3_REGION", "s3.region", "str", "us-east-1", "Region used to sign S3 requests."),
+    EnvVar(
+        "MULTITALK_S3_ACCESS_KEY_ID",
+        "s3.access_key_id",
+        "secret",
+        None,
+        "S3 access key id; unset: boto3's default credential chain.",
+    ),
+    EnvVar("MULTITALK_S3_SECRET_ACCESS_KEY", "s3.secret_access_key", "secret", None, "S3 secret access key."),
+    EnvVar(
+        "MULTITALK_S3_SESSION_TOKEN",
+        "s3.session_token",
+        "secret",
+        None,
+        "S3 session token (temporary credentials only).",
+    ),
+    EnvVar(
+        "MULTITALK_S3_URL_EXPIRY_S",
+        "s3.url_expiry_s",
+        "int",
+        "3600",
+        "Lifetime of the presigned download URL, in seconds.",
+    ),
+    EnvVar(
+        "MULTITALK_LOG_LEVEL",
+        "log_level",
+        "choice",
+        "INFO",
+        "Log level of the worker and of the runpod SDK.",
+        LOG_LEVELS,
+    ),
+    EnvVar(
+        "MULTITALK_REVISION_FILE",
+        "revision_file",
+        "path",
+        "/app/REVISION",
+        "File holding the git revision (written at build).",
+    ),
+    EnvVar(
+        "MULTITALK_LOCK_FILE",
+        "lock_file",
+        "path",
+        "requirements.lock",
+        "Lock file the startup version check reads.",
+    ),
+    EnvVar(
+        "RUNPOD_WEBHOOK_GET_JOB",
+        "on_runpod",
+        "flag",
+        None,
+        "Set by RunPod on its workers; when present the worker sends progress updates to the queue.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str | None
+    prefix: str
+    endpoint_url: str | None
+    region: str
+    access_key_id: str | None = field(repr=False)
+    secret_access_key: str | None = field(repr=False)
+    session_token: str | None = field(repr=False)
+    url_expiry_s: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    weights: str
+    device: str
+    max_resolution: str
+    min_gpu_memory_gib: float | None
+    volume_root: Path
+    output_dir: str
+    work_dir: Path | None
+    max_input_mb: float
+    fetch_timeout_s: float
+    allow_loopback: bool
+    ca_bundle: Path | None
+    max_duration_s: float
+    max_base64_mb: float
+    s3: S3Settings
+    log_level: str
+    revision_file: Path
+    lock_file: Path
+    on_runpod: bool
+
+    @property
+    def tiny_model(self) -> bool:
+        return self.weights == TINY_WEIGHTS
+
+    @property
+    def max_input_bytes(self) -> int:
+        return int(self.max_input_mb * 1_000_000)
+
+    @property
+    def max_base64_bytes(self) -> int:
+        return int(self.max_base64_mb * 1_000_000)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from `env` (pure: reads nothing else). Raises SettingsError naming the variable."""
+        top: dict[str, object] = {}
+        s3: dict[str, object] = {}
+        for var in ENV_VARS:
+            group, _, name = var.attr.rpartition(".")
+            (s3 if group == "s3" else top)[name] = _parse(var, env.get(var.name))
+        settings = cls(s3=S3Settings(**s3), **top)  # type: ignore[arg-type]
+        _check_ranges(settings)
+        return settings
+
+    def public_dict(self) -> dict[str, object]:
+        """Every setting by env name, secrets replaced by whether they are set. Safe to log and report."""
+        out: dict[str, object] = {}
+        for var in ENV_VARS:
+            value = self.value_of(var)
+            if var.kind == "secret":
+                out[var.name] = "set" if value else "unset"
+            else:
+                out[var.name] = str(value) if isinstance(value, Path) else value
+        return out
+
+    def value_of(self, var: EnvVar) -> object:
+        group, _, name = var.attr.rpartition(".")
+        return getattr(self.s3 if group == "s3" else self, name)
+
+
+def settings_from_process() -> Settings:
+    """Settings of this process. The only reader of os.environ in the package."""
+    return Settings.from_env(os.environ)
+
+
+def _check_ranges(settings: Settings) -> None:
+    s3 = settings.s3
+    if (s3.access_key_id is None) != (s3.secret_access_key is None):
+        raise SettingsError(
+            "set both MULTITALK_S3_ACCESS_KEY_ID and MULTITALK_S3_SECRET_ACCESS_KEY, or neither"
+        )
+    if not 1 <= s3.url_expiry_s <= 604_800:
+        raise SettingsError("MULTITALK_S3_URL_EXPIRY_S must be within 1..604800 (S3's presign limit: 7 days)")
+    if not 0 < settings.max_duration_s <= 40:
+        raise SettingsError("MULTITALK_MAX_DURATION_S must be within (0, 40] (1000 frames at 25 fps)")
+    positive = {
+        "MULTITALK_MAX_INPUT_MB": settings.max_input_mb,
+        "MULTITALK_FETCH_TIMEOUT_S": settings.fetch_timeout_s,
+        "MULTITALK_MAX_BASE64_MB": settings.max_base64_mb,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise SettingsError(f"{name} must be > 0, got {value}")
+    if settings.min_gpu_memory_gib is not None and settings.min_gpu_memory_gib < 0:
+        raise SettingsError("MULTITALK_MIN_GPU_MEMORY_GIB must be >= 0")
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse(var: EnvVar, raw: str | None) -> object:
+    """Parse one variable; empty counts as unset. Raises SettingsError saying what is accepted."""
+    if var.kind == "flag":
+        return bool(raw)
+    text = raw.strip() if raw is not None and raw.strip() else var.default
+    if text is None:
+        return None
+    try:
+        return _PARSERS[var.kind](var, text)
+    except ValueError as exc:
+        raise SettingsError(f"{var.name}={text!r}: {exc}") from None
+
+
+def _parse_bool(var: EnvVar, text: str) -> bool:
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}")
+
+
+def _parse_choice(var: EnvVar, text: str) -> str:
+    value = text.upper() if var.name == "MULTITALK_LOG_LEVEL" else text
+    if value not in var.choices:
+        raise ValueError(f"expected one of {', '.join(var.choices)}")
+    return value
+
+
+def _parse_float(var: EnvVar, text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError("expected a finite number")
+    return value
+
+
+_PARSERS: dict[str, Callable[[EnvVar, str], object]] = {
+    "str": lambda var, text: text,
+    "secret": lambda var, text: text,
+    "path": lambda var, text: Path(text).expanduser(),
+    "int": lambda var, text: int(text),
+    "float": _parse_float,
+    "bool": _parse_bool,
+    "choice": _parse_choice,
+}

@@ -1,0 +1,323 @@
+"""Wire contract v1: the job input and result of the RunPod worker and the local HTTP API.
+
+One name per field, unknown keys rejected, units and bounds in the schema (`job_input_json_schema()` prints
+it). Input sources are strings; `parse_source` classifies them (https URL, s3:// URI, data URI, bare base64,
+or a path under the volume root). `parse_job_input` is the only way in: it returns a typed model or raises
+InvalidInput / DurationTooLong, never anything else.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from multitalk_worker.errors import DurationTooLong, InvalidInput
+from multitalk_worker.pipeline.presets import PRESETS
+
+SCHEMA_VERSION = "1"
+MAX_FRAMES = 1000  # the streaming limit of the reference (spec 6.6)
+FPS = 25
+MAX_DURATION_S = MAX_FRAMES / FPS
+MAX_SOURCE_CHARS = (
+    30_000_000  # larger than any RunPod payload (20 MB); the real cap is the size check on fetch
+)
+TINY_RESOLUTION = "tiny"
+RESOLUTION_ORDER = ("tiny", "480p", "720p")
+
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+SourceKind = Literal["url", "s3", "data", "base64", "path"]
+_BASE64_RE = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
+_MIN_BARE_BASE64 = 64
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """One input, classified. `value` is the URL, s3 URI, path, or base64 text (data URIs: the payload)."""
+
+    kind: SourceKind
+    value: str
+    media_type: str | None = None  # from a data URI
+
+    def describe(self) -> str:
+        """A log- and error-safe description: never the payload, never a URL's query string."""
+        if self.kind == "url":
+            parts = urlsplit(self.value)
+            return f"https://{parts.hostname}{parts.path}"
+        if self.kind in ("s3", "path"):
+            return self.value
+        return f"{self.kind} input ({len(self.value)} characters)"
+
+
+def parse_source(text: str) -> InputSource:
+    """Classify an input string. Raises ValueError naming the accepted forms."""
+    if not text or "\x00" in text:
+        raise ValueError("empty or NUL-containing source")
+    lowered = text[:16].lower()
+    if lowered.startswith("https://"):
+        parts = urlsplit(text)
+        if not parts.hostname:
+            raise ValueError("URL has no host")
+        if parts.username or parts.password:
+            raise ValueError("credentials in URLs are not accepted")
+        return InputSource("url", text)
+    if lowered.startswith("s3://"):
+        parts = urlsplit(text)
+        if not parts.netloc or not parts.path.strip("/"):
+            raise ValueError("s3 URI must be s3://bucket/key")
+        return InputSource("s3", text)
+    if lowered.startswith("data:"):
+        return _parse_data_uri(text)
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text):
+        raise ValueError("only https:// URLs and s3:// URIs are accepted (no http or other schemes)")
+    if len(text) >= _MIN_BARE_BASE64 and _BASE64_RE.fullmatch(text):
+        return InputSource("base64", text)
+    if len(text) > 4096:
+        raise ValueError("not a URL, data URI, valid base64 or path")
+    return InputSource("path", text)
+
+
+def _parse_data_uri(text: str) -> InputSource:
+    header, sep, payload = text.partition(",")
+    if not sep or not header.lower().endswith(";base64"):
+        raise ValueError("data URI must be data:<media type>;base64,<payload>")
+    media_type = header[5:-7].split(";")[0].strip().lower() or None
+    return InputSource("data", payload, media_type)
+
+
+def decode_base64(text: str) -> bytes:
+    """Decode a base64 payload strictly. Raises ValueError."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError(f"invalid base64: {exc}") from None
+
+
+Source = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_SOURCE_CHARS,
+        description="https URL, s3://bucket/key, data:<type>;base64,<...>, bare base64 (>= 64 chars), "
+        "or a path under the worker's volume root (MULTITALK_VOLUME_ROOT)",
+    ),
+]
+Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+RegionBox = Annotated[list[Unit], Field(min_length=4, max_length=4)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SpeakerInput(_Strict):
+    audio: Source
+    region: RegionBox | Literal["left", "right", "full"] | None = Field(
+        None,
+        description="where this speaker is: [x0, y0, x1, y1] normalised to the image (0..1, x right, "
+        "y down), or left/right/full; unset: the pipeline's default layout",
+    )
+
+    @field_validator("audio")
+    @classmethod
+    def _check_audio(cls, value: str) -> str:
+        parse_source(value)
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _check_box(cls, value: object) -> object:
+        if isinstance(value, list) and not (value[0] < value[2] and value[1] < value[3]):
+            raise ValueError("region box needs x0 < x1 and y0 < y1")
+        return value
+
+
+class AdvancedInput(_Strict):
+    """Overrides of the preset. Unset fields take the preset's value."""
+
+    steps: int | None = Field(None, ge=1, le=100, description="denoising steps per clip")
+    text_guidance: float | None = Field(None, ge=0.0, le=20.0, description="text CFG scale (1: no text CFG)")
+    audio_guidance: float | None = Field(None, ge=0.0, le=20.0, description="audio CFG scale")
+    shift: float | None = Field(None, gt=0.0, le=30.0, description="timestep shift of the flow schedule")
+    seed: int | None = Field(
+        None, ge=0, le=2**32 - 1, description="noise seed; unset: a random seed, reported"
+    )
+    teacache_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="TeaCache threshold; 0 turns TeaCache off (useful range 0.2-0.5)"
+    )
+    color_correction: float | None = Field(None, ge=0.0, le=1.0, description="colour-correction strength")
+    apg: bool | None = Field(None, description="adaptive projected guidance instead of plain CFG")
+
+
+class OutputInput(_Strict):
+    delivery: Literal["auto", "s3", "base64", "volume"] = Field(
+        "auto", description="auto: s3 when the worker has a bucket, else base64"
+    )
+    key: str | None = Field(
+        None,
+        min_length=1,
+        max_length=900,
+        pattern=r"^[A-Za-z0-9!_.*'()/-]+\.mp4$",
+        description="s3 only: object key under the worker's prefix; unset: <job id>.mp4",
+    )
+    path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[A-Za-z0-9_./-]+\.mp4$",
+        description="volume only: file path relative to the volume root; "
+        "unset: <MULTITALK_OUTPUT_DIR>/<job id>.mp4",
+    )
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> OutputInput:
+        if self.key is not None and self.delivery not in ("s3", "auto"):
+            raise ValueError("output.key applies to delivery s3 only")
+        if self.path is not None and self.delivery != "volume":
+            raise ValueError("output.path applies to delivery volume only")
+        for name, value in (("key", self.key), ("path", self.path)):
+            if value is not None and (value.startswith("/") or ".." in value.split("/")):
+                raise ValueError(f"output.{name} must be relative and must not contain '..'")
+        return self
+
+
+class GenerateInput(_Strict):
+    action: Literal["generate"] = "generate"
+    image: Source = Field(description="reference image (PNG, JPEG, WebP, BMP or GIF)")
+    speakers: list[SpeakerInput] = Field(min_length=1, max_length=2, description="one or two speech tracks")
+    audio_mode: Literal["parallel", "sequential"] = Field(
+        "parallel",
+        description="two speakers: parallel (both tracks at once) or sequential (one after the other)",
+    )
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str | None = Field(None, max_length=4000, description="unset: the reference's default")
+    resolution: Literal["480p", "720p", "tiny"] = Field(
+        "480p", description="bucket family; `tiny` only on the built-in tiny model"
+    )
+    max_duration_s: float | None = Field(
+        None,
+        gt=0.0,
+        le=MAX_DURATION_S,
+        description="cap on the video length in seconds; unset: the audio length",
+    )
+    preset: PresetName = Field(  # type: ignore[valid-type]
+        "default", description="named sampling settings (steps, guidance, shift); see docs/api.md"
+    )
+    advanced: AdvancedInput = Field(default_factory=AdvancedInput)
+    output: OutputInput = Field(default_factory=OutputInput)
+    validate_only: bool = Field(False, description="fetch and check the inputs, return the plan, no GPU work")
+
+    @field_validator("image")
+    @classmethod
+    def _check_image(cls, value: str) -> str:
+        parse_source(value)
+        return value
+
+    @model_validator(mode="after")
+    def _check_speakers(self) -> GenerateInput:
+        if len(self.speakers) == 1 and self.audio_mode != "parallel":
+            raise ValueError("audio_mode sequential needs two speakers")
+        return self
+
+
+class HealthInput(_Strict):
+    action: Literal["health"]
+
+
+JobInput = GenerateInput | HealthInput
+
+
+def parse_job_input(
+    raw: object, *, tiny_model: bool, max_resolution: str, max_duration_s: float
+) -> GenerateInput | HealthInput:
+    """Validate a job's `input`. Raises InvalidInput (or DurationTooLong) with every problem found."""
+    if not isinstance(raw, dict):
+        raise InvalidInput(f"job input must be a JSON object, got {_json_type(raw)}")
+    action = raw.get("action", "generate")
+    model: type[GenerateInput] | type[HealthInput]
+    if action == "health":
+        model = HealthInput
+    elif action == "generate":
+        model = GenerateInput
+    else:
+        raise InvalidInput("action must be 'generate' (default) or 'health'")
+    try:
+        job = model.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidInput(format_validation_error(exc, model)) from None
+    except RecursionError:
+        raise InvalidInput("job input is nested too deeply") from None
+    if isinstance(job, GenerateInput):
+        _check_against_worker(job, tiny_model=tiny_model, max_resolution=max_resolution, max_s=max_duration_s)
+    return job
+
+
+def _check_against_worker(job: GenerateInput, *, tiny_model: bool, max_resolution: str, max_s: float) -> None:
+    if job.resolution == TINY_RESOLUTION and not tiny_model:
+        raise InvalidInput(
+            "resolution 'tiny' needs the built-in tiny model (MULTITALK_WEIGHTS=tiny); use 480p or 720p"
+        )
+    if job.resolution != TINY_RESOLUTION and RESOLUTION_ORDER.index(job.resolution) > RESOLUTION_ORDER.index(
+        max_resolution
+    ):
+        raise InvalidInput(f"this worker serves resolutions up to {max_resolution}; got {job.resolution}")
+    if job.max_duration_s is not None and job.max_duration_s > max_s:
+        raise DurationTooLong(
+            f"max_duration_s={job.max_duration_s:g} exceeds this worker's limit of {max_s:g} s; "
+            f"ask for at most {max_s:g}"
+        )
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line per problem, naming the field and what is accepted. Never echoes the input values."""
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False)[:12]:
+        where = ".".join(str(part) for part in error["loc"]) or "input"
+        if error["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown field (accepted: {_accepted_fields(model, error['loc'][:-1])})")
+        else:
+            lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
+    more = exc.error_count() - len(lines)
+    return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
+
+
+def _accepted_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or isinstance(part, int):
+            continue
+        field = current.model_fields.get(str(part))
+        current = _model_of(field.annotation) if field is not None else None
+    return ", ".join(current.model_fields) if current is not None else "see the schema"
+
+
+def _model_of(annotation: object) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _json_type(value: object) -> str:
+    names = {
+        list: "array",
+        str: "string",
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        type(None): "null",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def job_input_json_schema() -> dict[str, Any]:
+    """JSON Schema of the generate input (docs/api.md is generated from the same models)."""
+    return GenerateInput.model_json_schema()

@@ -1,0 +1,336 @@
+"""Startup checks, the resident pipeline, and the `health` report.
+
+Checks: every module of the package imports; numpy/scipy/torch (and the other core packages) are the
+versions in requirements.lock; PyAV can encode and decode an H.264 + AAC mp4; the weights are complete
+(`weights/manifest.verify`); a GPU with enough memory for MULTITALK_MAX_RESOLUTION. On RunPod they run as
+the SDK's fitness checks (a failure stops the worker before it takes a job); the image build runs the ones
+that need no weights or GPU:
+
+    python -m multitalk_worker.startup --build
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib
+import importlib.metadata
+import json
+import logging
+import pkgutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import multitalk_worker
+from multitalk_worker.config import Settings, SettingsError, settings_from_process
+from multitalk_worker.errors import ModelLoadFailed, ModelMissing, OutOfMemory, WorkerError
+from multitalk_worker.schema import SCHEMA_VERSION
+
+logger = logging.getLogger(__name__)
+
+LOCKED_PACKAGES = (
+    "numpy",
+    "scipy",
+    "torch",
+    "diffusers",
+    "transformers",
+    "av",
+    "pydantic",
+    "boto3",
+    "runpod",
+)
+THIRD_PARTY_MODULES = (
+    "torch", "diffusers", "transformers", "safetensors", "huggingface_hub", "numpy", "scipy", "soxr",
+    "pyloudnorm", "av", "PIL", "pydantic", "boto3", "botocore", "requests", "certifi", "runpod", "ftfy",
+    "sentencepiece", "tokenizers", "skimage", "tqdm",
+)  # fmt: skip
+# GPU memory the startup check asks for. ESTIMATES from weight sizes (bf16 DiT ~33 GB + umT5-XXL ~11 GB +
+# CLIP/VAE/wav2vec ~2 GB, plus activations); to be replaced by the measured peak (docs/deploy.md).
+GPU_MEMORY_GIB = {"480p": 48.0, "720p": 64.0}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_imports() -> Check:
+    """Import every module of the package and every third-party module it uses."""
+    names = [
+        info.name
+        for info in pkgutil.walk_packages(multitalk_worker.__path__, "multitalk_worker.")
+        if not info.name.endswith("__main__")  # importing it would run it
+    ]
+    failures = []
+    for name in [*THIRD_PARTY_MODULES, *names]:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # any import failure is the finding
+            failures.append(f"{name}: {type(exc).__name__}: {exc}")
+    if failures:
+        return Check("imports", False, "; ".join(failures))
+    return Check(
+        "imports", True, f"{len(names)} package modules and {len(THIRD_PARTY_MODULES)} libraries import"
+    )
+
+
+def locked_versions(lock_file: Path) -> dict[str, str]:
+    """`name==version` pins of a requirements lock file, names normalised (lower case, - for _)."""
+    pins = {}
+    for line in lock_file.read_text().splitlines():
+        text = line.split("#", 1)[0].strip()
+        if "==" in text:
+            name, version = text.split("==", 1)
+            pins[name.strip().lower().replace("_", "-")] = version.split(";")[0].strip()
+    return pins
+
+
+def check_versions(lock_file: Path) -> Check:
+    """The installed core packages are the locked versions (a local tag like +cu128 is allowed)."""
+    try:
+        pins = locked_versions(lock_file)
+    except OSError as exc:
+        return Check(
+            "versions", False, f"cannot read lock file {lock_file} ({exc.strerror}); set MULTITALK_LOCK_FILE"
+        )
+    problems, found = [], []
+    for name in LOCKED_PACKAGES:
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"{name} not installed")
+            continue
+        if name not in pins:
+            problems.append(f"{name} not pinned in {lock_file.name}")
+        elif installed.split("+")[0] != pins[name]:
+            problems.append(f"{name} {installed} installed, {pins[name]} locked")
+        found.append(f"{name} {installed}")
+    return Check("versions", not problems, "; ".join(problems) if problems else ", ".join(found))
+
+
+def check_media() -> Check:
+    """PyAV writes a 2-frame H.264 + AAC mp4 and decodes it back (the worker's output path)."""
+    from multitalk_worker.media import probe_video, write_mp4
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="multitalk-media-check-") as folder:
+            path = Path(folder) / "check.mp4"
+            frames = np.zeros((2, 16, 16, 3), np.uint8)
+            write_mp4(path, frames, np.zeros(1280, np.float32), 16_000, 25)
+            info = probe_video(path)
+    except WorkerError as exc:
+        return Check("media", False, exc.message)
+    ok = info.frames == 2 and info.has_audio
+    import av
+
+    return Check(
+        "media", ok, f"PyAV {av.__version__}, FFmpeg {av.ffmpeg_version_info}: mp4 round trip {info}"
+    )
+
+
+def check_weights(settings: Settings, *, full: bool) -> Check:
+    """tiny: built in. A folder: presence (health) or the full manifest check of files and tensor shapes."""
+    if settings.tiny_model:
+        return Check("weights", True, "built-in tiny model (random weights)")
+    root = Path(settings.weights)
+    if not root.is_dir():
+        return Check(
+            "weights", False, f"weights folder {root} does not exist (MULTITALK_WEIGHTS; docs/deploy.md)"
+        )
+    if not full:
+        return Check("weights", True, f"{root} present (verified at startup)")
+    from multitalk_worker.weights.manifest import verify
+
+    report = verify(root)
+    return Check("weights", report.ok, str(report).replace("\n", "; "))
+
+
+def check_gpu(settings: Settings) -> Check:
+    """A CUDA device with at least the memory the largest accepted resolution needs (CPU: tiny model only)."""
+    import torch
+
+    device = resolve_device(settings.device)
+    if device == "cpu":
+        ok = settings.tiny_model
+        return Check("gpu", ok, "cpu device (tiny model only)" if ok else "no CUDA device for the real model")
+    if not torch.cuda.is_available():
+        return Check("gpu", False, f"device {device} asked for, but CUDA is not available")
+    props = torch.cuda.get_device_properties(torch.device(device))
+    total = props.total_memory / 2**30
+    need = settings.min_gpu_memory_gib
+    if need is None:
+        need = 0.0 if settings.tiny_model else GPU_MEMORY_GIB[settings.max_resolution]
+    detail = f"{props.name}, {total:.1f} GiB; {need:g} GiB needed for {settings.max_resolution}"
+    return Check("gpu", total >= need, detail)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------- resident pipeline
+
+
+class PipelineHolder:
+    """Loads the pipeline once per worker and keeps it resident."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pipeline: Any = None
+        self.load_s = 0.0
+        self.jobs_served = 0
+
+    def load(self) -> None:
+        if self.pipeline is not None:
+            return
+        import torch
+
+        from multitalk_worker.pipeline.pipeline import MultiTalkPipeline
+
+        weights = self.settings.weights
+        if not self.settings.tiny_model and not Path(weights).is_dir():
+            raise ModelMissing(
+                f"weights folder {weights} does not exist; download the weights (docs/deploy.md) "
+                "or set MULTITALK_WEIGHTS=tiny for the built-in test model"
+            )
+        start = time.monotonic()
+        try:
+            self.pipeline = MultiTalkPipeline.from_pretrained(
+                weights, device=resolve_device(self.settings.device)
+            )
+        except WorkerError:
+            raise
+        except torch.cuda.OutOfMemoryError:
+            raise OutOfMemory(
+                "GPU out of memory while loading the model; use a bigger GPU", stage="load"
+            ) from None
+        except Exception as exc:
+            raise ModelLoadFailed(f"loading {weights} failed: {type(exc).__name__}: {exc}") from exc
+        self.load_s = time.monotonic() - start
+        logger.info("pipeline loaded from %s in %.1f s", weights, self.load_s)
+
+    def get(self) -> tuple[Any, float, bool]:
+        """(pipeline, its load time in s, whether this is the first job it serves)."""
+        self.load()
+        cold = self.jobs_served == 0
+        self.jobs_served += 1
+        return self.pipeline, self.load_s, cold
+
+    def release_gpu_memory(self) -> None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def read_revision(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def worker_version(settings: Settings) -> dict[str, str]:
+    return {
+        "version": multitalk_worker.__version__,
+        "revision": read_revision(settings.revision_file),
+        "schema": SCHEMA_VERSION,
+    }
+
+
+def health_report(settings: Settings, holder: PipelineHolder) -> dict[str, Any]:
+    """Everything the startup checks look at, without secrets (settings appear with secrets masked)."""
+    checks = [
+        check_imports(),
+        check_versions(settings.lock_file),
+        check_media(),
+        check_weights(settings, full=False),
+        check_gpu(settings),
+    ]
+    return {
+        "status": "ok" if all(c.ok for c in checks) else "unhealthy",
+        "worker": worker_version(settings),
+        "checks": [asdict(c) for c in checks],
+        "pipeline": {
+            "loaded": holder.pipeline is not None,
+            "load_s": holder.load_s,
+            "jobs_served": holder.jobs_served,
+        },
+        "settings": settings.public_dict(),
+    }
+
+
+def register_fitness_checks(settings: Settings, holder: PipelineHolder) -> None:
+    """Register the startup checks with the runpod SDK; the last one loads the pipeline."""
+    import runpod
+
+    def as_fitness(check: Callable[[], Check], name: str) -> Callable[[], None]:
+        def run() -> None:
+            result = check()
+            if not result.ok:
+                raise RuntimeError(f"{result.name}: {result.detail}")
+            logger.info("startup check %s: %s", result.name, result.detail)
+
+        run.__name__ = name
+        return run
+
+    def load_pipeline() -> None:
+        holder.load()
+
+    for name, check in (
+        ("check_imports", check_imports),
+        ("check_versions", lambda: check_versions(settings.lock_file)),
+        ("check_media", check_media),
+        ("check_weights", lambda: check_weights(settings, full=True)),
+        ("check_gpu", lambda: check_gpu(settings)),
+    ):
+        runpod.serverless.register_fitness_check(as_fitness(check, name))
+    runpod.serverless.register_fitness_check(load_pipeline)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m multitalk_worker.startup", description=__doc__)
+    parser.add_argument("--build", action="store_true", help="run the checks that need no weights or GPU")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_process()
+    except SettingsError as exc:
+        logger.error("bad setting: %s", exc)
+        return 2
+    if args.build:
+        checks = [check_imports(), check_versions(settings.lock_file), check_media()]
+        report: dict[str, Any] = {"checks": [asdict(c) for c in checks], "worker": worker_version(settings)}
+    else:
+        report = health_report(settings, PipelineHolder(settings))
+        checks = [Check(**c) for c in report["checks"]]
+    for check in checks:
+        (logger.info if check.ok else logger.error)(
+            "%s %s: %s", "ok  " if check.ok else "FAIL", check.name, check.detail
+        )
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,430 @@
+"""Fetch job inputs and deliver the output video.
+
+One fetcher for every input form (https URL, s3:// URI, data URI, bare base64, volume path): size-capped,
+time-limited, and checked by magic bytes before anything decodes it. URLs are https only and dialled on an
+address that was checked (runpod's `PinnedIPAdapter` defeats DNS rebinding); loopback only when the settings
+allow it, private and link-local never. Outputs go to exactly one place: S3 (boto3, any S3-compatible
+endpoint, presigned URL), base64 in the result (capped below RunPod's payload limit), or the volume.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urljoin, urlsplit
+
+import boto3
+import certifi
+import requests
+import urllib3
+from boto3.exceptions import Boto3Error
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import BotoCoreError, ClientError
+from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter, is_safe_address
+
+from multitalk_worker.config import Settings
+from multitalk_worker.errors import (
+    AudioDecodeFailed,
+    ImageDecodeFailed,
+    InputFetchFailed,
+    InputTooLarge,
+    InvalidInput,
+    OutputTooLarge,
+    UploadFailed,
+)
+from multitalk_worker.schema import InputSource, decode_base64
+
+logger = logging.getLogger(__name__)
+
+MediaKind = Literal["image", "audio"]
+CHUNK = 1 << 16
+MAX_REDIRECTS = 3
+VIDEO_CONTENT_TYPE = "video/mp4"
+_ACCEPTED_TYPES = {"image": ("image/",), "audio": ("audio/", "video/")}
+_NEUTRAL_TYPES = ("application/octet-stream", "binary/octet-stream", "application/ogg", "application/mp4")
+_FORMATS = {
+    "image": "PNG, JPEG, WebP, BMP or GIF",
+    "audio": "WAV, MP3, FLAC, OGG, M4A/MP4/MOV, WebM/MKV or AAC",
+}
+
+
+# ----------------------------------------------------------------------------- magic bytes
+
+
+def sniff(head: bytes, kind: MediaKind) -> str | None:
+    """The container format named by the first bytes of a file, or None if it is not one we accept."""
+    if kind == "image":
+        signatures = {
+            b"\x89PNG\r\n\x1a\n": "png",
+            b"\xff\xd8\xff": "jpeg",
+            b"GIF87a": "gif",
+            b"GIF89a": "gif",
+            b"BM": "bmp",
+        }
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return "webp"
+    else:
+        signatures = {b"fLaC": "flac", b"OggS": "ogg", b"ID3": "mp3", b"\x1a\x45\xdf\xa3": "matroska"}
+        if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+            return "wav"
+        if head[4:8] == b"ftyp":
+            return "mp4"
+        if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:
+            return "mpeg-audio"  # MP3 frame sync or AAC ADTS
+    for magic, name in signatures.items():
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def check_signature(path: Path, kind: MediaKind, label: str) -> str:
+    """Refuse a file whose magic bytes are not an accepted format. Returns the format name."""
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    found = sniff(head, kind)
+    if found is None:
+        error = ImageDecodeFailed if kind == "image" else AudioDecodeFailed
+        raise error(f"{label}: not a supported {kind} file (accepted: {_FORMATS[kind]})", stage="fetch")
+    return found
+
+
+# ----------------------------------------------------------------------------- fetching
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: Path
+    size: int
+    seconds: float
+
+
+class InputFetcher:
+    """Fetches inputs into a job's scratch folder under the limits of `settings`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._s3: Any = None
+
+    def fetch(self, source: InputSource, dest: Path, kind: MediaKind, label: str) -> Fetched:
+        """Fetch one input to `dest` (volume paths are used in place), then check its magic bytes."""
+        start = time.monotonic()
+        if source.kind == "path":
+            path = self._volume_path(source.value, label)
+        elif source.kind in ("data", "base64"):
+            path = self._decode_inline(source, dest, label)
+        elif source.kind == "url":
+            path = self._fetch_https(source, dest, kind, label)
+        else:
+            path = self._fetch_s3(source.value, dest, label)
+        check_signature(path, kind, label)
+        size = path.stat().st_size
+        seconds = time.monotonic() - start
+        logger.info("fetched %s (%s, %d bytes) in %.2f s", label, source.describe(), size, seconds)
+        return Fetched(path, size, seconds)
+
+    # -- volume and inline
+
+    def _volume_path(self, text: str, label: str) -> Path:
+        root = self.settings.volume_root.resolve()
+        candidate = Path(text)
+        path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+        if not path.is_relative_to(root):
+            raise InvalidInput(f"{label}: paths must lie under the volume root {root}", stage="fetch")
+        if not path.is_file():
+            raise InputFetchFailed(f"{label}: no such file on the volume: {path}")
+        self._check_size(path.stat().st_size, label)
+        return path
+
+    def _decode_inline(self, source: InputSource, dest: Path, label: str) -> Path:
+        self._check_size(len(source.value) * 3 // 4, label)
+        try:
+            data = decode_base64(source.value)
+        except ValueError as exc:
+            raise InvalidInput(f"{label}: {exc}", stage="fetch") from None
+        self._check_size(len(data), label)
+        dest.write_bytes(data)
+        return dest
+
+    def _check_size(self, size: int, label: str) -> None:
+        limit = self.settings.max_input_bytes
+        if size > limit:
+            raise InputTooLarge(
+                f"{label}: {size / 1e6:.1f} MB exceeds the limit of {limit / 1e6:.1f} MB "
+                "(MULTITALK_MAX_INPUT_MB)"
+            )
+
+    # -- https
+
+    def _fetch_https(self, source: InputSource, dest: Path, kind: MediaKind, label: str) -> Path:
+        deadline = time.monotonic() + self.settings.fetch_timeout_s
+        url = source.value
+        for _ in range(MAX_REDIRECTS + 1):
+            with self._open(url, deadline, label) as response:
+                if response.status_code in (301, 302, 303, 307, 308):
+                    url = urljoin(url, response.headers.get("Location", ""))
+                    continue
+                self._check_response(response, kind, label)
+                self._stream_to(response, dest, deadline, label)
+                return dest
+        raise InputFetchFailed(f"{label}: more than {MAX_REDIRECTS} redirects")
+
+    @contextmanager
+    def _open(self, url: str, deadline: float, label: str) -> Iterator[requests.Response]:
+        """GET `url` on a checked address; the response and its session are closed on exit."""
+        parts = urlsplit(url)
+        if parts.scheme != "https" or not parts.hostname:
+            raise InvalidInput(f"{label}: only https URLs are fetched (got a redirect to {parts.scheme}://)")
+        address = self._checked_address(parts.hostname, parts.port or 443, label)
+        verify = str(self.settings.ca_bundle) if self.settings.ca_bundle else certifi.where()
+        remaining = max(deadline - time.monotonic(), 0.01)
+        with requests.Session() as session:
+            session.trust_env = False  # no proxy, netrc or CA variables: Settings is the only configuration
+            session.mount("https://", PinnedIPAdapter(address))
+            try:
+                response = session.get(
+                    url,
+                    stream=True,
+                    allow_redirects=False,
+                    timeout=(min(remaining, 10.0), remaining),
+                    verify=verify,
+                    headers={"Accept-Encoding": "identity", "User-Agent": "multitalk-worker"},
+                )
+            except requests.Timeout:
+                raise InputFetchFailed(
+                    f"{label}: timed out after {self.settings.fetch_timeout_s:g} s"
+                ) from None
+            except requests.RequestException as exc:
+                raise InputFetchFailed(
+                    f"{label}: cannot fetch {_safe_url(url)} ({type(exc).__name__})"
+                ) from None
+            with response:
+                yield response
+
+    def _checked_address(self, host: str, port: int, label: str) -> str:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror:
+            raise InputFetchFailed(f"{label}: cannot resolve host {host}") from None
+        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        for address in addresses:
+            if not self._address_allowed(address):
+                raise InvalidInput(
+                    f"{label}: {host} resolves to {address}, which is not a public address; "
+                    "only public https URLs are fetched",
+                    stage="fetch",
+                )
+        return addresses[0]
+
+    def _address_allowed(self, address: str) -> bool:
+        if is_safe_address(address):
+            return True
+        ip = ipaddress.ip_address(address)
+        return self.settings.allow_loopback and ip.is_loopback
+
+    def _check_response(self, response: requests.Response, kind: MediaKind, label: str) -> None:
+        if response.status_code != 200:
+            raise InputFetchFailed(f"{label}: server answered HTTP {response.status_code}")
+        content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if content_type and not (
+            content_type.startswith(_ACCEPTED_TYPES[kind]) or content_type in _NEUTRAL_TYPES
+        ):
+            error = ImageDecodeFailed if kind == "image" else AudioDecodeFailed
+            raise error(
+                f"{label}: server sent Content-Type {content_type}, expected {kind} data", stage="fetch"
+            )
+        declared = response.headers.get("Content-Length")
+        if declared and declared.isdigit():
+            self._check_size(int(declared), label)
+
+    def _stream_to(self, response: requests.Response, dest: Path, deadline: float, label: str) -> None:
+        total = 0
+        try:
+            with dest.open("wb") as out:
+                while chunk := response.raw.read1(CHUNK):
+                    total += len(chunk)
+                    self._check_size(total, label)
+                    if time.monotonic() > deadline:
+                        raise InputFetchFailed(
+                            f"{label}: timed out after {self.settings.fetch_timeout_s:g} s"
+                        )
+                    out.write(chunk)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise InputFetchFailed(
+                    f"{label}: timed out after {self.settings.fetch_timeout_s:g} s"
+                ) from None
+            raise InputFetchFailed(f"{label}: download broke off ({type(exc).__name__})") from None
+
+    # -- s3
+
+    def _fetch_s3(self, uri: str, dest: Path, label: str) -> Path:
+        parts = urlsplit(uri)
+        bucket, key = parts.netloc, parts.path.lstrip("/")
+        deadline = time.monotonic() + self.settings.fetch_timeout_s
+        client = self.s3_client()
+        try:
+            head = client.head_object(Bucket=bucket, Key=key)
+            self._check_size(int(head["ContentLength"]), label)
+            body = client.get_object(Bucket=bucket, Key=key)["Body"]
+            total = 0
+            with dest.open("wb") as out:
+                for chunk in body.iter_chunks(CHUNK):
+                    total += len(chunk)
+                    self._check_size(total, label)
+                    if time.monotonic() > deadline:
+                        raise InputFetchFailed(
+                            f"{label}: timed out after {self.settings.fetch_timeout_s:g} s"
+                        )
+                    out.write(chunk)
+        except ClientError as exc:
+            raise InputFetchFailed(f"{label}: {uri}: {_s3_reason(exc)}") from None
+        except BotoCoreError as exc:
+            raise InputFetchFailed(
+                f"{label}: {uri}: S3 endpoint unreachable ({type(exc).__name__})"
+            ) from None
+        return dest
+
+    def s3_client(self) -> Any:
+        if self._s3 is None:
+            self._s3 = make_s3_client(self.settings)
+        return self._s3
+
+
+def make_s3_client(settings: Settings) -> Any:
+    """A boto3 S3 client for the configured endpoint and credentials (none: boto3's default chain)."""
+    s3 = settings.s3
+    session = boto3.session.Session(
+        aws_access_key_id=s3.access_key_id,
+        aws_secret_access_key=s3.secret_access_key,
+        aws_session_token=s3.session_token,
+        region_name=s3.region,
+    )
+    config = BotoConfig(
+        signature_version="s3v4",
+        connect_timeout=5,
+        read_timeout=min(settings.fetch_timeout_s, 60.0),
+        retries={"max_attempts": 2, "mode": "standard"},
+    )
+    verify = str(settings.ca_bundle) if settings.ca_bundle else None
+    return session.client("s3", endpoint_url=s3.endpoint_url, config=config, verify=verify)
+
+
+def _s3_reason(exc: ClientError) -> str:
+    code = str(exc.response.get("Error", {}).get("Code", "unknown"))
+    reasons = {
+        "404": "no such key",
+        "NoSuchKey": "no such key",
+        "NoSuchBucket": "no such bucket",
+        "403": "access denied",
+        "AccessDenied": "access denied",
+        "InvalidAccessKeyId": "access denied (unknown access key)",
+        "SignatureDoesNotMatch": "access denied (bad signature)",
+    }
+    return reasons.get(code, f"S3 error {code}")
+
+
+def _upload_reason(exc: Exception) -> str:
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, ClientError):
+        return _s3_reason(cause)
+    text = str(exc)
+    if "AccessDenied" in text or "Forbidden" in text or "403" in text:
+        return "access denied"
+    if "NoSuchBucket" in text:
+        return "no such bucket"
+    return f"S3 endpoint unreachable or refused ({type(exc).__name__})"
+
+
+def _safe_url(url: str) -> str:
+    parts = urlsplit(url)
+    return f"https://{parts.hostname}{parts.path}"
+
+
+# ----------------------------------------------------------------------------- delivery
+
+
+def deliver_s3(video: Path, key: str, settings: Settings, client: Any) -> dict[str, object]:
+    """Upload with content type video/mp4, confirm the stored size, return a presigned URL and its expiry."""
+    bucket = settings.s3.bucket
+    if not bucket:
+        raise InvalidInput(
+            "delivery s3 needs MULTITALK_S3_BUCKET on the worker; use base64 or volume", stage="output"
+        )
+    size = video.stat().st_size
+    try:
+        client.upload_file(str(video), bucket, key, ExtraArgs={"ContentType": VIDEO_CONTENT_TYPE})
+        head = client.head_object(Bucket=bucket, Key=key)
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=settings.s3.url_expiry_s
+        )
+    except ClientError as exc:
+        raise UploadFailed(f"upload to s3://{bucket}/{key}: {_s3_reason(exc)}") from None
+    except (BotoCoreError, Boto3Error) as exc:
+        raise UploadFailed(f"upload to s3://{bucket}/{key}: {_upload_reason(exc)}") from None
+    if int(head["ContentLength"]) != size or head.get("ContentType") != VIDEO_CONTENT_TYPE:
+        raise UploadFailed(
+            f"s3://{bucket}/{key}: stored object does not match the video (size or content type)"
+        )
+    expires = datetime.now(UTC) + timedelta(seconds=settings.s3.url_expiry_s)
+    logger.info("uploaded video to s3://%s/%s (%d bytes)", bucket, key, size)
+    return {
+        "delivery": "s3",
+        "bucket": bucket,
+        "key": key,
+        "url": url,
+        "url_expires_at": expires.isoformat(timespec="seconds"),
+        "url_expires_in_s": settings.s3.url_expiry_s,
+    }
+
+
+def base64_size(num_bytes: int) -> int:
+    return 4 * ((num_bytes + 2) // 3)
+
+
+def deliver_base64(video: Path, settings: Settings) -> dict[str, object]:
+    """The video as base64 text in the result, if it fits under the payload limit."""
+    encoded = base64_size(video.stat().st_size)
+    if encoded > settings.max_base64_bytes:
+        raise OutputTooLarge(
+            f"the video is {encoded / 1e6:.1f} MB as base64, over the {settings.max_base64_mb:g} MB limit of "
+            "the job result (MULTITALK_MAX_BASE64_MB); use output.delivery 's3' (worker needs "
+            "MULTITALK_S3_BUCKET) or 'volume', or a shorter max_duration_s"
+        )
+    return {
+        "delivery": "base64",
+        "content_type": VIDEO_CONTENT_TYPE,
+        "base64": base64.b64encode(video.read_bytes()).decode("ascii"),
+    }
+
+
+def deliver_volume(video: Path, relative: str, settings: Settings) -> dict[str, object]:
+    """Copy the video to the volume (atomically: temp file then rename). Returns its absolute path."""
+    root = settings.volume_root.resolve()
+    dest = (root / relative).resolve()
+    if not dest.is_relative_to(root):
+        raise InvalidInput(f"output.path must lie under the volume root {root}", stage="output")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=".mp4", dir=dest.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(video, tmp_name)
+            os.replace(tmp_name, dest)
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise UploadFailed(f"cannot write {dest}: {exc.strerror}") from None
+    logger.info("wrote video to %s", dest)
+    return {"delivery": "volume", "path": str(dest)}

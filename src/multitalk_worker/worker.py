@@ -1,0 +1,489 @@
+"""The RunPod handler: validate, fetch, generate, encode, verify, deliver. The one place where exceptions
+become error payloads.
+
+`Worker.run(job)` serves one job and never raises: it returns a `JobOutcome` holding either the result or a
+typed error (code, message, stage, retryable) plus whether RunPod should refresh the worker (after an
+out-of-memory or CUDA fault). The pipeline loads once and stays resident. `make_handler` adapts a Worker to
+the runpod SDK (async, so a RunPod cancel reaches the pipeline's cancel check); `main` starts it:
+
+    MULTITALK_WEIGHTS=tiny python -m multitalk_worker.worker --test_input "$(cat examples/tiny_job.json)"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import av
+import torch
+
+from multitalk_worker.config import Settings, SettingsError, settings_from_process
+from multitalk_worker.errors import (
+    DurationTooLong,
+    GenerationFailed,
+    InvalidInput,
+    OutOfMemory,
+    OutputInvalid,
+    WorkerError,
+)
+from multitalk_worker.media import probe_video, write_mp4
+from multitalk_worker.pipeline.audio import decode_audio
+from multitalk_worker.pipeline.image import choose_bucket, load_image
+from multitalk_worker.pipeline.presets import PRESETS, apply_preset
+from multitalk_worker.pipeline.request import (
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+    SamplingParams,
+    Speaker,
+)
+from multitalk_worker.schema import GenerateInput, HealthInput, parse_job_input, parse_source
+from multitalk_worker.startup import PipelineHolder, health_report, register_fitness_checks, worker_version
+from multitalk_worker.storage import InputFetcher, deliver_base64, deliver_s3, deliver_volume
+
+logger = logging.getLogger(__name__)
+
+ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]  # (job, update)
+RANDOM_SEED = -1  # the pipeline draws a seed and reports it
+AUDIO_TOLERANCE_S = (
+    0.1  # AAC frames are 64 ms at 16 kHz; the soundtrack may end within one of the video's end
+)
+
+
+@dataclass
+class JobOutcome:
+    output: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    refresh_worker: bool = False
+
+    def to_runpod(self) -> dict[str, Any]:
+        """The runpod SDK's form: an `error` string fails the job; `refresh_worker` restarts the worker."""
+        if self.error is None:
+            return dict(self.output or {})
+        out: dict[str, Any] = {"error": json.dumps(self.error)}
+        if self.refresh_worker:
+            out["refresh_worker"] = True
+        return out
+
+
+@dataclass
+class _Fetched:
+    image: Path
+    audio: list[Path]
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+class _Stage:
+    """Where the job is, so an unexpected exception is reported with the right stage."""
+
+    def __init__(self) -> None:
+        self.name = "validate"
+
+
+class Worker:
+    def __init__(self, settings: Settings, progress_sink: ProgressSink | None = None) -> None:
+        self.settings = settings
+        self.fetcher = InputFetcher(settings)
+        self.holder = PipelineHolder(settings)
+        self.progress_sink = progress_sink
+        self._lock = threading.Lock()
+        if settings.work_dir is not None:
+            settings.work_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, job: dict[str, Any], cancel: threading.Event | None = None) -> JobOutcome:
+        """Serve one job. Never raises an Exception; the worker serves the next job whatever happened."""
+        job_id = _safe_id(job.get("id"))
+        stage = _Stage()
+        start = time.monotonic()
+        try:
+            with self._lock:
+                output = self._run(job, job_id, cancel or threading.Event(), stage)
+            logger.info("job %s done in %.2f s", job_id, time.monotonic() - start)
+            return JobOutcome(output=output)
+        except Exception as exc:  # the edge: every exception becomes a typed payload
+            return self._failure(exc, job_id, stage.name)
+
+    # -- the job
+
+    def _run(
+        self, job: dict[str, Any], job_id: str, cancel: threading.Event, stage: _Stage
+    ) -> dict[str, Any]:
+        settings = self.settings
+        parsed = parse_job_input(
+            job.get("input"),
+            tiny_model=settings.tiny_model,
+            max_resolution=settings.max_resolution,
+            max_duration_s=settings.max_duration_s,
+        )
+        if isinstance(parsed, HealthInput):
+            return health_report(settings, self.holder)
+        delivery = self._resolve_delivery(parsed, job_id)
+        timings: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-", dir=settings.work_dir) as scratch:
+            stage.name = "fetch"
+            tick = time.monotonic()
+            fetched = self._fetch_inputs(parsed, Path(scratch))
+            timings["fetch_s"] = time.monotonic() - tick
+            request, duration_s = self._build_request(parsed, fetched)
+            plan = _plan(parsed, request, fetched, duration_s, delivery)
+            if parsed.validate_only:
+                return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
+            stage.name = "load"
+            pipeline, load_s, cold = self.holder.get()
+            timings.update(model_load_s=load_s, cold_start=cold)
+            stage.name = "generate"
+            result = pipeline(request, progress=self._progress(job), cancel=cancel.is_set)
+            timings.update({f"{k}_s" if not k.endswith("_s") else k: v for k, v in result.timings.items()})
+            return self._finish(result, request, plan, delivery, Path(scratch), job_id, timings, stage)
+
+    def _finish(
+        self,
+        result: GenerationResult,
+        request: GenerationRequest,
+        plan: dict[str, Any],
+        delivery: dict[str, Any],
+        scratch: Path,
+        job_id: str,
+        timings: dict[str, Any],
+        stage: _Stage,
+    ) -> dict[str, Any]:
+        stage.name = "encode"
+        tick = time.monotonic()
+        video = scratch / f"{job_id}.mp4"
+        write_mp4(video, result.frames, result.audio, result.sample_rate, result.fps)
+        timings["encode_s"] = time.monotonic() - tick
+        stage.name = "verify"
+        tick = time.monotonic()
+        info = verify_video(video, result)
+        digest, size = _sha256(video), video.stat().st_size
+        timings["verify_s"] = time.monotonic() - tick
+        stage.name = "output"
+        tick = time.monotonic()
+        delivered = self._deliver(video, delivery)
+        timings["deliver_s"] = time.monotonic() - tick
+        return {
+            "video": delivered,
+            "sha256": digest,
+            "bytes": size,
+            "duration_s": info.duration_s,
+            "audio_duration_s": info.audio_duration_s,
+            "width": info.width,
+            "height": info.height,
+            "fps": info.fps,
+            "frames": info.frames,
+            "seed": result.seed,
+            "resolved": {**plan["resolved"], **result.resolved, "seed": result.seed},
+            "timings": timings,
+            "worker": worker_version(self.settings),
+        }
+
+    # -- steps
+
+    def _resolve_delivery(self, parsed: GenerateInput, job_id: str) -> dict[str, Any]:
+        settings, wanted = self.settings, parsed.output
+        method = wanted.delivery
+        if method == "auto":
+            method = "s3" if settings.s3.bucket else "base64"
+        if method == "s3":
+            if not settings.s3.bucket:
+                raise InvalidInput(
+                    "delivery s3 needs MULTITALK_S3_BUCKET on the worker; use base64 or volume"
+                )
+            return {"delivery": "s3", "key": settings.s3.prefix + (wanted.key or f"{job_id}.mp4")}
+        if wanted.key is not None:
+            raise InvalidInput(
+                "output.key applies to delivery s3, but this worker has no MULTITALK_S3_BUCKET"
+            )
+        if method == "volume":
+            if not settings.volume_root.is_dir():
+                raise InvalidInput(f"delivery volume needs the volume root {settings.volume_root} to exist")
+            return {"delivery": "volume", "path": wanted.path or f"{settings.output_dir}/{job_id}.mp4"}
+        return {"delivery": "base64"}
+
+    def _fetch_inputs(self, parsed: GenerateInput, scratch: Path) -> _Fetched:
+        image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
+        picture = load_image(image.path)
+        report: dict[str, Any] = {
+            "image": {"width": picture.width, "height": picture.height, "bytes": image.size}
+        }
+        audio_paths, durations = [], []
+        for index, speaker in enumerate(parsed.speakers):
+            label = f"speakers[{index}].audio"
+            fetched = self.fetcher.fetch(
+                parse_source(speaker.audio), scratch / f"audio{index}", "audio", label
+            )
+            samples, rate = decode_audio(fetched.path)
+            audio_paths.append(fetched.path)
+            durations.append(samples.shape[-1] / rate)
+        report["audio_durations_s"] = durations
+        return _Fetched(image.path, audio_paths, report)
+
+    def _check_declared_duration(self, path: Path, label: str) -> None:
+        """Refuse audio whose container declares it too long before decoding all of it into memory."""
+        declared = declared_duration_s(path)
+        limit = self.settings.max_duration_s
+        if declared is not None and declared > limit + 1.0:
+            raise DurationTooLong(
+                f"{label} lasts {declared:.1f} s; this worker makes videos of at most {limit:g} s. "
+                f"Set max_duration_s (<= {limit:g}) to use the first part, or send shorter audio"
+            )
+
+    def _build_request(self, parsed: GenerateInput, fetched: _Fetched) -> tuple[GenerationRequest, float]:
+        durations = fetched.report["audio_durations_s"]
+        audio_s = sum(durations) if parsed.audio_mode == "sequential" else max(durations)
+        limit = self.settings.max_duration_s
+        if parsed.max_duration_s is None and audio_s > limit:
+            raise DurationTooLong(
+                f"the audio lasts {audio_s:.1f} s; this worker makes videos of at most {limit:g} s. "
+                f"Set max_duration_s (<= {limit:g}) to use the first part, or send shorter audio"
+            )
+        duration_s = min(audio_s, parsed.max_duration_s or audio_s)
+        request = GenerationRequest(
+            image=fetched.image,
+            speakers=tuple(
+                Speaker(path, _region(s.region))
+                for path, s in zip(fetched.audio, parsed.speakers, strict=True)
+            ),
+            prompt=parsed.prompt,
+            audio_mode=parsed.audio_mode,
+            negative_prompt=parsed.negative_prompt,
+            resolution=parsed.resolution,
+            max_duration_s=parsed.max_duration_s,
+            sampling=resolve_sampling(parsed),
+        )
+        return request, duration_s
+
+    def _deliver(self, video: Path, delivery: dict[str, Any]) -> dict[str, object]:
+        if delivery["delivery"] == "s3":
+            return deliver_s3(video, delivery["key"], self.settings, self.fetcher.s3_client())
+        if delivery["delivery"] == "volume":
+            return deliver_volume(video, delivery["path"], self.settings)
+        return deliver_base64(video, self.settings)
+
+    def _progress(self, job: dict[str, Any]) -> Callable[[Progress], None]:
+        job_id = _safe_id(job.get("id"))
+
+        def report(progress: Progress) -> None:
+            update = {
+                "stage": progress.stage,
+                "chunk": progress.chunk,
+                "chunks": progress.chunks,
+                "step": progress.step,
+                "steps": progress.steps,
+            }
+            logger.debug("job %s progress %s", job_id, update)
+            if self.progress_sink is not None:
+                self.progress_sink(job, update)
+
+        return report
+
+    # -- failures
+
+    def _failure(self, exc: Exception, job_id: str, stage: str) -> JobOutcome:
+        error, refresh = error_for(exc, stage)
+        if isinstance(exc, WorkerError):
+            logger.warning("job %s failed: %s at %s: %s", job_id, error.code, error.stage, error.message)
+        else:
+            logger.error("job %s failed: %s at %s", job_id, error.code, stage, exc_info=exc)
+        if refresh:
+            self.holder.release_gpu_memory()
+            logger.error("job %s: asking RunPod to refresh this worker after %s", job_id, error.code)
+        return JobOutcome(error=error.to_dict(), refresh_worker=refresh)
+
+
+def error_for(exc: Exception, stage: str) -> tuple[WorkerError, bool]:
+    """Map any exception to one typed error, and whether the worker must be refreshed (GPU state suspect)."""
+    if isinstance(exc, WorkerError):
+        return exc, isinstance(exc, OutOfMemory)
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        message = f"GPU out of memory during {stage}; try a lower resolution, a shorter video or a bigger GPU"
+        return OutOfMemory(message, stage=stage), True
+    if isinstance(exc, MemoryError):
+        return OutOfMemory(f"host memory exhausted during {stage}", stage=stage), True
+    if isinstance(exc, RuntimeError) and ("CUDA" in str(exc) or "cuDNN" in str(exc) or "NCCL" in str(exc)):
+        return GenerationFailed(f"CUDA fault during {stage}; the worker will be replaced", stage=stage), True
+    return GenerationFailed(
+        f"internal error ({type(exc).__name__}) during {stage}; see the worker log", stage=stage
+    ), False
+
+
+def resolve_sampling(parsed: GenerateInput) -> SamplingParams:
+    """Preset values for the resolution, then the `advanced` overrides. No seed: the pipeline draws one."""
+    adv = parsed.advanced
+    base = SamplingParams(
+        seed=adv.seed if adv.seed is not None else RANDOM_SEED,
+        teacache_threshold=adv.teacache_threshold or None,
+        apg=adv.apg if adv.apg is not None else SamplingParams.apg,
+        color_correction=adv.color_correction
+        if adv.color_correction is not None
+        else SamplingParams.color_correction,
+    )
+    sampling = apply_preset(parsed.preset, parsed.resolution, base)
+    overrides = {
+        name: getattr(adv, name)
+        for name in ("steps", "text_guidance", "audio_guidance", "shift")
+        if getattr(adv, name) is not None
+    }
+    return replace(sampling, **overrides)
+
+
+def verify_video(path: Path, result: GenerationResult) -> Any:
+    """Decode our own mp4 and check frame count, size, fps, duration and soundtrack against what we meant."""
+    info = probe_video(path)
+    count, height, width = result.frames.shape[:3]
+    expected_s = count / result.fps
+    problems = []
+    if info.frames != count:
+        problems.append(f"{info.frames} frames decoded, {count} written")
+    if (info.width, info.height) != (width, height):
+        problems.append(f"size {info.width}x{info.height}, expected {width}x{height}")
+    if abs(info.fps - result.fps) > 1e-3:
+        problems.append(f"{info.fps:g} fps, expected {result.fps}")
+    if abs(info.duration_s - expected_s) > 1e-6:
+        problems.append(f"duration {info.duration_s:.3f} s, expected {expected_s:.3f} s")
+    wants_audio = result.audio.size > 0
+    if wants_audio and not info.has_audio:
+        problems.append("no audio stream")
+    if wants_audio and info.has_audio and abs(info.audio_duration_s - expected_s) > AUDIO_TOLERANCE_S:
+        problems.append(f"audio lasts {info.audio_duration_s:.3f} s, video {expected_s:.3f} s")
+    if problems:
+        raise OutputInvalid("the encoded video failed its check: " + "; ".join(problems), stage="verify")
+    return info
+
+
+def _plan(
+    parsed: GenerateInput,
+    request: GenerationRequest,
+    fetched: _Fetched,
+    duration_s: float,
+    delivery: dict[str, Any],
+) -> dict[str, Any]:
+    image = fetched.report["image"]
+    sampling = request.sampling
+    return {
+        "image": image,
+        "bucket": list(choose_bucket(image["height"], image["width"], request.resolution)),
+        "audio_durations_s": fetched.report["audio_durations_s"],
+        "duration_s": duration_s,
+        "delivery": delivery,
+        "resolved": {
+            "preset": parsed.preset,
+            "preset_needs_lora": PRESETS[parsed.preset].needs_lora,
+            "resolution": request.resolution,
+            "audio_mode": request.audio_mode,
+            "speakers": len(request.speakers),
+            "max_duration_s": request.max_duration_s,
+            "steps": sampling.steps,
+            "text_guidance": sampling.text_guidance,
+            "audio_guidance": sampling.audio_guidance,
+            "shift": sampling.shift,
+            "seed": sampling.seed if sampling.seed != RANDOM_SEED else None,
+            "teacache_threshold": sampling.teacache_threshold,
+            "apg": sampling.apg,
+            "color_correction": sampling.color_correction,
+        },
+    }
+
+
+def declared_duration_s(path: Path) -> float | None:
+    """The duration a media container declares (no decoding); None when it declares none or cannot be read."""
+    try:
+        with av.open(str(path)) as container:
+            if container.duration is not None:
+                return container.duration / av.time_base
+            stream = container.streams.audio[0] if container.streams.audio else None
+            if stream is not None and stream.duration is not None and stream.time_base is not None:
+                return float(stream.duration * stream.time_base)
+    except (av.FFmpegError, OSError, ValueError):
+        return None  # the decode that follows reports the problem as AUDIO_DECODE_FAILED
+    return None
+
+
+def _region(region: object) -> Any:
+    return tuple(region) if isinstance(region, list) else region
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _safe_id(raw: object) -> str:
+    text = re.sub(r"[^A-Za-z0-9_-]", "_", str(raw or "job"))[:64]
+    return text or "job"
+
+
+# ----------------------------------------------------------------------------- runpod adapter
+
+
+def make_handler(worker: Worker) -> Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]:
+    """An async runpod handler: the job runs in a thread; a RunPod cancel sets the pipeline's cancel flag."""
+
+    async def handler(job: dict[str, Any]) -> dict[str, Any]:
+        cancel = threading.Event()
+        task = asyncio.ensure_future(asyncio.to_thread(worker.run, job, cancel))
+        try:
+            outcome = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            cancel.set()
+            logger.info("job %s cancelled by RunPod; stopping at the next step", _safe_id(job.get("id")))
+            await asyncio.wait({task})
+            raise
+        return outcome.to_runpod()
+
+    return handler
+
+
+def runpod_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
+    """Send one progress update to RunPod's queue (visible in /status while the job runs)."""
+    import runpod
+
+    runpod.serverless.progress_update(job, update)
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers at `level`; boto/urllib3 at WARNING at least (their DEBUG logs carry signed headers); the
+    runpod SDK at INFO at least (at DEBUG it prints every job's input and output, payloads included)."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("multitalk_worker").setLevel(level)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    from runpod.serverless.modules.rp_logger import RunPodLogger
+
+    RunPodLogger().level = {"DEBUG": "INFO", "WARNING": "WARN"}.get(level, level)
+
+
+def main() -> None:
+    try:
+        settings = settings_from_process()
+    except SettingsError as exc:
+        sys.stderr.write(f"multitalk-worker: bad setting: {exc}\n")
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    import runpod
+
+    worker = Worker(settings, progress_sink=runpod_progress if settings.on_runpod else None)
+    if settings.on_runpod:
+        register_fitness_checks(settings, worker.holder)
+    logger.info("multitalk-worker %s starting (weights: %s)", worker_version(settings), settings.weights)
+    runpod.serverless.start({"handler": make_handler(worker)})
+
+
+if __name__ == "__main__":
+    main()

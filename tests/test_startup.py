@@ -1,0 +1,113 @@
+"""Startup checks: imports, locked versions, media round trip, weights, GPU; the build check; the runpod
+fitness checks stopping a worker whose weights are missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from multitalk_worker.config import Settings
+from multitalk_worker.startup import (
+    check_gpu,
+    check_imports,
+    check_media,
+    check_versions,
+    check_weights,
+    locked_versions,
+    worker_version,
+)
+from tests.conftest import REPO
+
+
+def test_imports() -> None:
+    result = check_imports()
+    assert result.ok, result.detail
+    assert "package modules" in result.detail
+
+
+def test_versions_match_the_lock() -> None:
+    result = check_versions(REPO / "requirements.lock")
+    assert result.ok, result.detail
+    assert "numpy" in result.detail and "torch" in result.detail
+
+
+def test_versions_mismatch_and_missing_lock(tmp_path: Path) -> None:
+    lock = tmp_path / "requirements.lock"
+    text = (REPO / "requirements.lock").read_text()
+    lock.write_text(
+        "\n".join("numpy==0.0.1" if line.startswith("numpy==") else line for line in text.splitlines())
+    )
+    result = check_versions(lock)
+    assert not result.ok and "numpy" in result.detail and "0.0.1 locked" in result.detail
+    missing = check_versions(tmp_path / "none.lock")
+    assert not missing.ok and "MULTITALK_LOCK_FILE" in missing.detail
+
+
+def test_locked_versions_parsing(tmp_path: Path) -> None:
+    lock = tmp_path / "lock"
+    lock.write_text("# comment\nNumpy==2.4.6\nsome_pkg==1.0 ; python_version>'3'\n\nflag-only\n")
+    assert locked_versions(lock) == {"numpy": "2.4.6", "some-pkg": "1.0"}
+
+
+def test_media_round_trip() -> None:
+    result = check_media()
+    assert result.ok, result.detail
+
+
+def test_weights_and_gpu(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    assert check_weights(make_settings(), full=True).ok
+    missing = check_weights(make_settings(MULTITALK_WEIGHTS=str(tmp_path / "none")), full=True)
+    assert not missing.ok and "does not exist" in missing.detail
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    incomplete = check_weights(make_settings(MULTITALK_WEIGHTS=str(empty)), full=True)
+    assert not incomplete.ok and "problem" in incomplete.detail
+    assert check_gpu(make_settings()).ok  # tiny model on the CPU
+    assert not check_gpu(make_settings(MULTITALK_WEIGHTS=str(empty))).ok  # the real model needs a GPU
+
+
+def test_revision_file(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    assert worker_version(make_settings())["revision"] == "unknown"
+    (tmp_path / "REVISION").write_text("abc123\n")
+    assert worker_version(make_settings()) == {"version": "0.1.0", "revision": "abc123", "schema": "1"}
+
+
+def test_build_check_command() -> None:
+    env = {**os.environ, "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock")}
+    out = subprocess.run(
+        [sys.executable, "-m", "multitalk_worker.startup", "--build"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [c["name"] for c in report["checks"]] == ["imports", "versions", "media"]
+
+
+def test_missing_weights_stop_the_runpod_worker(tmp_path: Path) -> None:
+    """On RunPod (RUNPOD_WEBHOOK_GET_JOB set) the fitness checks run before any job; missing weights end the
+    process with status 1 and name the problem."""
+    env = {
+        **os.environ,
+        "MULTITALK_WEIGHTS": str(tmp_path / "no-weights"),
+        "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
+        "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/job-take/$ID",
+        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+        "RUNPOD_SKIP_GPU_CHECK": "true",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "multitalk_worker.worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1
+    assert "check_weights" in out.stdout + out.stderr and "does not exist" in out.stdout + out.stderr
