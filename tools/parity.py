@@ -25,8 +25,16 @@ kernel or CPU (the fixtures are checked on other machines) and still fail on a s
 float32 stages catch at 1e-4 anyway (a 1 % change of one audio-attention weight moves the float32 DiT output
 by 4e-3).
 
+Pipeline stages (tools/_parity_pipeline_cases.py, tools/_parity_pipeline_ours.py; skipped with
+--no-pipeline): the committed example speech through the reference's own loading, loudness normalisation,
+`para`/`add` preparation and get_embedding (audio_prepare_speech, audio_features_speech), and two full
+two-clip streaming runs of the reference's MultiTalkPipeline.generate against our MultiTalkPipeline
+(generate_two_clips: two persons, 3 passes per step; generate_two_clips_text1: one person, text scale 1,
+2 passes), compared on each clip's final latent and its decoded, colour-corrected frames; float32, 1e-4.
+
 --write-fixtures stores the seed's weights (original layouts), inputs and reference outputs under
-tests/fixtures/parity/, which tests/test_parity_fixtures.py checks our code against without the reference.
+tests/fixtures/parity/, which tests/test_parity_fixtures.py and tests/test_parity_generate.py check our
+code against without the reference.
 """
 
 from __future__ import annotations
@@ -66,15 +74,21 @@ from _parity_ours import (  # noqa: E402
     compare,
     run_stage,
 )
+from _parity_pipeline_cases import pipeline_cases  # noqa: E402
+from _parity_pipeline_ours import PIPELINE_TOLERANCES, compare_pipeline, run_pipeline_stage, stored_form  # noqa: E402
 from _parity_reference import Reference, load_reference  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 FIXTURES = REPO / "tests" / "fixtures" / "parity"
+PIPELINE_FILE = "pipeline_cases.safetensors"
+TOLERANCES = STAGE_TOLERANCES | PIPELINE_TOLERANCES
 Tensors = dict[str, torch.Tensor]
 Case = tuple[Tensors, Tensors]  # (inputs, reference outputs)
 
 
-def reference_cases(ref: Reference, root: Path, seed: int, persons: list[int]) -> dict[str, Case]:
+def reference_cases(
+    ref: Reference, root: Path, seed: int, persons: list[int], pipeline: bool = True
+) -> dict[str, Case]:
     """Write every stage's weights under `root`; return each stage's inputs and reference outputs."""
     cfg = PARITY.dit
     write_dit_weights(root / DIT_DIR, seed_weights(build_reference_dit(ref, cfg), seed), cfg)
@@ -101,6 +115,8 @@ def reference_cases(ref: Reference, root: Path, seed: int, persons: list[int]) -
     cases["vae_encode"] = (vae_in, {"latent": vae_out["latent"]})
     cases["vae_decode"] = ({"latent": vae_out["latent"]}, {"decoded": vae_out["decoded"]})
     cases["wav2vec2"] = wav2vec_case(ref, root / "wav2vec", seed)
+    if pipeline:
+        cases |= pipeline_cases(ref, root, seed)
     return cases
 
 
@@ -116,38 +132,49 @@ def bf16_noise_floor(cases: dict[str, Case]) -> dict[str, float]:
 
 def write_fixtures(cases: dict[str, Case], root: Path, seed: int, ref: Reference) -> None:
     """cases.safetensors (`<stage>/in/<name>`, `<stage>/ref/<name>`) and manifest.json next to the weights."""
-    tensors = {}
+    tensors, pipeline = {}, {}
     for stage, (inputs, outputs) in cases.items():
+        if stage in PIPELINE_TOLERANCES:  # thinned (stored_form), in their own file
+            pipeline |= {f"{stage}/in/{k}": v.clone().contiguous() for k, v in inputs.items()}
+            pipeline |= {f"{stage}/ref/{k}": v.contiguous() for k, v in stored_form(outputs).items()}
+            continue
         tensors |= {f"{stage}/in/{k}": v.clone().contiguous() for k, v in inputs.items()}
         tensors |= {f"{stage}/ref/{k}": v.clone().contiguous() for k, v in outputs.items()}
     save_file(tensors, str(root / "cases.safetensors"))
+    if pipeline:
+        save_file(pipeline, str(root / PIPELINE_FILE))
     manifest = {
         "written_by": "tools/parity.py --write-fixtures",
         "reference": "MeiGen-AI/MultiTalk @ c1ad840, imported from a checkout and run on CPU",
         "seed": seed,
         "metric": "rel_err = ||ours - ref||_2 / ||ref||_2 over all outputs of the stage",
-        "tolerances": {stage: STAGE_TOLERANCES[stage] for stage in cases},
+        "tolerances": {stage: STAGE_TOLERANCES[stage] for stage in cases if stage in STAGE_TOLERANCES},
+        "pipeline_tolerances": {stage: TOLERANCES[stage] for stage in cases if stage in PIPELINE_TOLERANCES},
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def run(ref: Reference, root: Path, seed: int, persons: list[int]) -> tuple[dict[str, Case], list[str], bool]:
-    cases = reference_cases(ref, root, seed, persons)
-    lines, ok_all = [], True
+def run(
+    ref: Reference, root: Path, seed: int, persons: list[int], pipeline: bool = True
+) -> tuple[dict[str, Case], list[str], bool]:
+    cases = reference_cases(ref, root, seed, persons, pipeline)
+    lines, notes, ok_all = [], [], True
     for stage, (inputs, reference) in cases.items():
+        tolerance = TOLERANCES[stage]
         try:
-            max_abs, rel = compare(run_stage(stage, root, inputs), reference)
+            if stage in PIPELINE_TOLERANCES:
+                max_abs, rel, note = compare_pipeline(run_pipeline_stage(stage, root, inputs), reference)
+                notes += [f"note: {stage}: {note}"] if note else []
+            else:
+                max_abs, rel = compare(run_stage(stage, root, inputs), reference)
         except Exception as exc:  # a stage that cannot run on our side is a failure, reported as such
-            lines.append(
-                f"{stage:<18} {'-':>11} {'-':>11} {STAGE_TOLERANCES[stage]:>9.0e}  FAIL ({exc!r:.200})"
-            )
+            lines.append(f"{stage:<24} {'-':>11} {'-':>11} {tolerance:>9.0e}  FAIL ({exc!r:.200})")
             ok_all = False
             continue
-        tolerance = STAGE_TOLERANCES[stage]
         ok = rel <= tolerance
         ok_all &= ok
-        lines.append(f"{stage:<18} {max_abs:>11.3e} {rel:>11.3e} {tolerance:>9.0e}  {'ok' if ok else 'FAIL'}")
-    return cases, lines, ok_all
+        lines.append(f"{stage:<24} {max_abs:>11.3e} {rel:>11.3e} {tolerance:>9.0e}  {'ok' if ok else 'FAIL'}")
+    return cases, lines + notes, ok_all
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--persons", type=int, choices=(1, 2), help="DiT stages for this person count only")
     parser.add_argument("--write-fixtures", action="store_true", help=f"store the case under {FIXTURES}")
+    parser.add_argument("--no-pipeline", action="store_true", help="skip the speech and generation stages")
     args = parser.parse_args(argv)
     persons = [1, 2] if args.persons is None or args.write_fixtures else [args.persons]
     torch.manual_seed(args.seed)
     ref = load_reference(args.reference)
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         root = Path(tmp)
-        cases, lines, ok = run(ref, root, args.seed, persons)
+        pipeline = not args.no_pipeline or args.write_fixtures
+        cases, lines, ok = run(ref, root, args.seed, persons, pipeline)
         if args.write_fixtures:
             shutil.rmtree(FIXTURES, ignore_errors=True)
             shutil.copytree(root, FIXTURES, ignore=shutil.ignore_patterns(NATIVE_DIR))
@@ -170,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"seed {args.seed}, persons {persons}, float32 and bfloat16 on CPU; rel_err = ||ours-ref|| / ||ref||"
     )
-    print(f"{'stage':<18} {'max_abs_err':>11} {'rel_err':>11} {'tolerance':>9}  result")
+    print(f"{'stage':<24} {'max_abs_err':>11} {'rel_err':>11} {'tolerance':>9}  result")
     print("\n".join(lines))
     for stage, floor in bf16_noise_floor(cases).items():
         print(f"note: {stage}: reference bf16 vs reference float32 rel {floor:.3e} (bf16 noise floor)")
