@@ -2,23 +2,39 @@
 
 Bad inputs end with exit status 1 and one line on stderr (`error [CODE]: message`), never a traceback:
 `main` is the one place where WorkerError becomes a message.
+
+Under torchrun (WORLD_SIZE > 1) `generate` makes one video with all the processes (docs/multi-gpu.md):
+each runs the same request and seed with the DiT passes split over the group (NCCL, one GPU per process,
+or gloo on CPUs); rank 0 alone prints, shows progress and writes the mp4. There the first SIGINT or
+SIGTERM (torchrun forwards them to every process) cancels at the next step on rank 0's word, so that
+the processes stop together; a second one interrupts at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from multitalk_worker.errors import InvalidInput, WorkerError
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region, SamplingParams, Speaker
+
+if TYPE_CHECKING:
+    import torch
+
+    from multitalk_worker.models.sequence_parallel import SequenceParallel
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +102,11 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--max-duration", type=float, default=None, metavar="S", help="cap on the video length")
     gen.add_argument("--weights", required=True, help="model folder, or 'tiny' for the built-in tiny model")
-    gen.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    gen.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda (default: cuda when available); under torchrun each process uses cuda:LOCAL_RANK",
+    )
     gen.add_argument("--out", type=Path, required=True, help="output .mp4 path")
     gen.set_defaults(func=run_generate)
 
@@ -146,32 +166,127 @@ class _ProgressBar:
             self.bar.close()
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from multitalk_worker.media import write_mp4
-    from multitalk_worker.pipeline.pipeline import MultiTalkPipeline, check_inputs
+@dataclass(frozen=True)
+class Launch:
+    """This process's place among the processes torchrun started for one video."""
+
+    rank: int
+    world_size: int
+    local_rank: int  # the rank among the processes of this machine
+    local_world_size: int
+
+
+def launch_from_env(environ: Mapping[str, str]) -> Launch | None:
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them; None for a single
+    process (WORLD_SIZE unset or 1). The CLI's only reading of the environment."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    try:
+        if int(environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        return Launch(*(int(environ[name]) for name in names))
+    except (KeyError, ValueError) as exc:
+        raise InvalidInput(
+            f"several processes need the integers {', '.join(names)} as torchrun sets them ({exc!r}); "
+            "start them with torchrun"
+        ) from None
+
+
+class _StopOnSignal:
+    """A cancel check: true after the first SIGINT or SIGTERM; a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("signal %d: stopping at the next step (again to interrupt at once)", signum)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+@contextmanager
+def _process_group(launch: Launch, device: str | None) -> Iterator[tuple[torch.device, SequenceParallel]]:
+    """The default process group over the torchrun processes (NCCL on cuda:LOCAL_RANK, else gloo on the
+    CPU), destroyed on the way out, errors included. Yields (this process's device, the group's split)."""
+    import torch
+    import torch.distributed as dist
+
+    from multitalk_worker.models.sequence_parallel import SequenceParallel
+
+    if device not in (None, "cpu", "cuda"):
+        raise InvalidInput(f"--device {device} under torchrun: use cpu or cuda (cuda:LOCAL_RANK is taken)")
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        here = torch.device("cpu")
+        dist.init_process_group("gloo")
+    else:
+        if launch.local_world_size > torch.cuda.device_count():  # the same answer on every rank
+            raise InvalidInput(
+                f"{launch.local_world_size} processes on this machine need as many GPUs; "
+                f"{torch.cuda.device_count()} visible (--nproc-per-node at most that, or --device cpu)"
+            )
+        here = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(here)
+        dist.init_process_group("nccl", device_id=here)
+    try:
+        yield here, SequenceParallel.from_group(dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_generate(args: argparse.Namespace, launch: Launch | None = None) -> int:
+    from multitalk_worker.pipeline.pipeline import check_inputs
 
     request = build_request(args)
     if not args.out.parent.is_dir():
         raise InvalidInput(f"output folder {args.out.parent} does not exist")
     check_inputs(request, tiny_model=args.weights == "tiny")  # before loading any weights
-    if PRESETS[args.preset].needs_lora:
+    lead = launch is None or launch.rank == 0
+    if lead and PRESETS[args.preset].needs_lora:
         logger.warning(
             "preset %s is a distillation-LoRA recipe; without that LoRA expect low quality", args.preset
         )
-    if args.weights == "tiny":
+    if lead and args.weights == "tiny":
         print(TINY_NOTE, flush=True)
+    if launch is None:
+        return _generate(args, request, args.device, None)
+    with _process_group(launch, args.device) as (device, parallel):
+        return _generate(args, request, device, parallel)
+
+
+def _generate(
+    args: argparse.Namespace,
+    request: GenerationRequest,
+    device: str | torch.device | None,
+    parallel: SequenceParallel | None,
+) -> int:
+    """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
+    from multitalk_worker.media import write_mp4
+    from multitalk_worker.pipeline.pipeline import MultiTalkPipeline
+
     started = time.perf_counter()
-    pipeline = MultiTalkPipeline.from_pretrained(args.weights, device=args.device)
-    bar = _ProgressBar()
+    lead = parallel is None or parallel.rank == 0
+    cancel = None if parallel is None else _StopOnSignal()  # consulted on rank 0 only (the pipeline)
+    pipeline = MultiTalkPipeline.from_pretrained(args.weights, device=device, sequence_parallel=parallel)
+    bar = _ProgressBar() if lead else None
     try:
-        result = pipeline(request, progress=bar)
+        result = pipeline(request, progress=bar, cancel=cancel)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+    if not lead:
+        return 0
     write_mp4(args.out, result.frames, result.audio, result.sample_rate, result.fps)
     count, height, width = result.frames.shape[:3]
+    processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(
         f"wrote {args.out}: {count} frames ({count / result.fps:.2f} s) at {width}x{height}, "
-        f"{result.resolved['clips']} clip(s), seed {result.seed}, {time.perf_counter() - started:.1f} s"
+        f"{result.resolved['clips']} clip(s), seed {result.seed}{processes}, "
+        f"{time.perf_counter() - started:.1f} s"
     )
     return 0
 
@@ -189,20 +304,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _configure_logging(verbose: bool, launch: Launch | None) -> None:
+    """stderr; under torchrun rank 0 logs as a single process would, the other ranks errors only."""
+    prefix = "" if launch is None else f"[rank {launch.rank}] "
+    quiet = launch is not None and launch.rank != 0
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING,
+        format=prefix + "%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    launch = None
     try:
-        return int(args.func(args))
+        if args.func is run_generate:
+            launch = launch_from_env(os.environ)
+        _configure_logging(args.verbose, launch)
+        return int(args.func(args) if launch is None else args.func(args, launch))
     except WorkerError as exc:
-        print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+        if launch is None or launch.rank == 0:  # the other ranks fail the same way on the same inputs
+            print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        if launch is None or launch.rank == 0:
+            print("error: interrupted", file=sys.stderr)
         return 130
 
 

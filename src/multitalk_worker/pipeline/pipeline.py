@@ -5,6 +5,10 @@ The clip/streaming loop of the reference: clip 0 covers video frames [0, 81); ev
 The video follows the audio: `La − 3` frames for audio of `La` frames (the reference's streaming mode,
 at most 1000 frames = 40 s). When `max_duration_s` caps the video at ≤ 81 frames, one clip is made
 (the reference's clip mode) and cut to the cap. The pipeline returns arrays; it never writes files.
+
+With a `SequenceParallel` (several processes, one video), every rank of the group calls the pipeline with
+the same request: each DiT pass is split over the ranks (pipeline/sampling.py), everything else runs
+whole on every rank. What a rank could decide alone, it takes from rank 0: a random seed, cancelling.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from multitalk_worker.errors import Cancelled, DurationTooLong, InvalidInput
 from multitalk_worker.models.audio_encoder import audio_features
 from multitalk_worker.models.image_encoder import encode_image
+from multitalk_worker.models.sequence_parallel import SequenceParallel
 from multitalk_worker.models.text_encoder import encode_text
 from multitalk_worker.models.vae import vae_decode, vae_encode
 from multitalk_worker.pipeline import audio as audio_prep
@@ -183,15 +189,29 @@ class _Timer:
 
 
 class MultiTalkPipeline:
-    """Holds the loaded networks; each call makes one video."""
+    """Holds the loaded networks; each call makes one video.
 
-    def __init__(self, bundle: ModelBundle) -> None:
+    `sequence_parallel`: split every DiT pass over the processes of its group (one call per rank, same
+    request on each); None runs in this process alone.
+    """
+
+    def __init__(self, bundle: ModelBundle, sequence_parallel: SequenceParallel | None = None) -> None:
         self.bundle = bundle
         self.device = next(bundle.dit.parameters()).device
+        self.sequence_parallel = sequence_parallel
+        if sequence_parallel is not None:
+            try:
+                sequence_parallel.check_heads(bundle.dit.config.num_heads)
+            except ValueError as exc:
+                raise InvalidInput(str(exc)) from None
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> MultiTalkPipeline:
         """Load a checkpoint folder, or "tiny" for the built-in random-weight tiny model.
 
@@ -202,8 +222,8 @@ class MultiTalkPipeline:
         if str(path) == "tiny":
             from multitalk_worker.tiny import build_tiny_bundle
 
-            return cls(build_tiny_bundle(seed=0, device=device, dtype=dtype))
-        return cls(load_models(path, device=device, dtype=dtype))
+            return cls(build_tiny_bundle(seed=0, device=device, dtype=dtype), sequence_parallel)
+        return cls(load_models(path, device=device, dtype=dtype), sequence_parallel)
 
     @property
     def is_tiny(self) -> bool:
@@ -220,6 +240,9 @@ class MultiTalkPipeline:
         timer = _Timer()
         check_params(request, tiny_model=self.is_tiny)
         seed = request.sampling.seed if request.sampling.seed >= 0 else random.randint(0, MAX_SEED)
+        if self.sequence_parallel is not None:  # the ranks must draw the same noise and stop together
+            seed = _from_rank0(seed, self.sequence_parallel, self.device)
+            cancel = _cancel_of_rank0(cancel, self.sequence_parallel, self.device)
         prepared = self._prepare(request, timer, progress)
         frames = self._generate(prepared, seed, timer, progress, cancel)
         samples = frames.shape[0] * audio_prep.SAMPLE_RATE // FPS
@@ -325,6 +348,7 @@ class MultiTalkPipeline:
                         progress, Progress("sample", clip, clips, step, settings.steps)
                     ),
                     cancel=cancel,
+                    sequence_parallel=self.sequence_parallel,
                 )
             _report(progress, Progress("decode", index + 1, clips, settings.steps, settings.steps))
             with timer.stage("decode"):
@@ -411,6 +435,26 @@ def to_uint8(video: torch.Tensor) -> np.ndarray:
     """[3, N, H, W] in [-1, 1] -> uint8 [N, H, W, 3] with the reference's truncating cast (spec 7)."""
     unit = ((video + 1) / 2).permute(1, 2, 3, 0).cpu().numpy()
     return np.clip(unit * 255, 0, 255).astype(np.uint8)
+
+
+def _from_rank0(value: int, parallel: SequenceParallel, device: torch.device) -> int:
+    """Rank 0's `value` on every rank of the group (one broadcast of an int64)."""
+    shared = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(shared, group=parallel.group, group_src=0)
+    return int(shared.item())
+
+
+def _cancel_of_rank0(
+    cancel: CancelCheck | None, parallel: SequenceParallel, device: torch.device
+) -> CancelCheck:
+    """A cancel check that every rank calls at the same points and that answers rank 0's `cancel` on all
+    of them (a rank stopping alone would leave the others waiting in a collective)."""
+
+    def check() -> bool:
+        asked = parallel.rank == 0 and cancel is not None and cancel()
+        return bool(_from_rank0(int(asked), parallel, device))
+
+    return check
 
 
 def _report(progress: ProgressCallback | None, event: Progress) -> None:

@@ -12,6 +12,11 @@ its own label, which gives the reference's behaviour for three passes and the in
 skip decision depends only on `e0`, which depends only on `t`, so the reference's three per-pass
 accumulators always agree; one accumulator per clip is kept and each step is computed or skipped whole.
 The first `TEACACHE_RET_STEPS` steps of every clip always compute (the reference's counter wraps per clip).
+
+Sequence parallelism (models/sequence_parallel.py): with a `SequenceParallel`, every rank runs this loop on
+the same inputs and each DiT pass is split over the ranks' tokens; the prediction is gathered before the
+head, so the latent, the guidance and the random draws stay whole and identical on every rank. The TeaCache
+residual is kept per rank, as this rank's shard.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from torch import Tensor
 
 from multitalk_worker.errors import Cancelled
+from multitalk_worker.models.sequence_parallel import SequenceParallel, shard_block_inputs
 from multitalk_worker.models.transformer import MultiTalkTransformer
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -172,9 +178,11 @@ def predict(
     label: str,
     residuals: dict[str, Tensor] | None,
     compute: bool,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> Tensor:
     """One guidance pass. With TeaCache (`residuals` given), a computed pass stores the residual of the
-    block stack under its label and a skipped pass adds the label's last residual instead."""
+    block stack under its label and a skipped pass adds the label's last residual instead. With
+    `sequence_parallel`, the blocks run on this rank's tokens (residuals too) and the head on all of them."""
     pass_inputs = conditions.passes[label]
     inputs = model.embed(
         latent,
@@ -185,12 +193,16 @@ def predict(
         pass_inputs.audio,
         conditions.person_masks,
     )
+    if sequence_parallel is not None:
+        inputs = shard_block_inputs(inputs, sequence_parallel)  # tokens [1, ⌈L/N⌉, dim] of this rank
     if compute:
         x = model.run_blocks(inputs.tokens, inputs)
         if residuals is not None:
             residuals[label] = x - inputs.tokens
     else:
         x = inputs.tokens + residuals[label]  # type: ignore[index]
+    if inputs.shard is not None:
+        x = inputs.shard.gather(x)  # [1, L, dim] on every rank
     return model.project_out(x, inputs.e, inputs.grid)
 
 
@@ -218,8 +230,12 @@ def sample_clip(
     *,
     on_step: StepCallback | None = None,
     cancel: CancelCheck | None = None,
+    sequence_parallel: SequenceParallel | None = None,
 ) -> Tensor:
-    """Denoise one clip from `noise` [1, 16, T, h, w]; returns the final latent (σ = 0), float32."""
+    """Denoise one clip from `noise` [1, 16, T, h, w]; returns the final latent (σ = 0), float32.
+
+    With `sequence_parallel`, every rank of its group calls this with the same arguments (and a `cancel`
+    that answers the same on every rank) and gets the same latent."""
     schedule = shifted_timesteps(settings.steps, settings.shift).to(noise.device)
     passes = guidance_passes(settings.text_scale)
     motion = conditions.motion_latent
@@ -237,7 +253,8 @@ def sample_clip(
             compute, accumulated = teacache_decision(accumulated, previous_e0, e0, step, settings)
             previous_e0 = e0
         preds = {
-            label: predict(model, latent, timestep, conditions, label, residuals, compute) for label in passes
+            label: predict(model, latent, timestep, conditions, label, residuals, compute, sequence_parallel)
+            for label in passes
         }
         if settings.apg:
             velocity = apg_combine(preds, settings, apg_buffers)
