@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, float | None], Tensor]
 
@@ -20,9 +21,41 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
     return out.transpose(1, 2)
 
 
-# Backend name -> implementation. Further kernels ("flash3", "cudnn") are added here, each with a test
-# comparing it with "sdpa" (STYLE habit 8).
-BACKENDS: dict[str, AttentionFn] = {"sdpa": _sdpa}
+def _sdpa_with(kernel: SDPBackend) -> AttentionFn:
+    """SDPA restricted to one of PyTorch's kernels; raises RuntimeError where that kernel cannot run
+    these inputs (device, dtype, head dim) instead of silently falling back to another."""
+
+    def run(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+        with sdpa_kernel(kernel):
+            return _sdpa(q, k, v, scale)
+
+    run.__name__ = f"_sdpa_{kernel.name.lower()}"
+    return run
+
+
+def _flash3(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> Tensor:
+    """FlashAttention-3 (Hopper) from the `flash_attn_interface` package, imported on first use."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError as exc:
+        raise RuntimeError(
+            "attention backend 'flash3' needs the flash_attn_interface package (FlashAttention-3), "
+            "which is not installed; use 'cudnn' or 'flash'"
+        ) from exc
+    out = flash_attn_func(q, k, v, softmax_scale=scale)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# Backend name -> implementation; each has a test comparing it with "sdpa" (STYLE habit 8).
+# "sdpa" lets PyTorch pick a kernel; "flash", "cudnn" and "efficient" pin one of PyTorch's kernels
+# (CUDA only); "flash3" is FlashAttention-3 where that package is installed.
+BACKENDS: dict[str, AttentionFn] = {
+    "sdpa": _sdpa,
+    "flash": _sdpa_with(SDPBackend.FLASH_ATTENTION),
+    "cudnn": _sdpa_with(SDPBackend.CUDNN_ATTENTION),
+    "efficient": _sdpa_with(SDPBackend.EFFICIENT_ATTENTION),
+    "flash3": _flash3,
+}
 
 
 def attention(

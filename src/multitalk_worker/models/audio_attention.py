@@ -6,6 +6,7 @@ Spec 5.7 (reference map M) and 5.8 (per-latent-frame audio attention, Label-RoPE
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multitalk_worker.models.attention import attention
@@ -63,6 +64,28 @@ def reference_attention_map(
     return total / head_groups
 
 
+def reference_attention_map_fused(
+    q: Tensor, k: Tensor, token_masks: Tensor, *, head_groups: int, backend: str = "sdpa"
+) -> Tensor:
+    """`reference_attention_map` as one attention call: softmax((q/√D) kᵀ) over the S reference-frame
+    keys applied to the 0/1 masks as values is Σ_keys prob·mask. Accumulates in float32 inside the kernel
+    (the reference rounds probabilities and sums to bf16); the mean over the heads of equal-size groups
+    equals the mean of the group means. The values are zero-padded to the head dim so that every kernel
+    accepts them. Same arguments and result as `reference_attention_map` ([B, C, L], q's dtype).
+    """
+    batch, length, heads, head_dim = q.shape
+    classes, frame_tokens = token_masks.shape
+    if heads % head_groups:
+        raise ValueError(f"{heads} heads cannot be split into {head_groups} groups")
+    if classes > head_dim:
+        raise ValueError(f"{classes} mask classes do not fit a head dim of {head_dim}")
+    values = F.pad(token_masks.to(q.dtype).transpose(0, 1), (0, head_dim - classes))  # [S, D]
+    values = values[None, :, None].expand(batch, frame_tokens, heads, head_dim).contiguous()
+    mass = attention(q, k[:, :frame_tokens].contiguous(), values, backend=backend)[..., :classes]
+    denominators = token_masks.sum(dim=-1).float()  # rounded to the model dtype, as the reference's sum
+    return (mass.float() / denominators).mean(dim=2).transpose(1, 2).to(q.dtype)
+
+
 class AudioCrossAttention(nn.Module):
     """Visual tokens of latent frame t attend to the audio tokens of frame t (checkpoint names
     `q_linear`, `kv_linear`, `proj`; no q/k norms). Two persons: Label-RoPE on queries and keys."""
@@ -107,9 +130,13 @@ def label_rope_inputs(
     *,
     class_range: int,
     class_interval: int,
+    bounds: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Query positions [B, L] and audio key positions [P·Na] for the two-person audio attention."""
-    query = label_rope_positions(ref_map, class_range=class_range, class_interval=class_interval)
+    """Query positions [B, L] and audio key positions [P·Na] for the two-person audio attention
+    (`bounds` as in `label_rope_positions`)."""
+    query = label_rope_positions(
+        ref_map, class_range=class_range, class_interval=class_interval, bounds=bounds
+    )
     keys = audio_key_positions(
         num_persons,
         tokens_per_person,

@@ -9,6 +9,7 @@ are rounded once; the head runs in float32. A float32 model therefore runs entir
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,14 @@ from multitalk_worker.models.audio_attention import (
     AudioCrossAttention,
     label_rope_inputs,
     reference_attention_map,
+    reference_attention_map_fused,
 )
 from multitalk_worker.models.configs import DiTConfig
-from multitalk_worker.models.rope import apply_rope_3d
+from multitalk_worker.models.rope import apply_rope_3d, apply_rope_3d_fp32
+from multitalk_worker.models.runtime import REFERENCE_RUNTIME, DiTRuntime
+
+if TYPE_CHECKING:
+    from multitalk_worker.models.sequence_parallel import SequenceShard
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,8 @@ class BlockInputs:
     dim] image tokens then text tokens; audio: [B, T, P·audio_tokens, audio_dim], person 1 first;
     token_masks: [3, S] 0/1 masks of latent frame 0 (person 1, person 2, background);
     rope_cos/rope_sin: [L, 1, head_dim/2] float64 3D RoPE tables; grid: (T, Nh, Nw) token grid.
+    shard: set by `sequence_parallel.shard_block_inputs`: tokens and RoPE tables then hold only this
+    rank's shard of the L tokens, and the blocks exchange what couples tokens through it.
     """
 
     tokens: Tensor
@@ -47,6 +55,7 @@ class BlockInputs:
     rope_cos: Tensor
     rope_sin: Tensor
     grid: tuple[int, int, int]
+    shard: SequenceShard | None = None
 
 
 def layer_norm_fp32(x: Tensor, eps: float) -> Tensor:
@@ -92,14 +101,25 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, *, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        *,
+        runtime: DiTRuntime = REFERENCE_RUNTIME,
+        shard: SequenceShard | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, L, dim]. Returns the output [B, L, dim] and the roped q, k [B, L, H, D] in x's dtype
-        (the reference map is computed from them)."""
+        (the reference map is computed from them). With a `shard`, x holds this rank's tokens and the
+        attention runs over the whole sequence through the shard's collectives."""
         heads = (self.num_heads, -1)
-        q = apply_rope_3d(self.norm_q(self.q(x)).unflatten(-1, heads), cos, sin).to(x.dtype)
-        k = apply_rope_3d(self.norm_k(self.k(x)).unflatten(-1, heads), cos, sin).to(x.dtype)
+        rope = apply_rope_3d_fp32 if runtime.fp32_rope else apply_rope_3d
+        q = rope(self.norm_q(self.q(x)).unflatten(-1, heads), cos, sin).to(x.dtype)
+        k = rope(self.norm_k(self.k(x)).unflatten(-1, heads), cos, sin).to(x.dtype)
         v = self.v(x).unflatten(-1, heads)
-        out = attention(q, k, v, backend=backend)
+        attend = attention if shard is None else shard.attention
+        out = attend(q, k, v, backend=runtime.attention_backend)
         return self.o(out.flatten(2)), q, k
 
 
@@ -151,14 +171,14 @@ class TransformerBlock(nn.Module):
         self.audio_cross_attn = AudioCrossAttention(dim, config.audio_dim, config.num_heads)
         self.norm_x = FP32LayerNorm(dim, eps=config.eps)
 
-    def forward(self, x: Tensor, inputs: BlockInputs, *, backend: str) -> Tensor:
+    def forward(self, x: Tensor, inputs: BlockInputs, *, runtime: DiTRuntime = REFERENCE_RUNTIME) -> Tensor:
         """x: [B, L, dim] residual stream in the model dtype. Returns the updated stream."""
-        dtype, eps = x.dtype, self.config.eps
+        dtype, eps, backend = x.dtype, self.config.eps, runtime.attention_backend
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + inputs.e0).chunk(6, dim=1)  # fp32
 
         # self-attention, gated residual in float32
         a = (layer_norm_fp32(x, eps).float() * (1 + scale1) + shift1).to(dtype)
-        y, q, k = self.self_attn(a, inputs.rope_cos, inputs.rope_sin, backend=backend)
+        y, q, k = self.self_attn(a, inputs.rope_cos, inputs.rope_sin, runtime=runtime, shard=inputs.shard)
         x = (x + y * gate1).to(dtype)
 
         # text and image cross-attention
@@ -166,18 +186,32 @@ class TransformerBlock(nn.Module):
 
         # audio cross-attention, routed by the reference map when two persons speak
         query_pos = key_pos = None
+        shard = inputs.shard
         if inputs.num_persons == 2:
-            ref_map = reference_attention_map(
-                q, k, inputs.token_masks, head_groups=self.config.ref_map_head_groups
-            )
+            keys = k if shard is None else shard.frame0_keys(k)  # the map's keys: latent frame 0
+            if runtime.fused_reference_map:
+                ref_map = reference_attention_map_fused(
+                    q, keys, inputs.token_masks, head_groups=self.config.ref_map_head_groups, backend=backend
+                )
+            else:
+                ref_map = reference_attention_map(
+                    q, keys, inputs.token_masks, head_groups=self.config.ref_map_head_groups
+                )
             query_pos, key_pos = label_rope_inputs(
                 ref_map,
                 inputs.num_persons,
                 self.config.audio_tokens,
                 class_range=self.config.lrope_class_range,
                 class_interval=self.config.lrope_class_interval,
+                bounds=None if shard is None else shard.map_bounds(ref_map),
             )
-        x = x + self.audio_cross_attn(self.norm_x(x), inputs.audio, query_pos, key_pos, backend=backend)
+        audio_in = self.norm_x(x)
+        if shard is None:
+            x = x + self.audio_cross_attn(audio_in, inputs.audio, query_pos, key_pos, backend=backend)
+        else:
+            x = x + shard.audio_attention(
+                self.audio_cross_attn, audio_in, inputs.audio, query_pos, key_pos, backend=backend
+            )
 
         # feed-forward, gated residual in float32
         b = (layer_norm_fp32(x, eps).float() * (1 + scale2) + shift2).to(dtype)

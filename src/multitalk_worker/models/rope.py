@@ -76,24 +76,35 @@ def apply_rope_3d(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return _rotate_pairs(x.to(torch.float64), cos, sin).to(torch.float32)
 
 
+def apply_rope_3d_fp32(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The fast path's 3D RoPE: rotation in float32 on float32 tables (`rope_3d_tables(...)` cast to
+    float32); returns x's dtype. Differs from `apply_rope_3d` + rounding to bf16 by ≤ 1 bf16 step."""
+    return _rotate_pairs(x.float(), cos.float(), sin.float()).to(x.dtype)
+
+
 def lrope_ranges(class_range: int, class_interval: int) -> tuple[tuple[int, int], tuple[int, int], int]:
     """Label-RoPE position ranges: person 1, person 2 and the background position (0–4, 20–24, 12)."""
     return (0, class_interval), (class_range - class_interval, class_range), class_range // 2
 
 
-def label_rope_positions(ref_map: Tensor, *, class_range: int, class_interval: int) -> Tensor:
+def label_rope_positions(
+    ref_map: Tensor, *, class_range: int, class_interval: int, bounds: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """Positions of the visual tokens from the reference attention map (spec 5.8 steps 1–3).
 
     ref_map: [B, 3, L] (person 1, person 2, background) in the model dtype. Each person's row is min-max
     normalised over L into its range; every token takes the position of its arg-max class (first index
     on ties), the background a fixed position. All arithmetic in ref_map's dtype, as in the reference.
+    `bounds`: (min, max) of the two person rows over all L tokens, each [B, 2], where ref_map holds only
+    some of the tokens (sequence parallelism); None computes them from ref_map.
     Returns [B, L] in ref_map's dtype.
     """
     (lo1, hi1), (lo2, hi2), background = lrope_ranges(class_range, class_interval)
+    if bounds is None:
+        bounds = (ref_map[:, :2].amin(dim=-1), ref_map[:, :2].amax(dim=-1))
     scaled = []
-    for row, (new_lo, new_hi) in zip(ref_map.unbind(1)[:2], ((lo1, hi1), (lo2, hi2)), strict=True):
-        lo = row.amin(dim=-1, keepdim=True)
-        hi = row.amax(dim=-1, keepdim=True)
+    for c, (new_lo, new_hi) in enumerate(((lo1, hi1), (lo2, hi2))):
+        row, lo, hi = ref_map[:, c], bounds[0][:, c : c + 1], bounds[1][:, c : c + 1]
         normalised = (row - lo) / (hi - lo + 1e-8)
         scaled.append(normalised * (new_hi - new_lo) + new_lo)
     scaled.append(torch.full_like(scaled[0], background))

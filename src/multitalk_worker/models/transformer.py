@@ -20,6 +20,7 @@ without state on the module (STYLE habit 1):
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ from multitalk_worker.models.audio_proj import AudioProjModel, split_audio_windo
 from multitalk_worker.models.blocks import BlockInputs, Head, TransformerBlock
 from multitalk_worker.models.configs import DiTConfig
 from multitalk_worker.models.rope import rope_3d_tables
+from multitalk_worker.models.runtime import REFERENCE_RUNTIME, DiTRuntime
+from multitalk_worker.models.sequence_parallel import SequenceParallel, shard_block_inputs
 
 __all__ = ["BlockInputs", "MultiTalkTransformer", "sinusoidal_embedding"]
 
@@ -157,10 +160,15 @@ class MultiTalkTransformer(nn.Module):
         resized = F.interpolate(person_masks[None].to(torch.float32), size=grid[1:], mode="nearest")[0]
         return (resized > 0).flatten(1).to(device=self.patch_embedding.weight.device, dtype=self.dtype)
 
-    def run_blocks(self, x: Tensor, inputs: BlockInputs, *, attention_backend: str = "sdpa") -> Tensor:
-        """The block stack on the residual stream x [B, L, dim] (model dtype)."""
+    def run_blocks(
+        self, x: Tensor, inputs: BlockInputs, *, runtime: DiTRuntime = REFERENCE_RUNTIME
+    ) -> Tensor:
+        """The block stack on the residual stream x [B, L, dim] (model dtype). `runtime` picks kernels and
+        shortcuts (models/runtime.py); the default is the reference path."""
+        if runtime.fp32_rope:  # cast the tables once per call, not once per block
+            inputs = replace(inputs, rope_cos=inputs.rope_cos.float(), rope_sin=inputs.rope_sin.float())
         for block in self.blocks:
-            x = block(x, inputs, backend=attention_backend)
+            x = block(x, inputs, runtime=runtime)
         return x
 
     def project_out(self, x: Tensor, e: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -182,17 +190,25 @@ class MultiTalkTransformer(nn.Module):
         audio: Tensor,
         person_masks: Tensor,
         *,
-        attention_backend: str = "sdpa",
+        runtime: DiTRuntime = REFERENCE_RUNTIME,
+        sequence_parallel: SequenceParallel | None = None,
     ) -> Tensor:
         """One denoiser evaluation.
 
         latent [B, 16, T, h, w] float32; timestep [B] float32; context [B, Lc <= text_len, text_dim];
         clip_fea [B, N_img, image_dim]; y [B, 20, T, h, w]; audio [B, P, F, W, audio_layers,
         audio_channels] with P in {1, 2} and F = 4(T−1)+1; person_masks [3, h, w] shared by the batch
-        (used only when P = 2). Returns the prediction [B, 16, T, h, w] float32.
+        (used only when P = 2). `runtime` picks kernels and shortcuts (default: the reference path).
+        Returns the prediction [B, 16, T, h, w] float32.
+        `sequence_parallel` splits the tokens over its process group (models/sequence_parallel.py):
+        every rank passes the same inputs and gets the whole prediction.
         """
         inputs = self.embed(latent, timestep, context, clip_fea, y, audio, person_masks)
-        x = self.run_blocks(inputs.tokens, inputs, attention_backend=attention_backend)
+        if sequence_parallel is not None:
+            inputs = shard_block_inputs(inputs, sequence_parallel)
+        x = self.run_blocks(inputs.tokens, inputs, runtime=runtime)
+        if inputs.shard is not None:
+            x = inputs.shard.gather(x)
         return self.project_out(x, inputs.e, inputs.grid)
 
     def _check_inputs(
