@@ -243,5 +243,5 @@ def test_presets_hold_the_reference_recipes() -> None:
     light = presets.apply_preset("lightx2v", "480p")
     assert (light.steps, light.text_guidance, light.audio_guidance, light.shift) == (4, 1.0, 2.0, 2.0)
     assert presets.PRESETS["fusionx"].needs_lora and not presets.PRESETS["default"].needs_lora
-    with pytest.raises(InvalidInput, match="accepted: default, fusionx, lightx2v"):
+    with pytest.raises(InvalidInput, match="accepted: default, fusionx, lightx2v, fast"):
         presets.get_preset("turbo")

@@ -83,8 +83,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="sampling recipe: default (40 steps), or fusionx (8) / lightx2v (4), the recipes of the "
-        "distillation LoRAs of those names, which need that LoRA merged for good results",
+        help="sampling recipe: default (40 steps), or fusionx (8) / lightx2v (4) / fast (4), the recipes of "
+        "the distillation LoRAs of those names, which need that LoRA merged (--lora) for good results",
     )
     gen.add_argument("--steps", type=int, default=None, help="denoising steps per clip (default: preset)")
     gen.add_argument("--text-guidance", type=float, default=None)
@@ -106,6 +106,20 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--device",
         default=None,
         help="cpu or cuda (default: cuda when available); under torchrun each process uses cuda:LOCAL_RANK",
+    )
+    gen.add_argument(
+        "--engine",
+        choices=("reference", "fast"),
+        default="reference",
+        help="reference: the reference's numerics; fast: the single-GPU fast path (bench/RESULTS.md)",
+    )
+    gen.add_argument("--fp8", action="store_true", help="float8 DiT linears (Hopper GPUs; lower quality)")
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[=SCALE]",
+        help="merge a LoRA (reference key format) into the DiT at load; repeatable; scale default 1.0",
     )
     gen.add_argument("--out", type=Path, required=True, help="output .mp4 path")
     gen.set_defaults(func=run_generate)
@@ -271,7 +285,12 @@ def _generate(
     started = time.perf_counter()
     lead = parallel is None or parallel.rank == 0
     cancel = None if parallel is None else _StopOnSignal()  # consulted on rank 0 only (the pipeline)
-    pipeline = MultiTalkPipeline.from_pretrained(args.weights, device=device, sequence_parallel=parallel)
+    from multitalk_worker.pipeline.engine import engine_options, parse_lora_arg
+
+    engine = engine_options(args.engine, fp8=args.fp8, loras=tuple(map(parse_lora_arg, args.lora)))
+    pipeline = MultiTalkPipeline.from_pretrained(
+        args.weights, device=device, sequence_parallel=parallel, engine=engine
+    )
     bar = _ProgressBar() if lead else None
     try:
         result = pipeline(request, progress=bar, cancel=cancel)

@@ -16,6 +16,7 @@ from typing import Literal
 TINY_WEIGHTS = "tiny"
 RESOLUTIONS: tuple[str, ...] = ("480p", "720p")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENGINE_NAMES: tuple[str, ...] = ("reference", "fast")
 
 
 class SettingsError(ValueError):
@@ -48,6 +49,30 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "str",
         "auto",
         "torch device for the pipeline; `auto`: `cuda` if present, else `cpu`.",
+    ),
+    EnvVar(
+        "MULTITALK_ENGINE",
+        "engine",
+        "choice",
+        "reference",
+        "`reference`: the reference's numerics (parity path); `fast`: cuDNN attention, fp32 RoPE, fused "
+        "reference map, compiled blocks, bf16 VAE (bench/RESULTS.md has its speed and error).",
+        ENGINE_NAMES,
+    ),
+    EnvVar(
+        "MULTITALK_FP8",
+        "fp8",
+        "bool",
+        "false",
+        "float8 linears in the DiT blocks (torchao; Hopper GPUs): faster, a lower-quality tier.",
+    ),
+    EnvVar(
+        "MULTITALK_LORAS",
+        "loras",
+        "str",
+        None,
+        "LoRAs merged at load, comma-separated `PATH` or `PATH=SCALE` (scale default 1.0), e.g. a "
+        "lightx2v or FusioniX file for the `lightx2v`/`fusionx`/`fast` presets.",
     ),
     EnvVar(
         "MULTITALK_MAX_RESOLUTION",
@@ -209,6 +234,9 @@ class S3Settings:
 class Settings:
     weights: str
     device: str
+    engine: str
+    fp8: bool
+    loras: str | None
     max_resolution: str
     min_gpu_memory_gib: float | None
     volume_root: Path

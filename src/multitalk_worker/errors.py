@@ -70,7 +70,8 @@ class CheckpointError(ModelLoadFailed):
     """A tensor in a checkpoint is missing, unexpected or wrongly shaped. Names the file and the key."""
 
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
-        where = ", ".join(part for part in (f"file {file}" if file else "", f"key {key}" if key else "") if part)
+        parts = (f"file {file}" if file else "", f"key {key}" if key else "")
+        where = ", ".join(part for part in parts if part)
         super().__init__(f"{message} ({where})" if where else message)
         self.file = file
         self.key = key

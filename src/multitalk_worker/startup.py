@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ import multitalk_worker
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
 from multitalk_worker.errors import ModelLoadFailed, ModelMissing, OutOfMemory, WorkerError
 from multitalk_worker.schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from multitalk_worker.pipeline.engine import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +187,14 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def engine_from_settings(settings: Settings) -> EngineOptions:
+    """MULTITALK_ENGINE, MULTITALK_FP8 and MULTITALK_LORAS as the pipeline's engine options."""
+    from multitalk_worker.pipeline.engine import engine_options, parse_lora_arg
+
+    entries = [item.strip() for item in (settings.loras or "").split(",") if item.strip()]
+    return engine_options(settings.engine, fp8=settings.fp8, loras=tuple(map(parse_lora_arg, entries)))
+
+
 # ----------------------------------------------------------------------------- resident pipeline
 
 
@@ -212,7 +223,9 @@ class PipelineHolder:
         start = time.monotonic()
         try:
             self.pipeline = MultiTalkPipeline.from_pretrained(
-                weights, device=resolve_device(self.settings.device)
+                weights,
+                device=resolve_device(self.settings.device),
+                engine=engine_from_settings(self.settings),
             )
         except WorkerError:
             raise

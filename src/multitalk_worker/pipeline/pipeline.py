@@ -34,6 +34,7 @@ from multitalk_worker.models.vae import vae_decode, vae_encode
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline.color import match_colors
+from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle
 from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import (
     CancelCheck,
@@ -195,8 +196,16 @@ class MultiTalkPipeline:
     request on each); None runs in this process alone.
     """
 
-    def __init__(self, bundle: ModelBundle, sequence_parallel: SequenceParallel | None = None) -> None:
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        sequence_parallel: SequenceParallel | None = None,
+        engine: EngineOptions = REFERENCE_ENGINE,
+    ) -> None:
+        """`engine` is applied to `bundle` in place (LoRA merge, fp8, compilation, VAE precision)."""
+        prepare_bundle(bundle, engine)
         self.bundle = bundle
+        self.engine = engine
         self.device = next(bundle.dit.parameters()).device
         self.sequence_parallel = sequence_parallel
         if sequence_parallel is not None:
@@ -212,6 +221,7 @@ class MultiTalkPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         sequence_parallel: SequenceParallel | None = None,
+        engine: EngineOptions = REFERENCE_ENGINE,
     ) -> MultiTalkPipeline:
         """Load a checkpoint folder, or "tiny" for the built-in random-weight tiny model.
 
@@ -222,8 +232,8 @@ class MultiTalkPipeline:
         if str(path) == "tiny":
             from multitalk_worker.tiny import build_tiny_bundle
 
-            return cls(build_tiny_bundle(seed=0, device=device, dtype=dtype), sequence_parallel)
-        return cls(load_models(path, device=device, dtype=dtype), sequence_parallel)
+            return cls(build_tiny_bundle(seed=0, device=device, dtype=dtype), sequence_parallel, engine)
+        return cls(load_models(path, device=device, dtype=dtype), sequence_parallel, engine)
 
     @property
     def is_tiny(self) -> bool:
@@ -349,6 +359,7 @@ class MultiTalkPipeline:
                     ),
                     cancel=cancel,
                     sequence_parallel=self.sequence_parallel,
+                    runtime=self.engine.runtime,
                 )
             _report(progress, Progress("decode", index + 1, clips, settings.steps, settings.steps))
             with timer.stage("decode"):

@@ -54,6 +54,17 @@ PRESETS: dict[str, Preset] = {
             shift_720p=2.0,
             needs_lora=True,
         ),
+        # The service's few-step choice: lightx2v's 4-step recipe (8 DiT passes per clip); pair it with
+        # MULTITALK_LORAS=<lightx2v file> and MULTITALK_ENGINE=fast (bench/RESULTS.md has its clip time).
+        Preset(
+            "fast",
+            steps=4,
+            text_guidance=1.0,
+            audio_guidance=2.0,
+            shift_480p=2.0,
+            shift_720p=2.0,
+            needs_lora=True,
+        ),
     )
 }
 

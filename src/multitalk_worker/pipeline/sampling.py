@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from multitalk_worker.errors import Cancelled
+from multitalk_worker.models.runtime import REFERENCE_RUNTIME, DiTRuntime
 from multitalk_worker.models.sequence_parallel import SequenceParallel, shard_block_inputs
 from multitalk_worker.models.transformer import MultiTalkTransformer
 
@@ -179,6 +180,7 @@ def predict(
     residuals: dict[str, Tensor] | None,
     compute: bool,
     sequence_parallel: SequenceParallel | None = None,
+    runtime: DiTRuntime = REFERENCE_RUNTIME,
 ) -> Tensor:
     """One guidance pass. With TeaCache (`residuals` given), a computed pass stores the residual of the
     block stack under its label and a skipped pass adds the label's last residual instead. With
@@ -196,7 +198,7 @@ def predict(
     if sequence_parallel is not None:
         inputs = shard_block_inputs(inputs, sequence_parallel)  # tokens [1, ⌈L/N⌉, dim] of this rank
     if compute:
-        x = model.run_blocks(inputs.tokens, inputs)
+        x = model.run_blocks(inputs.tokens, inputs, runtime=runtime)
         if residuals is not None:
             residuals[label] = x - inputs.tokens
     else:
@@ -231,11 +233,13 @@ def sample_clip(
     on_step: StepCallback | None = None,
     cancel: CancelCheck | None = None,
     sequence_parallel: SequenceParallel | None = None,
+    runtime: DiTRuntime = REFERENCE_RUNTIME,
 ) -> Tensor:
     """Denoise one clip from `noise` [1, 16, T, h, w]; returns the final latent (σ = 0), float32.
 
     With `sequence_parallel`, every rank of its group calls this with the same arguments (and a `cancel`
-    that answers the same on every rank) and gets the same latent."""
+    that answers the same on every rank) and gets the same latent. `runtime` picks the DiT's kernels
+    (models/runtime.py; the default is the reference path)."""
     schedule = shifted_timesteps(settings.steps, settings.shift).to(noise.device)
     passes = guidance_passes(settings.text_scale)
     motion = conditions.motion_latent
@@ -253,7 +257,9 @@ def sample_clip(
             compute, accumulated = teacache_decision(accumulated, previous_e0, e0, step, settings)
             previous_e0 = e0
         preds = {
-            label: predict(model, latent, timestep, conditions, label, residuals, compute, sequence_parallel)
+            label: predict(
+                model, latent, timestep, conditions, label, residuals, compute, sequence_parallel, runtime
+            )
             for label in passes
         }
         if settings.apg:
