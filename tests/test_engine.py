@@ -26,13 +26,10 @@ from multitalk_worker.tiny import build_tiny_bundle
 def _lora_file(path: Path, bundle_dim: int, rank: int = 2) -> Path:
     """One low-rank update of block 0's self-attention q, in the reference's key format (spec 9.1)."""
     gen = torch.Generator().manual_seed(3)
-    save_file(
-        {
-            "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(rank, bundle_dim, generator=gen),
-            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(bundle_dim, rank, generator=gen),
-        },
-        str(path),
-    )
+    key = "diffusion_model.blocks.0.self_attn.q"
+    down = torch.randn(rank, bundle_dim, generator=gen)
+    up = torch.randn(bundle_dim, rank, generator=gen)
+    save_file({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up}, str(path))
     return path
 
 

@@ -54,9 +54,10 @@ THIRD_PARTY_MODULES = (
     "pyloudnorm", "av", "PIL", "pydantic", "boto3", "botocore", "requests", "certifi", "runpod", "ftfy",
     "sentencepiece", "tokenizers", "skimage", "tqdm",
 )  # fmt: skip
-# GPU memory the startup check asks for. ESTIMATES from weight sizes (bf16 DiT ~33 GB + umT5-XXL ~11 GB +
-# CLIP/VAE/wav2vec ~2 GB, plus activations); to be replaced by the measured peak (docs/deploy.md).
-GPU_MEMORY_GIB = {"480p": 48.0, "720p": 64.0}
+# GPU memory the startup check asks for. 480p: the measured peak of a 480p clip with every network resident,
+# 58.5 GiB (reference engine, H100, bench/RESULTS.md run F), plus 1.5 GiB of margin. 720p: an ESTIMATE (the
+# 720p DiT forward measured 42.7 GiB with the DiT alone; a full 720p job was not run).
+GPU_MEMORY_GIB = {"480p": 60.0, "720p": 72.0}
 
 
 @dataclass(frozen=True)
