@@ -112,7 +112,7 @@ def guarded(name: str, fn: Callable[[], None]) -> bool:
 
 
 @torch.no_grad()
-def build_dit(cfg: DiTConfig, device: str) -> MultiTalkTransformer:
+def build_dit(cfg: DiTConfig, device: str | torch.device) -> MultiTalkTransformer:
     """Meta-device build, then uninitialised bf16 storage on `device`, then random init in place."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -136,7 +136,12 @@ def build_dit(cfg: DiTConfig, device: str) -> MultiTalkTransformer:
 
 
 def dit_inputs(
-    cfg: DiTConfig, hw: tuple[int, int], frames: int, batch: int, persons: int, device: str
+    cfg: DiTConfig,
+    hw: tuple[int, int],
+    frames: int,
+    batch: int,
+    persons: int,
+    device: str | torch.device,
 ) -> dict:
     """Random inputs for a [hw] pixel bucket (latent = pixels/8) with `frames` latent frames."""
     g = torch.Generator(device=device).manual_seed(1)

@@ -30,10 +30,9 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-from transformers import Wav2Vec2Model  # noqa: E402
 
 from multitalk_worker.media import probe_video, write_mp4  # noqa: E402
-from multitalk_worker.models.audio_encoder import audio_encoder_config  # noqa: E402
+from multitalk_worker.models.audio_encoder import build_audio_encoder  # noqa: E402
 from multitalk_worker.models.configs import TINY, WAN_14B_480P, MultiTalkConfig  # noqa: E402
 from multitalk_worker.models.image_encoder import build_image_encoder  # noqa: E402
 from multitalk_worker.models.text_encoder import build_text_encoder  # noqa: E402
@@ -83,7 +82,7 @@ def build_on(device: str, dtype: torch.dtype, build) -> torch.nn.Module:  # noqa
 
 
 def random_bundle(device: str, config: MultiTalkConfig) -> ModelBundle:
-    audio = build_on("cpu", torch.float32, lambda: Wav2Vec2Model(audio_encoder_config(config.audio_encoder)))
+    audio = build_on("cpu", torch.float32, lambda: build_audio_encoder(config.audio_encoder))
     return ModelBundle(
         dit=build_on(device, torch.bfloat16, lambda: MultiTalkTransformer(config.dit)),
         text_encoder=build_on(device, torch.bfloat16, lambda: build_text_encoder(config.text_encoder)),

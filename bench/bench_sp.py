@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from bench import build_dit, dit_inputs  # bench/bench.py: the same model and inputs as the one-GPU bench
 from multitalk_worker.models.configs import TINY, WAN_14B_720P, DiTConfig
 from multitalk_worker.models.runtime import FAST_RUNTIME, REFERENCE_RUNTIME, DiTRuntime
 from multitalk_worker.models.sequence_parallel import SequenceParallel
@@ -40,47 +41,10 @@ RUNTIMES: dict[str, DiTRuntime] = {"reference": REFERENCE_RUNTIME, "fast": FAST_
 @torch.no_grad()
 def build_model(config: DiTConfig, device: torch.device) -> MultiTalkTransformer:
     """Full-size DiT in bf16 on `device` with random weights, identical on every rank (rank 0's)."""
-    with torch.device("meta"):
-        model = MultiTalkTransformer(config)
-    model = model.to(torch.bfloat16).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    for name, p in model.named_parameters():
-        if name.endswith("modulation"):
-            p.normal_(0.0, config.dim**-0.5, generator=generator)
-        elif p.ndim >= 2:  # linear / conv weights: unit-variance outputs
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
-        elif name.endswith("weight"):  # norm weights
-            p.normal_(1.0, 0.1, generator=generator)
-        else:  # biases
-            p.normal_(0.0, 0.02, generator=generator)
+    model = build_dit(config, device)
+    for p in model.parameters():
         dist.broadcast(p, group_src=0)
-    return model.eval()
-
-
-def make_inputs(
-    config: DiTConfig, size: tuple[int, int], video_frames: int, persons: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Random inputs for a (height, width) pixel bucket: latent = pixels / 8, 1 + (F − 1)/4 latent frames."""
-    generator = torch.Generator(device=device).manual_seed(1)
-    h, w, t = size[0] // 8, size[1] // 8, 1 + (video_frames - 1) // 4
-
-    def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator, device=device) * scale
-
-    masks = torch.zeros(3, h, w, device=device)
-    masks[0, :, : w // 2 - 1] = 1
-    masks[1, :, w // 2 + 1 :] = 1
-    masks[2] = 1 - masks[0] - masks[1]
-    audio = (1, persons, video_frames, config.audio_window, config.audio_layers, config.audio_channels)
-    return {
-        "latent": rnd(1, 16, t, h, w),
-        "timestep": torch.full((1,), 937.5, device=device),
-        "context": rnd(1, min(120, config.text_len), config.text_dim, scale=0.2).bfloat16(),
-        "clip_fea": rnd(1, 257, config.image_dim).bfloat16(),
-        "y": rnd(1, 20, t, h, w),
-        "audio": rnd(*audio, scale=0.5).bfloat16(),
-        "person_masks": masks,
-    }
+    return model
 
 
 def sync(device: torch.device) -> None:
@@ -135,7 +99,8 @@ def main() -> None:
     size = tuple(int(v) for v in args.size.lower().split("x"))
     started = time.perf_counter()
     model = build_model(config, device)
-    inputs = make_inputs(config, size, args.frames, args.persons, device)  # type: ignore[arg-type]
+    latent_frames = 1 + (args.frames - 1) // 4
+    inputs = dit_inputs(config, size, latent_frames, 1, args.persons, device)  # type: ignore[arg-type]
     log.info("model and inputs ready in %.1f s", time.perf_counter() - started)
     split = parallel if parallel.world_size > 1 else None
 

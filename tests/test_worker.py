@@ -68,6 +68,14 @@ def test_invalid_input_unknown_field(make_settings: Callable[..., Settings]) -> 
     assert "colour: unknown field" in error["message"]
 
 
+def test_declared_audio_length_is_refused_before_decoding(make_settings: Callable[..., Settings]) -> None:
+    """The container's declared length is checked first: the message names the speaker's input."""
+    raw = {k: v for k, v in job_input(max_duration_s=None).items() if v is not None}
+    error = error_of(run(Worker(make_settings(MULTITALK_MAX_DURATION_S="1")), raw))
+    assert error["code"] == "DURATION_TOO_LONG"
+    assert error["message"].startswith("speakers[0].audio lasts 4.1 s"), error
+
+
 @pytest.mark.parametrize(
     ("fields", "env", "code", "stage"),
     [

@@ -232,9 +232,7 @@ class HealthInput(_Strict):
 JobInput = GenerateInput | HealthInput
 
 
-def parse_job_input(
-    raw: object, *, tiny_model: bool, max_resolution: str, max_duration_s: float
-) -> GenerateInput | HealthInput:
+def parse_job_input(raw: object, *, tiny_model: bool, max_resolution: str, max_duration_s: float) -> JobInput:
     """Validate a job's `input`. Raises InvalidInput (or DurationTooLong) with every problem found."""
     if not isinstance(raw, dict):
         raise InvalidInput(f"job input must be a JSON object, got {_json_type(raw)}")

@@ -17,10 +17,11 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
@@ -57,6 +58,10 @@ _NEUTRAL_TYPES = ("application/octet-stream", "binary/octet-stream", "applicatio
 _FORMATS = {
     "image": "PNG, JPEG, WebP, BMP or GIF",
     "audio": "WAV, MP3, FLAC, OGG, M4A/MP4/MOV, WebM/MKV or AAC",
+}
+_DECODE_ERRORS: dict[MediaKind, type[ImageDecodeFailed | AudioDecodeFailed]] = {
+    "image": ImageDecodeFailed,
+    "audio": AudioDecodeFailed,
 }
 
 
@@ -95,8 +100,9 @@ def check_signature(path: Path, kind: MediaKind, label: str) -> str:
         head = handle.read(16)
     found = sniff(head, kind)
     if found is None:
-        error = ImageDecodeFailed if kind == "image" else AudioDecodeFailed
-        raise error(f"{label}: not a supported {kind} file (accepted: {_FORMATS[kind]})", stage="fetch")
+        raise _DECODE_ERRORS[kind](
+            f"{label}: not a supported {kind} file (accepted: {_FORMATS[kind]})", stage="fetch"
+        )
     return found
 
 
@@ -165,6 +171,20 @@ class InputFetcher:
                 "(MULTITALK_MAX_INPUT_MB)"
             )
 
+    def _write_capped(self, chunks: Iterable[bytes], dest: Path, deadline: float, label: str) -> None:
+        """Write `chunks` to `dest`, stopping at the size limit or the deadline."""
+        total = 0
+        with dest.open("wb") as out:
+            for chunk in chunks:
+                total += len(chunk)
+                self._check_size(total, label)
+                if time.monotonic() > deadline:
+                    raise self._timed_out(label)
+                out.write(chunk)
+
+    def _timed_out(self, label: str) -> InputFetchFailed:
+        return InputFetchFailed(f"{label}: timed out after {self.settings.fetch_timeout_s:g} s")
+
     # -- https
 
     def _fetch_https(self, source: InputSource, dest: Path, kind: MediaKind, label: str) -> Path:
@@ -202,9 +222,7 @@ class InputFetcher:
                     headers={"Accept-Encoding": "identity", "User-Agent": "multitalk-worker"},
                 )
             except requests.Timeout:
-                raise InputFetchFailed(
-                    f"{label}: timed out after {self.settings.fetch_timeout_s:g} s"
-                ) from None
+                raise self._timed_out(label) from None
             except requests.RequestException as exc:
                 raise InputFetchFailed(
                     f"{label}: cannot fetch {_safe_url(url)} ({type(exc).__name__})"
@@ -240,8 +258,7 @@ class InputFetcher:
         if content_type and not (
             content_type.startswith(_ACCEPTED_TYPES[kind]) or content_type in _NEUTRAL_TYPES
         ):
-            error = ImageDecodeFailed if kind == "image" else AudioDecodeFailed
-            raise error(
+            raise _DECODE_ERRORS[kind](
                 f"{label}: server sent Content-Type {content_type}, expected {kind} data", stage="fetch"
             )
         declared = response.headers.get("Content-Length")
@@ -249,22 +266,11 @@ class InputFetcher:
             self._check_size(int(declared), label)
 
     def _stream_to(self, response: requests.Response, dest: Path, deadline: float, label: str) -> None:
-        total = 0
         try:
-            with dest.open("wb") as out:
-                while chunk := response.raw.read1(CHUNK):
-                    total += len(chunk)
-                    self._check_size(total, label)
-                    if time.monotonic() > deadline:
-                        raise InputFetchFailed(
-                            f"{label}: timed out after {self.settings.fetch_timeout_s:g} s"
-                        )
-                    out.write(chunk)
+            self._write_capped(iter(partial(response.raw.read1, CHUNK), b""), dest, deadline, label)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             if time.monotonic() > deadline:
-                raise InputFetchFailed(
-                    f"{label}: timed out after {self.settings.fetch_timeout_s:g} s"
-                ) from None
+                raise self._timed_out(label) from None
             raise InputFetchFailed(f"{label}: download broke off ({type(exc).__name__})") from None
 
     # -- s3
@@ -278,16 +284,7 @@ class InputFetcher:
             head = client.head_object(Bucket=bucket, Key=key)
             self._check_size(int(head["ContentLength"]), label)
             body = client.get_object(Bucket=bucket, Key=key)["Body"]
-            total = 0
-            with dest.open("wb") as out:
-                for chunk in body.iter_chunks(CHUNK):
-                    total += len(chunk)
-                    self._check_size(total, label)
-                    if time.monotonic() > deadline:
-                        raise InputFetchFailed(
-                            f"{label}: timed out after {self.settings.fetch_timeout_s:g} s"
-                        )
-                    out.write(chunk)
+            self._write_capped(body.iter_chunks(CHUNK), dest, deadline, label)
         except ClientError as exc:
             raise InputFetchFailed(f"{label}: {uri}: {_s3_reason(exc)}") from None
         except BotoCoreError as exc:

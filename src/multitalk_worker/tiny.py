@@ -13,9 +13,9 @@ import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import Unigram
 from torch import nn
-from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor
 
-from multitalk_worker.models.audio_encoder import SAMPLE_RATE, audio_encoder_config
+from multitalk_worker.models.audio_encoder import SAMPLE_RATE, build_audio_encoder
 from multitalk_worker.models.configs import TINY, MultiTalkConfig
 from multitalk_worker.weights.checkpoint import assign_state, empty_model
 from multitalk_worker.weights.loader import ModelBundle, component_dtypes, empty_models
@@ -121,7 +121,7 @@ def build_tiny_bundle(
     generator = torch.Generator().manual_seed(seed)
     models = empty_models(config)
     with empty_model():
-        audio_encoder = Wav2Vec2Model(audio_encoder_config(config.audio_encoder))
+        audio_encoder = build_audio_encoder(config.audio_encoder)
     for name, model in models.items():
         tied = dict(T5_TIED) if name == "text_encoder" else None
         randomize(model, generator, device=device, dtype=getattr(dtypes, name), tied=tied)

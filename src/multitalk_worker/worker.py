@@ -223,6 +223,8 @@ class Worker:
             fetched = self.fetcher.fetch(
                 parse_source(speaker.audio), scratch / f"audio{index}", "audio", label
             )
+            if parsed.max_duration_s is None:  # with a cap, long audio is fine: its first part is used
+                self._check_declared_duration(fetched.path, label)
             samples, rate = decode_audio(fetched.path)
             audio_paths.append(fetched.path)
             durations.append(samples.shape[-1] / rate)

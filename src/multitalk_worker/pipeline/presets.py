@@ -23,6 +23,10 @@ class Preset:
     shift_720p: float
     needs_lora: bool
 
+    def shift(self, resolution: str) -> float:
+        """The 720p shift at 720p, the 480p shift otherwise (480p and the tiny test buckets)."""
+        return self.shift_720p if resolution == "720p" else self.shift_480p
+
 
 PRESETS: dict[str, Preset] = {
     p.name: p
@@ -78,18 +82,16 @@ def get_preset(name: str) -> Preset:
 
 def default_shift(resolution: str) -> float:
     """Shift of the plain model: 11 at 720p, 7 otherwise (480p and the tiny test buckets)."""
-    preset = PRESETS["default"]
-    return preset.shift_720p if resolution == "720p" else preset.shift_480p
+    return PRESETS["default"].shift(resolution)
 
 
 def apply_preset(name: str, resolution: str, base: SamplingParams | None = None) -> SamplingParams:
     """`base` (seed, TeaCache, APG, colour correction) with the preset's steps, guidance and shift."""
     preset = get_preset(name)
-    shift = preset.shift_720p if resolution == "720p" else preset.shift_480p
     return replace(
         base or SamplingParams(),
         steps=preset.steps,
         text_guidance=preset.text_guidance,
         audio_guidance=preset.audio_guidance,
-        shift=shift,
+        shift=preset.shift(resolution),
     )

@@ -195,6 +195,16 @@ def plan_files(files: Mapping[str, TensorFile], keymap: KeyMap, plan: Plan | Non
     return plan
 
 
+def single_file_component(
+    name: str, root: Path, file: str, keymap: KeyMap, tied: Mapping[str, str] | None = None
+) -> Component:
+    """A component whose tensors all come from one file (relative to root), named in every message."""
+    plan = Plan()
+    files = open_files(root, [file], plan)
+    plan_files(files, keymap, plan)
+    return Component(name, files, plan, lambda _key: file, dict(tied or {}))
+
+
 def check_plan(plan: Plan, expected: Mapping[str, Shape], home: Callable[[str], str]) -> list[Problem]:
     """Missing, duplicated and wrongly shaped tensors of `plan` against the model's expected shapes."""
     problems = list(plan.problems)

@@ -26,8 +26,9 @@ from multitalk_worker.weights.checkpoint import (
     open_files,
     open_sharded,
     plan_files,
+    single_file_component,
 )
-from multitalk_worker.weights.original import MULTITALK_FILE, T5_TIED, KeyTargets, is_audio_key
+from multitalk_worker.weights.original import MULTITALK_FILE, T5_TIED, KeyTargets, dit_home, is_audio_key
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER_INDEX = "transformer/diffusion_pytorch_model.safetensors.index.json"
@@ -91,9 +92,7 @@ def dit_component(root: Path) -> Component:
     plan_files(files, transformer_keymap, plan)
     plan_files(audio, identity_keymap, plan)
     files.update(audio)
-    return Component(
-        "dit", files, plan, lambda key: MULTITALK_FILE if is_audio_key(key) else TRANSFORMER_INDEX
-    )
+    return Component("dit", files, plan, dit_home(TRANSFORMER_INDEX))
 
 
 def text_encoder_component(root: Path) -> Component:
@@ -119,14 +118,8 @@ def image_encoder_keymap(key: str, shape: Shape) -> KeyTargets | None:
 
 
 def image_encoder_component(root: Path) -> Component:
-    plan = Plan()
-    files = open_files(root, [IMAGE_ENCODER_FILE], plan)
-    plan_files(files, image_encoder_keymap, plan)
-    return Component("image_encoder", files, plan, lambda _key: IMAGE_ENCODER_FILE)
+    return single_file_component("image_encoder", root, IMAGE_ENCODER_FILE, image_encoder_keymap)
 
 
 def vae_component(root: Path) -> Component:
-    plan = Plan()
-    files = open_files(root, [VAE_FILE], plan)
-    plan_files(files, identity_keymap, plan)
-    return Component("vae", files, plan, lambda _key: VAE_FILE)
+    return single_file_component("vae", root, VAE_FILE, identity_keymap)

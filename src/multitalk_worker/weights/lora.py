@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 LORA_PREFIX = "diffusion_model."
 _DOWN, _UP = ".lora_down.weight", ".lora_up.weight"
-_DIFF_BIAS, _DIFF = ".diff_b", ".diff"
+_FULL_DELTAS = {".diff_b": ".bias", ".diff": ".weight"}  # key suffix -> parameter suffix
 
 
 @dataclass(frozen=True)
@@ -67,15 +67,9 @@ def parse_lora(tensors: Mapping[str, Tensor], *, file: str = "<memory>") -> tupl
                 raise CheckpointError("LoRA has lora_down without lora_up or the reverse", file=file, key=key)
             deltas[f"{base}.weight"] = LoraDelta(f"{base}.weight", up=tensors[up_key], down=tensors[down_key])
             used |= {down_key, up_key}
-        elif path.endswith(_DIFF_BIAS):
-            deltas[f"{path.removesuffix(_DIFF_BIAS)}.bias"] = LoraDelta(
-                f"{path.removesuffix(_DIFF_BIAS)}.bias", full=tensors[key]
-            )
-            used.add(key)
-        elif path.endswith(_DIFF):
-            deltas[f"{path.removesuffix(_DIFF)}.weight"] = LoraDelta(
-                f"{path.removesuffix(_DIFF)}.weight", full=tensors[key]
-            )
+        elif suffix := next((s for s in _FULL_DELTAS if path.endswith(s)), None):
+            target = path.removesuffix(suffix) + _FULL_DELTAS[suffix]
+            deltas[target] = LoraDelta(target, full=tensors[key])
             used.add(key)
     return [deltas[t] for t in sorted(deltas)], len(tensors) - len(used)
 

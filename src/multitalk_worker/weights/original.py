@@ -29,13 +29,12 @@ from multitalk_worker.weights.checkpoint import (
     Plan,
     Shape,
     identity_keymap,
-    open_files,
     open_sharded,
     plan_files,
+    single_file_component,
 )
 
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-DIT_SHARDS = tuple(f"diffusion_pytorch_model-{i:05d}-of-00007.safetensors" for i in range(1, 8))
 MULTITALK_FILE = "multitalk.safetensors"
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
@@ -97,10 +96,7 @@ def t5_keymap(key: str, shape: Shape) -> KeyTargets | None:
 
 
 def t5_component(root: Path) -> Component:
-    plan = Plan()
-    files = open_files(root, [T5_FILE], plan)
-    plan_files(files, t5_keymap, plan)
-    return Component("text_encoder", files, plan, lambda _key: T5_FILE, dict(T5_TIED))
+    return single_file_component("text_encoder", root, T5_FILE, t5_keymap, T5_TIED)
 
 
 _CLIP_BLOCK = {
@@ -155,10 +151,7 @@ def clip_keymap(key: str, shape: Shape) -> KeyTargets | None:
 
 
 def clip_component(root: Path) -> Component:
-    plan = Plan()
-    files = open_files(root, [CLIP_FILE], plan)
-    plan_files(files, clip_keymap, plan)
-    return Component("image_encoder", files, plan, lambda _key: CLIP_FILE)
+    return single_file_component("image_encoder", root, CLIP_FILE, clip_keymap)
 
 
 def vae_keymap(key: str, shape: Shape) -> KeyTargets | None:
@@ -168,7 +161,4 @@ def vae_keymap(key: str, shape: Shape) -> KeyTargets | None:
 
 
 def vae_component(root: Path) -> Component:
-    plan = Plan()
-    files = open_files(root, [VAE_FILE], plan)
-    plan_files(files, vae_keymap, plan)
-    return Component("vae", files, plan, lambda _key: VAE_FILE)
+    return single_file_component("vae", root, VAE_FILE, vae_keymap)

@@ -20,14 +20,12 @@ from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 from multitalk_worker.errors import CheckpointError, ModelMissing
 from multitalk_worker.weights.checkpoint import (
     Component,
-    Plan,
     Problem,
     Shape,
     check_component,
     empty_model,
-    open_files,
-    plan_files,
     raise_first,
+    single_file_component,
 )
 from multitalk_worker.weights.original import KeyTargets
 
@@ -66,11 +64,8 @@ def read_config(folder: Path) -> Wav2Vec2Config:
 
 def wav2vec_component(folder: Path) -> Component:
     """The tensors of the folder's weights file, named `<folder name>/<file>` in messages."""
-    plan = Plan()
     file_name = f"{folder.name}/{weights_file(folder)}"
-    files = open_files(folder.parent, [file_name], plan)
-    plan_files(files, wav2vec_keymap, plan)
-    return Component("audio_encoder", files, plan, lambda _key: file_name)
+    return single_file_component("audio_encoder", folder.parent, file_name, wav2vec_keymap)
 
 
 def check_wav2vec(folder: Path) -> list[Problem]:
