@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from multitalk_worker.cli import TINY_NOTE, Launch, _process_group, launch_from_env
+from multitalk_worker.cli import TINY_NOTE
+from multitalk_worker.distributed import Launch, launch_from_env, process_group
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.media import probe_video, read_frames
 
@@ -126,8 +127,8 @@ def test_gpu_processes_beyond_the_visible_gpus_are_refused() -> None:
     launch = launch_from_env(environ)
     assert launch is not None
     with pytest.raises(InvalidInput, match="64 processes on this machine need as many GPUs"):
-        with _process_group(launch, "cuda"):
+        with process_group(launch, "cuda"):
             pass
-    with pytest.raises(InvalidInput, match="--device cuda:1 under torchrun: use cpu or cuda"):
-        with _process_group(launch, "cuda:1"):
+    with pytest.raises(InvalidInput, match="device cuda:1 under torchrun: use cpu or cuda"):
+        with process_group(launch, "cuda:1"):
             pass

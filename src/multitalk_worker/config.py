@@ -215,6 +215,16 @@ ENV_VARS: tuple[EnvVar, ...] = (
         None,
         "Set by RunPod on its workers; when present the worker sends progress updates to the queue.",
     ),
+    EnvVar(
+        "WORLD_SIZE",
+        "world_size",
+        "int",
+        "1",
+        "Set by torchrun: above 1, the worker's processes share each job (docs/multi-gpu.md).",
+    ),
+    EnvVar("RANK", "rank", "int", "0", "Set by torchrun: this process's rank; rank 0 serves RunPod."),
+    EnvVar("LOCAL_RANK", "local_rank", "int", "0", "Set by torchrun: the rank on this machine (its GPU)."),
+    EnvVar("LOCAL_WORLD_SIZE", "local_world_size", "int", "1", "Set by torchrun: processes on this machine."),
 )
 
 
@@ -253,6 +263,10 @@ class Settings:
     revision_file: Path
     lock_file: Path
     on_runpod: bool
+    world_size: int
+    rank: int
+    local_rank: int
+    local_world_size: int
 
     @property
     def tiny_model(self) -> bool:
@@ -319,6 +333,13 @@ def _check_ranges(settings: Settings) -> None:
             raise SettingsError(f"{name} must be > 0, got {value}")
     if settings.min_gpu_memory_gib is not None and settings.min_gpu_memory_gib < 0:
         raise SettingsError("MULTITALK_MIN_GPU_MEMORY_GIB must be >= 0")
+    if not (
+        0 <= settings.rank < settings.world_size and 0 <= settings.local_rank < settings.local_world_size
+    ):
+        raise SettingsError(
+            f"RANK={settings.rank}, WORLD_SIZE={settings.world_size}, LOCAL_RANK={settings.local_rank}, "
+            f"LOCAL_WORLD_SIZE={settings.local_world_size} do not fit; use torchrun"
+        )
 
 
 _TRUE = ("1", "true", "yes", "on")

@@ -34,6 +34,9 @@ from multitalk_worker.errors import ModelLoadFailed, ModelMissing, OutOfMemory, 
 from multitalk_worker.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
+    import torch
+
+    from multitalk_worker.models.sequence_parallel import SequenceParallel
     from multitalk_worker.pipeline.engine import EngineOptions
 
 logger = logging.getLogger(__name__)
@@ -200,10 +203,20 @@ def engine_from_settings(settings: Settings) -> EngineOptions:
 
 
 class PipelineHolder:
-    """Loads the pipeline once per worker and keeps it resident."""
+    """Loads the pipeline once per worker and keeps it resident.
 
-    def __init__(self, settings: Settings) -> None:
+    `device` and `sequence_parallel`: this process's device and group under torchrun (parallel_worker.py);
+    None: MULTITALK_DEVICE, one process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        device: torch.device | None = None,
+        sequence_parallel: SequenceParallel | None = None,
+    ) -> None:
         self.settings = settings
+        self.device = device
+        self.sequence_parallel = sequence_parallel
         self.pipeline: Any = None
         self.load_s = 0.0
         self.jobs_served = 0
@@ -225,7 +238,8 @@ class PipelineHolder:
         try:
             self.pipeline = MultiTalkPipeline.from_pretrained(
                 weights,
-                device=resolve_device(self.settings.device),
+                device=self.device or resolve_device(self.settings.device),
+                sequence_parallel=self.sequence_parallel,
                 engine=engine_from_settings(self.settings),
             )
         except WorkerError:

@@ -92,10 +92,16 @@ class _Stage:
 
 
 class Worker:
-    def __init__(self, settings: Settings, progress_sink: ProgressSink | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        progress_sink: ProgressSink | None = None,
+        holder: PipelineHolder | None = None,
+    ) -> None:
+        """`holder`: the pipeline's source (under torchrun: parallel_worker.py's); default: one process."""
         self.settings = settings
         self.fetcher = InputFetcher(settings)
-        self.holder = PipelineHolder(settings)
+        self.holder = holder or PipelineHolder(settings)
         self.progress_sink = progress_sink
         self._lock = threading.Lock()
         if settings.work_dir is not None:
@@ -478,9 +484,18 @@ def main() -> None:
         sys.stderr.write(f"multitalk-worker: bad setting: {exc}\n")
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    if settings.world_size > 1:  # under torchrun: every process shares each job (docs/multi-gpu.md)
+        from multitalk_worker.parallel_worker import run_parallel
+
+        raise SystemExit(run_parallel(settings, serve))
+    serve(settings)
+
+
+def serve(settings: Settings, holder: PipelineHolder | None = None) -> None:
+    """Run the runpod SDK's worker loop with a Worker (its `--test_input` mode exits when done)."""
     import runpod
 
-    worker = Worker(settings, progress_sink=runpod_progress if settings.on_runpod else None)
+    worker = Worker(settings, progress_sink=runpod_progress if settings.on_runpod else None, holder=holder)
     if settings.on_runpod:
         register_fitness_checks(settings, worker.holder)
     logger.info("multitalk-worker %s starting (weights: %s)", worker_version(settings), settings.weights)

@@ -1,0 +1,72 @@
+"""Several processes for one video: torchrun's place of this process, and the process group over them.
+
+Shared by the CLI and the RunPod worker (both can run under `torchrun --nproc-per-node N`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from multitalk_worker.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
+
+    from multitalk_worker.models.sequence_parallel import SequenceParallel
+
+
+@dataclass(frozen=True)
+class Launch:
+    """This process's place among the processes torchrun started for one video."""
+
+    rank: int
+    world_size: int
+    local_rank: int  # the rank among the processes of this machine
+    local_world_size: int
+
+
+def launch_from_env(environ: Mapping[str, str]) -> Launch | None:
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them; None for a single
+    process (WORLD_SIZE unset or 1)."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    try:
+        if int(environ.get("WORLD_SIZE", "1")) <= 1:
+            return None
+        return Launch(*(int(environ[name]) for name in names))
+    except (KeyError, ValueError) as exc:
+        raise InvalidInput(
+            f"several processes need the integers {', '.join(names)} as torchrun sets them ({exc!r}); "
+            "start them with torchrun"
+        ) from None
+
+
+@contextmanager
+def process_group(launch: Launch, device: str | None) -> Iterator[tuple[torch.device, SequenceParallel]]:
+    """The default process group over the torchrun processes (NCCL on cuda:LOCAL_RANK, else gloo on the
+    CPU), destroyed on the way out, errors included. Yields (this process's device, the group's split)."""
+    import torch
+    import torch.distributed as dist
+
+    from multitalk_worker.models.sequence_parallel import SequenceParallel
+
+    if device not in (None, "cpu", "cuda"):
+        raise InvalidInput(f"device {device} under torchrun: use cpu or cuda (cuda:LOCAL_RANK is taken)")
+    if device == "cpu" or (device is None and not torch.cuda.is_available()):
+        here = torch.device("cpu")
+        dist.init_process_group("gloo")
+    else:
+        if launch.local_world_size > torch.cuda.device_count():  # the same answer on every rank
+            raise InvalidInput(
+                f"{launch.local_world_size} processes on this machine need as many GPUs; "
+                f"{torch.cuda.device_count()} visible (--nproc-per-node at most that, or --device cpu)"
+            )
+        here = torch.device("cuda", launch.local_rank)
+        torch.cuda.set_device(here)
+        dist.init_process_group("nccl", device_id=here)
+    try:
+        yield here, SequenceParallel.from_group(dist.group.WORLD)
+    finally:
+        dist.destroy_process_group()
