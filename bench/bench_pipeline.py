@@ -25,7 +25,6 @@ T_START = time.perf_counter()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -42,7 +41,7 @@ from multitalk_worker.pipeline.engine import engine_options  # noqa: E402
 from multitalk_worker.pipeline.pipeline import MultiTalkPipeline  # noqa: E402
 from multitalk_worker.pipeline.presets import apply_preset  # noqa: E402
 from multitalk_worker.pipeline.request import GenerationRequest, SamplingParams, Speaker  # noqa: E402
-from multitalk_worker.tiny import build_tiny_feature_extractor, build_tiny_tokenizer  # noqa: E402
+from multitalk_worker.tiny import build_tiny_feature_extractor, build_tiny_tokenizer, shape_noise  # noqa: E402
 from multitalk_worker.weights.checkpoint import empty_model  # noqa: E402
 from multitalk_worker.weights.loader import ModelBundle  # noqa: E402
 
@@ -50,17 +49,10 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def fill_random(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """In-place random weights that keep activations in range (the rule of multitalk_worker.tiny)."""
+    """In-place random weights on the model's device, by the tiny model's rule (`shape_noise`)."""
     for name, param in model.named_parameters():
         noise = torch.randn(param.shape, generator=generator, device=param.device, dtype=torch.float32)
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "gamma" or (leaf == "weight" and "norm" in name):
-            noise.mul_(0.1).add_(1.0)
-        elif param.ndim >= 2 and "modulation" not in name:
-            noise.div_(math.sqrt(math.prod(param.shape[1:])))
-        else:
-            noise.mul_(0.1)
-        param.data.copy_(noise)
+        param.data.copy_(shape_noise(name, noise))
         del noise
 
 

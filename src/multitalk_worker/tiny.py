@@ -69,21 +69,22 @@ def build_tiny_feature_extractor() -> Wav2Vec2FeatureExtractor:
     )
 
 
-def _random_tensor(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """Weights that keep activations in range: 1 ± 0.1 for norm scales, fan-in scaled for matrices.
-
-    Values are rounded to bf16 so that every file dtype of the real layouts (bf16 .pth, float32 shards)
-    stores them exactly and a written checkpoint loads back bit for bit.
-    """
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+def shape_noise(key: str, noise: torch.Tensor) -> torch.Tensor:
+    """Standard-normal `noise` for the tensor `key` turned into weights that keep activations in range:
+    1 ± 0.1 for norm scales, fan-in scaled for matrices, 0.1 · noise otherwise."""
     leaf = key.rsplit(".", 1)[-1]
     if leaf == "gamma" or (leaf == "weight" and "norm" in key):
-        value = 1.0 + 0.1 * noise
-    elif len(shape) >= 2 and "modulation" not in key and "scale_shift" not in key:
-        value = noise / math.sqrt(math.prod(shape[1:]))
-    else:
-        value = 0.1 * noise
-    return value.to(torch.bfloat16).float()
+        return 1.0 + 0.1 * noise
+    if noise.ndim >= 2 and "modulation" not in key and "scale_shift" not in key:
+        return noise / math.sqrt(math.prod(noise.shape[1:]))
+    return 0.1 * noise
+
+
+def _random_tensor(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Seeded weights by `shape_noise`'s rule, rounded to bf16 so that every file dtype of the real layouts
+    (bf16 .pth, float32 shards) stores them exactly and a written checkpoint loads back bit for bit."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    return shape_noise(key, noise).to(torch.bfloat16).float()
 
 
 def randomize(

@@ -28,6 +28,16 @@ class Preset:
         return self.shift_720p if resolution == "720p" else self.shift_480p
 
 
+_LIGHTX2V = Preset(
+    "lightx2v",
+    steps=4,
+    text_guidance=1.0,
+    audio_guidance=2.0,
+    shift_480p=2.0,
+    shift_720p=2.0,
+    needs_lora=True,
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -49,26 +59,10 @@ PRESETS: dict[str, Preset] = {
             shift_720p=2.0,
             needs_lora=True,
         ),
-        Preset(
-            "lightx2v",
-            steps=4,
-            text_guidance=1.0,
-            audio_guidance=2.0,
-            shift_480p=2.0,
-            shift_720p=2.0,
-            needs_lora=True,
-        ),
+        _LIGHTX2V,
         # The service's few-step choice: lightx2v's 4-step recipe (8 DiT passes per clip); pair it with
         # MULTITALK_LORAS=<lightx2v file> and MULTITALK_ENGINE=fast (bench/RESULTS.md has its clip time).
-        Preset(
-            "fast",
-            steps=4,
-            text_guidance=1.0,
-            audio_guidance=2.0,
-            shift_480p=2.0,
-            shift_720p=2.0,
-            needs_lora=True,
-        ),
+        replace(_LIGHTX2V, name="fast"),
     )
 }
 
