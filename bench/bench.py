@@ -405,6 +405,31 @@ def part_720p(args, model, cfg, device, backend: str, tag: str) -> None:
     forward_case(f"dit720/fast-{tag}/P2", model, inputs, fast, ref_key=None, reps=2)
 
 
+def part_ref_720p(args, model, cfg, device) -> None:
+    """The reference path at 720p (run before `compile`, which changes the blocks in place)."""
+    inputs = dit_inputs(cfg, (960, 960) if not args.tiny else (64, 64), args.frames, 1, 2, device)
+    forward_case("dit720/ref/P2", model, inputs, REFERENCE_RUNTIME, ref_key=None, reps=args.ref_reps)
+
+
+def part_profile(args, model, cfg, device, backend: str) -> None:
+    """GPU kernel time of one fast-path forward (P2), grouped by kernel; the top 40 go to profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fast = replace(FAST_RUNTIME, attention_backend=backend)
+    inputs = dit_inputs(cfg, args.hw, args.frames, 1, 2, device)
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    with torch.no_grad():
+        model(**inputs, runtime=fast)  # warm (compiles when the blocks are compiled)
+        sync()
+        with profile(activities=activities) as prof:
+            model(**inputs, runtime=fast)
+            sync()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=100)
+    (args.out / "profile.txt").write_text(table)
+    print(table)
+
+
 def part_fp8(args, model, cfg, device, backend: str, compiled: bool, compile_after: bool) -> None:
     from multitalk_worker.models.fp8 import quantize_block_linears_fp8
 
@@ -459,6 +484,7 @@ def part_vae(args, vcfg: VAEConfig, device: str) -> None:
         "fp32-cl": VAERuntime(channels_last=True),
         "bf16": VAERuntime(dtype=torch.bfloat16),
         "bf16-cl": VAERuntime(dtype=torch.bfloat16, channels_last=True),
+        "bf16-cl-bench": VAERuntime(dtype=torch.bfloat16, channels_last=True, cudnn_benchmark=True),
         "fp32-cl-compiled": VAERuntime(channels_last=True, compile_blocks=True),
         "bf16-cl-compiled": VAERuntime(dtype=torch.bfloat16, channels_last=True, compile_blocks=True),
     }
@@ -590,8 +616,8 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="attn,dit,compile,720p,clip,vae,fp8",
-        help="attn attn2 dit refstore blockerr noise compile batched clip clip-fast clip-default 720p vae "
-        "fp8 fp8-compile fp8-clip fp8-720p",
+        help="attn attn2 dit refstore blockerr noise ref-720p compile batched profile clip clip-fast "
+        "clip-default 720p vae fp8 fp8-compile fp8-clip fp8-720p",
     )
     parser.add_argument(
         "--tiny", action="store_true", help="tiny config on the CPU (smoke test of this script)"
@@ -633,7 +659,7 @@ def main() -> None:
     if "attn" in parts and not args.tiny:
         backend = args.backend or part_attn(args, cfg, device)
     model = None
-    if any(p in parts for p in ("dit", "compile", "720p", "fp8", "clip")):
+    if any(p in parts for p in ("dit", "compile", "720p", "ref-720p", "profile", "fp8", "clip")):
         t0 = time.perf_counter()
         model = build_dit(cfg, device)
         sync()
@@ -657,6 +683,8 @@ def main() -> None:
         part_blockerr(args, model, cfg, device, backend, "fast-eager")
     if "noise" in parts:
         part_noise(args, model, cfg, device)
+    if "ref-720p" in parts:
+        part_ref_720p(args, model, cfg, device)
     if "compile" in parts:
         exact = not args.no_exact_casts
         guarded(
@@ -683,6 +711,8 @@ def main() -> None:
         part_clip(args, model, cfg, vcfg, device, backend, "fast")
     if "clip" in parts or "clip-default" in parts:
         part_clip(args, model, cfg, vcfg, device, backend, "default")
+    if "profile" in parts:
+        part_profile(args, model, cfg, device, backend)
     if "720p" in parts:
         part_720p(args, model, cfg, device, backend, "compiled" if compiled else "eager")
     if "vae" in parts:

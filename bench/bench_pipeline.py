@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from multitalk_worker.media import probe_video, write_mp4  # noqa: E402
 from multitalk_worker.models.audio_encoder import build_audio_encoder  # noqa: E402
-from multitalk_worker.models.configs import TINY, WAN_14B_480P, MultiTalkConfig  # noqa: E402
+from multitalk_worker.models.configs import CONFIGS, TINY, MultiTalkConfig  # noqa: E402
 from multitalk_worker.models.image_encoder import build_image_encoder  # noqa: E402
 from multitalk_worker.models.text_encoder import build_text_encoder  # noqa: E402
 from multitalk_worker.models.transformer import MultiTalkTransformer  # noqa: E402
@@ -103,13 +103,16 @@ def request(preset: str, persons: int, resolution: str) -> GenerationRequest:
     )
 
 
-def run_case(pipeline: MultiTalkPipeline, name: str, preset: str, persons: int, out: Path) -> dict:
+def run_case(
+    pipeline: MultiTalkPipeline, name: str, preset: str, persons: int, out: Path, resolution: str = "480p"
+) -> dict:
     cuda = pipeline.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()  # so the reserved peak is this case's own
     start = time.perf_counter()
-    result = pipeline(request(preset, persons, "tiny" if pipeline.is_tiny else "480p"))
+    result = pipeline(request(preset, persons, "tiny" if pipeline.is_tiny else resolution))
     generate_s = time.perf_counter() - start
     path = out / f"{name}.mp4"
     mux_start = time.perf_counter()
@@ -124,6 +127,7 @@ def run_case(pipeline: MultiTalkPipeline, name: str, preset: str, persons: int, 
         "mux_and_check_s": round(time.perf_counter() - mux_start, 2),
         "stages_s": {k: round(v, 2) for k, v in result.timings.items()},
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "frames": info.frames,
         "size": f"{info.width}x{info.height}",
         "fps": info.fps,
@@ -140,11 +144,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cases", default="ref-fast,fast-fast,fast-fast-2p")
     parser.add_argument("--tiny", action="store_true", help="smoke test: the tiny model on the CPU")
+    parser.add_argument("--resolution", default="480p", choices=["480p", "720p"])
+    parser.add_argument("--fp8", action="store_true", help="fast engine with float8 DiT linears")
+    parser.add_argument("--offload", action="store_true", help="fast engine in low-memory mode")
+    parser.add_argument(
+        "--gpu-cap-gib",
+        type=float,
+        help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction) after loading",
+    )
     args = parser.parse_args()
     device = "cpu" if args.tiny else "cuda"
     args.out.mkdir(parents=True, exist_ok=True)
     cases = args.cases.split(",")
-    bundle = random_bundle(device, TINY if args.tiny else WAN_14B_480P)
+    bundle = random_bundle(device, TINY if args.tiny else CONFIGS[f"14b-{args.resolution}"])
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -157,11 +169,23 @@ def main() -> None:
     }
     rows: list[dict] = results["rows"]  # type: ignore[assignment]
     if "ref-fast" in cases:  # first: the fast engine changes the networks in place
-        rows.append(run_case(MultiTalkPipeline(bundle), "ref-fast", "fast", 1, args.out))
-    fast_engine = engine_options("fast")
+        rows.append(run_case(MultiTalkPipeline(bundle), "ref-fast", "fast", 1, args.out, args.resolution))
+    fast_engine = engine_options("fast", fp8=args.fp8, offload=args.offload)
     if not cuda:  # inductor on a 2-core CPU takes minutes; the smoke test checks the wiring, not speed
         fast_engine = replace(fast_engine, compile=False)
-    fast = MultiTalkPipeline(bundle, engine=fast_engine)
+    prepare_start = time.perf_counter()
+    fast = MultiTalkPipeline(bundle, engine=fast_engine, device=torch.device(device))
+    results["engine_prepare_s"] = round(
+        time.perf_counter() - prepare_start, 2
+    )  # offload: the copy to pinned memory
+    if cuda:
+        torch.cuda.empty_cache()
+        results["engine_resident_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        results["host_offloaded_gib"] = round(sum(o.host_bytes() for o in fast.offloads) / 2**30, 2)
+        if args.gpu_cap_gib:
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(args.gpu_cap_gib * 2**30 / total)
+            results["gpu_cap_gib"] = args.gpu_cap_gib
     runs = {  # case -> (row name, preset, persons); run in the order given
         "fast-fast": [("fast-fast-cold", "fast", 1), ("fast-fast-warm", "fast", 1)],
         "fast-fast-warm": [("fast-fast-warm", "fast", 1)],
@@ -170,11 +194,12 @@ def main() -> None:
     }
     for case in cases:
         for name, preset, persons in runs.get(case, []):
-            rows.append(run_case(fast, name, preset, persons, args.out))
+            rows.append(run_case(fast, name, preset, persons, args.out, args.resolution))
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     print(
         f"\n{results['device']}, torch {results['torch']}, ready {results['ready_s']} s, "
-        f"weights {results['weights_gib']} GiB"
+        f"weights {results['weights_gib']} GiB, fp8 {fast_engine.fp8}, offload {fast_engine.offload}, "
+        f"resident after prepare {results.get('engine_resident_gib')} GiB, cap {args.gpu_cap_gib} GiB"
     )
     print(f"{'case':18} {'e2e s':>8} {'dit s':>8} {'peak GiB':>9} frames")
     for row in rows:

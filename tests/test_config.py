@@ -21,6 +21,7 @@ def test_defaults() -> None:
     assert settings.allow_loopback is False and settings.on_runpod is False
     assert settings.s3.bucket is None and settings.s3.url_expiry_s == 3600
     assert settings.log_level == "INFO"
+    assert settings.video_crf == 23 and not settings.offload
 
 
 def test_values_are_parsed() -> None:
@@ -33,6 +34,7 @@ def test_values_are_parsed() -> None:
             "MULTITALK_LOG_LEVEL": "debug",
             "MULTITALK_CA_BUNDLE": "/tmp/ca.pem",
             "MULTITALK_MAX_RESOLUTION": "480p",
+            "MULTITALK_VIDEO_CRF": "0",
             "MULTITALK_S3_BUCKET": "",  # empty counts as unset
             "RUNPOD_WEBHOOK_GET_JOB": "https://api.runpod.ai/v2/x/job-take/$ID",
         }
@@ -42,6 +44,7 @@ def test_values_are_parsed() -> None:
     assert settings.s3.url_expiry_s == 60 and settings.s3.bucket is None
     assert settings.log_level == "DEBUG" and settings.ca_bundle == Path("/tmp/ca.pem")
     assert settings.max_resolution == "480p" and settings.on_runpod
+    assert settings.video_crf == 0
 
 
 @pytest.mark.parametrize(
@@ -52,6 +55,7 @@ def test_values_are_parsed() -> None:
         ("MULTITALK_MAX_INPUT_MB", "-1", "> 0"),
         ("MULTITALK_FETCH_TIMEOUT_S", "nan", "finite"),
         ("MULTITALK_MAX_DURATION_S", "41", "(0, 40]"),
+        ("MULTITALK_VIDEO_CRF", "52", "0..51"),
         ("MULTITALK_S3_URL_EXPIRY_S", "604801", "7 days"),
         ("MULTITALK_MAX_RESOLUTION", "1080p", "480p, 720p"),
         ("MULTITALK_LOG_LEVEL", "LOUD", "DEBUG"),

@@ -56,7 +56,7 @@ def test_prepare_bundle_merges_lora_in_place(tmp_path: Path) -> None:
     before = bundle.dit.blocks[0].self_attn.q.weight.detach().clone()
     other = bundle.dit.blocks[1].self_attn.q.weight.detach().clone()
     lora = _lora_file(tmp_path / "lora.safetensors", bundle.config.dit.dim)
-    prepare_bundle(bundle, EngineOptions(loras=(LoraSpec(lora, 0.5),)))
+    prepare_bundle(bundle, EngineOptions(loras=(LoraSpec(lora, 0.5),)), torch.device("cpu"))
     after = bundle.dit.blocks[0].self_attn.q.weight
     assert not torch.equal(before, after)
     assert torch.equal(other, bundle.dit.blocks[1].self_attn.q.weight)
@@ -65,6 +65,8 @@ def test_prepare_bundle_merges_lora_in_place(tmp_path: Path) -> None:
 def test_prepare_bundle_rejects_missing_lora_and_cpu_fp8(tmp_path: Path) -> None:
     bundle = build_tiny_bundle(seed=0)
     with pytest.raises(CheckpointError, match="not found"):
-        prepare_bundle(bundle, EngineOptions(loras=(LoraSpec(tmp_path / "missing.safetensors"),)))
+        prepare_bundle(
+            bundle, EngineOptions(loras=(LoraSpec(tmp_path / "missing.safetensors"),)), torch.device("cpu")
+        )
     with pytest.raises(InvalidInput, match="CUDA"):
-        prepare_bundle(bundle, EngineOptions(fp8=True))
+        prepare_bundle(bundle, EngineOptions(fp8=True), torch.device("cpu"))

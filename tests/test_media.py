@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -56,3 +57,22 @@ def test_bad_frames_and_files_raise_output_invalid(tmp_path: Path) -> None:
         probe_video(garbage)
     with pytest.raises(OutputInvalid):
         read_frames(garbage)
+
+
+def test_crf_0_is_lossless_and_out_of_range_crf_is_refused(tmp_path: Path) -> None:
+    """crf 0 decodes to exactly the yuv420p pictures of the frames (the two-process tests compare videos
+    this way: at the default crf, x264 gave 2-6 different bitstreams for the same 48x64 frames in 40
+    encodes on a busy CPU, which no tolerance on the frames could separate from a wrong result)."""
+    frames = moving_frames(20, 64, 48)
+    write_mp4(tmp_path / "lossless.mp4", frames, np.zeros(20 * 640, np.float32), 16000, crf=0)
+    write_mp4(tmp_path / "default.mp4", frames, np.zeros(20 * 640, np.float32), 16000)
+    expected = [
+        av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format="yuv420p").to_ndarray() for f in frames
+    ]
+    for name, exact in (("lossless.mp4", True), ("default.mp4", False)):
+        with av.open(str(tmp_path / name)) as container:
+            decoded = [f.to_ndarray() for f in container.decode(video=0)]
+        assert len(decoded) == 20
+        assert all(np.array_equal(d, e) for d, e in zip(decoded, expected, strict=True)) is exact, name
+    with pytest.raises(OutputInvalid, match="crf 52 is out of range"):
+        write_mp4(tmp_path / "bad.mp4", frames, np.zeros(20 * 640, np.float32), 16000, crf=52)

@@ -89,9 +89,25 @@ def test_known_frames_mask() -> None:
     assert later[:, :, :7].eq(1).all() and later[:, :, 7:].eq(0).all()
 
 
-def test_uint8_cast_truncates() -> None:
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[
+                pytest.mark.gpu,
+                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+            ],
+        ),
+    ],
+)
+def test_uint8_cast_truncates_as_the_reference_numpy_code(device: str) -> None:
     video = torch.tensor([-1.0, -0.999, 0.0, 0.999, 1.0]).view(1, 5, 1, 1).expand(3, 5, 1, 1)
-    assert to_uint8(video)[:, 0, 0, 0].tolist() == [0, 0, 127, 254, 255]
+    assert to_uint8(video.to(device))[:, 0, 0, 0].tolist() == [0, 0, 127, 254, 255]
+    video = torch.randn(3, 4, 16, 8, generator=torch.Generator().manual_seed(0)) * 0.7  # some beyond [-1, 1]
+    unit = ((video + 1) / 2).permute(1, 2, 3, 0).numpy()  # the reference's float32 numpy steps
+    assert np.array_equal(to_uint8(video.to(device)), np.clip(unit * 255, 0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

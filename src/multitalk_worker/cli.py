@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from multitalk_worker.distributed import Launch, launch_from_env, process_group
 from multitalk_worker.errors import InvalidInput, WorkerError
+from multitalk_worker.media import VIDEO_CRF
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region, SamplingParams, Speaker
 
@@ -115,6 +116,11 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--fp8", action="store_true", help="float8 DiT linears (Hopper GPUs; lower quality)")
     gen.add_argument(
+        "--offload",
+        action="store_true",
+        help="low-memory mode: DiT and umT5 blocks stay in host memory (24 GB GPUs; ~50 GB host RAM)",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -122,6 +128,14 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="merge a LoRA (reference key format) into the DiT at load; repeatable; scale default 1.0",
     )
     gen.add_argument("--out", type=Path, required=True, help="output .mp4 path")
+    gen.add_argument(
+        "--crf",
+        type=int,
+        default=VIDEO_CRF,
+        choices=range(52),
+        metavar="0-51",
+        help=f"H.264 quality: 0 lossless, {VIDEO_CRF} default (the reference's final encode), 51 smallest",
+    )
     gen.set_defaults(func=run_generate)
 
 
@@ -233,7 +247,9 @@ def _generate(
     cancel = None if parallel is None else _StopOnSignal()  # consulted on rank 0 only (the pipeline)
     from multitalk_worker.pipeline.engine import engine_options, parse_lora_arg
 
-    engine = engine_options(args.engine, fp8=args.fp8, loras=tuple(map(parse_lora_arg, args.lora)))
+    engine = engine_options(
+        args.engine, fp8=args.fp8, loras=tuple(map(parse_lora_arg, args.lora)), offload=args.offload
+    )
     pipeline = MultiTalkPipeline.from_pretrained(
         args.weights, device=device, sequence_parallel=parallel, engine=engine
     )
@@ -245,7 +261,7 @@ def _generate(
             bar.close()
     if not lead:
         return 0
-    write_mp4(args.out, result.frames, result.audio, result.sample_rate, result.fps)
+    write_mp4(args.out, result.frames, result.audio, result.sample_rate, result.fps, crf=args.crf)
     count, height, width = result.frames.shape[:3]
     processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(

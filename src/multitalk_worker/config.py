@@ -67,6 +67,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "float8 linears in the DiT blocks (torchao; Hopper GPUs): faster, a lower-quality tier.",
     ),
     EnvVar(
+        "MULTITALK_OFFLOAD",
+        "offload",
+        "bool",
+        "false",
+        "low-memory mode: the DiT and umT5 blocks stay in host memory and visit the GPU one block at a "
+        "time (for 24 GB GPUs; needs about 50 GB of host memory; bench/RESULTS.md has its cost).",
+    ),
+    EnvVar(
         "MULTITALK_LORAS",
         "loras",
         "str",
@@ -137,6 +145,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "path",
         None,
         "CA bundle (PEM) for https inputs; unset: certifi's bundle.",
+    ),
+    EnvVar(
+        "MULTITALK_VIDEO_CRF",
+        "video_crf",
+        "int",
+        "23",
+        "H.264 quality of the output: 0 lossless (large files) to 51; 23 is the reference's final encode.",
     ),
     EnvVar(
         "MULTITALK_MAX_DURATION_S",
@@ -246,6 +261,7 @@ class Settings:
     device: str
     engine: str
     fp8: bool
+    offload: bool
     loras: str | None
     max_resolution: str
     min_gpu_memory_gib: float | None
@@ -257,6 +273,7 @@ class Settings:
     allow_loopback: bool
     ca_bundle: Path | None
     max_duration_s: float
+    video_crf: int
     max_base64_mb: float
     s3: S3Settings
     log_level: str
@@ -321,6 +338,8 @@ def _check_ranges(settings: Settings) -> None:
         )
     if not 1 <= s3.url_expiry_s <= 604_800:
         raise SettingsError("MULTITALK_S3_URL_EXPIRY_S must be within 1..604800 (S3's presign limit: 7 days)")
+    if not 0 <= settings.video_crf <= 51:
+        raise SettingsError(f"MULTITALK_VIDEO_CRF must be within 0..51, got {settings.video_crf}")
     if not 0 < settings.max_duration_s <= 40:
         raise SettingsError("MULTITALK_MAX_DURATION_S must be within (0, 40] (1000 frames at 25 fps)")
     positive = {

@@ -35,9 +35,9 @@ class VideoInfo:
 
 
 def _add_video_stream(
-    container: av.container.OutputContainer, width: int, height: int, fps: int
+    container: av.container.OutputContainer, width: int, height: int, fps: int, crf: int
 ) -> av.VideoStream:
-    stream = container.add_stream("libx264", rate=fps, options={"crf": str(VIDEO_CRF)})
+    stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
     stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
     return stream
 
@@ -55,11 +55,21 @@ def _encode_audio(container: av.container.OutputContainer, audio: np.ndarray, sa
         container.mux(packet)
 
 
-def write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, sample_rate: int, fps: int = FPS) -> None:
+def write_mp4(
+    path: Path,
+    frames: np.ndarray,
+    audio: np.ndarray,
+    sample_rate: int,
+    fps: int = FPS,
+    crf: int = VIDEO_CRF,
+) -> None:
     """Write uint8 frames [N, H, W, 3] and a mono float soundtrack to `path` (H.264 yuv420p + AAC).
 
-    The soundtrack is trimmed to N / fps seconds; H and W must be even (yuv420p).
+    The soundtrack is trimmed to N / fps seconds; H and W must be even (yuv420p). `crf`: H.264 quality,
+    0 (lossless: decoding gives back exactly the yuv420p pictures) to 51.
     """
+    if not 0 <= crf <= 51:
+        raise OutputInvalid(f"crf {crf} is out of range; accepted: 0 (lossless) to 51")
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise OutputInvalid(f"frames must be uint8 [N>0, H, W, 3]; got {frames.dtype} {tuple(frames.shape)}")
     count, height, width = frames.shape[:3]
@@ -68,7 +78,7 @@ def write_mp4(path: Path, frames: np.ndarray, audio: np.ndarray, sample_rate: in
     audio = np.clip(audio[: round(count * sample_rate / fps)], -1.0, 1.0)
     try:
         with av.open(str(path), mode="w", format="mp4") as container:
-            video = _add_video_stream(container, width, height, fps)
+            video = _add_video_stream(container, width, height, fps, crf)
             if audio.size > 0:  # both streams exist before the first packet is muxed
                 _encode_audio(container, audio, sample_rate)
             for frame in frames:

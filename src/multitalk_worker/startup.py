@@ -57,10 +57,12 @@ THIRD_PARTY_MODULES = (
     "pyloudnorm", "av", "PIL", "pydantic", "boto3", "botocore", "requests", "certifi", "runpod", "ftfy",
     "sentencepiece", "tokenizers", "skimage", "tqdm",
 )  # fmt: skip
-# GPU memory the startup check asks for. 480p: the measured peak of a 480p clip with every network resident,
-# 58.5 GiB (reference engine, H100, bench/RESULTS.md run F), plus 1.5 GiB of margin. 720p: an ESTIMATE (the
-# 720p DiT forward measured 42.7 GiB with the DiT alone; a full 720p job was not run).
+# GPU memory the startup check asks for: the measured peak of a clip with every network resident, plus margin.
+# 480p: 58.5 GiB (reference engine, H100, bench/RESULTS.md run F). 720p: 69.7 GiB (reference engine, run H6).
 GPU_MEMORY_GIB = {"480p": 60.0, "720p": 72.0}
+# With MULTITALK_OFFLOAD, jobs ran under a 24 GiB cap (bench/RESULTS.md runs H1, H5): peak 11.3 GiB at 480p,
+# 16.4 GiB at 720p.
+GPU_MEMORY_GIB_OFFLOAD = {"480p": 24.0, "720p": 24.0}
 
 
 @dataclass(frozen=True)
@@ -178,8 +180,10 @@ def check_gpu(settings: Settings) -> Check:
     total = props.total_memory / 2**30
     need = settings.min_gpu_memory_gib
     if need is None:
-        need = 0.0 if settings.tiny_model else GPU_MEMORY_GIB[settings.max_resolution]
-    detail = f"{props.name}, {total:.1f} GiB; {need:g} GiB needed for {settings.max_resolution}"
+        table = GPU_MEMORY_GIB_OFFLOAD if settings.offload else GPU_MEMORY_GIB
+        need = 0.0 if settings.tiny_model else table[settings.max_resolution]
+    mode = " with offload" if settings.offload else ""
+    detail = f"{props.name}, {total:.1f} GiB; {need:g} GiB needed for {settings.max_resolution}{mode}"
     return Check("gpu", total >= need, detail)
 
 
@@ -192,11 +196,12 @@ def resolve_device(device: str) -> str:
 
 
 def engine_from_settings(settings: Settings) -> EngineOptions:
-    """MULTITALK_ENGINE, MULTITALK_FP8 and MULTITALK_LORAS as the pipeline's engine options."""
+    """MULTITALK_ENGINE, _FP8, _OFFLOAD and _LORAS as the pipeline's engine options."""
     from multitalk_worker.pipeline.engine import engine_options, parse_lora_arg
 
     entries = [item.strip() for item in (settings.loras or "").split(",") if item.strip()]
-    return engine_options(settings.engine, fp8=settings.fp8, loras=tuple(map(parse_lora_arg, entries)))
+    loras = tuple(map(parse_lora_arg, entries))
+    return engine_options(settings.engine, fp8=settings.fp8, loras=loras, offload=settings.offload)
 
 
 # ----------------------------------------------------------------------------- resident pipeline

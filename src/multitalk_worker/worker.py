@@ -167,7 +167,8 @@ class Worker:
         stage.name = "encode"
         tick = time.monotonic()
         video = scratch / f"{job_id}.mp4"
-        write_mp4(video, result.frames, result.audio, result.sample_rate, result.fps)
+        crf = self.settings.video_crf
+        write_mp4(video, result.frames, result.audio, result.sample_rate, result.fps, crf=crf)
         timings["encode_s"] = time.monotonic() - tick
         stage.name = "verify"
         tick = time.monotonic()

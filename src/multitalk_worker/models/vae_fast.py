@@ -20,11 +20,14 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
 @dataclass(frozen=True)
 class VAERuntime:
     """dtype of weights and activations; channels_last: channels-last 3D layout for the 5D conv weights;
-    compile_blocks: torch.compile each residual block (fuses its RMS norms and SiLUs; one graph per shape)."""
+    compile_blocks: torch.compile each residual block (fuses its RMS norms and SiLUs; one graph per shape);
+    cudnn_benchmark: let cuDNN time its convolution algorithms on first use of each shape (process-wide
+    `torch.backends.cudnn.benchmark`; the chosen algorithm may round differently)."""
 
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
     compile_blocks: bool = False
+    cudnn_benchmark: bool = False
 
 
 REFERENCE_VAE_RUNTIME = VAERuntime()
@@ -38,6 +41,8 @@ def prepare_vae(vae: AutoencoderKLWan, runtime: VAERuntime) -> AutoencoderKLWan:
         for param in vae.parameters():
             if param.ndim == 5:
                 param.data = param.data.contiguous(memory_format=torch.channels_last_3d)
+    if runtime.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     if runtime.compile_blocks:
         for module in vae.modules():
             if isinstance(module, WanResidualBlock):

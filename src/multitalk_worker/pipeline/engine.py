@@ -1,8 +1,8 @@
-"""How the networks run: DiT kernels, compilation, precision, VAE precision and merged LoRAs.
+"""How the networks run: DiT kernels, compilation, precision, VAE precision, merged LoRAs, offload.
 
 Fixed when a pipeline loads. `reference` reproduces the reference implementation (the parity path);
 `fast` is the single-GPU fast path measured in bench/RESULTS.md (its error against the reference path is
-stated there). fp8 and LoRAs are explicit choices on top of either.
+stated there). fp8, LoRAs and offload (low-memory mode) are explicit choices on top of either.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from multitalk_worker.errors import InvalidInput, ModelLoadFailed
 from multitalk_worker.models.fp8 import quantize_block_linears_fp8
+from multitalk_worker.models.offload import BlockOffload
 from multitalk_worker.models.runtime import FAST_RUNTIME, REFERENCE_RUNTIME, DiTRuntime, compile_blocks
 from multitalk_worker.models.vae_fast import (
     FAST_VAE_RUNTIME,
@@ -38,6 +41,12 @@ class EngineOptions:
     fp8: bool = False  # float8 block linears (torchao; Hopper GPUs); a lower-quality tier
     vae: VAERuntime = REFERENCE_VAE_RUNTIME
     loras: tuple[LoraSpec, ...] = ()
+    # low-memory mode: DiT and umT5 blocks stay in host memory and visit the GPU one at a time
+    offload: bool = False
+
+    def __post_init__(self) -> None:
+        if self.offload and self.fp8:
+            raise InvalidInput("fp8 and offload cannot be combined; choose one of them")
 
 
 REFERENCE_ENGINE = EngineOptions()
@@ -47,11 +56,13 @@ ENGINES: dict[str, EngineOptions] = {
 }
 
 
-def engine_options(name: str, *, fp8: bool = False, loras: tuple[LoraSpec, ...] = ()) -> EngineOptions:
-    """The named engine with fp8 and LoRAs added; InvalidInput lists the accepted names."""
+def engine_options(
+    name: str, *, fp8: bool = False, loras: tuple[LoraSpec, ...] = (), offload: bool = False
+) -> EngineOptions:
+    """The named engine with fp8, LoRAs and offload added; InvalidInput lists the accepted names."""
     if name not in ENGINES:
         raise InvalidInput(f"unknown engine {name!r}; accepted: {', '.join(ENGINES)}")
-    return replace(ENGINES[name], fp8=fp8, loras=loras)
+    return replace(ENGINES[name], fp8=fp8, loras=loras, offload=offload)
 
 
 def parse_lora_arg(text: str) -> LoraSpec:
@@ -65,11 +76,16 @@ def parse_lora_arg(text: str) -> LoraSpec:
         ) from None
 
 
-def prepare_bundle(bundle: ModelBundle, options: EngineOptions) -> None:
+def prepare_bundle(bundle: ModelBundle, options: EngineOptions, device: torch.device) -> list[BlockOffload]:
     """Apply `options` to freshly loaded networks, in place: LoRAs are merged into the bf16 weights first
-    (as the reference does), then fp8 and compilation, which work on the merged weights."""
+    (as the reference does), then offload, fp8 and compilation, which work on the merged weights.
+
+    Without `offload` the networks are already on `device`; with it they may arrive anywhere (load them
+    to the CPU) and end up on `device`, except their block stacks, which stay in host memory (returned:
+    the offloaded stacks)."""
     for lora in options.loras:
         merge_lora_file(bundle.dit, lora.path, scale=lora.scale)
+    offloads = place_offloaded(bundle, device) if options.offload else []
     if options.fp8:
         if next(bundle.dit.parameters()).device.type != "cuda":
             raise InvalidInput("fp8 needs a CUDA GPU with float8 matrix units (Hopper or newer)")
@@ -81,3 +97,22 @@ def prepare_bundle(bundle: ModelBundle, options: EngineOptions) -> None:
         compile_blocks(bundle.dit)
     if options.vae != REFERENCE_VAE_RUNTIME:  # the loaders already give the reference's float32 VAE
         prepare_vae(bundle.vae, options.vae)
+    return offloads
+
+
+def place_offloaded(bundle: ModelBundle, device: torch.device) -> list[BlockOffload]:
+    """Low-memory placement: everything on `device` except the DiT's and umT5's blocks (~94% of the
+    weights), which `BlockOffload` streams in one block at a time. The audio encoder stays where it is."""
+    offloads = []
+    for network, stack in (
+        (bundle.dit, bundle.dit.blocks),
+        (bundle.text_encoder, bundle.text_encoder.encoder.block),
+    ):
+        offloads.append(BlockOffload(stack, device))
+        stacked = {id(tensor) for tensor in [*stack.parameters(), *stack.buffers()]}
+        for tensor in [*network.parameters(), *network.buffers()]:
+            if id(tensor) not in stacked:
+                tensor.data = tensor.data.to(device)
+    bundle.image_encoder.to(device)
+    bundle.vae.to(device)
+    return offloads

@@ -177,8 +177,11 @@ class _Prepared:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Wall time per stage; on CUDA each stage waits for its queued GPU work, so it is counted there."""
+
+    def __init__(self, device: torch.device) -> None:
         self.seconds: dict[str, float] = {}
+        self.device = device
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -186,6 +189,8 @@ class _Timer:
         try:
             yield
         finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -201,12 +206,14 @@ class MultiTalkPipeline:
         bundle: ModelBundle,
         sequence_parallel: SequenceParallel | None = None,
         engine: EngineOptions = REFERENCE_ENGINE,
+        device: torch.device | None = None,
     ) -> None:
-        """`engine` is applied to `bundle` in place (LoRA merge, fp8, compilation, VAE precision)."""
-        prepare_bundle(bundle, engine)
+        """`engine` is applied to `bundle` in place (LoRA merge, offload, fp8, compilation, VAE precision).
+        `device`: where the networks run; default: where the DiT's weights are (give it with offload)."""
+        self.device = device or next(bundle.dit.parameters()).device
+        self.offloads = prepare_bundle(bundle, engine, self.device)
         self.bundle = bundle
         self.engine = engine
-        self.device = next(bundle.dit.parameters()).device
         self.sequence_parallel = sequence_parallel
         if sequence_parallel is not None:
             try:
@@ -229,11 +236,14 @@ class MultiTalkPipeline:
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        load_to = torch.device("cpu") if engine.offload else device  # offload streams blocks from host memory
         if str(path) == "tiny":
             from multitalk_worker.tiny import build_tiny_bundle
 
-            return cls(build_tiny_bundle(seed=0, device=device, dtype=dtype), sequence_parallel, engine)
-        return cls(load_models(path, device=device, dtype=dtype), sequence_parallel, engine)
+            bundle = build_tiny_bundle(seed=0, device=load_to, dtype=dtype)
+        else:
+            bundle = load_models(path, device=load_to, dtype=dtype)
+        return cls(bundle, sequence_parallel, engine, device)
 
     @property
     def is_tiny(self) -> bool:
@@ -247,7 +257,7 @@ class MultiTalkPipeline:
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
     ) -> GenerationResult:
-        timer = _Timer()
+        timer = _Timer(self.device)
         check_params(request, tiny_model=self.is_tiny)
         seed = request.sampling.seed if request.sampling.seed >= 0 else random.randint(0, MAX_SEED)
         if self.sequence_parallel is not None:  # the ranks must draw the same noise and stop together
@@ -366,7 +376,8 @@ class MultiTalkPipeline:
                 video = vae_decode(self.bundle.vae, latent)[0]  # [3, F, H, W] in [-1, 1]
             with timer.stage("color"):
                 video = match_colors(video, reference, prepared.color_strength)
-            kept.append(to_uint8(video if index == 0 else video[:, MOTION_FRAMES:]))
+            with timer.stage("frames"):
+                kept.append(to_uint8(video if index == 0 else video[:, MOTION_FRAMES:]))
             cond_pixels = video[None, :, -MOTION_FRAMES:].float()
         frames = np.concatenate(kept)[: plan.max_frames][: plan.output_frames]
         assert frames.shape[0] == plan.output_frames, (frames.shape, plan)
@@ -443,9 +454,12 @@ def known_frames_mask(known: int, latent_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
-    """[3, N, H, W] in [-1, 1] -> uint8 [N, H, W, 3] with the reference's truncating cast (spec 7)."""
-    unit = ((video + 1) / 2).permute(1, 2, 3, 0).cpu().numpy()
-    return np.clip(unit * 255, 0, 255).astype(np.uint8)
+    """[3, N, H, W] in [-1, 1] -> uint8 [N, H, W, 3] with the reference's truncating cast (spec 7).
+
+    Computed where `video` is (the reference does the same float32 steps in numpy), so only uint8 crosses
+    to the host."""
+    unit = ((video.float() + 1) / 2) * 255
+    return unit.clamp(0, 255).to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
 
 
 def _from_rank0(value: int, parallel: SequenceParallel, device: torch.device) -> int:
