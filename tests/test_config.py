@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -92,3 +93,16 @@ def test_docs_table_matches_settings() -> None:
     for var in ENV_VARS:
         expected = f"`{var.default}`" if var.default is not None else "unset"
         assert documented[var.name] == expected, var.name
+
+
+def test_runpod_hub_offers_only_known_settings_with_their_defaults() -> None:
+    """Every env input of .runpod/hub.json is a setting, with a default that the settings parser accepts
+    and that equals the worker's own default (where the worker has one)."""
+    hub = json.loads((REPO / ".runpod" / "hub.json").read_text())
+    known = {var.name: var for var in ENV_VARS}
+    for entry in hub["config"]["env"]:
+        var = known[entry["key"]]
+        default = str(entry["input"]["default"])
+        Settings.from_env({var.name: default})  # parses (empty counts as unset)
+        if default and var.default is not None:
+            assert default == var.default, var.name
