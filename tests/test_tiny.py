@@ -7,6 +7,7 @@ import torch
 from multitalk_worker.models.configs import TINY
 from multitalk_worker.models.transformer import MultiTalkTransformer
 from multitalk_worker.tiny import build_tiny_bundle, build_tiny_tokenizer
+from tests.tiny import REFERENCE_PRECISIONS
 
 NETWORKS = ("dit", "text_encoder", "image_encoder", "vae", "audio_encoder")
 
@@ -22,14 +23,7 @@ def test_same_seed_same_weights_other_seed_other_weights() -> None:
 def test_networks_are_real_and_at_reference_precisions() -> None:
     bundle = build_tiny_bundle()
     assert isinstance(bundle.dit, MultiTalkTransformer) and bundle.config == TINY
-    precisions = {
-        "dit": torch.bfloat16,
-        "text_encoder": torch.bfloat16,
-        "image_encoder": torch.float16,
-        "vae": torch.float32,
-        "audio_encoder": torch.float32,
-    }
-    for name, dtype in precisions.items():
+    for name, dtype in REFERENCE_PRECISIONS.items():
         model = getattr(bundle, name)
         params = list(model.parameters())
         assert {p.dtype for p in params} == {dtype}, name

@@ -26,7 +26,7 @@ from multitalk_worker.tiny import build_tiny_bundle
 from multitalk_worker.weights.diffusers_layout import transformer_key_to_original
 from multitalk_worker.weights.loader import ModelBundle, detect_layout, load_models
 from multitalk_worker.weights.manifest import verify
-from tests.tiny import WAV2VEC_DIR, write_all, write_original, write_wav2vec
+from tests.tiny import REFERENCE_PRECISIONS, WAV2VEC_DIR, write_all, write_original, write_wav2vec
 
 NETWORKS = ("dit", "text_encoder", "image_encoder", "vae", "audio_encoder")
 
@@ -98,14 +98,7 @@ def test_default_precisions_match_the_reference(folders: dict[str, Path]) -> Non
     """bf16 DiT (every float32 checkpoint tensor cast) and umT5, fp16 CLIP, fp32 VAE and wav2vec2."""
     loaded = load_models(folders["original"])
     reference = build_tiny_bundle(seed=3)  # same seed, default precisions
-    precisions = {
-        "dit": torch.bfloat16,
-        "text_encoder": torch.bfloat16,
-        "image_encoder": torch.float16,
-        "vae": torch.float32,
-        "audio_encoder": torch.float32,
-    }
-    for name, dtype in precisions.items():
+    for name, dtype in REFERENCE_PRECISIONS.items():
         state = getattr(loaded, name).state_dict()
         assert {v.dtype for v in state.values() if v.is_floating_point()} == {dtype}, name
         want = getattr(reference, name).state_dict()

@@ -24,6 +24,14 @@ from safetensors.torch import save_file
 
 from multitalk_worker.weights.loader import ModelBundle
 
+# Each network's dtype in the reference (spec 1.3): what the loaders and the tiny bundle must give.
+REFERENCE_PRECISIONS = {
+    "dit": torch.bfloat16,
+    "text_encoder": torch.bfloat16,
+    "image_encoder": torch.float16,
+    "vae": torch.float32,
+    "audio_encoder": torch.float32,
+}
 WAN_SHARDS = 7
 DIFFUSERS_TRANSFORMER_SHARDS = 3
 DIFFUSERS_TEXT_SHARDS = 2
