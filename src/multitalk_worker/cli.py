@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from multitalk_worker.distributed import Launch, launch_from_env, process_group
+from multitalk_worker.distributed import Launch, end_process, launch_from_env, process_group
 from multitalk_worker.errors import InvalidInput, WorkerError
 from multitalk_worker.media import VIDEO_CRF
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
@@ -303,15 +303,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.func is run_generate:
             launch = launch_from_env(os.environ)
         _configure_logging(args.verbose, launch)
-        return int(args.func(args) if launch is None else args.func(args, launch))
+        status = int(args.func(args) if launch is None else args.func(args, launch))
     except WorkerError as exc:
         if launch is None or launch.rank == 0:  # the other ranks fail the same way on the same inputs
             print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
-        return 1
+        status = 1
     except KeyboardInterrupt:
         if launch is None or launch.rank == 0:
             print("error: interrupted", file=sys.stderr)
-        return 130
+        status = 130
+    if launch is not None:
+        end_process(status)  # under torchrun: see end_process
+    return status
 
 
 if __name__ == "__main__":

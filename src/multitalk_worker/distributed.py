@@ -5,10 +5,13 @@ Shared by the CLI and the RunPod worker (both can run under `torchrun --nproc-pe
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from multitalk_worker.errors import InvalidInput
 
@@ -70,3 +73,25 @@ def process_group(launch: Launch, device: str | None) -> Iterator[tuple[torch.de
         yield here, SequenceParallel.from_group(dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def exit_status(exc: SystemExit) -> int:
+    """The exit status a SystemExit asks for, as the interpreter reads it (a message: said, then 1)."""
+    if exc.code is None or isinstance(exc.code, int):
+        return exc.code or 0
+    sys.stderr.write(f"{exc.code}\n")
+    return 1
+
+
+def end_process(status: int) -> NoReturn:
+    """End a torchrun process with `status`, logs and output flushed, without interpreter finalization.
+
+    Why: a gloo worker thread may still be releasing the tensors of a collective that has returned (the last
+    job message); that needs the GIL, and a thread taking the GIL of a finalizing interpreter is ended in a
+    way that aborts the process (SIGABRT, "terminate called without an active exception"; 4 of 20
+    two-process worker runs on a 2-core machine). destroy_process_group() does not join gloo's threads.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

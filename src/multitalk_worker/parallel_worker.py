@@ -32,7 +32,7 @@ from typing import Any
 import torch.distributed as dist
 
 from multitalk_worker.config import Settings
-from multitalk_worker.distributed import Launch, process_group
+from multitalk_worker.distributed import Launch, exit_status, process_group
 from multitalk_worker.errors import GenerationFailed, WorkerError
 from multitalk_worker.pipeline.request import (
     CancelCheck,
@@ -133,6 +133,7 @@ def launch_of(settings: Settings) -> Launch:
 def run_parallel(settings: Settings, serve: Serve) -> int:
     """Serve RunPod with every torchrun process: rank 0 runs `serve`, the others follow. Exit status."""
     device = None if settings.device == "auto" else settings.device
+    status = 0
     try:
         with process_group(launch_of(settings), device) as (here, parallel):
             channel = JobChannel.create()
@@ -142,9 +143,11 @@ def run_parallel(settings: Settings, serve: Serve) -> int:
                 return 0
             try:
                 serve(settings, LeaderHolder(holder, channel))
+            except SystemExit as exc:  # how the SDK's loop ends (its --test_input mode: always)
+                status = exit_status(exc)
             finally:
                 channel.send(None)
     except WorkerError as exc:  # bad device settings, or a follower's model that does not load
         sys.stderr.write(f"multitalk-worker: rank {settings.rank}: {exc.code}: {exc.message}\n")
         return 2
-    return 0
+    return status

@@ -486,9 +486,10 @@ def main() -> None:
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
     if settings.world_size > 1:  # under torchrun: every process shares each job (docs/multi-gpu.md)
+        from multitalk_worker.distributed import end_process
         from multitalk_worker.parallel_worker import run_parallel
 
-        raise SystemExit(run_parallel(settings, serve))
+        end_process(run_parallel(settings, serve))
     serve(settings)
 
 
