@@ -349,25 +349,20 @@ def test_test_input_command_line(volume: Path, tmp_path: Path) -> None:
         "MULTITALK_VOLUME_ROOT": str(volume),
         "MULTITALK_WORK_DIR": str(tmp_path),
     }
-    bad = json.dumps({"input": job_input(colour="red")})
-    out = subprocess.run(
-        [sys.executable, "-m", "multitalk_worker.worker", "--test_input", bad],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+
+    def run(job: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        command = [
+            sys.executable,
+            "-m",
+            "multitalk_worker.worker",
+            "--test_input",
+            json.dumps({"input": job}),
+        ]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    out = run(job_input(colour="red"))
     assert out.returncode == 1 and "INVALID_INPUT" in out.stdout + out.stderr
-    good = json.dumps({"input": job_input(validate_only=True)})
-    out = subprocess.run(
-        [sys.executable, "-m", "multitalk_worker.worker", "--test_input", good],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
+    out = run(job_input(validate_only=True))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "'validate_only': True" in out.stdout
 
