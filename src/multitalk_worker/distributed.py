@@ -88,7 +88,7 @@ def end_process(status: int) -> NoReturn:
 
     Why: a gloo worker thread may still be releasing the tensors of a collective that has returned (the last
     job message); that needs the GIL, and a thread taking the GIL of a finalizing interpreter is ended in a
-    way that aborts the process (SIGABRT, "terminate called without an active exception"; 4 of 20
+    way that aborts the process (SIGABRT, "terminate called without an active exception"; 7 of 46
     two-process worker runs on a 2-core machine). destroy_process_group() does not join gloo's threads.
     """
     logging.shutdown()
