@@ -1,49 +1,75 @@
 # syntax=docker/dockerfile:1
 # The multitalk-worker image: the RunPod serverless worker (default command) and the local HTTP API.
 #
+#   docker build -t multitalk-worker .
 #   docker build --build-arg GIT_REVISION="$(git rev-parse HEAD)" -t multitalk-worker:"$(git rev-parse --short HEAD)" .
 #
-# One install path: requirements.lock (exact versions), then the project with --no-deps. Only the torch build
-# differs from a CPU checkout: the CUDA wheel of the locked version, from TORCH_INDEX_URL. Any failed step fails
-# the build; the last step runs the startup checks that need no weights or GPU.
+# It builds with no build argument (the RunPod Hub passes none). The revision it reports: GIT_REVISION when
+# given (CI and the release workflow pass the commit), else the commit checked out in the build context's .git,
+# else "unknown" (scripts/image_revision.sh).
+#
+# One install path: exactly requirements.lock (the runtime set) and requirements-cuda.lock (the CUDA 13.0 wheels
+# that torch 2.13.0 needs on Linux), with --no-deps, then `pip check`; then the project with --no-deps. Any failed
+# step fails the build; the last steps check the CUDA line of the installed torch and run the startup checks
+# that need no weights or GPU. CI runs the same install from requirements.lock alone (scripts/check_image.sh).
+#
+# Base: Python 3.11 slim (Debian bookworm), the interpreter the locks were resolved for. No CUDA base image:
+# torch's wheels bring the CUDA runtime, cuBLAS, cuDNN and NCCL, so the host needs only an NVIDIA driver that
+# runs CUDA 13.0 (Linux driver 580 or newer). Pinned by tag, not by digest: no image registry could be reached
+# where this file was written, so no digest was verified; pin one when you can.
+FROM python:3.11.14-slim-bookworm
 
-# CUDA 12.8 runtime + cuDNN on Ubuntu 22.04, pinned by digest (amd64).
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04@sha256:59e0e4376a0f16d10b03d3a14344b80a866a1674cb4948cb318291387ac05010
-
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
-ARG GIT_REVISION
+# The CUDA line of the torch build pinned in requirements-cuda.lock; .runpod/hub.json allowedCudaVersions and
+# tests/test_image.py follow it.
+ARG TORCH_CUDA=13.0
+ARG GIT_REVISION=""
 
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 
-ENV DEBIAN_FRONTEND=noninteractive \
-    PYTHONUNBUFFERED=1 \
+# NVIDIA_*: the container toolkit mounts the host driver only when asked (the CUDA base images set these).
+# HF_HUB_OFFLINE: every model file is read from the volume; nothing is fetched from a hub at run time.
+ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1
 
+# gcc and the C library headers: Triton compiles a small launcher with the system C compiler the first time a
+# compiled kernel runs (MULTITALK_ENGINE=fast); the slim image has Python's headers but no compiler. Debian
+# package versions change with security updates, so they are not pinned (hadolint DL3008 waived here).
+# hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
-RUN python3.11 -m venv /opt/venv
+RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 
-COPY requirements.lock ./
-RUN torch_version="$(sed -n 's/^torch==//p' requirements.lock)" \
-    && test -n "$torch_version" \
-    && pip install "torch==${torch_version}" --index-url "${TORCH_INDEX_URL}" \
-    && pip install -r requirements.lock
+# GPU-only wheels (a FlashAttention-3 build and the like) are pinned in requirements-cuda.lock, never installed
+# here by name: the image's set stays the two lock files.
+COPY scripts/install_locked.sh scripts/
+COPY requirements.lock requirements-cuda.lock ./
+# Then: the installed torch is the build the image declares.
+RUN bash scripts/install_locked.sh python requirements.lock requirements-cuda.lock \
+    && python -c 'import sys, torch; sys.exit(0 if torch.version.cuda == sys.argv[1] else \
+    f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, the image declares {sys.argv[1]}")' \
+    "${TORCH_CUDA}"
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md handler.py ./
 COPY src ./src
 COPY examples ./examples
-RUN pip install --no-deps .
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . && pip check
 
-# The revision the worker reports in every result and in `health`. The build fails without it.
-RUN test -n "${GIT_REVISION:-}" || { echo "pass --build-arg GIT_REVISION=\$(git rev-parse HEAD)" >&2; exit 1; } \
-    && echo "${GIT_REVISION}" > /app/REVISION
+# The revision the worker reports in every result and in `health`. The .git patterns match nothing when the
+# context has no git folder; the script then writes GIT_REVISION or "unknown".
+COPY scripts/image_revision.sh .gi[t]/HEA[D] .gi[t]/packed-ref[s] .gi[t]/ref[s] /tmp/revision/
+RUN sh /tmp/revision/image_revision.sh /tmp/revision "${GIT_REVISION}" > /app/REVISION \
+    && rm -rf /tmp/revision \
+    && echo "revision: $(cat /app/REVISION)"
 
 ENV MULTITALK_REVISION_FILE=/app/REVISION \
     MULTITALK_LOCK_FILE=/app/requirements.lock \
