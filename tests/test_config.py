@@ -102,7 +102,11 @@ def test_runpod_hub_offers_only_known_settings_with_their_defaults() -> None:
     known = {var.name: var for var in ENV_VARS}
     for entry in hub["config"]["env"]:
         var = known[entry["key"]]
-        default = str(entry["input"]["default"])
+        field = entry["input"]
+        default = field["default"]
+        if field["type"] == "boolean":  # the Hub sets trueValue / falseValue in the environment
+            default = field["trueValue"] if default else field["falseValue"]
+        default = str(default)
         Settings.from_env({var.name: default})  # parses (empty counts as unset)
         if default and var.default is not None:
             assert default == var.default, var.name

@@ -221,7 +221,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "lock_file",
         "path",
         "requirements.lock",
-        "Lock file the startup version check reads.",
+        "Lock file the startup version check reads; a relative path: in the working directory, else in the "
+        "checkout the package runs from.",
     ),
     EnvVar(
         "RUNPOD_WEBHOOK_GET_JOB",
