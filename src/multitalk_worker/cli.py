@@ -213,7 +213,7 @@ class _StopOnSignal:
 
 
 def run_generate(args: argparse.Namespace, launch: Launch | None = None) -> int:
-    from multitalk_worker.pipeline.pipeline import check_inputs
+    from multitalk_worker.pipeline.inputs import check_inputs
 
     request = build_request(args)
     if not args.out.parent.is_dir():
@@ -240,7 +240,7 @@ def _generate(
 ) -> int:
     """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
     from multitalk_worker.media import write_mp4
-    from multitalk_worker.pipeline.pipeline import MultiTalkPipeline
+    from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
 
     started = time.perf_counter()
     lead = parallel is None or parallel.rank == 0
@@ -250,7 +250,7 @@ def _generate(
     engine = engine_options(
         args.engine, fp8=args.fp8, loras=tuple(map(parse_lora_arg, args.lora)), offload=args.offload
     )
-    pipeline = MultiTalkPipeline.from_pretrained(
+    pipeline = TalkingVideoPipeline.from_pretrained(
         args.weights, device=device, sequence_parallel=parallel, engine=engine
     )
     bar = _ProgressBar() if lead else None
@@ -262,7 +262,7 @@ def _generate(
     if not lead:
         return 0
     write_mp4(args.out, result.frames, result.audio, result.sample_rate, result.fps, crf=args.crf)
-    count, height, width = result.frames.shape[:3]
+    count, (height, width) = result.frame_count, result.size
     processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(
         f"wrote {args.out}: {count} frames ({count / result.fps:.2f} s) at {width}x{height}, "

@@ -16,10 +16,10 @@ import av
 import numpy as np
 
 from multitalk_worker.errors import OutputInvalid
+from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
 
-FPS = 25
 VIDEO_CRF = 23
 
 

@@ -15,8 +15,9 @@ from tokenizers.models import Unigram
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor
 
-from multitalk_worker.models.audio_encoder import SAMPLE_RATE, build_audio_encoder
+from multitalk_worker.models.audio_encoder import build_audio_encoder
 from multitalk_worker.models.configs import TINY, MultiTalkConfig
+from multitalk_worker.timeline import SAMPLE_RATE
 from multitalk_worker.weights.checkpoint import assign_state, empty_model
 from multitalk_worker.weights.loader import ModelBundle, component_dtypes, empty_models
 from multitalk_worker.weights.original import T5_TIED

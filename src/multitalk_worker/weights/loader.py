@@ -56,6 +56,8 @@ class ModelBundle:
     audio_encoder: Wav2Vec2Model
     feature_extractor: Wav2Vec2FeatureExtractor
     config: MultiTalkConfig
+    model: str = "multitalk"  # registry.py: whose adapter the DiT carries
+    adapter: str = "multitalk"
 
 
 @dataclass(frozen=True)
