@@ -24,13 +24,23 @@ from typing import Protocol
 
 import torch
 from diffusers import AutoencoderKLWan
+from PIL import Image
 from torch import Tensor
 from transformers import CLIPVisionModel
 
 from multitalk_worker.models.image_encoder import encode_image
 from multitalk_worker.models.vae import vae_encode
+from multitalk_worker.pipeline import image as image_prep
+from multitalk_worker.pipeline.request import ColorReference
 from multitalk_worker.pipeline.sampling import ClipConditions, PassInputs, guidance_passes
 from multitalk_worker.timeline import FRAMES_PER_CLIP, VAE_STRIDE, latent_frames
+
+
+class SourceFrames(Protocol):
+    """What InfiniteTalk conditions on: frames on the 25 fps timeline, asked in non-decreasing order; an
+    image is a one-frame source (every index gives the image); past a video's end, its last frame."""
+
+    def frame(self, index: int) -> Image.Image: ...
 
 
 @dataclass(frozen=True)
@@ -130,4 +140,68 @@ class MultiTalkConditioner:
             y=torch.cat([mask, y_latent], dim=1),
             person_masks=self.shared.person_masks,
             motion_latent=motion,
+        )
+
+
+class InfiniteTalkConditioner:
+    """Spec IT 5.2-5.4: every clip knows one reference frame of the source (frame `start`, the image for
+    an image source); the first latent frames are the clean VAE latent of the frame(s) the clip continues
+    from: the reference frame in clip 0, the previous clip's last M colour-corrected frames later."""
+
+    def __init__(
+        self,
+        source: SourceFrames,
+        resolution: str,
+        encoders: Encoders,
+        shared: SharedInputs,
+        motion_frames: int,
+        color: ColorReference = "first",
+    ) -> None:
+        self.source = source
+        self.resolution = resolution
+        self.encoders = encoders
+        self.shared = shared
+        self.motion_frames = motion_frames
+        self.color = color
+        self._first: Tensor | None = None  # source frame 0, the colour reference
+        self._cached: tuple[Tensor, Tensor, Tensor] | None = None  # (pixels, y, clip tokens) of the last clip
+
+    def reference_pixels(self, start: int) -> Tensor:
+        """The clip's reference frame resized and cropped to the bucket (spec MT 3.2) [1, 3, 1, H, W]."""
+        prepared = image_prep.prepare_image(self.source.frame(start), self.resolution)
+        return prepared.pixels.to(self.encoders.device)
+
+    def color_reference(self, clip: ClipInputs) -> Tensor:
+        if self.color == "clip":
+            return self._reference(clip.start)[0][0, :, 0]
+        if self._first is None:
+            self._first = self.reference_pixels(0)[0, :, 0]
+        return self._first
+
+    def _reference(self, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Pixels, `y` latent part and CLIP tokens of the clip's reference frame; computed again only when
+        the frame changes (an image, or a held last frame, gives the same for every clip: spec IT 5.9)."""
+        pixels = self.reference_pixels(start)
+        if self._cached is not None and torch.equal(self._cached[0], pixels):
+            return self._cached
+        _, y_latent, clip_fea = _y_and_clip(self.encoders, pixels)
+        self._cached = (pixels, y_latent, clip_fea)
+        if start == 0 and self._first is None:
+            self._first = pixels[0, :, 0]
+        return self._cached
+
+    def conditions(self, clip: ClipInputs) -> ClipConditions:
+        pixels, y_latent, clip_fea = self._reference(clip.start)
+        if clip.previous is None:  # clip 0 continues from the reference frame itself
+            clean = vae_encode(self.encoders.vae, pixels)  # [1, 16, 1, h, w] float32
+        else:
+            clean = vae_encode(self.encoders.vae, clip.previous[None, :, -self.motion_frames :].float())
+        mask = known_frames_mask(1, y_latent.shape[-2:]).to(self.encoders.device, self.encoders.dtype)
+        return ClipConditions(
+            passes=self.shared.passes(clip.audio),
+            clip_fea=clip_fea,
+            y=torch.cat([mask, y_latent], dim=1),
+            person_masks=self.shared.person_masks,
+            motion_latent=None if clip.previous is None else clean,
+            clean_latent=clean,
         )

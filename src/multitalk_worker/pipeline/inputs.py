@@ -6,6 +6,7 @@ the pipeline takes its result, so a caller that validates first (the worker, the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -13,6 +14,7 @@ from PIL import Image
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
+from multitalk_worker.pipeline.conditioning import SourceFrames
 from multitalk_worker.pipeline.plan import ClipPlan, LengthRule, plan_clips
 from multitalk_worker.pipeline.request import GenerationRequest
 from multitalk_worker.registry import ModelSpec, get_model
@@ -40,7 +42,7 @@ class PreparedInputs:
 
     spec: ModelSpec
     audio: audio_prep.PreparedAudio
-    source: StillImage
+    source: SourceFrames
     first: image_prep.ConditionImage  # frame 0 (or the image) at the bucket
     person_masks: torch.Tensor  # [3, h, w] float32 (CPU)
     plan: ClipPlan
@@ -77,11 +79,15 @@ def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
     return spec
 
 
-def open_source(request: GenerationRequest) -> tuple[StillImage, dict[str, object]]:
+def open_source(request: GenerationRequest) -> tuple[SourceFrames, dict[str, object]]:
     """The conditioning source and what the result reports of it."""
     if request.image is not None:
         return StillImage(image_prep.load_image(request.image)), {"kind": "image"}
-    raise InvalidInput("video sources come with model infinitetalk")
+    from multitalk_worker.pipeline.video import open_source as open_video
+
+    assert request.video is not None  # check_params
+    video = open_video(Path(request.video), kind="video", fps_mode=request.source_fps)
+    return video, {"kind": "video"}
 
 
 def person_masks(request: GenerationRequest, first: image_prep.ConditionImage) -> torch.Tensor:

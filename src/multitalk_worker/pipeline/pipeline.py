@@ -38,6 +38,7 @@ from multitalk_worker.pipeline.conditioning import (
     ClipConditioner,
     ClipInputs,
     Encoders,
+    InfiniteTalkConditioner,
     MultiTalkConditioner,
     SharedInputs,
 )
@@ -276,7 +277,13 @@ class TalkingVideoPipeline:
     ) -> ClipConditioner:
         encoders = Encoders(self.bundle.vae, self.bundle.image_encoder, self.bundle.dit.dtype, self.device)
         spec = get_model(request.model)
-        return MultiTalkConditioner(inputs.first.pixels.to(self.device), encoders, shared, spec.motion_frames)
+        if spec.name == "multitalk":
+            return MultiTalkConditioner(
+                inputs.first.pixels.to(self.device), encoders, shared, spec.motion_frames
+            )
+        return InfiniteTalkConditioner(
+            inputs.source, request.resolution, encoders, shared, spec.motion_frames, request.color_reference
+        )
 
     def _audio_embedding(self, track: np.ndarray, person: int) -> torch.Tensor:
         embedding = audio_features(self.bundle.audio_encoder, self.bundle.feature_extractor, track)

@@ -17,6 +17,12 @@ from multitalk_worker.registry import ModelName
 Region = tuple[float, float, float, float] | Literal["left", "right", "full"]
 AudioMode = Literal["parallel", "sequential"]
 Resolution = Literal["480p", "720p", "tiny"]  # "tiny": 32-64 px buckets, for the tiny model only
+# How a video source's frames are placed on the 25 fps timeline: "resample" by presentation time (our
+# default, a deliberate deviation), "reference" frame n = the n-th decoded frame (the reference's reading,
+# exact for 25 fps sources only; spec IT 4.4).
+SourceFps = Literal["resample", "reference"]
+# InfiniteTalk's colour reference: source frame 0 (the reference), or each clip's own reference frame.
+ColorReference = Literal["first", "clip"]
 
 
 @dataclass(frozen=True)
@@ -43,8 +49,10 @@ class GenerationRequest:
     prompt: str
     model: ModelName = "multitalk"
     image: Path | None = None  # exactly one of image and video
-    video: Path | None = None  # the source to dub (a model that takes video sources)
+    video: Path | None = None  # the source to dub (infinitetalk only)
     adapter: str | None = None  # None: the model's adapter for the number of speakers
+    source_fps: SourceFps = "resample"
+    color_reference: ColorReference = "first"
     audio_mode: AudioMode = "parallel"  # two speakers: parallel pads the shorter track with silence
     negative_prompt: str | None = None  # None: the reference's default negative prompt
     resolution: Resolution = "480p"
