@@ -189,7 +189,8 @@ def test_verify_reports_each_missing_adapter_file(
 def test_multitalk_on_a_stock_wan_folder_reports_its_file_once(folders: dict[str, Path]) -> None:
     report = verify(folders["original"])
     assert [(p.kind, p.file) for p in report.problems] == [("missing_file", MULTITALK_FILE)]
-    assert "MultiTalk audio layers" in str(report)
+    assert "MultiTalk audio layers (MeiGen-AI/MeiGen-MultiTalk)" in str(report)
+    assert f"not checked: {SINGLE}, {MULTI} (--model infinitetalk)" in report.notes
 
 
 @pytest.mark.parametrize("index", ["meigen", "none"])

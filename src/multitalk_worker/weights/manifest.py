@@ -17,9 +17,14 @@ from pathlib import Path
 from multitalk_worker.errors import CheckpointError, ModelLoadFailed, ModelMissing
 from multitalk_worker.models.configs import MultiTalkConfig
 from multitalk_worker.models.transformer import MultiTalkTransformer
-from multitalk_worker.registry import DEFAULT_MODEL, Adapter, get_model
+from multitalk_worker.registry import DEFAULT_MODEL, MODELS, Adapter, get_model
 from multitalk_worker.weights import diffusers_layout, original
-from multitalk_worker.weights.adapters import adapter_component, is_audio_key, skipped_notes
+from multitalk_worker.weights.adapters import (
+    adapter_component,
+    available_adapters,
+    is_audio_key,
+    skipped_notes,
+)
 from multitalk_worker.weights.checkpoint import (
     Component,
     Problem,
@@ -104,7 +109,7 @@ def manifest(
     layout: Layout, model: str = DEFAULT_MODEL, adapter: str | None = None
 ) -> tuple[RequiredFile, ...]:
     """Every file a folder of `layout` needs for registry model `model` (all its adapters, or one)."""
-    adapters = tuple(RequiredFile(a.file, a.what) for a in model_adapters(model, adapter))
+    adapters = tuple(RequiredFile(a.file, f"{a.what} ({a.hub_repo})") for a in model_adapters(model, adapter))
     return (*DIT_MANIFESTS[layout], *adapters, *ENCODER_MANIFESTS[layout])
 
 
@@ -234,6 +239,11 @@ def _check_dit(
     audio = {k: v for k, v in shapes.items() if is_audio_key(k)}
     for adapter in adapters:
         _check_component(report, adapter.file, lambda a=adapter: adapter_component(root, a.file), audio)
+    others = [a for a in available_adapters(root) if a not in adapters]
+    if others:
+        models = {name for name, spec in MODELS.items() for a in others if a in spec.adapters}
+        files = ", ".join(a.file for a in others)
+        report.notes.append(f"not checked: {files} (--model {' / '.join(sorted(models))})")
     if layout == "original" and config.dit.dim == 5120 and (root / original.DIT_INDEX).is_file():
         report.notes += _total_size_notes(root)
 
