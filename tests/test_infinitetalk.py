@@ -96,8 +96,8 @@ def test_sampling_keeps_the_clean_latent_and_draws_as_the_reference() -> None:
 
 @pytest.fixture(scope="module")
 def pipeline() -> pipeline_module.TalkingVideoPipeline:
-    bundle = build_tiny_bundle(dtype=torch.float32)
-    return pipeline_module.TalkingVideoPipeline(replace(bundle, model="infinitetalk", adapter="single"))
+    bundle = build_tiny_bundle(dtype=torch.float32, model="infinitetalk", adapter="single")
+    return pipeline_module.TalkingVideoPipeline(bundle)
 
 
 def _long_speech(path: Path, repeats: int) -> Path:

@@ -163,14 +163,12 @@ class TalkingVideoPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         load_to = torch.device("cpu") if engine.offload else device  # offload streams blocks from host memory
-        plain = model == "multitalk" and adapter in (None, "multitalk")
-        which = {} if plain else {"model": model, "adapter": adapter}
         if str(path) == "tiny":
             from multitalk_worker.tiny import build_tiny_bundle
 
-            bundle = build_tiny_bundle(seed=0, device=load_to, dtype=dtype, **which)
+            bundle = build_tiny_bundle(seed=0, device=load_to, dtype=dtype, model=model, adapter=adapter)
         else:
-            bundle = load_models(path, device=load_to, dtype=dtype, **which)
+            bundle = load_models(path, device=load_to, dtype=dtype, model=model, adapter=adapter)
         return cls(bundle, sequence_parallel, engine, device)
 
     @property
