@@ -3,8 +3,6 @@ AV1, typed errors and flat memory, on videos written here with PyAV whose frame 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -21,6 +19,7 @@ from multitalk_worker.pipeline.video import (
     open_source,
     probe_video,
 )
+from tests.memory import run_for_peaks
 
 BASE, DIGITS, LEVEL0, STEP = 16, 4, 16, 14  # frame i: 4 base-16 digits as grey levels 16, 30, ..., 226
 
@@ -307,7 +306,7 @@ def test_frame_size_is_refused_before_decoding(videos: dict[str, Path]) -> None:
 
 
 PEAK_RSS = """
-import resource, sys
+import sys
 from pathlib import Path
 from multitalk_worker.pipeline.video import VideoSource
 def read(mode, frames):
@@ -316,10 +315,10 @@ def read(mode, frames):
             source.frame(n)
         assert source.held_from is None and source.decoded_frames >= frames - 72
 read("resample", 300)
-short = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+short = peak_kb()
 read("resample", 3000)
 read("reference", 3000)
-print(short, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(short, peak_kb())
 """
 
 
@@ -328,8 +327,5 @@ def test_memory_does_not_grow_with_the_video(tmp_path: Path) -> None:
     decoded frames are dropped as the reader moves on. Holding the long video's decoded frames would add
     3000 x 64 x 64 x 1.5 B = 18 MB."""
     long = write_video(tmp_path / "long.mp4", 3000, 25)
-    done = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS, str(long)], capture_output=True, text=True, check=True
-    )
-    short_kb, long_kb = (int(v) for v in done.stdout.split()[-2:])
+    short_kb, long_kb = run_for_peaks(PEAK_RSS, str(long))
     assert long_kb - short_kb < 4096, (short_kb, long_kb)
