@@ -186,9 +186,10 @@ class _Opened:
         self._start_pts: int | None = None
         self._last: _Decoded | None = None
         self.decoded = 0
-        self.first = self.next()
-        if self.first is None:
+        first = self.next()
+        if first is None:
             raise _fail(self.path, "has a video stream but no decodable frame")
+        self.first: _Decoded = first
         self._check_pixels(self.first.frame.width, self.first.frame.height, max_pixels, "decodes to")
         self.rotation = _rotation(self.first.frame, self.path)
 
@@ -196,7 +197,7 @@ class _Opened:
         if width * height > max_pixels:
             raise InputTooLarge(
                 f"{self.path.name} {verb} {width}x{height} frames ({width * height} pixels); accepted: "
-                f"at most {max_pixels} pixels per frame (e.g. 4096x2160); scale the video down first",
+                f"at most {max_pixels} pixels per frame; scale the video down first",
                 stage="input",
             )
 
@@ -211,6 +212,8 @@ class _Opened:
                 raise _fail(self.path, f"its first frame does not decode ({exc})") from exc
             logger.warning("%s: decoding stopped after %d frames: %s", self.path.name, self.decoded, exc)
             return None
+        # A frame's display time: its own duration, else one period of the declared rate, else 1/25 s. Only
+        # the last frame's matters (it decides where "past the end" starts, hence `held_from`).
         step = Fraction(1) / self.rate if self.rate else Fraction(1, FPS)
         if frame.pts is None or frame.time_base is None:
             time = self._last.time + self._last.duration if self._last else Fraction(0)
