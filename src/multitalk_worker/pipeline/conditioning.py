@@ -24,7 +24,6 @@ from typing import Protocol
 
 import torch
 from diffusers import AutoencoderKLWan
-from PIL import Image
 from torch import Tensor
 from transformers import CLIPVisionModel
 
@@ -33,14 +32,8 @@ from multitalk_worker.models.vae import vae_encode
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline.request import ColorReference
 from multitalk_worker.pipeline.sampling import ClipConditions, PassInputs, guidance_passes
+from multitalk_worker.pipeline.video import SourceFrames
 from multitalk_worker.timeline import FRAMES_PER_CLIP, VAE_STRIDE, latent_frames
-
-
-class SourceFrames(Protocol):
-    """What InfiniteTalk conditions on: frames on the 25 fps timeline, asked in non-decreasing order; an
-    image is a one-frame source (every index gives the image); past a video's end, its last frame."""
-
-    def frame(self, index: int) -> Image.Image: ...
 
 
 @dataclass(frozen=True)

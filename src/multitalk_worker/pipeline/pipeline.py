@@ -353,7 +353,7 @@ class TalkingVideoPipeline:
             "model": request.model,
             "adapter": self.bundle.adapter,
             "weights": self.bundle.config.name,
-            "source": dict(inputs.source_report),
+            "source": inputs.source_report(),
             "resolution": request.resolution,
             "bucket": list(inputs.first.bucket),
             "persons": len(request.speakers),
