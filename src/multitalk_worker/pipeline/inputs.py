@@ -13,14 +13,12 @@ import torch
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
-from multitalk_worker.pipeline.plan import ClipPlan, LengthRule, plan_clips
+from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
 from multitalk_worker.pipeline.request import GenerationRequest
 from multitalk_worker.pipeline.video import SourceFrames, VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model
 from multitalk_worker.timeline import FRAMES_PER_CLIP, SAMPLE_RATE, VAE_STRIDE, resolve_max_frames
-
-LENGTH_RULES: dict[str, LengthRule] = {"multitalk": "drop_padding", "infinitetalk": "audio"}
 
 
 @dataclass
@@ -106,7 +104,7 @@ def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> PreparedI
     )
     audio_s = prepared.num_samples / SAMPLE_RATE
     max_frames = resolve_max_frames(request.max_duration_s, audio_s, spec.max_frames)
-    plan = plan_clips(prepared.frames, max_frames, spec.motion_frames, LENGTH_RULES[spec.name])
+    plan = plan_clips(prepared.frames, max_frames, spec.motion_frames, spec.length_rule)
     source = open_source(request)
     try:
         first = image_prep.prepare_image(source.frame(0), request.resolution)
