@@ -34,7 +34,7 @@ from multitalk_worker.models.vae import vae_decode, vae_encode
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline.color import match_colors
-from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle
+from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle, resolve_engine
 from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import (
     CancelCheck,
@@ -211,6 +211,7 @@ class MultiTalkPipeline:
         """`engine` is applied to `bundle` in place (LoRA merge, offload, fp8, compilation, VAE precision).
         `device`: where the networks run; default: where the DiT's weights are (give it with offload)."""
         self.device = device or next(bundle.dit.parameters()).device
+        engine = resolve_engine(engine, self.device)  # attention backends: probed once, here
         self.offloads = prepare_bundle(bundle, engine, self.device)
         self.bundle = bundle
         self.engine = engine
