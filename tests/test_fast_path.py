@@ -217,6 +217,8 @@ def test_engine_resolves_attention_at_load() -> None:
         resolve_engine(engine_options("fast", attention="flash3"), cpu)
     with pytest.raises(InvalidInput, match="accepted.*or 'auto'"):
         engine_options("fast", attention="flash9")
+    with pytest.raises(InvalidInput, match="fp8 tier"):
+        dataclasses.replace(ENGINES["fast"], fp8_attention=True)
 
 
 @pytest.mark.gpu

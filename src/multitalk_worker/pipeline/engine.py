@@ -60,6 +60,8 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.offload and self.fp8:
             raise InvalidInput("fp8 and offload cannot be combined; choose one of them")
+        if self.fp8_attention and not self.fp8:
+            raise InvalidInput("fp8_attention is part of the fp8 tier; set fp8 as well")
 
 
 REFERENCE_ENGINE = EngineOptions()
