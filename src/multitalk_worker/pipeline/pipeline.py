@@ -42,7 +42,7 @@ from multitalk_worker.pipeline.conditioning import (
     RequestInputs,
     SharedInputs,
 )
-from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle
+from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle, resolve_engine
 from multitalk_worker.pipeline.inputs import PreparedInputs, check_params, prepare_inputs
 from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import (
@@ -133,6 +133,7 @@ class TalkingVideoPipeline:
         """`engine` is applied to `bundle` in place (LoRA merge, offload, fp8, compilation, VAE precision).
         `device`: where the networks run; default: where the DiT's weights are (give it with offload)."""
         self.device = device or next(bundle.dit.parameters()).device
+        engine = resolve_engine(engine, self.device)  # attention backends: probed once, here
         self.offloads = prepare_bundle(bundle, engine, self.device)
         self.bundle = bundle
         self.engine = engine
