@@ -1,0 +1,129 @@
+"""The model registry: every talking-video model this engine serves, as data (in the spirit of flux's
+`configs`).
+
+All our models share the Wan2.1-I2V-14B base (its DiT config comes from the folder's config.json, see
+weights/loader.detect_config) and the same module tree; a model adds an audio adapter (the 330 audio
+tensors: `audio_proj.*`, `blocks.N.audio_cross_attn.*`, `blocks.N.norm_x.*`) and a clip rule. An entry
+names the adapter files (paths relative to the model folder, the same in the original and the Diffusers
+layout), the clip geometry, the length cap, which conditioning sources it takes, its presets, and its
+conditioner (pipeline/conditioning.py, keyed by the model's name). weights/, the CLI, the worker and the
+pipeline read this table; nothing else names a model's files.
+
+Adding a model: an entry here, its conditioner, its spec section, its tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from multitalk_worker.errors import InvalidInput
+
+ModelName = Literal["multitalk", "infinitetalk"]
+SourceKind = Literal["image", "video"]
+# The output's length: MultiTalk drops the last clip's reflection padding (La - 3 frames for audio of La),
+# InfiniteTalk keeps the audio's frames (spec IT 5.5).
+LengthRule = Literal["drop_padding", "audio"]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One audio-adapter checkpoint: the same 330 keys for every model, other values."""
+
+    name: str  # "multitalk", "single", "multi"
+    file: str  # relative to the model folder, in both layouts
+    persons: tuple[int, ...]  # speaker counts it is meant for
+    what: str  # for messages and manifests
+    hub_repo: str  # where the file is published (Hugging Face)
+    size_gb: float  # the published file's size as reported (spec), for the docs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: ModelName
+    adapters: tuple[Adapter, ...]
+    motion_frames: int  # M: frames of the previous clip that condition the next one
+    max_frames: int  # the longest video a job may make, in 25 fps frames
+    length_rule: LengthRule
+    sources: tuple[SourceKind, ...]  # conditioning inputs it takes
+    default_preset: str
+    presets: tuple[str, ...]  # pipeline/presets.py names it offers
+
+    def adapter(self, name: str | None = None, *, persons: int = 1) -> Adapter:
+        """The adapter called `name`, or the one meant for `persons` speakers."""
+        if name is not None:
+            for adapter in self.adapters:
+                if adapter.name == name:
+                    return adapter
+            accepted = ", ".join(a.name for a in self.adapters)
+            raise InvalidInput(f"model {self.name} has no adapter {name!r}; accepted: {accepted}")
+        for adapter in self.adapters:
+            if persons in adapter.persons:
+                return adapter
+        raise InvalidInput(f"model {self.name} has no adapter for {persons} speakers")
+
+
+MULTITALK = ModelSpec(
+    name="multitalk",
+    adapters=(
+        Adapter(
+            "multitalk",
+            "multitalk.safetensors",
+            (1, 2),
+            "MultiTalk audio layers",
+            "MeiGen-AI/MeiGen-MultiTalk",
+            9.95,
+        ),
+    ),
+    motion_frames=25,
+    max_frames=1000,
+    length_rule="drop_padding",
+    sources=("image",),
+    default_preset="default",
+    presets=("default", "fusionx", "lightx2v", "fast"),
+)
+
+INFINITETALK = ModelSpec(
+    name="infinitetalk",
+    adapters=(
+        Adapter(
+            "single",
+            "single/infinitetalk.safetensors",
+            (1,),
+            "InfiniteTalk audio layers, one speaker",
+            "MeiGen-AI/InfiniteTalk",
+            9.95,
+        ),
+        Adapter(
+            "multi",
+            "multi/infinitetalk.safetensors",
+            (2,),
+            "InfiniteTalk audio layers, two speakers",
+            "MeiGen-AI/InfiniteTalk",
+            9.95,
+        ),
+    ),
+    motion_frames=9,
+    # The reference stops at --max_frame_num (1000 frames = 40 s by default); the loop itself has no limit,
+    # so we allow 10 minutes (the video streams to the encoder, spec IT 5.5). Cap a job with max_duration_s.
+    max_frames=15_000,
+    length_rule="audio",
+    sources=("image", "video"),
+    default_preset="default",
+    presets=("default", "fusionx", "lightx2v", "fast"),
+)
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (MULTITALK, INFINITETALK)}
+DEFAULT_MODEL: ModelName = "multitalk"
+
+
+def get_model(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise InvalidInput(f"unknown model {name!r}; accepted: {', '.join(MODELS)}") from None
+
+
+def all_adapters() -> dict[str, Adapter]:
+    """Every adapter file of every model, keyed by its path (two models never share a file)."""
+    return {adapter.file: adapter for spec in MODELS.values() for adapter in spec.adapters}
