@@ -9,7 +9,8 @@
 # else "unknown" (scripts/image_revision.sh).
 #
 # One install path: exactly requirements.lock (the runtime set) and requirements-cuda.lock (the CUDA 13.0 wheels
-# that torch 2.13.0 needs on Linux), with --no-deps, then `pip check`; then the project with --no-deps. Any failed
+# that torch 2.13.0 needs on Linux), with --no-deps, then `pip check`; requirements-gpu.lock (FlashAttention-3,
+# by hash); then the project with --no-deps. Any failed
 # step fails the build; the last steps check the CUDA line of the installed torch and run the startup checks
 # that need no weights or GPU. CI runs the same install from requirements.lock alone (scripts/check_image.sh).
 #
@@ -49,12 +50,13 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 
-# GPU-only wheels (a FlashAttention-3 build and the like) are pinned in requirements-cuda.lock, never installed
-# here by name: the image's set stays the two lock files.
+# GPU-only wheels are pinned by hash in requirements-gpu.lock (FlashAttention-3, `fa3-fwd`), never installed here
+# by name. Its metadata also asks for einops and ninja, which its interface module does not import, so it goes
+# in after `pip check`, with --no-deps. Then: the installed torch is the build the image declares.
 COPY scripts/install_locked.sh scripts/
-COPY requirements.lock requirements-cuda.lock ./
-# Then: the installed torch is the build the image declares.
+COPY requirements.lock requirements-cuda.lock requirements-gpu.lock ./
 RUN bash scripts/install_locked.sh python requirements.lock requirements-cuda.lock \
+    && pip install --no-cache-dir --no-deps --require-hashes -r requirements-gpu.lock \
     && python -c 'import sys, torch; sys.exit(0 if torch.version.cuda == sys.argv[1] else \
     f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, the image declares {sys.argv[1]}")' \
     "${TORCH_CUDA}"
@@ -62,7 +64,7 @@ RUN bash scripts/install_locked.sh python requirements.lock requirements-cuda.lo
 COPY pyproject.toml README.md handler.py ./
 COPY src ./src
 COPY examples ./examples
-RUN pip install --no-cache-dir --no-deps --no-build-isolation . && pip check
+RUN pip install --no-cache-dir --no-deps --no-build-isolation .
 
 # The revision the worker reports in every result and in `health`. The .git patterns match nothing when the
 # context has no git folder; the script then writes GIT_REVISION or "unknown".

@@ -21,15 +21,18 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
+from multitalk_worker.models.attention import FLASH3_MODULES
 from multitalk_worker.startup import THIRD_PARTY_MODULES, check_versions, find_lock_file, locked_versions
 from tests.conftest import REPO
 
 RUNTIME_LOCK = REPO / "requirements.lock"
 DEV_LOCK = REPO / "requirements-dev.lock"
 CUDA_LOCK = REPO / "requirements-cuda.lock"
+GPU_LOCK = REPO / "requirements-gpu.lock"
 # Modules src/ imports only inside the function that needs them, from an optional extra of pyproject.toml; the
-# worker runs without them (fp8 and the flash3 backend refuse with a typed error when absent).
-OPTIONAL_IMPORTS = {"torchao": "fp8", "flash_attn_interface": "flash3"}
+# worker runs without them (fp8 refuses with a typed error when absent). FlashAttention-3 is imported by name
+# from attention.FLASH3_MODULES (checked below).
+OPTIONAL_IMPORTS = {"torchao": "fp8"}
 # Tools that must never reach the image, whatever pulls them in.
 TEST_AND_LINT_TOOLS = {
     "pytest", "ruff", "hypothesis", "moto", "cfn-lint", "responses", "coverage", "mypy", "pyright", "black",
@@ -143,7 +146,7 @@ def test_dev_lock_adds_exactly_the_dev_closure_on_top_of_the_runtime_lock() -> N
 
 def test_no_package_is_pinned_in_two_locks() -> None:
     """One version per package: a package appears in exactly one file, so the locks cannot disagree."""
-    locks = {path.name: set(locked_versions(path)) for path in (RUNTIME_LOCK, DEV_LOCK, CUDA_LOCK)}
+    locks = {path.name: set(locked_versions(path)) for path in (RUNTIME_LOCK, DEV_LOCK, CUDA_LOCK, GPU_LOCK)}
     names = list(locks)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
@@ -151,7 +154,7 @@ def test_no_package_is_pinned_in_two_locks() -> None:
 
 
 def test_the_runtime_set_has_no_test_or_lint_tool() -> None:
-    image = set(locked_versions(RUNTIME_LOCK)) | set(locked_versions(CUDA_LOCK))
+    image = {name for lock in (RUNTIME_LOCK, CUDA_LOCK, GPU_LOCK) for name in locked_versions(lock)}
     dev_extra = {normalise(Requirement(text).name) for text in pyproject()["optional-dependencies"]["dev"]}
     assert image & (TEST_AND_LINT_TOOLS | dev_extra) == set()
     assert not any(name.startswith("pytest") for name in image)
@@ -180,3 +183,12 @@ def test_the_default_lock_path_is_found_outside_the_repository_root(
     assert check_versions(Path("requirements.lock")).ok
     missing = check_versions(Path("no-such.lock"))
     assert not missing.ok and "no-such.lock" in missing.detail
+
+
+def test_the_flash3_wheel_is_declared_and_pinned_for_the_image() -> None:
+    """FlashAttention-3 is imported by module name at run time (attention.FLASH3_MODULES); its registry wheel
+    is the `flash3` extra and pinned, by hash, in requirements-gpu.lock."""
+    assert pyproject()["optional-dependencies"]["flash3"] == ["fa3-fwd"]
+    assert "fa3-fwd" in locked_versions(GPU_LOCK)
+    assert "--hash=sha256:" in GPU_LOCK.read_text()
+    assert FLASH3_MODULES[0] == "fa3_fwd_interface"

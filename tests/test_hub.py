@@ -41,6 +41,7 @@ def test_the_declared_cuda_line_is_the_locked_one_and_the_hubs() -> None:
 
 def test_the_image_installs_the_runtime_and_cuda_locks_only_and_stays_offline() -> None:
     assert "install_locked.sh python requirements.lock requirements-cuda.lock" in DOCKERFILE
+    assert "pip install --no-cache-dir --no-deps --require-hashes -r requirements-gpu.lock" in DOCKERFILE
     assert "requirements-dev.lock" not in DOCKERFILE
     assert re.search(r"^\s+HF_HUB_OFFLINE=1 \\$", DOCKERFILE, re.MULTILINE)
     assert "--build-arg" not in re.sub(r"^#.*$", "", DOCKERFILE, flags=re.MULTILINE)
