@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -175,20 +176,22 @@ def parity_bundle(root: Path) -> ModelBundle:
 
 
 @contextmanager
-def _recording(name: str, record: Callable[[tuple[Any, ...], Any], None]) -> Iterator[None]:
-    """Wrap the function `name` that pipeline.py calls so that each call's (arguments, result) is recorded."""
-    original_fn = getattr(pipeline_module, name)
+def _recording(
+    name: str, record: Callable[[tuple[Any, ...], Any], None], module: ModuleType = pipeline_module
+) -> Iterator[None]:
+    """Wrap the function `name` that `module` calls so that each call's (arguments, result) is recorded."""
+    original_fn = getattr(module, name)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         out = original_fn(*args, **kwargs)
         record(args, out)
         return out
 
-    setattr(pipeline_module, name, wrapped)
+    setattr(module, name, wrapped)
     try:
         yield
     finally:
-        setattr(pipeline_module, name, original_fn)
+        setattr(module, name, original_fn)
 
 
 def run_generate(root: Path, work: Path, run: GenerateRun, seed: int) -> tuple[Tensors, Tensor]:
