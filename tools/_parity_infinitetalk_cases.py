@@ -13,10 +13,10 @@ the class is compiled into; the checkout is not modified):
   a GPU); the VAE records its encode inputs and its decode inputs (each clip's final latent);
 * `extract_specific_frames` and `is_video` are the checkout's own (compiled from wan/utils/utils.py), with
   `decord.VideoReader` replaced by a PyAV reader that decodes every frame to RGB24 and reports their count
-  as `_num_frame` (decord 0.6.0 is on PyPI but is not a dependency here; on the committed 25 fps H.264
-  source, and on the reference's own examples/single/ref_video.mp4, decord 0.6.0 and this reader return
-  identical frames: max |diff| 0 over frames 0, 1, 72, 144 and the last); the calls are recorded (the frame
-  index of every clip's reference);
+  as `_num_frame` (decord 0.6.0 is on PyPI but is not a dependency here). Measured: on the committed
+  25 fps H.264 source (100 frames) and on the reference's own examples/single/ref_video.mp4 (375 frames),
+  decord 0.6.0's `vr[i].asnumpy()` and this reader return identical frames (max |diff| 0 over every frame,
+  and the same `_num_frame`); the source frame each call returns is recorded (every clip's reference);
 * `get_video_codec` (ffprobe, absent here) reads the codec name with PyAV; `convert_video_to_h264` (AV1
   only) is not reachable with an H.264 source and raises;
 * `match_and_blend_colors` records each clip's colour-corrected video; `torch_gc` is a no-op;
