@@ -1,4 +1,4 @@
-"""End-to-end clips through `MultiTalkPipeline` on one GPU, with full-size networks and random weights.
+"""End-to-end clips through `TalkingVideoPipeline` on one GPU, with full-size networks and random weights.
 
     python bench/bench_pipeline.py --out DIR [--cases ref-fast,fast-fast,fast-fast-2p,fast-default]
 
@@ -38,7 +38,7 @@ from multitalk_worker.models.text_encoder import build_text_encoder  # noqa: E40
 from multitalk_worker.models.transformer import MultiTalkTransformer  # noqa: E402
 from multitalk_worker.models.vae import build_vae  # noqa: E402
 from multitalk_worker.pipeline.engine import engine_options  # noqa: E402
-from multitalk_worker.pipeline.pipeline import MultiTalkPipeline  # noqa: E402
+from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline  # noqa: E402
 from multitalk_worker.pipeline.presets import apply_preset  # noqa: E402
 from multitalk_worker.pipeline.request import GenerationRequest, SamplingParams, Speaker  # noqa: E402
 from multitalk_worker.tiny import build_tiny_feature_extractor, build_tiny_tokenizer, shape_noise  # noqa: E402
@@ -104,7 +104,7 @@ def request(preset: str, persons: int, resolution: str) -> GenerationRequest:
 
 
 def run_case(
-    pipeline: MultiTalkPipeline, name: str, preset: str, persons: int, out: Path, resolution: str = "480p"
+    pipeline: TalkingVideoPipeline, name: str, preset: str, persons: int, out: Path, resolution: str = "480p"
 ) -> dict:
     cuda = pipeline.device.type == "cuda"
     if cuda:
@@ -169,12 +169,12 @@ def main() -> None:
     }
     rows: list[dict] = results["rows"]  # type: ignore[assignment]
     if "ref-fast" in cases:  # first: the fast engine changes the networks in place
-        rows.append(run_case(MultiTalkPipeline(bundle), "ref-fast", "fast", 1, args.out, args.resolution))
+        rows.append(run_case(TalkingVideoPipeline(bundle), "ref-fast", "fast", 1, args.out, args.resolution))
     fast_engine = engine_options("fast", fp8=args.fp8, offload=args.offload)
     if not cuda:  # inductor on a 2-core CPU takes minutes; the smoke test checks the wiring, not speed
         fast_engine = replace(fast_engine, compile=False)
     prepare_start = time.perf_counter()
-    fast = MultiTalkPipeline(bundle, engine=fast_engine, device=torch.device(device))
+    fast = TalkingVideoPipeline(bundle, engine=fast_engine, device=torch.device(device))
     # with offload this includes the copy of the block stacks to page-locked host memory
     results["engine_prepare_s"] = round(time.perf_counter() - prepare_start, 2)
     if cuda:

@@ -13,6 +13,7 @@ import pytest
 import soxr
 import torch
 
+from multitalk_worker import timeline
 from multitalk_worker.errors import AudioDecodeFailed, InvalidInput
 from multitalk_worker.media import write_mp4
 from multitalk_worker.pipeline import audio
@@ -52,9 +53,9 @@ def voiced(seconds: float, rate: int, freq: float = 180.0, seed: int = 0) -> np.
 
 
 def test_frame_count_and_minimum_match_reference_arithmetic() -> None:
-    assert audio.frames_for_samples(16000 * 4) == 100
-    assert audio.frames_for_samples(52479) == 81 and audio.frames_for_samples(52480) == 82
-    assert audio.min_seconds_for_clip(81) == pytest.approx(3.28)
+    assert timeline.audio_frames(16000 * 4) == 100
+    assert timeline.audio_frames(52479) == 81 and timeline.audio_frames(52480) == 82
+    assert timeline.min_audio_s() == pytest.approx(3.28)
 
 
 def test_example_speech_is_normalised_to_minus_23_lufs() -> None:

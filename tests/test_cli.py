@@ -16,7 +16,8 @@ import soxr
 
 from multitalk_worker.cli import main
 from multitalk_worker.media import probe_video, read_frames
-from multitalk_worker.pipeline.audio import frames_for_samples, read_track
+from multitalk_worker.pipeline.audio import read_track
+from multitalk_worker.timeline import audio_frames
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 AAC_FRAME_S = 1024 / 16000
@@ -98,7 +99,7 @@ def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path) -> None:
     )  # fmt: skip
     assert "3 clip(s)" in proc.stdout
     samples = read_track(mp3).shape[0] + read_track(stereo).shape[0]
-    check_video(out, frames_for_samples(samples) - 3)
+    check_video(out, audio_frames(samples) - 3)
 
 
 def test_bad_audio_bytes_end_with_one_line(tmp_path: Path) -> None:

@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from multitalk_worker.errors import InvalidInput
-from multitalk_worker.models.audio_encoder import audio_features, num_video_frames
+from multitalk_worker.models.audio_encoder import audio_features
 from multitalk_worker.models.configs import TINY
 from multitalk_worker.models.image_encoder import CLIP_MEAN, CLIP_STD, encode_image, preprocess_image
 from multitalk_worker.models.text_encoder import encode_text
 from multitalk_worker.models.vae import vae_decode, vae_encode
+from multitalk_worker.timeline import audio_frames
 from multitalk_worker.tiny import build_tiny_bundle
 from multitalk_worker.weights.loader import ModelBundle
 
@@ -75,7 +76,7 @@ def test_audio_features_are_at_25_fps_with_every_layer(bundle: ModelBundle, samp
     signal = np.random.default_rng(samples).standard_normal(samples).astype(np.float32)
     features = audio_features(bundle.audio_encoder, bundle.feature_extractor, signal)
     frames = int(samples / 16000 * 25)
-    assert num_video_frames(samples) == frames
+    assert audio_frames(samples) == frames
     assert features.shape == (frames, TINY.audio_encoder.num_hidden_layers, TINY.audio_encoder.hidden_size)
     assert features.dtype == torch.float32
 

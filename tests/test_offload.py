@@ -16,7 +16,7 @@ from multitalk_worker.media import read_frames
 from multitalk_worker.models.offload import BlockOffload
 from multitalk_worker.models.runtime import FAST_RUNTIME, compile_blocks
 from multitalk_worker.pipeline.engine import ENGINES, EngineOptions, engine_options
-from multitalk_worker.pipeline.pipeline import MultiTalkPipeline
+from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
 from multitalk_worker.startup import engine_from_settings
 from tests.test_cli import EXAMPLES, generate, run_cli
 from tests.test_pipeline import _request
@@ -74,9 +74,9 @@ def test_blocks_visit_the_device_one_at_a_time_and_the_output_is_unchanged(compi
 
 def test_offload_pipeline_makes_the_same_video_as_the_resident_one() -> None:
     request = _request(max_duration_s=1.0)  # one 25-frame clip, 3 guidance passes, 2 steps
-    resident = MultiTalkPipeline.from_pretrained("tiny", device="cpu")(request)
+    resident = TalkingVideoPipeline.from_pretrained("tiny", device="cpu")(request)
     engine = replace(ENGINES["reference"], offload=True)
-    pipe = MultiTalkPipeline.from_pretrained("tiny", device="cpu", engine=engine)
+    pipe = TalkingVideoPipeline.from_pretrained("tiny", device="cpu", engine=engine)
     dit, text = pipe.offloads
     assert dit.blocks == list(pipe.bundle.dit.blocks)
     assert text.blocks == list(pipe.bundle.text_encoder.encoder.block)

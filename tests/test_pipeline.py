@@ -12,14 +12,11 @@ import torch
 
 from multitalk_worker.errors import Cancelled, DurationTooLong, InvalidInput
 from multitalk_worker.models.configs import TINY
-from multitalk_worker.pipeline.pipeline import (
-    MultiTalkPipeline,
-    known_frames_mask,
-    plan_clips,
-    resolve_max_frames,
-    to_uint8,
-)
+from multitalk_worker.pipeline.conditioning import known_frames_mask
+from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline, to_uint8
+from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
 from multitalk_worker.pipeline.request import GenerationRequest, Progress, SamplingParams, Speaker
+from multitalk_worker.timeline import resolve_max_frames
 from multitalk_worker.tiny import build_tiny_bundle
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -43,14 +40,14 @@ SPEECH_A_FRAMES = 102  # int(65529 / 640): examples/speech_a.wav at 16 kHz
     ],
 )
 def test_plan_follows_the_reference_loop(audio_frames: int, starts: tuple[int, ...], frames: int) -> None:
-    plan = plan_clips(audio_frames, 1000)
+    plan = plan_clips(audio_frames, 1000, 25, "drop_padding")
     assert plan.starts == starts and plan.output_frames == frames and plan.streaming
     assert plan.padded_clip is not None and plan.padded_clip >= len(starts) - 1
 
 
 def test_plan_clip_count_and_frames_match_the_spec_formulas() -> None:
     for audio_frames in range(82, 1000, 7):
-        plan = plan_clips(audio_frames, 1000)
+        plan = plan_clips(audio_frames, 1000, 25, "drop_padding")
         k = max(1, math.ceil((min(1000, audio_frames) - 81) / 56))
         assert plan.padded_clip == k  # the reference makes k + 1 clips and pads the last one
         assert plan.starts == tuple(56 * i for i in range(len(plan.starts))) and len(plan.starts) in (
@@ -64,21 +61,24 @@ def test_plan_clip_count_and_frames_match_the_spec_formulas() -> None:
 
 
 def test_plan_clip_mode_when_capped_to_one_clip() -> None:
-    assert plan_clips(500, 81) == plan_clips(500, 81)
-    plan = plan_clips(500, 50)
+    assert plan_clips(500, 81, 25, "drop_padding") == plan_clips(500, 81, 25, "drop_padding")
+    plan = plan_clips(500, 50, 25, "drop_padding")
     assert (
         plan.starts == (0,) and plan.output_frames == 50 and not plan.streaming and plan.padded_clip is None
     )
-    assert plan_clips(500, 81).output_frames == 81
+    assert plan_clips(500, 81, 25, "drop_padding").output_frames == 81
 
 
 def test_max_duration_rules() -> None:
-    assert resolve_max_frames(None, 500) == 1000
-    assert resolve_max_frames(2.0, 500) == 50
+    assert resolve_max_frames(None, 20.0, 1000) == 1000
+    assert resolve_max_frames(2.0, 20.0, 1000) == 50
+    assert resolve_max_frames(None, 40.0, 1000) == 1000
     with pytest.raises(DurationTooLong, match="at most 40 s"):
-        resolve_max_frames(None, 1100)
+        resolve_max_frames(None, 44.0, 1000)
     with pytest.raises(DurationTooLong, match="exceeds the limit of 40 s"):
-        resolve_max_frames(41.0, 500)
+        resolve_max_frames(41.0, 20.0, 1000)
+    with pytest.raises(InvalidInput, match="shorter than one frame"):
+        resolve_max_frames(0.01, 20.0, 1000)
 
 
 def test_known_frames_mask() -> None:
@@ -111,8 +111,8 @@ def test_uint8_cast_truncates_as_the_reference_numpy_code(device: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline() -> MultiTalkPipeline:
-    return MultiTalkPipeline.from_pretrained("tiny", device="cpu")
+def pipeline() -> TalkingVideoPipeline:
+    return TalkingVideoPipeline.from_pretrained("tiny", device="cpu")
 
 
 def _request(**changes: object) -> GenerationRequest:
@@ -126,7 +126,7 @@ def _request(**changes: object) -> GenerationRequest:
     return replace(base, **changes)
 
 
-def test_one_person_video(pipeline: MultiTalkPipeline) -> None:
+def test_one_person_video(pipeline: TalkingVideoPipeline) -> None:
     events: list[Progress] = []
     result = pipeline(_request(), progress=events.append)
     assert result.frames.shape == (SPEECH_A_FRAMES - 3, 64, 48, 3) and result.frames.dtype == np.uint8
@@ -135,13 +135,13 @@ def test_one_person_video(pipeline: MultiTalkPipeline) -> None:
     assert result.frames.std(axis=0).mean() > 1.0  # frames differ over time
     assert result.resolved["clips"] == 2 and result.resolved["mode"] == "streaming"
     assert result.resolved["shift"] == 7.0 and result.resolved["passes_per_step"] == 3
-    assert {"audio", "image", "text", "sample", "decode"} <= set(result.timings)
+    assert {"audio", "text", "condition", "sample", "decode", "color", "frames"} <= set(result.timings)
     samples = [(e.chunk, e.step) for e in events if e.stage == "sample"]
     assert samples == [(1, 1), (1, 2), (2, 1), (2, 2)]
     assert all(e.chunks == 2 for e in events if e.stage == "sample")
 
 
-def test_same_seed_same_video_other_seed_differs(pipeline: MultiTalkPipeline) -> None:
+def test_same_seed_same_video_other_seed_differs(pipeline: TalkingVideoPipeline) -> None:
     capped = _request(max_duration_s=1.0)  # clip mode: one clip, 25 frames
     a, b = pipeline(capped), pipeline(capped)
     assert a.frames.shape[0] == 25 and a.resolved["mode"] == "clip"
@@ -150,7 +150,7 @@ def test_same_seed_same_video_other_seed_differs(pipeline: MultiTalkPipeline) ->
     assert not np.array_equal(a.frames, other.frames)
 
 
-def test_two_people_with_regions(pipeline: MultiTalkPipeline) -> None:
+def test_two_people_with_regions(pipeline: TalkingVideoPipeline) -> None:
     request = _request(
         image=EXAMPLES / "two_people.png",
         speakers=(
@@ -167,7 +167,7 @@ def test_two_people_with_regions(pipeline: MultiTalkPipeline) -> None:
     assert result.resolved["audio_padded_s"] == pytest.approx(4.0955625 - 3.4809375)
 
 
-def test_cancel_raises_between_steps(pipeline: MultiTalkPipeline) -> None:
+def test_cancel_raises_between_steps(pipeline: TalkingVideoPipeline) -> None:
     seen: list[Progress] = []
     with pytest.raises(Cancelled):
         pipeline(_request(), progress=seen.append, cancel=lambda: any(e.stage == "sample" for e in seen))
@@ -175,12 +175,12 @@ def test_cancel_raises_between_steps(pipeline: MultiTalkPipeline) -> None:
 
 
 def test_request_checks() -> None:
-    real_like = MultiTalkPipeline(
+    real_like = TalkingVideoPipeline(
         build_tiny_bundle(config=replace(TINY, name="tiny-as-14b"), dtype=torch.float32)
     )
     with pytest.raises(InvalidInput, match="only for the built-in tiny model"):
         real_like(_request())
-    tiny = MultiTalkPipeline.from_pretrained("tiny", device="cpu")
+    tiny = TalkingVideoPipeline.from_pretrained("tiny", device="cpu")
     with pytest.raises(InvalidInput, match="steps=0"):
         tiny(_request(sampling=SamplingParams(steps=0)))
     with pytest.raises(DurationTooLong):
@@ -188,12 +188,12 @@ def test_request_checks() -> None:
 
 
 def test_skipping_a_fully_cut_last_clip_keeps_the_output(
-    pipeline: MultiTalkPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pipeline: TalkingVideoPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Audio of 83 frames: the reference makes 2 clips and keeps 80 frames, all from clip 0."""
     import wave
 
-    from multitalk_worker.pipeline import pipeline as module
+    from multitalk_worker.pipeline import inputs as inputs_module
 
     path = tmp_path / "83.wav"
     tone = (8000 * np.sin(np.arange(83 * 640 + 100) / 6) * np.hanning(83 * 640 + 100)).astype("<i2")
@@ -202,8 +202,8 @@ def test_skipping_a_fully_cut_last_clip_keeps_the_output(
     request = _request(speakers=(Speaker(path),), sampling=SamplingParams(steps=1, seed=3))
     ours = pipeline(request)
     assert ours.frames.shape[0] == 80 and ours.resolved["clips"] == 1
-    full = module.ClipPlan(starts=(0, 56), max_frames=1000, output_frames=80, padded_clip=1)
-    monkeypatch.setattr(module, "plan_clips", lambda *args: full)
+    full = ClipPlan(starts=(0, 56), max_frames=1000, output_frames=80, padded_clip=1, motion_frames=25)
+    monkeypatch.setattr(inputs_module, "plan_clips", lambda *args: full)
     reference_loop = pipeline(request)
     assert reference_loop.resolved["clips"] == 2
     assert np.array_equal(ours.frames, reference_loop.frames)

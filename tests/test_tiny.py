@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import pytest
 import torch
 
+from multitalk_worker.errors import InvalidInput
 from multitalk_worker.models.configs import TINY
 from multitalk_worker.models.transformer import MultiTalkTransformer
-from multitalk_worker.tiny import build_tiny_bundle, build_tiny_tokenizer
+from multitalk_worker.tiny import adapter_seed, build_tiny_bundle, build_tiny_tokenizer, tiny_adapter_state
+from multitalk_worker.weights.adapters import is_audio_key
 from tests.tiny import REFERENCE_PRECISIONS
 
 NETWORKS = ("dit", "text_encoder", "image_encoder", "vae", "audio_encoder")
@@ -69,3 +74,63 @@ def test_feature_extractor_normalises_16k_audio() -> None:
     signal = 3.0 + 2.0 * torch.sin(torch.arange(16000) / 5.0).numpy()
     values = extractor(signal, sampling_rate=16000).input_values[0]
     assert abs(values.mean()) < 1e-5 and abs(values.std() - 1) < 1e-3
+
+
+def _digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def test_multitalk_tiny_weights_are_pinned() -> None:
+    """The multitalk tiny model of seed 0 (the demo's; the tiny pipeline tests compare it) is the one this
+    module has always drawn: sha256 of every tensor, computed before InfiniteTalk's adapters were added."""
+    bundle = build_tiny_bundle(0)
+    assert (bundle.model, bundle.adapter) == ("multitalk", "multitalk")
+    assert {name: _digest(getattr(bundle, name)) for name in NETWORKS} == {
+        "dit": "283d8a3a151a96b7",
+        "text_encoder": "93f7b58d69151629",
+        "image_encoder": "3e7f992dd4d13d9f",
+        "vae": "8f12335c28797dcc",
+        "audio_encoder": "5b859bd3ea3516b5",
+    }
+
+
+def test_infinitetalk_tiny_models_differ_only_in_the_adapter() -> None:
+    multitalk = build_tiny_bundle(4, dtype=torch.float32)
+    single = build_tiny_bundle(4, dtype=torch.float32, model="infinitetalk")  # one speaker: single
+    multi = build_tiny_bundle(4, dtype=torch.float32, model="infinitetalk", persons=2)
+    assert [(b.model, b.adapter) for b in (single, multi)] == [
+        ("infinitetalk", "single"),
+        ("infinitetalk", "multi"),
+    ]
+    for name in NETWORKS[1:]:
+        want = getattr(multitalk, name).state_dict()
+        for other in (single, multi):
+            assert all(torch.equal(want[k], v) for k, v in getattr(other, name).state_dict().items()), name
+    states = [b.dit.state_dict() for b in (multitalk, single, multi)]
+    for key in states[0]:
+        if is_audio_key(key):
+            assert not torch.equal(states[0][key], states[1][key]), key
+            assert not torch.equal(states[1][key], states[2][key]), key
+        else:
+            assert torch.equal(states[0][key], states[1][key]) and torch.equal(states[0][key], states[2][key])
+    assert sum(is_audio_key(k) for k in states[0]) == 8 * TINY.dit.num_layers + 10
+
+
+def test_tiny_adapter_state_is_the_bundle_adapter() -> None:
+    for name, model in (("multitalk", "multitalk"), ("single", "infinitetalk"), ("multi", "infinitetalk")):
+        state = tiny_adapter_state(5, name)
+        dit = build_tiny_bundle(5, dtype=torch.float32, model=model, adapter=name).dit.state_dict()
+        assert state.keys() == {k for k in dit if is_audio_key(k)}
+        assert all(torch.equal(v, dit[k]) and v.dtype == torch.float32 for k, v in state.items()), name
+        assert all(torch.equal(v, v.to(torch.bfloat16).float()) for v in state.values())  # exact in bf16
+    assert not torch.equal(tiny_adapter_state(5, "single")["audio_proj.norm.weight"],
+                           tiny_adapter_state(6, "single")["audio_proj.norm.weight"])  # fmt: skip
+    assert adapter_seed(0, "single") == int.from_bytes(hashlib.sha256(b"0/single").digest()[:8], "little") & (
+        2**63 - 1
+    )
+    with pytest.raises(InvalidInput, match="no adapter 'multi'"):
+        build_tiny_bundle(0, adapter="multi")  # multitalk has one adapter

@@ -107,7 +107,7 @@ def test_default_precisions_match_the_reference(folders: dict[str, Path]) -> Non
 
 def test_wan_index_with_multitalk_file_beside_it(bundle: ModelBundle, tmp_path: Path) -> None:
     """Wan's own index (no audio keys) + multitalk.safetensors placed next to it also loads."""
-    root = write_original(tmp_path / "wan", bundle, meigen_index=False)
+    root = write_original(tmp_path / "wan", bundle, index="wan")
     write_wav2vec(root / WAV2VEC_DIR, bundle, safetensors=True)
     loaded = load_models(root, dtype=torch.float32)
     want = bundle.dit.state_dict()

@@ -219,9 +219,9 @@ def test_output_invalid_when_the_mp4_disagrees(tmp_path: Path) -> None:
     frames = np.zeros((5, 16, 16, 3), np.uint8)
     path = tmp_path / "v.mp4"
     write_mp4(path, frames, np.zeros(3200, np.float32), 16_000, 25)
-    good = GenerationResult(frames, np.zeros(3200, np.float32), 16_000, 25, 1, {}, {})
+    good = GenerationResult(frames, 5, (16, 16), np.zeros(3200, np.float32), 16_000, 25, 1, {}, {})
     assert verify_video(path, good).frames == 5
-    claims_more = GenerationResult(np.zeros((7, 16, 16, 3), np.uint8), good.audio, 16_000, 25, 1, {}, {})
+    claims_more = GenerationResult(None, 7, (16, 16), good.audio, 16_000, 25, 1, {}, {})
     with pytest.raises(OutputInvalid) as info:
         verify_video(path, claims_more)
     assert info.value.code == "OUTPUT_INVALID" and "5 frames decoded, 7 written" in info.value.message

@@ -2,9 +2,12 @@
 
     write_original(root, bundle)   Wan2.1-I2V-14B-480P + MeiGen-MultiTalk (spec 8.1, 8.2)
     write_diffusers(root, bundle)  Wan2.1-I2V-14B-480P-Diffusers + multitalk.safetensors in the root (8.4)
+    write_adapter(root, file, s)   an adapter file such as InfiniteTalk's single/infinitetalk.safetensors
+                                   (spec IT 2.3, 2.7: the 8·L + 10 audio keys, float32)
     write_wav2vec(folder, bundle)  TencentGameMate/chinese-wav2vec2-base (8.3)
 
-The tensors are the bundle's own, so loading a written folder must reproduce the bundle exactly. Key
+The tensors are the bundle's own (an adapter file's are the state given), so loading a written folder must
+reproduce them exactly. Key
 conversions towards the files are written here independently of the loaders (and the Diffusers DiT keys
 come from diffusers' own converter), so a loader bug cannot cancel itself out.
 """
@@ -13,7 +16,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 import torch
 from diffusers.loaders.single_file_utils import (
@@ -36,6 +41,10 @@ WAN_SHARDS = 7
 DIFFUSERS_TRANSFORMER_SHARDS = 3
 DIFFUSERS_TEXT_SHARDS = 2
 WAV2VEC_DIR = "chinese-wav2vec2-base"
+# the published adapter files (spec MT 8.2, IT 2.7), written out here independently of the registry
+MULTITALK_FILE = "multitalk.safetensors"
+INFINITETALK_FILES = {"single": "single/infinitetalk.safetensors", "multi": "multi/infinitetalk.safetensors"}
+Index = Literal["meigen", "wan", "none"]
 
 
 def _is_audio(key: str) -> bool:
@@ -221,21 +230,41 @@ def tiny_wan_config(bundle: ModelBundle) -> dict[str, object]:
     }
 
 
-def write_original(root: Path, bundle: ModelBundle, *, meigen_index: bool = True) -> Path:
-    """The Wan folder after MeiGen's README steps: Wan shards, multitalk.safetensors, and MeiGen's index
-    (or, with `meigen_index=False`, Wan's own index with multitalk.safetensors merely placed next to it)."""
+def write_adapter(root: Path, file: str, state: Mapping[str, torch.Tensor]) -> Path:
+    """One audio-adapter file as MeiGen publishes it: safetensors, float32, `{"format": "pt"}`."""
+    path = root / file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_plain(dict(state), torch.float32), str(path), metadata={"format": "pt"})
+    return path
+
+
+def write_original(
+    root: Path,
+    bundle: ModelBundle,
+    *,
+    index: Index = "meigen",
+    multitalk: bool = True,
+    adapters: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
+    """The Wan folder with MeiGen's files: Wan's seven shards, multitalk.safetensors (the bundle's audio
+    layers; left out with `multitalk=False`) and `adapters` (file -> state, e.g. InfiniteTalk's). `index`:
+    "meigen" = MeiGen's replacement index (audio keys -> multitalk.safetensors, Wan's kept as `_old`, the
+    MultiTalk README's steps), "wan" = Wan's own index, "none" = no index (the shards alone)."""
     root.mkdir(parents=True, exist_ok=True)
     dit = _plain(bundle.dit.state_dict(), torch.float32)
     wan = {k: v for k, v in dit.items() if not _is_audio(k)}
     audio = {k: v for k, v in dit.items() if _is_audio(k)}
     weight_map = write_sharded(root, wan, "diffusion_pytorch_model", WAN_SHARDS)
-    save_file(audio, str(root / "multitalk.safetensors"), metadata={"format": "pt"})
-    index = root / "diffusion_pytorch_model.safetensors.index.json"
-    if meigen_index:
+    if multitalk:
+        write_adapter(root, MULTITALK_FILE, audio)
+    for file, state in (adapters or {}).items():
+        write_adapter(root, file, state)
+    path = root / "diffusion_pytorch_model.safetensors.index.json"
+    if index == "meigen":
         write_index(root / "diffusion_pytorch_model.safetensors.index.json_old", weight_map, wan)
-        write_index(index, {**weight_map, **dict.fromkeys(audio, "multitalk.safetensors")}, dit)
-    else:
-        write_index(index, weight_map, wan)
+        write_index(path, {**weight_map, **dict.fromkeys(audio, MULTITALK_FILE)}, dit)
+    elif index == "wan":
+        write_index(path, weight_map, wan)
     (root / "config.json").write_text(json.dumps(tiny_wan_config(bundle), indent=2))
     text = _plain(bundle.text_encoder.state_dict(), torch.bfloat16)
     torch.save(t5_file_state(text), root / "models_t5_umt5-xxl-enc-bf16.pth")
@@ -276,8 +305,15 @@ def diffusers_transformer_config(bundle: ModelBundle) -> dict[str, object]:
     }
 
 
-def write_diffusers(root: Path, bundle: ModelBundle) -> Path:
-    """The Diffusers folders, with MeiGen's multitalk.safetensors in the root."""
+def write_diffusers(
+    root: Path,
+    bundle: ModelBundle,
+    *,
+    multitalk: bool = True,
+    adapters: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
+    """The Diffusers folders, with MeiGen's multitalk.safetensors (unless `multitalk=False`) and `adapters`
+    (file -> state) at their paths under the root."""
     root.mkdir(parents=True, exist_ok=True)
     dit = _plain(bundle.dit.state_dict(), torch.float32)
     audio = {k: v for k, v in dit.items() if _is_audio(k)}
@@ -286,7 +322,10 @@ def write_diffusers(root: Path, bundle: ModelBundle) -> Path:
     weight_map = write_sharded(folder, wan, "diffusion_pytorch_model", DIFFUSERS_TRANSFORMER_SHARDS)
     write_index(folder / "diffusion_pytorch_model.safetensors.index.json", weight_map, wan)
     (folder / "config.json").write_text(json.dumps(diffusers_transformer_config(bundle), indent=2))
-    save_file(audio, str(root / "multitalk.safetensors"), metadata={"format": "pt"})
+    if multitalk:
+        write_adapter(root, MULTITALK_FILE, audio)
+    for file, state in (adapters or {}).items():
+        write_adapter(root, file, state)
 
     text = _plain(bundle.text_encoder.state_dict(), torch.float32)
     text.pop("encoder.embed_tokens.weight")  # tied to shared.weight; saved once
@@ -362,9 +401,20 @@ def write_wav2vec(folder: Path, bundle: ModelBundle, *, safetensors: bool = Fals
     return folder
 
 
-def write_all(root: Path, bundle: ModelBundle, layout: str = "original") -> Path:
-    """A complete model folder of `layout` with the wav2vec2 folder inside it (where load_models looks)."""
-    writer = write_original if layout == "original" else write_diffusers
-    writer(root, bundle)
+def write_all(
+    root: Path,
+    bundle: ModelBundle,
+    layout: str = "original",
+    *,
+    multitalk: bool = True,
+    adapters: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    index: Index = "meigen",
+) -> Path:
+    """A complete model folder of `layout` with the wav2vec2 folder inside it (where load_models looks);
+    `multitalk`, `adapters` and (original layout) `index` as in write_original."""
+    if layout == "original":
+        write_original(root, bundle, index=index, multitalk=multitalk, adapters=adapters)
+    else:
+        write_diffusers(root, bundle, multitalk=multitalk, adapters=adapters)
     write_wav2vec(root / WAV2VEC_DIR, bundle)
     return root

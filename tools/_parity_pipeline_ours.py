@@ -1,5 +1,5 @@
 """Our side of the two pipeline-level parity stages: real speech through the audio front end, and a full
-two-clip streaming run of `MultiTalkPipeline` on the parity weights.
+two-clip streaming run of `TalkingVideoPipeline` on the parity weights.
 
 Shared by tools/parity.py (against the live reference) and tests/test_parity_generate.py (against stored
 reference outputs), so both run exactly the same code. The inputs are the committed example files
@@ -36,6 +36,7 @@ from _parity_ours import (
 )
 from torch import Tensor
 
+from multitalk_worker import timeline
 from multitalk_worker.models.audio_encoder import audio_features
 from multitalk_worker.models.image_encoder import build_image_encoder
 from multitalk_worker.models.text_encoder import build_text_encoder
@@ -43,6 +44,7 @@ from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import pipeline as pipeline_module
 from multitalk_worker.pipeline.request import GenerationRequest, SamplingParams, Speaker
 from multitalk_worker.pipeline.text import DEFAULT_NEGATIVE_PROMPT
+from multitalk_worker.registry import MULTITALK
 from multitalk_worker.tiny import build_tiny_tokenizer
 from multitalk_worker.weights import original
 from multitalk_worker.weights.loader import ModelBundle
@@ -54,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 SPEECH_A, SPEECH_B = EXAMPLES / "speech_a.wav", EXAMPLES / "speech_b.wav"
 # Clip geometry: our pipeline's constants (the reference's defaults), passed to the reference's generate.
-FRAMES_PER_CLIP, MOTION_FRAMES = pipeline_module.FRAMES_PER_CLIP, pipeline_module.MOTION_FRAMES
+FRAMES_PER_CLIP, MOTION_FRAMES = timeline.FRAMES_PER_CLIP, MULTITALK.motion_frames
 PARA_A = "speech_a_cut.wav"  # speech_a cut to speech_b's length: the reference's `para` needs equal lengths
 A_22K = "speech_a_22k_stereo.wav"  # speech_a at 22.05 kHz in two channels: exercises downmix and resampling
 
@@ -195,7 +197,7 @@ def _recording(
 
 
 def run_generate(root: Path, work: Path, run: GenerateRun, seed: int) -> tuple[Tensors, Tensor]:
-    """Our `MultiTalkPipeline.__call__` on the run's files. Returns per clip the final latent before
+    """Our `TalkingVideoPipeline.__call__` on the run's files. Returns per clip the final latent before
     decoding (`latent_<k>` [16, T, h, w]) and the decoded, colour-corrected video (`video_<k>` [3, F, H, W]);
     and the output frames (uint8 [N, H, W, 3])."""
     speech_files(work)
@@ -217,7 +219,7 @@ def run_generate(root: Path, work: Path, run: GenerateRun, seed: int) -> tuple[T
             color_correction=run.color_correction,
         ),
     )
-    pipe = pipeline_module.MultiTalkPipeline(parity_bundle(root))
+    pipe = pipeline_module.TalkingVideoPipeline(parity_bundle(root))
     with (
         _recording("vae_decode", lambda args, _: latents.append(args[1][0].float().clone())),  # (vae, latent)
         _recording("match_colors", lambda _, video: videos.append(video.float().clone())),

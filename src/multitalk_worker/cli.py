@@ -31,6 +31,7 @@ from multitalk_worker.errors import InvalidInput, WorkerError
 from multitalk_worker.media import VIDEO_CRF
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region, SamplingParams, Speaker
+from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model
 
 if TYPE_CHECKING:
     import torch
@@ -59,8 +60,39 @@ def parse_region(text: str) -> Region:
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
-    gen = subparsers.add_parser("generate", help="make a talking video (mp4) from an image and speech")
-    gen.add_argument("--image", type=Path, required=True, help="reference image (any PIL-readable file)")
+    gen = subparsers.add_parser(
+        "generate", help="make a talking video (mp4) from an image, or dub a video, with speech"
+    )
+    gen.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default=DEFAULT_MODEL,
+        help="multitalk (image to video) or infinitetalk (image to video of any length, or dubbing a video)",
+    )
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", type=Path, help="reference image (any PIL-readable file)")
+    source.add_argument(
+        "--video", type=Path, help="video to dub to the speech (--model infinitetalk; any container/codec)"
+    )
+    gen.add_argument(
+        "--adapter",
+        default=None,
+        help="audio adapter of the model (infinitetalk: single or multi; default: by the number of speakers)",
+    )
+    gen.add_argument(
+        "--source-fps",
+        choices=("resample", "reference"),
+        default="resample",
+        help="video sources: resample to 25 fps by timestamp (default), or read frame n as output frame n "
+        "as the reference does (right for 25 fps sources only)",
+    )
+    gen.add_argument(
+        "--color-reference",
+        choices=("first", "clip"),
+        default="first",
+        help="infinitetalk: correct colours towards the source's first frame (the reference) or each "
+        "clip's own reference frame (sources whose colours change, e.g. several shots)",
+    )
     gen.add_argument(
         "--audio", type=Path, action="append", required=True, help="speech of one speaker (repeat for two)"
     )
@@ -164,7 +196,12 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
     }
     sampling = replace(sampling, **{k: v for k, v in overrides.items() if v is not None})
     return GenerationRequest(
+        model=args.model,
         image=args.image,
+        video=args.video,
+        adapter=args.adapter,
+        source_fps=args.source_fps,
+        color_reference=args.color_reference,
         speakers=tuple(Speaker(audio=a, region=r) for a, r in zip(args.audio, regions, strict=True)),
         prompt=args.prompt,
         audio_mode=args.audio_mode,
@@ -213,7 +250,7 @@ class _StopOnSignal:
 
 
 def run_generate(args: argparse.Namespace, launch: Launch | None = None) -> int:
-    from multitalk_worker.pipeline.pipeline import check_inputs
+    from multitalk_worker.pipeline.inputs import check_inputs
 
     request = build_request(args)
     if not args.out.parent.is_dir():
@@ -240,7 +277,7 @@ def _generate(
 ) -> int:
     """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
     from multitalk_worker.media import write_mp4
-    from multitalk_worker.pipeline.pipeline import MultiTalkPipeline
+    from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
 
     started = time.perf_counter()
     lead = parallel is None or parallel.rank == 0
@@ -250,8 +287,14 @@ def _generate(
     engine = engine_options(
         args.engine, fp8=args.fp8, loras=tuple(map(parse_lora_arg, args.lora)), offload=args.offload
     )
-    pipeline = MultiTalkPipeline.from_pretrained(
-        args.weights, device=device, sequence_parallel=parallel, engine=engine
+    adapter = get_model(request.model).adapter(request.adapter, persons=len(request.speakers))
+    pipeline = TalkingVideoPipeline.from_pretrained(
+        args.weights,
+        device=device,
+        sequence_parallel=parallel,
+        engine=engine,
+        model=request.model,
+        adapter=adapter.name,
     )
     bar = _ProgressBar() if lead else None
     try:
@@ -262,7 +305,7 @@ def _generate(
     if not lead:
         return 0
     write_mp4(args.out, result.frames, result.audio, result.sample_rate, result.fps, crf=args.crf)
-    count, height, width = result.frames.shape[:3]
+    count, (height, width) = result.frame_count, result.size
     processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(
         f"wrote {args.out}: {count} frames ({count / result.fps:.2f} s) at {width}x{height}, "

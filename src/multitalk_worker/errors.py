@@ -51,6 +51,13 @@ class ImageDecodeFailed(WorkerError):
     default_stage = "image"
 
 
+class VideoDecodeFailed(WorkerError):
+    """A source video that does not open, has no video stream, or has no decodable frame."""
+
+    code = "VIDEO_DECODE_FAILED"
+    default_stage = "input"
+
+
 class DurationTooLong(WorkerError):
     code = "DURATION_TOO_LONG"
     default_stage = "validate"
@@ -115,6 +122,7 @@ ERROR_CODES: tuple[str, ...] = (
     "INPUT_TOO_LARGE",
     "AUDIO_DECODE_FAILED",
     "IMAGE_DECODE_FAILED",
+    "VIDEO_DECODE_FAILED",
     "DURATION_TOO_LONG",
     "MODEL_MISSING",
     "MODEL_LOAD_FAILED",

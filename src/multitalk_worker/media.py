@@ -1,4 +1,4 @@
-"""Frames + soundtrack -> H.264/AAC mp4 in one PyAV pass, and reading a video back by decoding it.
+"""Frames + soundtrack -> H.264/AAC mp4 in one PyAV pass, streamed clip by clip, and reading a video back.
 
 The reference encodes twice (imageio CRF 25, then ffmpeg CRF 23 while muxing, spec 7); one pass at
 libx264's default CRF 23 gives the same final settings without the intermediate loss. The soundtrack is
@@ -11,15 +11,17 @@ import logging
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from types import TracebackType
+from typing import Protocol
 
 import av
 import numpy as np
 
 from multitalk_worker.errors import OutputInvalid
+from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
 
-FPS = 25
 VIDEO_CRF = 23
 
 
@@ -34,25 +36,144 @@ class VideoInfo:
     has_audio: bool
 
 
-def _add_video_stream(
-    container: av.container.OutputContainer, width: int, height: int, fps: int, crf: int
-) -> av.VideoStream:
-    stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
-    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-    return stream
+class FrameSink(Protocol):
+    """Where the pipeline hands each clip's final frames, uint8 [n, H, W, 3], as soon as they are final."""
+
+    def write(self, frames: np.ndarray) -> None: ...
 
 
-def _encode_audio(container: av.container.OutputContainer, audio: np.ndarray, sample_rate: int) -> None:
-    stream = container.add_stream("aac", rate=sample_rate)
-    stream.layout = "mono"
-    frame = av.AudioFrame.from_ndarray(
-        np.ascontiguousarray(audio, np.float32)[None], format="fltp", layout="mono"
-    )
-    frame.sample_rate, frame.pts, frame.time_base = sample_rate, 0, Fraction(1, sample_rate)
-    for packet in stream.encode(frame):
-        container.mux(packet)
-    for packet in stream.encode(None):
-        container.mux(packet)
+class Mp4Writer:
+    """Frames in, chunk by chunk, to an H.264 yuv420p + AAC mp4; memory does not grow with the video.
+
+    The soundtrack (mono float, known up front) is encoded alongside: after each `write`, the samples up to
+    the written frames' end are muxed, so the muxer interleaves the two streams as they arrive and nothing
+    waits for `close`. At `close` the soundtrack is cut at N / fps seconds (N = frames written), as the
+    reference's `ffmpeg -t` + `-shortest` do; a shorter soundtrack is kept whole. H and W must be even
+    (yuv420p). `crf`: H.264 quality, 0 (lossless: decoding gives back exactly the yuv420p pictures) to 51.
+    On an exception inside `with`, the incomplete file is removed.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        width: int,
+        height: int,
+        *,
+        audio: np.ndarray,
+        sample_rate: int,
+        fps: int = FPS,
+        crf: int = VIDEO_CRF,
+    ) -> None:
+        if not 0 <= crf <= 51:
+            raise OutputInvalid(f"crf {crf} is out of range; accepted: 0 (lossless) to 51")
+        if height % 2 or width % 2 or height <= 0 or width <= 0:
+            raise OutputInvalid(f"frame size {width}x{height} must be positive and even for yuv420p")
+        if audio.ndim != 1:
+            raise OutputInvalid(f"the soundtrack must be mono samples [n]; got shape {tuple(audio.shape)}")
+        self.path, self.width, self.height, self.fps = Path(path), width, height, fps
+        self._audio, self._sample_rate = audio, sample_rate
+        self._frames = self._samples = 0
+        self._closed = False
+        try:
+            self._container = av.open(str(path), mode="w", format="mp4")
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
+        try:  # both streams exist before the first packet is muxed
+            self._video = self._container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
+            self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
+            self._sound = self._add_audio_stream() if audio.size > 0 else None
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            self.abort()
+            raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
+
+    def _add_audio_stream(self) -> av.AudioStream:
+        stream = self._container.add_stream("aac", rate=self._sample_rate)
+        stream.layout = "mono"
+        return stream
+
+    @property
+    def frames_written(self) -> int:
+        return self._frames
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode uint8 frames [n, H, W, 3] (RGB) and mux the soundtrack up to their end."""
+        if self._closed:
+            raise OutputInvalid(f"{self.path.name} is already closed")
+        expected = (self.height, self.width, 3)
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != expected:
+            raise OutputInvalid(
+                f"frames must be uint8 [n, {self.height}, {self.width}, 3]; got {frames.dtype} "
+                f"{tuple(frames.shape)}"
+            )
+        try:
+            for frame in frames:
+                self._mux(self._video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            self._frames += len(frames)
+            self._write_audio(round(self._frames * self._sample_rate / self.fps))
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
+
+    def _mux(self, packets: list[av.Packet]) -> None:
+        for packet in packets:
+            self._container.mux(packet)
+
+    def _write_audio(self, end: int) -> None:
+        """Encode the soundtrack's samples [sent, end): the encoder keeps the rest of a 1024-sample frame."""
+        end = min(end, self._audio.size)
+        if self._sound is None or end <= self._samples:
+            return
+        span = np.clip(np.asarray(self._audio[self._samples : end], np.float32), -1.0, 1.0)
+        frame = av.AudioFrame.from_ndarray(span[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = self._sample_rate, self._samples
+        frame.time_base = Fraction(1, self._sample_rate)
+        self._mux(self._sound.encode(frame))
+        self._samples = end
+
+    def close(self) -> int:
+        """Flush both encoders and finish the file; returns the number of frames written."""
+        if self._closed:
+            return self._frames
+        if self._frames == 0:
+            self.abort()
+            raise OutputInvalid(f"{self.path.name}: no frames were written; a video needs at least one")
+        try:
+            self._mux(self._video.encode(None))
+            if self._sound is not None:
+                self._mux(self._sound.encode(None))
+            self._closed = True
+            self._container.close()
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            self.abort()
+            raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
+        logger.info(
+            "wrote %s: %d frames at %d fps, %.2f s of audio",
+            self.path,
+            self._frames,
+            self.fps,
+            self._samples / self._sample_rate,
+        )
+        return self._frames
+
+    def abort(self) -> None:
+        """Close without finishing and remove the incomplete file."""
+        if not self._closed:
+            self._closed = True
+            try:
+                self._container.close()
+            except (av.FFmpegError, OSError, ValueError) as exc:
+                logger.warning("closing the incomplete %s: %s", self.path.name, exc)
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Mp4Writer:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_mp4(
@@ -63,32 +184,12 @@ def write_mp4(
     fps: int = FPS,
     crf: int = VIDEO_CRF,
 ) -> None:
-    """Write uint8 frames [N, H, W, 3] and a mono float soundtrack to `path` (H.264 yuv420p + AAC).
-
-    The soundtrack is trimmed to N / fps seconds; H and W must be even (yuv420p). `crf`: H.264 quality,
-    0 (lossless: decoding gives back exactly the yuv420p pictures) to 51.
-    """
-    if not 0 <= crf <= 51:
-        raise OutputInvalid(f"crf {crf} is out of range; accepted: 0 (lossless) to 51")
+    """Write uint8 frames [N, H, W, 3] and a mono float soundtrack to `path` in one go (`Mp4Writer`)."""
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
         raise OutputInvalid(f"frames must be uint8 [N>0, H, W, 3]; got {frames.dtype} {tuple(frames.shape)}")
-    count, height, width = frames.shape[:3]
-    if height % 2 or width % 2:
-        raise OutputInvalid(f"frame size {width}x{height} must be even for yuv420p")
-    audio = np.clip(audio[: round(count * sample_rate / fps)], -1.0, 1.0)
-    try:
-        with av.open(str(path), mode="w", format="mp4") as container:
-            video = _add_video_stream(container, width, height, fps, crf)
-            if audio.size > 0:  # both streams exist before the first packet is muxed
-                _encode_audio(container, audio, sample_rate)
-            for frame in frames:
-                for packet in video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                    container.mux(packet)
-            for packet in video.encode(None):
-                container.mux(packet)
-    except (av.FFmpegError, OSError, ValueError) as exc:
-        raise OutputInvalid(f"could not write {Path(path).name}: {exc}") from exc
-    logger.info("wrote %s: %d frames at %d fps, %.2f s of audio", path, count, fps, audio.size / sample_rate)
+    height, width = frames.shape[1:3]
+    with Mp4Writer(path, width, height, audio=audio, sample_rate=sample_rate, fps=fps, crf=crf) as writer:
+        writer.write(frames)
 
 
 def probe_video(path: Path) -> VideoInfo:

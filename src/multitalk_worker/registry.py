@@ -40,7 +40,7 @@ class ModelSpec:
     name: ModelName
     adapters: tuple[Adapter, ...]
     motion_frames: int  # M: frames of the previous clip that condition the next one
-    max_frames: int  # the reference's streaming length limit, in 25 fps frames
+    max_frames: int  # the longest video a job may make, in 25 fps frames
     sources: tuple[SourceKind, ...]  # conditioning inputs it takes
     default_preset: str
     presets: tuple[str, ...]  # pipeline/presets.py names it offers
@@ -99,7 +99,9 @@ INFINITETALK = ModelSpec(
         ),
     ),
     motion_frames=9,
-    max_frames=1000,
+    # The reference stops at --max_frame_num (1000 frames = 40 s by default); the loop itself has no limit,
+    # so we allow 10 minutes (the video streams to the encoder, spec IT 5.5). Cap a job with max_duration_s.
+    max_frames=15_000,
     sources=("image", "video"),
     default_preset="default",
     presets=("default", "fusionx", "lightx2v", "fast"),

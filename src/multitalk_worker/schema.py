@@ -19,11 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from multitalk_worker.errors import DurationTooLong, InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
+from multitalk_worker.registry import MULTITALK
+from multitalk_worker.timeline import duration_limit_s
 
 SCHEMA_VERSION = "1"
-MAX_FRAMES = 1000  # the streaming limit of the reference (spec 6.6)
-FPS = 25
-MAX_DURATION_S = MAX_FRAMES / FPS
+MAX_DURATION_S = duration_limit_s(MULTITALK.max_frames)
 MAX_SOURCE_CHARS = (
     30_000_000  # larger than any RunPod payload (20 MB); the real cap is the size check on fetch
 )

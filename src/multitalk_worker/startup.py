@@ -231,7 +231,7 @@ class PipelineHolder:
             return
         import torch
 
-        from multitalk_worker.pipeline.pipeline import MultiTalkPipeline
+        from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
 
         weights = self.settings.weights
         if not self.settings.tiny_model and not Path(weights).is_dir():
@@ -241,7 +241,7 @@ class PipelineHolder:
             )
         start = time.monotonic()
         try:
-            self.pipeline = MultiTalkPipeline.from_pretrained(
+            self.pipeline = TalkingVideoPipeline.from_pretrained(
                 weights,
                 device=self.device or resolve_device(self.settings.device),
                 sequence_parallel=self.sequence_parallel,

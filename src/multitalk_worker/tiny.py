@@ -3,10 +3,21 @@
 It is a real model (the same classes, code paths and precisions as the 14B one, random weights), used by
 `--weights tiny` and by the tests. Nothing is downloaded: the umT5-style tokenizer is built here with the
 `tokenizers` library (Unigram model, pad id 0, EOS `</s>` id 1 appended to every sequence).
+
+How the weights are drawn from `seed` (the rule the tests and the parity fixtures rely on):
+
+* one generator seeded `seed` visits the networks in the order dit, text_encoder, image_encoder, vae,
+  audio_encoder, each in sorted key order. The DiT's keys include the audio adapter's, so this gives the
+  MultiTalk model (adapter "multitalk"); its weights are pinned by tests/test_tiny.py;
+* every other adapter (InfiniteTalk's "single", "multi") is drawn by its own generator, seeded
+  `adapter_seed(seed, name)`, over the adapter keys alone in sorted key order, and replaces the DiT's audio
+  tensors. So an InfiniteTalk tiny model has exactly the MultiTalk tiny model's base for the same seed, and
+  its adapters differ from each other and from MultiTalk's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -15,10 +26,14 @@ from tokenizers.models import Unigram
 from torch import nn
 from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor
 
-from multitalk_worker.models.audio_encoder import SAMPLE_RATE, build_audio_encoder
+from multitalk_worker.models.audio_encoder import build_audio_encoder
 from multitalk_worker.models.configs import TINY, MultiTalkConfig
+from multitalk_worker.models.transformer import MultiTalkTransformer
+from multitalk_worker.registry import DEFAULT_MODEL
+from multitalk_worker.timeline import SAMPLE_RATE
+from multitalk_worker.weights.adapters import apply_adapter_state, is_audio_key, resolve_adapter
 from multitalk_worker.weights.checkpoint import assign_state, empty_model
-from multitalk_worker.weights.loader import ModelBundle, component_dtypes, empty_models
+from multitalk_worker.weights.loader import DEFAULT_ADAPTER, ModelBundle, component_dtypes, empty_models
 from multitalk_worker.weights.original import T5_TIED
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in umT5
@@ -109,24 +124,56 @@ def randomize(
     return model
 
 
+def adapter_seed(seed: int, adapter: str) -> int:
+    """The seed of adapter `adapter`'s own generator: the first 8 bytes of sha256("<seed>/<adapter>"),
+    little-endian, as a non-negative int64 (stable across runs, platforms and Python versions)."""
+    digest = hashlib.sha256(f"{seed}/{adapter}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def tiny_adapter_state(seed: int, adapter: str, *, config: MultiTalkConfig = TINY) -> dict[str, torch.Tensor]:
+    """The adapter tensors (8·L + 10) of the tiny model `build_tiny_bundle(seed, adapter=adapter)`, in
+    float32 (every value exact in bf16), keyed as in the published adapter files."""
+    with empty_model():
+        dit = MultiTalkTransformer(config.dit)
+    cpu = torch.device("cpu")
+    if adapter == DEFAULT_ADAPTER:  # drawn with the base, by the bundle's own generator
+        randomize(dit, torch.Generator().manual_seed(seed), device=cpu, dtype=torch.float32)
+        return {k: v for k, v in dit.state_dict().items() if is_audio_key(k)}
+    generator = torch.Generator().manual_seed(adapter_seed(seed, adapter))
+    shapes = {k: v.shape for k, v in dit.state_dict().items() if is_audio_key(k)}
+    return {key: _random_tensor(key, shape, generator) for key, shape in sorted(shapes.items())}
+
+
 def build_tiny_bundle(
     seed: int = 0,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     config: MultiTalkConfig = TINY,
+    model: str = DEFAULT_MODEL,
+    adapter: str | None = None,
+    persons: int = 1,
 ) -> ModelBundle:
-    """Every network of `config` (TINY) with weights drawn from `seed`, at the precisions of `load_models`."""
+    """Every network of `config` (TINY) with weights drawn from `seed`, at the precisions of `load_models`.
+
+    `model`, `adapter` and `persons` choose the audio adapter as `load_models` does (registry names); the
+    base weights do not depend on them (see the module docstring for the rule)."""
+    chosen = resolve_adapter(model, adapter, persons=persons)
     device = torch.device(device)
     dtypes = component_dtypes(dtype)
     generator = torch.Generator().manual_seed(seed)
     models = empty_models(config)
     with empty_model():
         audio_encoder = build_audio_encoder(config.audio_encoder)
-    for name, model in models.items():
+    for name, network in models.items():
         tied = dict(T5_TIED) if name == "text_encoder" else None
-        randomize(model, generator, device=device, dtype=getattr(dtypes, name), tied=tied)
+        randomize(network, generator, device=device, dtype=getattr(dtypes, name), tied=tied)
     randomize(audio_encoder, generator, device=torch.device("cpu"), dtype=dtypes.audio_encoder)
+    if chosen.name != DEFAULT_ADAPTER:
+        dit = models["dit"]
+        assert isinstance(dit, MultiTalkTransformer)
+        apply_adapter_state(dit, tiny_adapter_state(seed, chosen.name, config=config))
     return ModelBundle(
         dit=models["dit"],
         text_encoder=models["text_encoder"],
@@ -136,4 +183,6 @@ def build_tiny_bundle(
         audio_encoder=audio_encoder,
         feature_extractor=build_tiny_feature_extractor(),
         config=config,
+        model=model,
+        adapter=chosen.name,
     )

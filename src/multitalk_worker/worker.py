@@ -350,7 +350,7 @@ def resolve_sampling(parsed: GenerateInput) -> SamplingParams:
 def verify_video(path: Path, result: GenerationResult) -> Any:
     """Decode our own mp4 and check frame count, size, fps, duration and soundtrack against what we meant."""
     info = probe_video(path)
-    count, height, width = result.frames.shape[:3]
+    count, (height, width) = result.frame_count, result.size
     expected_s = count / result.fps
     problems = []
     if info.frames != count:

@@ -10,9 +10,7 @@ from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.models.configs import AudioEncoderConfig
-
-SAMPLE_RATE = 16000
-VIDEO_FPS = 25
+from multitalk_worker.timeline import SAMPLE_RATE, SAMPLES_PER_FRAME, audio_frames
 
 
 def audio_encoder_config(cfg: AudioEncoderConfig) -> Wav2Vec2Config:
@@ -39,11 +37,6 @@ def build_audio_encoder(cfg: AudioEncoderConfig) -> Wav2Vec2Model:
     return Wav2Vec2Model(audio_encoder_config(cfg)).eval().requires_grad_(False)
 
 
-def num_video_frames(num_samples: int) -> int:
-    """`La = int(n / 16000 * 25)`: the 25 fps frames a 16 kHz signal covers (float arithmetic, truncated)."""
-    return int(num_samples / SAMPLE_RATE * VIDEO_FPS)
-
-
 @torch.no_grad()
 def audio_features(
     model: Wav2Vec2Model, feature_extractor: Wav2Vec2FeatureExtractor, signal_16k: np.ndarray
@@ -56,11 +49,11 @@ def audio_features(
     signal = np.asarray(signal_16k, dtype=np.float32)
     if signal.ndim != 1:
         raise InvalidInput(f"audio signal must be mono 1-D, got shape {signal.shape}")
-    frames = num_video_frames(signal.shape[0])
+    frames = audio_frames(signal.shape[0])
     if frames < 1:
         raise InvalidInput(
             f"audio of {signal.shape[0]} samples is shorter than one 25 fps frame "
-            f"({SAMPLE_RATE // VIDEO_FPS} samples at 16 kHz)"
+            f"({SAMPLES_PER_FRAME} samples at 16 kHz)"
         )
     values = feature_extractor(signal, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_values
     weight = model.feature_projection.projection.weight

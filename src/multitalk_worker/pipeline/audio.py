@@ -30,11 +30,10 @@ import torch
 
 from multitalk_worker.errors import AudioDecodeFailed, InvalidInput
 from multitalk_worker.pipeline.request import AudioMode
+from multitalk_worker.timeline import FPS, SAMPLE_RATE, audio_frames
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16_000
-FPS = 25
 TARGET_LUFS = -23.0
 SILENCE_LUFS = 100.0  # |loudness| above this counts as silence: no gain (spec 2.1)
 LOUDNESS_BLOCK_S = 0.4  # pyloudnorm's gating block; shorter signals cannot be measured
@@ -58,17 +57,7 @@ class PreparedAudio:
     @property
     def frames(self) -> int:
         """`La`: the 25 fps video frames the audio covers, truncated as the reference does."""
-        return frames_for_samples(self.num_samples)
-
-
-def frames_for_samples(num_samples: int) -> int:
-    """`int(n / 16000 * 25)` in float arithmetic, exactly as the reference computes `La`."""
-    return int(num_samples / SAMPLE_RATE * FPS)
-
-
-def min_seconds_for_clip(frames_per_clip: int) -> float:
-    """Shortest audio (seconds) with `La > frames_per_clip`, the reference's requirement (spec 2.5)."""
-    return (frames_per_clip + 1) / FPS
+        return audio_frames(self.num_samples)
 
 
 def _to_float_planar(frame: av.AudioFrame) -> np.ndarray:
@@ -192,10 +181,10 @@ def prepare_audio(paths: Sequence[Path], mode: AudioMode, frames_per_clip: int) 
         raise InvalidInput(f"audio_mode {mode!r} is not accepted; use 'parallel' or 'sequential'")
     signals = [read_track(Path(p)) for p in paths]
     total = _combined_length([s.shape[0] for s in signals], mode)
-    if frames_for_samples(total) <= frames_per_clip:
+    if audio_frames(total) <= frames_per_clip:
         raise InvalidInput(
             f"audio is {total / SAMPLE_RATE:.2f} s long; at least "
-            f"{min_seconds_for_clip(frames_per_clip):.2f} s is needed for one {frames_per_clip}-frame clip"
+            f"{(frames_per_clip + 1) / FPS:.2f} s is needed for one {frames_per_clip}-frame clip"
         )
     for path, signal in zip(paths, signals, strict=True):
         if signal.shape[0] < int(LOUDNESS_BLOCK_S * SAMPLE_RATE):

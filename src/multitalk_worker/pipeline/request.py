@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
+
+from multitalk_worker.registry import ModelName
 
 # A region is [x0, y0, x1, y1] normalised to the input image (x right, y down, 0..1), or a shorthand:
 # left/right are the reference's default two-person masks, full the whole image. Regions apply to two
@@ -15,6 +17,12 @@ import numpy as np
 Region = tuple[float, float, float, float] | Literal["left", "right", "full"]
 AudioMode = Literal["parallel", "sequential"]
 Resolution = Literal["480p", "720p", "tiny"]  # "tiny": 32-64 px buckets, for the tiny model only
+# How a video source's frames are placed on the 25 fps timeline: "resample" by presentation time (our
+# default, a deliberate deviation), "reference" frame n = the n-th decoded frame (the reference's reading,
+# exact for 25 fps sources only; spec IT 4.4).
+SourceFps = Literal["resample", "reference"]
+# InfiniteTalk's colour reference: source frame 0 (the reference), or each clip's own reference frame.
+ColorReference = Literal["first", "clip"]
 
 
 @dataclass(frozen=True)
@@ -35,11 +43,16 @@ class SamplingParams:
     color_correction: float = 1.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
-    image: Path
     speakers: tuple[Speaker, ...]
     prompt: str
+    model: ModelName = "multitalk"
+    image: Path | None = None  # exactly one of image and video
+    video: Path | None = None  # the source to dub (infinitetalk only)
+    adapter: str | None = None  # None: the model's adapter for the number of speakers
+    source_fps: SourceFps = "resample"
+    color_reference: ColorReference = "first"
     audio_mode: AudioMode = "parallel"  # two speakers: parallel pads the shorter track with silence
     negative_prompt: str | None = None  # None: the reference's default negative prompt
     resolution: Resolution = "480p"
@@ -60,9 +73,32 @@ ProgressCallback = Callable[[Progress], None]
 CancelCheck = Callable[[], bool]
 
 
+@dataclass(frozen=True)
+class VideoSpec:
+    """What a sink receives before the first frame: the video's size and length and its soundtrack."""
+
+    width: int
+    height: int
+    frames: int
+    fps: int
+    audio: np.ndarray  # float32 mono, already trimmed to frames / fps seconds
+    sample_rate: int
+
+
+class FrameSink(Protocol):
+    """Takes the video as it is made: `open` once, then `write` each clip's final frames (uint8
+    [n, H, W, 3]) in order. The caller closes it."""
+
+    def open(self, spec: VideoSpec) -> None: ...
+
+    def write(self, frames: np.ndarray) -> None: ...
+
+
 @dataclass
 class GenerationResult:
-    frames: np.ndarray  # uint8 [N, H, W, 3]
+    frames: np.ndarray | None  # uint8 [N, H, W, 3]; None when the frames went to a sink
+    frame_count: int
+    size: tuple[int, int]  # (height, width)
     audio: np.ndarray  # float32 mono soundtrack at `sample_rate`, already trimmed to N / fps seconds
     sample_rate: int
     fps: int

@@ -78,7 +78,12 @@ class ClipConditions:
     clip_fea: Tensor  # [1, N_img, image_dim]
     y: Tensor  # [1, 20, T, h, w]
     person_masks: Tensor  # [3, h, w]
-    motion_latent: Tensor | None = None  # [1, 16, Tm, h, w] float32; None for the first clip
+    # [1, 16, Tm, h, w] float32, noised into the first Tm latent frames (MultiTalk's clips k >= 1; with
+    # `clean_latent` too, only its random draws matter: InfiniteTalk's clips k >= 1)
+    motion_latent: Tensor | None = None
+    # [1, 16, Tm, h, w] float32, written clean into the first Tm latent frames before every model call and
+    # after every update (InfiniteTalk, spec IT 5.3)
+    clean_latent: Tensor | None = None
 
 
 StepCallback = Callable[[int], None]  # called with the 1-based step after each step
@@ -223,6 +228,15 @@ def inject_motion(latent: Tensor, motion: Tensor, timestep: Tensor, generator: t
     return latent
 
 
+def write_clean(latent: Tensor, clean: Tensor | None) -> Tensor:
+    """The latent with its first Tm frames replaced by `clean` (no-op without one)."""
+    if clean is None:
+        return latent
+    latent = latent.clone()
+    latent[:, :, : clean.shape[2]] = clean
+    return latent
+
+
 def sample_clip(
     model: MultiTalkTransformer,
     noise: Tensor,
@@ -242,7 +256,7 @@ def sample_clip(
     (models/runtime.py; the default is the reference path)."""
     schedule = shifted_timesteps(settings.steps, settings.shift).to(noise.device)
     passes = guidance_passes(settings.text_scale)
-    motion = conditions.motion_latent
+    motion, clean = conditions.motion_latent, conditions.clean_latent
     latent = noise if motion is None else inject_motion(noise, motion, schedule[0:1], generator)
     apg_buffers: dict[str, Tensor | None] = {}  # APG momentum, per clip
     use_teacache = settings.teacache_threshold is not None
@@ -252,6 +266,7 @@ def sample_clip(
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled before step {step + 1} of {settings.steps}")
         timestep = schedule[step : step + 1]
+        latent = write_clean(latent, clean)
         if use_teacache:
             e0 = model.time_embed(timestep)[1]
             compute, accumulated = teacache_decision(accumulated, previous_e0, e0, step, settings)
@@ -269,6 +284,7 @@ def sample_clip(
         latent = euler_step(latent, velocity, schedule[step], schedule[step + 1])
         if motion is not None:
             latent = inject_motion(latent, motion, schedule[step + 1 : step + 2], generator)
+        latent = write_clean(latent, clean)
         if on_step is not None:
             on_step(step + 1)
     return latent

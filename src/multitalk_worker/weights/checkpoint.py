@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,13 @@ class Plan:
     problems: list[Problem] = field(default_factory=list)
     ignored: int = 0
     unavailable: set[str] = field(default_factory=set)  # keys of files already reported missing
+    # model keys whose file is already reported missing, by rule (when the file's key list is unknown)
+    unavailable_if: list[Callable[[str], bool]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # index entries not read, per file named
+    notes: list[str] = field(default_factory=list)  # loadable, but worth saying (verify prints them)
+
+    def is_unavailable(self, key: str) -> bool:
+        return key in self.unavailable or any(rule(key) for rule in self.unavailable_if)
 
 
 @dataclass
@@ -180,14 +188,20 @@ KeyMap = Callable[[str, Shape], "list[tuple[str, Shape, Convert | None]] | None"
 """Maps one checkpoint key and shape to model targets; [] = known-unused key, None = unexpected key."""
 
 
-def plan_files(files: Mapping[str, TensorFile], keymap: KeyMap, plan: Plan | None = None) -> Plan:
-    """Apply `keymap` to every tensor of `files` (name -> file)."""
+def plan_files(
+    files: Mapping[str, TensorFile],
+    keymap: KeyMap,
+    plan: Plan | None = None,
+    *,
+    unexpected: str = "not part of the model",
+) -> Plan:
+    """Apply `keymap` to every tensor of `files` (name -> file); `unexpected` says why a key is refused."""
     plan = plan or Plan()
     for name, tensor_file in files.items():
         for key, shape in tensor_file.shapes().items():
             targets = keymap(key, shape)
             if targets is None:
-                plan.problems.append(Problem("unexpected_tensor", name, key, "not part of the model"))
+                plan.problems.append(Problem("unexpected_tensor", name, key, unexpected))
             elif not targets:
                 plan.ignored += 1
             for target, target_shape, convert in targets or []:
@@ -235,7 +249,7 @@ def check_plan(plan: Plan, expected: Mapping[str, Shape], home: Callable[[str], 
                 )
             )
     for target in expected:
-        if target not in seen and target not in plan.unavailable:
+        if target not in seen and not plan.is_unavailable(target):
             problems.append(Problem("missing_tensor", home(target), target, "required by the model"))
     return problems
 
@@ -268,6 +282,14 @@ def load_component(
     share the tensor of the key they name (e.g. umT5's embed_tokens -> shared).
     """
     raise_first(check_component(component, model))
+    state = read_state(component, device=device, dtype=dtype)
+    for key, source in component.tied.items():
+        state[key] = state[source]
+    assign_state(model, state, device=device)
+
+
+def read_state(component: Component, *, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every planned tensor of a checked `component`, converted, one at a time, to `device` and `dtype`."""
     state: dict[str, torch.Tensor] = {}
     for entry in component.plan.entries:
         tensor = component.files[entry.file].get(entry.source)
@@ -275,9 +297,7 @@ def load_component(
             tensor = entry.convert(tensor)
         state[entry.target] = _to_target(tensor, device, dtype)
         del tensor
-    for key, source in component.tied.items():
-        state[key] = state[source]
-    assign_state(model, state, device=device)
+    return state
 
 
 def _to_target(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -308,15 +328,18 @@ def read_index(path: Path, name: str) -> dict[str, str]:
 
 
 def open_sharded(
-    root: Path, index_name: str, plan: Plan, extra: tuple[str, ...] = ()
+    root: Path, index_name: str, plan: Plan, skip: Collection[str] = ()
 ) -> dict[str, TensorFile]:
-    """Open the shards an index json names (paths relative to root) plus `extra`; check that every key the
-    index lists is in the shard it names."""
+    """Open the shards an index json names (paths relative to root); check that every key the index lists
+    is in the shard it names. Entries naming a file in `skip` are not read (counted in `plan.skipped`)."""
     folder = str(Path(index_name).parent)
     prefix = "" if folder == "." else folder + "/"
     weight_map = {k: prefix + v for k, v in read_index(root / index_name, index_name).items()}
+    for shard in weight_map.values():
+        if shard in skip:
+            plan.skipped[shard] = plan.skipped.get(shard, 0) + 1
+    weight_map = {k: v for k, v in weight_map.items() if v not in skip}
     names = sorted(set(weight_map.values()))
-    names += [name for name in extra if name not in names and (root / name).is_file()]
     files = open_files(root, names, plan)
     plan.unavailable |= {key for key, shard in weight_map.items() if shard not in files}
     shapes = {name: f.shapes() for name, f in files.items()}
@@ -330,3 +353,26 @@ def open_sharded(
 
 def identity_keymap(key: str, shape: Shape) -> list[tuple[str, Shape, Convert | None]]:
     return [(key, shape, None)]
+
+
+def open_unindexed_shards(root: Path, stem: str, plan: Plan) -> tuple[dict[str, TensorFile], bool]:
+    """With no index json: the shards `<stem>-0000i-of-0000N.safetensors` in root, i = 1..N, N read from
+    the names found (the InfiniteTalk reference hard-codes Wan's seven and reads no index, spec IT 2.1).
+    Returns the open files and whether all N were there; each missing one is a problem naming it, and
+    shards of two different counts (two checkpoints mixed) are refused."""
+    pattern = re.compile(re.escape(stem) + r"-(\d{5})-of-(\d{5})\.safetensors")
+    counts = sorted(
+        {int(m[2]) for p in root.glob(f"{stem}-*-of-*.safetensors") if (m := pattern.fullmatch(p.name))}
+    )
+    where = f"{stem}-*-of-*.safetensors"
+    if len(counts) != 1:
+        detail = (
+            f"shards of {len(counts)} different counts ({', '.join(map(str, counts))}) and no index json"
+            if counts
+            else "no index json and no shards"
+        )
+        plan.problems.append(Problem("missing_file" if not counts else "bad_file", where, None, detail))
+        return {}, False
+    names = [f"{stem}-{i:05d}-of-{counts[0]:05d}.safetensors" for i in range(1, counts[0] + 1)]
+    files = open_files(root, names, plan)
+    return files, len(files) == len(names)

@@ -1,4 +1,6 @@
-"""`weights verify DIR`: print what is missing or wrong in a model folder; exit status 1 on any problem."""
+"""`weights verify DIR [--model M] [--adapter A]`: print what is missing or wrong in a model folder for one
+registry model (the Wan base, every adapter file of the model or the one named, the encoders, wav2vec2);
+exit status 1 on any problem."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from multitalk_worker.models.configs import CONFIGS, get_config
+from multitalk_worker.registry import DEFAULT_MODEL, MODELS, all_adapters
 from multitalk_worker.weights.manifest import verify
 
 
@@ -14,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     weights = subparsers.add_parser("weights", help="inspect model weight folders")
     commands = weights.add_subparsers(dest="weights_command", required=True)
     check = commands.add_parser(
-        "verify", help="check a Wan2.1-I2V-14B(-Diffusers) + MultiTalk folder without loading it"
+        "verify", help="check a Wan2.1-I2V-14B(-Diffusers) + MultiTalk/InfiniteTalk folder without loading it"
     )
     check.add_argument("dir", type=Path, help="model folder (original or Diffusers layout)")
     check.add_argument(
@@ -26,11 +29,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="model preset (default: from DIR's config.json)",
     )
+    check.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default=DEFAULT_MODEL,
+        help=f"the model whose adapter files are checked (default: {DEFAULT_MODEL})",
+    )
+    check.add_argument(
+        "--adapter",
+        choices=sorted({a.name for a in all_adapters().values()}),
+        default=None,
+        help="check only this adapter of the model (default: all of them)",
+    )
     check.set_defaults(func=run_verify)
 
 
 def run_verify(args: argparse.Namespace) -> int:
     config = get_config(args.preset) if args.preset else None
-    report = verify(args.dir, config=config, wav2vec_path=args.wav2vec)
+    report = verify(
+        args.dir, config=config, wav2vec_path=args.wav2vec, model=args.model, adapter=args.adapter
+    )
     print(report)
     return 0 if report.ok else 1

@@ -1,5 +1,5 @@
-"""The Diffusers layout: a `Wan-AI/Wan2.1-I2V-14B-480P-Diffusers` folder plus MeiGen's multitalk.safetensors
-(spec 8.4, 8.5).
+"""The Diffusers layout: a `Wan-AI/Wan2.1-I2V-14B-480P-Diffusers` folder plus MeiGen's adapter files
+(spec MT 8.4, 8.5, IT 2.7).
 
     model_index.json
     transformer/   config.json, diffusion_pytorch_model-000NN-of-000MM.safetensors + index (diffusers keys)
@@ -8,9 +8,10 @@
     image_encoder/ config.json, model.safetensors (CLIPVisionModel)
     vae/           config.json, diffusion_pytorch_model.safetensors (AutoencoderKLWan)
     multitalk.safetensors                          MeiGen's audio layers, unchanged, in the folder root
+    single/infinitetalk.safetensors, multi/...     InfiniteTalk's, likewise
 
-The audio layers stay in their own file in the root (where the original layout keeps them too); their keys
-are the model's own keys and never pass through the diffusers renaming.
+The audio layers stay in their own file under the root, at the same relative path as in the original layout
+(registry.Adapter.file); their keys are the model's own keys and never pass through the diffusers renaming.
 """
 
 from __future__ import annotations
@@ -18,17 +19,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from multitalk_worker.weights.adapters import KeyTargets, plan_base, with_adapter
 from multitalk_worker.weights.checkpoint import (
     Component,
     Plan,
     Shape,
     identity_keymap,
-    open_files,
     open_sharded,
     plan_files,
     single_file_component,
 )
-from multitalk_worker.weights.original import MULTITALK_FILE, T5_TIED, KeyTargets, dit_home, is_audio_key
+from multitalk_worker.weights.original import MULTITALK_FILE, T5_TIED
 
 MODEL_INDEX = "model_index.json"
 TRANSFORMER_INDEX = "transformer/diffusion_pytorch_model.safetensors.index.json"
@@ -77,22 +78,17 @@ def transformer_key_to_original(key: str) -> str | None:
     return None
 
 
-def transformer_keymap(key: str, shape: Shape) -> KeyTargets | None:
-    if is_audio_key(key):  # MultiTalk layers: already the model's keys, never renamed
-        return [(key, shape, None)]
-    target = transformer_key_to_original(key)
-    return None if target is None else [(target, shape, None)]
-
-
-def dit_component(root: Path) -> Component:
-    """The DiT from transformer/ (renamed to the original keys) and multitalk.safetensors (as is)."""
+def base_component(root: Path) -> Component:
+    """The Wan base tensors of the DiT from transformer/, renamed to the original keys."""
     plan = Plan()
     files = open_sharded(root, TRANSFORMER_INDEX, plan)
-    audio = open_files(root, [MULTITALK_FILE], plan)
-    plan_files(files, transformer_keymap, plan)
-    plan_files(audio, identity_keymap, plan)
-    files.update(audio)
-    return Component("dit", files, plan, dit_home(TRANSFORMER_INDEX))
+    plan_base(files, transformer_key_to_original, plan)
+    return Component("dit", files, plan, lambda _key: TRANSFORMER_INDEX)
+
+
+def dit_component(root: Path, adapter_file: str = MULTITALK_FILE) -> Component:
+    """The DiT: transformer/ (renamed) plus the audio layers of `adapter_file` (relative to root, as is)."""
+    return with_adapter(base_component(root), root, adapter_file)
 
 
 def text_encoder_component(root: Path) -> Component:

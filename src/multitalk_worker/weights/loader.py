@@ -33,13 +33,16 @@ from multitalk_worker.models.image_encoder import build_image_encoder
 from multitalk_worker.models.text_encoder import build_text_encoder
 from multitalk_worker.models.transformer import MultiTalkTransformer
 from multitalk_worker.models.vae import build_vae
+from multitalk_worker.registry import DEFAULT_MODEL, get_model
 from multitalk_worker.weights import diffusers_layout, original
+from multitalk_worker.weights.adapters import resolve_adapter
 from multitalk_worker.weights.checkpoint import Component, empty_model, load_component
 from multitalk_worker.weights.wav2vec import WAV2VEC_DIR, load_wav2vec
 
 logger = logging.getLogger(__name__)
 
 Layout = Literal["original", "diffusers"]
+DEFAULT_ADAPTER = get_model(DEFAULT_MODEL).adapter().name  # "multitalk"
 PAD_TOKEN_ID = 0
 EOS_TOKEN_ID = 1
 
@@ -56,6 +59,8 @@ class ModelBundle:
     audio_encoder: Wav2Vec2Model
     feature_extractor: Wav2Vec2FeatureExtractor
     config: MultiTalkConfig
+    model: str = DEFAULT_MODEL  # registry.MODELS name
+    adapter: str = DEFAULT_ADAPTER  # registry.Adapter name whose file the DiT's audio layers came from
 
 
 @dataclass(frozen=True)
@@ -81,15 +86,19 @@ def component_dtypes(dtype: torch.dtype) -> ComponentDtypes:
 
 
 def detect_layout(root: Path) -> Layout:
-    """ "original" for a Wan2.1 folder (index json at the top), "diffusers" for a Diffusers folder."""
-    if (root / original.DIT_INDEX).is_file():
+    """ "original" for a Wan2.1 folder (index json or DiT shards at the top), "diffusers" for a Diffusers
+    folder."""
+    if (root / original.DIT_INDEX).is_file() or any(
+        root.glob(f"{original.DIT_SHARD_STEM}-*-of-*.safetensors")
+    ):
         return "original"
     if (root / diffusers_layout.MODEL_INDEX).is_file() or (
         root / diffusers_layout.TRANSFORMER_INDEX
     ).is_file():
         return "diffusers"
     raise ModelMissing(
-        f"{root} is not a model folder: expected {original.DIT_INDEX} (Wan2.1-I2V-14B-480P layout) or "
+        f"{root} is not a model folder: expected {original.DIT_INDEX} or the "
+        f"{original.DIT_SHARD_STEM}-0000i-of-0000N.safetensors shards (Wan2.1-I2V-14B-480P layout) or "
         f"{diffusers_layout.MODEL_INDEX} (Wan2.1-I2V-14B-480P-Diffusers layout)"
     )
 
@@ -123,21 +132,33 @@ def detect_config(root: Path, layout: Layout) -> MultiTalkConfig:
     )
 
 
-def component_sources(root: Path, layout: Layout) -> dict[str, Callable[[Path], Component]]:
-    """Per network, the function that opens and plans its tensors in this layout."""
+def base_source(layout: Layout) -> Callable[[Path], Component]:
+    """The function that opens and plans the DiT's Wan base (no audio layers) in this layout."""
+    return original.base_component if layout == "original" else diffusers_layout.base_component
+
+
+def encoder_sources(layout: Layout) -> dict[str, Callable[[Path], Component]]:
+    """Per network other than the DiT, the function that opens and plans its tensors in this layout."""
     if layout == "original":
         return {
-            "dit": original.dit_component,
             "text_encoder": original.t5_component,
             "image_encoder": original.clip_component,
             "vae": original.vae_component,
         }
     return {
-        "dit": diffusers_layout.dit_component,
         "text_encoder": diffusers_layout.text_encoder_component,
         "image_encoder": diffusers_layout.image_encoder_component,
         "vae": diffusers_layout.vae_component,
     }
+
+
+def component_sources(
+    root: Path, layout: Layout, adapter_file: str = original.MULTITALK_FILE
+) -> dict[str, Callable[[Path], Component]]:
+    """Per network, the function that opens and plans its tensors in this layout; the DiT's audio layers
+    come from `adapter_file` (relative to root)."""
+    dit = original.dit_component if layout == "original" else diffusers_layout.dit_component
+    return {"dit": lambda folder: dit(folder, adapter_file), **encoder_sources(layout)}
 
 
 def empty_models(config: MultiTalkConfig) -> dict[str, nn.Module]:
@@ -172,21 +193,32 @@ def load_models(
     config: MultiTalkConfig | None = None,
     wav2vec_path: str | Path | None = None,
     audio_device: str | torch.device = "cpu",
+    model: str = DEFAULT_MODEL,
+    adapter: str | None = None,
+    persons: int = 1,
 ) -> ModelBundle:
-    """Load every network from `path` (layout detected) and the wav2vec2 folder.
+    """Load every network of registry model `model` from `path` (layout detected) and the wav2vec2 folder.
 
-    `config` defaults to the preset matching the folder's DiT config.json; `wav2vec_path` defaults to
+    The DiT is the folder's Wan base plus the audio layers of the adapter `adapter` (a registry name:
+    "multitalk", "single", "multi"), by default the model's adapter for `persons` speakers. `config`
+    defaults to the preset matching the folder's DiT config.json; `wav2vec_path` defaults to
     `<path>/chinese-wav2vec2-base`. The audio encoder runs on `audio_device` (the reference uses the CPU).
     """
     root = Path(path)
+    chosen = resolve_adapter(model, adapter, persons=persons)
     layout = detect_layout(root)
     config = config or detect_config(root, layout)
     device = torch.device(device)
     dtypes = component_dtypes(dtype)
-    logger.info("loading %s (%s layout, preset %s) to %s", root, layout, config.name, device)
+    logger.info(
+        "loading %s (%s layout, preset %s, model %s, adapter %s) to %s",
+        root, layout, config.name, model, chosen.file, device,
+    )  # fmt: skip
     models = empty_models(config)
-    for name, open_component in component_sources(root, layout).items():
+    for name, open_component in component_sources(root, layout, chosen.file).items():
         component = open_component(root)
+        for note in component.plan.notes:
+            logger.info("%s: %s", root, note)
         try:
             load_component(component, models[name], device=device, dtype=getattr(dtypes, name))
         finally:
@@ -205,4 +237,6 @@ def load_models(
         audio_encoder=audio_encoder,
         feature_extractor=feature_extractor,
         config=config,
+        model=model,
+        adapter=chosen.name,
     )

@@ -1,71 +1,79 @@
-"""The original layout: a `Wan-AI/Wan2.1-I2V-14B-480P` folder with MeiGen-MultiTalk linked in (spec 8.1, 8.2).
+"""The original layout: a `Wan-AI/Wan2.1-I2V-14B-480P` folder with MeiGen's adapter files in it (spec MT 8.1,
+8.2, IT 2.1).
 
     config.json
     diffusion_pytorch_model-0000{1..7}-of-00007.safetensors   Wan DiT, float32
-    diffusion_pytorch_model.safetensors.index.json             MeiGen's replacement index (audio keys ->
-                                                               multitalk.safetensors) or Wan's own index
+    diffusion_pytorch_model.safetensors.index.json             Wan's own index, MeiGen's replacement index
+                                                               (audio keys -> multitalk.safetensors), or none
     multitalk.safetensors                                      MultiTalk audio layers
+    single/infinitetalk.safetensors, multi/...                 InfiniteTalk audio layers (1, 2 speakers)
     models_t5_umt5-xxl-enc-bf16.pth                            umT5-XXL encoder
     models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth    open-clip XLM-R ViT-H/14 (visual.* used)
     Wan2.1_VAE.pth                                             Wan VAE
     google/umt5-xxl/                                           tokenizer
 
-The DiT keys are the model's own keys. If the index is Wan's own (no audio keys) and multitalk.safetensors
-sits next to it, its keys are added, so both ways of installing MeiGen's files load.
+The DiT keys are the model's own keys. The base comes from the shards the index names, or, with no index
+(how the InfiniteTalk reference reads a stock Wan folder), from every `diffusion_pytorch_model-0000i-of-0000N`
+shard; the audio layers come from the chosen adapter file only (weights/adapters.py), so Wan's own index,
+MeiGen's index and no index all load every model.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+from multitalk_worker.registry import MULTITALK
+from multitalk_worker.weights.adapters import (
+    KeyTargets,
+    adapter_files,
+    is_audio_key,
+    plan_base,
+    with_adapter,
+)
 from multitalk_worker.weights.checkpoint import (
     Component,
     Convert,
     Plan,
     Shape,
-    identity_keymap,
     open_sharded,
-    plan_files,
+    open_unindexed_shards,
     single_file_component,
 )
 
 DIT_INDEX = "diffusion_pytorch_model.safetensors.index.json"
-MULTITALK_FILE = "multitalk.safetensors"
+MULTITALK_FILE = MULTITALK.adapter("multitalk").file  # the default adapter of the default model
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
 TOKENIZER_DIR = "google/umt5-xxl"
 CONFIG_FILE = "config.json"
 
-KeyTargets = list[tuple[str, Shape, Convert | None]]
+DIT_SHARD_STEM = "diffusion_pytorch_model"
 
 
-def is_audio_key(key: str) -> bool:
-    """True for MultiTalk's additions: audio_proj.*, blocks.N.audio_cross_attn.*, blocks.N.norm_x.*."""
-    return (
-        key.startswith("audio_proj.")
-        or re.match(r"blocks\.\d+\.(audio_cross_attn|norm_x)\.", key) is not None
-    )
-
-
-def dit_home(index_name: str) -> Callable[[str], str]:
-    def home(key: str) -> str:
-        return MULTITALK_FILE if is_audio_key(key) else index_name
-
-    return home
-
-
-def dit_component(root: Path) -> Component:
-    """The DiT tensors from the index's shards (+ multitalk.safetensors when the index omits it)."""
+def base_component(root: Path) -> Component:
+    """The Wan base tensors of the DiT (no audio layers): the index's shards, or all shards when there is
+    no index (a note says so)."""
     plan = Plan()
-    files = open_sharded(root, DIT_INDEX, plan, extra=(MULTITALK_FILE,))
-    plan_files(files, identity_keymap, plan)
-    return Component("dit", files, plan, dit_home(DIT_INDEX))
+    if (root / DIT_INDEX).is_file():
+        files, home = open_sharded(root, DIT_INDEX, plan, skip=adapter_files()), DIT_INDEX
+    else:
+        files, complete = open_unindexed_shards(root, DIT_SHARD_STEM, plan)
+        home = f"{DIT_SHARD_STEM}-*-of-*.safetensors"
+        if not complete:  # the missing shards' keys are unknown: do not list them one by one
+            plan.unavailable_if.append(lambda key: not is_audio_key(key))
+        plan.notes.append(f"no {DIT_INDEX}: the base is read from the {len(files)} shards {home}")
+    plan_base(files, lambda key: key, plan)
+    return Component("dit", files, plan, lambda _key: home)
+
+
+def dit_component(root: Path, adapter_file: str = MULTITALK_FILE) -> Component:
+    """The DiT: the Wan base shards plus the audio layers of `adapter_file` (relative to root)."""
+    return with_adapter(base_component(root), root, adapter_file)
 
 
 _T5_BLOCK = {

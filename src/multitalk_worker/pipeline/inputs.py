@@ -1,0 +1,127 @@
+"""One set of input checks for a generation, run before any model: the request's values, the audio, the
+conditioning source (image or video), the regions, the length. `prepare_inputs` decodes each input once;
+the pipeline takes its result, so a caller that validates first (the worker, the CLI) decodes nothing twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from multitalk_worker.errors import InvalidInput
+from multitalk_worker.pipeline import audio as audio_prep
+from multitalk_worker.pipeline import image as image_prep
+from multitalk_worker.pipeline.conditioning import SourceFrames
+from multitalk_worker.pipeline.plan import ClipPlan, LengthRule, plan_clips
+from multitalk_worker.pipeline.request import GenerationRequest
+from multitalk_worker.registry import ModelSpec, get_model
+from multitalk_worker.timeline import FRAMES_PER_CLIP, SAMPLE_RATE, VAE_STRIDE, resolve_max_frames
+
+LENGTH_RULES: dict[str, LengthRule] = {"multitalk": "drop_padding", "infinitetalk": "audio"}
+
+
+class StillImage:
+    """An image as a conditioning source: every timeline index gives the image."""
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image = image
+
+    def frame(self, index: int) -> Image.Image:
+        return self.image
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class PreparedInputs:
+    """Every input of one request, decoded and checked; `close()` releases the source."""
+
+    spec: ModelSpec
+    audio: audio_prep.PreparedAudio
+    source: SourceFrames
+    first: image_prep.ConditionImage  # frame 0 (or the image) at the bucket
+    person_masks: torch.Tensor  # [3, h, w] float32 (CPU)
+    plan: ClipPlan
+    source_report: dict[str, object] = field(default_factory=dict)  # what the result says of the source
+
+    def close(self) -> None:
+        close = getattr(self.source, "close", None)
+        if close is not None:
+            close()
+
+
+def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
+    """Checks of the request's own values (no file is read); the request's model."""
+    spec = get_model(request.model)
+    params = request.sampling
+    if (request.image is None) == (request.video is None):
+        raise InvalidInput("give exactly one of image and video")
+    if request.video is not None and "video" not in spec.sources:
+        raise InvalidInput(f"model {spec.name} animates an image; a video source needs model infinitetalk")
+    if request.resolution == "tiny" and not tiny_model:
+        raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
+    if params.steps < 1:
+        raise InvalidInput(f"steps={params.steps} is not accepted; use 1 or more")
+    if not 0.0 <= params.color_correction <= 1.0:
+        raise InvalidInput(f"color_correction={params.color_correction} is not accepted; use 0..1")
+    if params.teacache_threshold is not None and params.teacache_threshold <= 0:
+        raise InvalidInput("teacache_threshold must be > 0 (None turns TeaCache off)")
+    if params.shift is not None and params.shift <= 0:
+        raise InvalidInput(f"shift={params.shift} is not accepted; use a value > 0")
+    if not request.prompt.strip():
+        raise InvalidInput("prompt is empty; describe the scene")
+    if request.adapter is not None:
+        spec.adapter(request.adapter)  # an unknown name lists the accepted ones
+    return spec
+
+
+def open_source(request: GenerationRequest) -> tuple[SourceFrames, dict[str, object]]:
+    """The conditioning source and what the result reports of it."""
+    if request.image is not None:
+        return StillImage(image_prep.load_image(request.image)), {"kind": "image"}
+    from multitalk_worker.pipeline.video import open_source as open_video
+
+    assert request.video is not None  # check_params
+    video = open_video(Path(request.video), kind="video", fps_mode=request.source_fps)
+    return video, {"kind": "video"}
+
+
+def person_masks(request: GenerationRequest, first: image_prep.ConditionImage) -> torch.Tensor:
+    """The [3, h, w] person masks at latent size, from the regions on frame 0 (spec MT 3.5)."""
+    latent_size = (first.bucket[0] // VAE_STRIDE[1], first.bucket[1] // VAE_STRIDE[2])
+    regions = [speaker.region for speaker in request.speakers]
+    boxes = image_prep.person_boxes(regions, *first.source_size)
+    masks = image_prep.person_masks(boxes, first.source_size, first.bucket, latent_size)
+    image_prep.check_masks_visible(masks, len(regions))
+    return masks
+
+
+def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> PreparedInputs:
+    """Decode and check every input of `request`: values, audio files and lengths, duration, source,
+    regions. Cheap next to generation (decoding only); lets a caller fail before loading weights."""
+    spec = check_params(request, tiny_model=tiny_model)
+    prepared = audio_prep.prepare_audio(
+        [s.audio for s in request.speakers], request.audio_mode, FRAMES_PER_CLIP
+    )
+    audio_s = prepared.num_samples / SAMPLE_RATE
+    max_frames = resolve_max_frames(request.max_duration_s, audio_s, spec.max_frames)
+    plan = plan_clips(prepared.frames, max_frames, spec.motion_frames, LENGTH_RULES[spec.name])
+    source, report = open_source(request)
+    try:
+        first = image_prep.prepare_image(source.frame(0), request.resolution)
+        masks = person_masks(request, first)
+    except BaseException:
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+        raise
+    return PreparedInputs(spec, prepared, source, first, masks, plan, report)
+
+
+def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> None:
+    """Every input check of a generation without any model."""
+    prepare_inputs(request, tiny_model=tiny_model).close()

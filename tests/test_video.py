@@ -1,0 +1,331 @@
+"""Source frames of an InfiniteTalk job (pipeline/video.py): frame picking on the 25 fps timeline, rotation,
+AV1, typed errors and flat memory, on videos written here with PyAV whose frame i shows the number i."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from multitalk_worker.errors import ImageDecodeFailed, InputTooLarge, InvalidInput, VideoDecodeFailed
+from multitalk_worker.pipeline.video import (
+    ImageSource,
+    VideoSource,
+    open_source,
+    probe_video,
+)
+from tests.memory import run_for_peaks
+
+BASE, DIGITS, LEVEL0, STEP = 16, 4, 16, 14  # frame i: 4 base-16 digits as grey levels 16, 30, ..., 226
+
+
+def number_picture(number: int, size: int = 64) -> np.ndarray:
+    """uint8 [size, size, 3]: a 2x2 grid of uniform grey blocks, one base-16 digit of `number` each."""
+    picture = np.empty((size, size, 3), np.uint8)
+    half = size // 2
+    for digit in range(DIGITS):
+        value = number // BASE**digit % BASE
+        row, col = divmod(digit, 2)
+        picture[row * half : (row + 1) * half, col * half : (col + 1) * half] = LEVEL0 + STEP * value
+    return picture
+
+
+def read_number(image: Image.Image) -> int:
+    """Inverse of `number_picture` on a decoded frame: the centre of each block, to the nearest level."""
+    pixels = np.asarray(image.convert("L"), np.float64)
+    half, margin = pixels.shape[0] // 2, pixels.shape[0] // 8
+    number = 0
+    for digit in range(DIGITS):
+        top, left = (half * i + margin for i in divmod(digit, 2))
+        block = pixels[top : top + half - 2 * margin, left : left + half - 2 * margin]
+        value = (block.mean() - LEVEL0) / STEP
+        assert abs(value - round(value)) < 0.3, f"digit {digit} reads {value:.2f}: not a clean level"
+        number += int(round(value)) * BASE**digit
+    return number
+
+
+def write_video(
+    path: Path,
+    count: int,
+    rate: int = 25,
+    *,
+    codec: str = "libx264",
+    times_ms: Sequence[int] | None = None,
+    pictures: Sequence[np.ndarray] | None = None,
+    rotation: float | None = None,
+    hflip: bool = False,
+) -> Path:
+    """`count` frames of `number_picture(i)` (or `pictures`) at `rate` fps, or at explicit times in ms."""
+    options = {"preset": "ultrafast", "crf": "0"} if codec == "libx264" else {}
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate, options=options)
+        first = pictures[0] if pictures is not None else number_picture(0)
+        stream.height, stream.width = first.shape[:2]
+        stream.pix_fmt = "yuv420p"
+        if times_ms is not None:
+            stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation, hflip=hflip)
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(
+                pictures[i] if pictures is not None else number_picture(i), format="rgb24"
+            )
+            if times_ms is not None:
+                frame.pts, frame.time_base = times_ms[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("videos")
+    return {
+        "25fps_400": write_video(root / "a.mp4", 400, 25),
+        "30fps_100": write_video(root / "b.mp4", 100, 30),
+    }
+
+
+def test_frames_encode_their_numbers(videos: dict[str, Path]) -> None:
+    with av.open(str(videos["25fps_400"])) as container:
+        numbers = [read_number(f.to_image()) for f in container.decode(video=0)]
+    assert numbers == list(range(400))
+
+
+def test_reference_mode_reads_frame_indices_and_holds_the_last(videos: dict[str, Path]) -> None:
+    with VideoSource(videos["25fps_400"], fps_mode="reference") as source:
+        assert source.size == (64, 64)
+        picked = [read_number(source.frame(72 * k)) for k in range(7)]  # 0 .. 432
+        assert picked == [0, 72, 144, 216, 288, 360, 399]
+        assert source.held_from == 432
+    with VideoSource(videos["30fps_100"], fps_mode="reference") as source:
+        picked = [read_number(source.frame(72 * k)) for k in range(4)]
+        assert picked == [0, 72, 99, 99]  # the reference's index reading: it drifts on 30 fps (module doc)
+        assert source.held_from == 144
+
+
+def test_resample_mode_picks_by_time_on_30_fps(videos: dict[str, Path]) -> None:
+    info = probe_video(videos["30fps_100"])
+    assert (info.source_fps, info.source_frames, info.codec) == (30.0, 100, "h264")
+    assert info.duration_s == pytest.approx(100 / 30) and info.timeline_frames == 84  # ceil(100 / 30 * 25)
+    with VideoSource(videos["30fps_100"]) as source:
+        picked = [read_number(source.frame(n)) for n in range(84)]
+        assert picked == [n * 30 // 25 for n in range(84)]  # the frame shown at n / 25 s
+        assert source.held_from is None
+        assert read_number(source.frame(84)) == 99 and source.held_from == 84
+        assert read_number(source.frame(500)) == 99 and source.held_from == 84
+
+
+def test_both_modes_agree_on_a_25_fps_source(videos: dict[str, Path]) -> None:
+    with (
+        VideoSource(videos["25fps_400"]) as by_time,
+        VideoSource(videos["25fps_400"], fps_mode="reference") as by_index,
+    ):
+        for n in range(0, 420, 3):
+            assert read_number(by_time.frame(n)) == read_number(by_index.frame(n)) == min(n, 399)
+        assert by_time.held_from == by_index.held_from == 402  # first index asked >= 400
+
+
+def test_resample_follows_timestamps_of_variable_rate_and_offset_start(tmp_path: Path) -> None:
+    gaps = [40, 40, 120, 10, 30, 200, 40, 60, 15, 25] * 4
+    times = [500 + sum(gaps[:i]) for i in range(len(gaps))]  # starts at 0.5 s: counted from frame 0
+    path = write_video(tmp_path / "vfr.mp4", len(times), times_ms=times)
+    with VideoSource(path) as source:
+        for n in range(0, 100):
+            expected = max(j for j, t in enumerate(times) if t - times[0] <= n * 40)
+            assert read_number(source.frame(n)) == expected, n
+
+
+def test_decodes_only_as_far_as_asked(videos: dict[str, Path]) -> None:
+    with VideoSource(videos["25fps_400"], fps_mode="reference") as source:
+        source.frame(0)
+        assert source.decoded_frames == 1
+        source.frame(72)
+        assert source.decoded_frames == 73
+    with VideoSource(videos["25fps_400"]) as source:
+        source.frame(72)
+        assert source.decoded_frames == 74  # one frame of look-ahead: the next frame's timestamp
+        source.frame(72)
+        with pytest.raises(ValueError, match="must not decrease"):
+            source.frame(71)
+
+
+def marked_picture(height: int, width: int) -> np.ndarray:
+    picture = np.zeros((height, width, 3), np.uint8)
+    picture[: height // 2, : width // 4] = 255  # a white block in the coded top-left corner
+    return picture
+
+
+@pytest.mark.parametrize(
+    ("degrees", "corner"),
+    [(90, "bottom-left"), (180, "bottom-right"), (-90, "top-right"), (0, "top-left")],
+)
+def test_rotation_metadata_is_applied(tmp_path: Path, degrees: int, corner: str) -> None:
+    """`degrees` counter-clockwise: the coded top-left corner lands where a player shows it."""
+    path = write_video(tmp_path / "r.mp4", 3, pictures=[marked_picture(32, 64)] * 3, rotation=degrees)
+    info = probe_video(path)
+    assert info.rotation == degrees % 360
+    turned = degrees % 180 != 0
+    assert (info.height, info.width) == ((64, 32) if turned else (32, 64))
+    with VideoSource(path) as source:
+        assert source.size == (info.height, info.width)
+        pixels = np.asarray(source.frame(0).convert("L"))
+    assert pixels.shape == source.size
+    h, w = pixels.shape
+    corners = {
+        "top-left": pixels[: h // 8, : w // 8],
+        "top-right": pixels[: h // 8, -w // 8 :],
+        "bottom-left": pixels[-h // 8 :, : w // 8],
+        "bottom-right": pixels[-h // 8 :, -w // 8 :],
+    }
+    assert {name for name, block in corners.items() if block.mean() > 200} == {corner}
+
+
+def test_mirrored_display_matrix_is_refused(tmp_path: Path) -> None:
+    path = write_video(tmp_path / "m.mp4", 2, pictures=[marked_picture(32, 64)] * 2, rotation=0, hflip=True)
+    with pytest.raises(InvalidInput, match="mirrors the picture"):
+        probe_video(path)
+
+
+def test_av1_is_decoded_directly(tmp_path: Path) -> None:
+    decoders = {"libdav1d", "libaom-av1"} & av.codecs_available
+    encoders = [name for name in ("libsvtav1", "libaom-av1") if _can_encode(name)]
+    if not decoders or not encoders:
+        pytest.skip(f"this PyAV build has no AV1 decoder ({sorted(decoders)}) or encoder ({encoders})")
+    path = write_video(tmp_path / "av1.mkv", 30, 25, codec=encoders[0])
+    info = probe_video(path)
+    assert info.codec in decoders and info.timeline_frames == 30
+    with VideoSource(path, fps_mode="reference") as source:
+        assert [read_number(source.frame(n)) for n in (0, 13, 29)] == [0, 13, 29]
+
+
+def _can_encode(name: str) -> bool:
+    try:
+        av.Codec(name, "w")
+    except (av.codec.codec.UnknownCodecError, ValueError):
+        return False
+    return True
+
+
+def test_image_is_a_one_frame_source_never_held(tmp_path: Path) -> None:
+    path = tmp_path / "still.png"
+    Image.fromarray(number_picture(1234)[:48]).save(path)
+    source = open_source(path, kind="image")
+    assert isinstance(source, ImageSource) and source.size == (48, 64)
+    assert all(source.frame(n) is source.frame(0) for n in (0, 72, 10_000))
+    assert source.held_from is None
+    garbage = tmp_path / "bad.png"
+    garbage.write_bytes(b"not a png")
+    with pytest.raises(ImageDecodeFailed):
+        open_source(garbage, kind="image")
+
+
+def _audio_only(path: Path, fmt: str, *, empty_video: bool = False) -> Path:
+    """A second of silence as AAC, with (`empty_video`) a video track that never gets a packet."""
+    with av.open(str(path), "w", format=fmt) as container:
+        if empty_video:
+            video = container.add_stream("libx264", rate=25)
+            video.width = video.height = 64
+        audio = container.add_stream("aac", rate=16000)
+        audio.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16000, 0
+        for packet in [*audio.encode(frame), *audio.encode(None)]:
+            container.mux(packet)
+    return path
+
+
+def test_bad_videos_raise_typed_errors(tmp_path: Path, videos: dict[str, Path]) -> None:
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00\x01" * 500)
+    whole = videos["30fps_100"].read_bytes()
+    truncated = tmp_path / "truncated.mp4"  # mp4 with its index (moov) at the end, cut in half
+    truncated.write_bytes(whole[: len(whole) // 2])
+    cases = [
+        (garbage, "not a readable video container"),
+        (_audio_only(tmp_path / "speech.m4a", "mp4"), "has no video stream"),
+        (_audio_only(tmp_path / "zero.mkv", "matroska", empty_video=True), "no decodable frame"),
+        (truncated, "not a readable video container"),
+        (tmp_path / "missing.mp4", "not a readable video container"),
+    ]
+    for path, message in cases:
+        for read in (probe_video, VideoSource, lambda p: open_source(p, kind="video")):
+            with pytest.raises(VideoDecodeFailed, match=message) as caught:
+                read(path)
+            assert caught.value.code == "VIDEO_DECODE_FAILED" and caught.value.stage == "input"
+            assert "accepted:" in caught.value.message and not caught.value.retryable
+
+
+def _faststart(path: Path, count: int) -> bytes:
+    """An mp4 with its index (moov) before the media data, as streaming files are written."""
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25, options={"preset": "ultrafast", "crf": "0"})
+        stream.width = stream.height = 64
+        for i in range(count):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(number_picture(i), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path.read_bytes()
+
+
+def test_first_frame_that_does_not_decode(tmp_path: Path) -> None:
+    """The index is there, the media data cut right after its header: no picture decodes."""
+    path = tmp_path / "cut.mp4"
+    data = _faststart(path, 10)
+    path.write_bytes(data[: data.find(b"mdat") + 20])
+    with pytest.raises(VideoDecodeFailed, match="first frame does not decode"):
+        probe_video(path)
+
+
+def test_a_stream_cut_midway_ends_there_and_is_held(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "half.mp4"
+    data = _faststart(path, 100)
+    path.write_bytes(data[: len(data) // 2])
+    with VideoSource(path, fps_mode="reference") as source:
+        assert read_number(source.frame(10)) == 10
+        last = read_number(source.frame(99))
+        assert 10 < last < 99 and source.held_from == 99
+    assert f"decoding stopped after {last + 1} frames" in caplog.text
+
+
+def test_frame_size_is_refused_before_decoding(videos: dict[str, Path]) -> None:
+    with pytest.raises(InputTooLarge, match="declares 64x64 frames") as caught:
+        VideoSource(videos["30fps_100"], max_pixels=64 * 63)
+    assert caught.value.stage == "input"
+    assert probe_video(videos["30fps_100"], max_pixels=64 * 64).width == 64
+    with pytest.raises(InvalidInput, match="fps mode"):
+        VideoSource(videos["30fps_100"], fps_mode="nearest")  # type: ignore[arg-type]
+
+
+PEAK_RSS = """
+import sys
+from pathlib import Path
+from multitalk_worker.pipeline.video import VideoSource
+def read(mode, frames):
+    with VideoSource(Path(sys.argv[1]), fps_mode=mode) as source:
+        for n in range(0, frames, 72):
+            source.frame(n)
+        assert source.held_from is None and source.decoded_frames >= frames - 72
+read("resample", 300)
+short = peak_kb()
+read("resample", 3000)
+read("reference", 3000)
+print(short, peak_kb())
+"""
+
+
+def test_memory_does_not_grow_with_the_video(tmp_path: Path) -> None:
+    """Every 72nd frame of 3000 frames (2 min), in either mode, costs the same peak RSS as of 300 (12 s):
+    decoded frames are dropped as the reader moves on. Holding the long video's decoded frames would add
+    3000 x 64 x 64 x 1.5 B = 18 MB."""
+    long = write_video(tmp_path / "long.mp4", 3000, 25)
+    short_kb, long_kb = run_for_peaks(PEAK_RSS, str(long))
+    assert long_kb - short_kb < 4096, (short_kb, long_kb)
