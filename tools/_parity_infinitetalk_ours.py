@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,15 +49,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from multitalk_worker.errors import CheckpointError
+from multitalk_worker.pipeline import conditioning
 from multitalk_worker.pipeline import pipeline as pipeline_module
 from multitalk_worker.pipeline.request import GenerationRequest, SamplingParams, Speaker
+from multitalk_worker.pipeline.video import VideoSource
 from multitalk_worker.registry import INFINITETALK
-from multitalk_worker.timeline import FPS, FRAMES_PER_CLIP
+from multitalk_worker.timeline import FPS
 from multitalk_worker.weights.loader import ModelBundle
 
 Tensors = dict[str, Tensor]
 
-CLIP_LOOP = pipeline_module  # the module whose vae_encode / vae_decode / match_colors the clip loop calls
 IT_DIR = "infinitetalk"  # under the parity root: the DiT folder of this model
 SHARDS = tuple(f"diffusion_pytorch_model-{i:05d}-of-00007.safetensors" for i in range(1, 8))
 WAN_INDEX = "diffusion_pytorch_model.safetensors.index.json"  # Wan's own (no audio keys)
@@ -378,12 +381,17 @@ def compare_run(ours: Tensors, reference: Tensors) -> tuple[float, float, str | 
     return max_abs, rel, f"frame indices {ref_ids.tolist()}; {note}"
 
 
+CLIP_FRAMES_KEPT = slice(None, None, 80)  # of each decoded clip the fixtures keep frames 0 and 80 (size)
+
+
 def it_stored_form(stage: str, outputs: Tensors) -> Tensors:
-    """What the fixtures keep: digests of loaded states; thinned runs (stored_form); the rest in full."""
+    """What the fixtures keep: digests of loaded states; runs thinned (stored_form: every 16th output
+    frame; of the decoded clips only their first and last frame); the rest in full."""
     if stage in LOAD_STAGES:
         return digests(outputs)
     if stage in RUN_STAGES:
-        return stored_form(outputs)
+        kept = {k: (v[:, CLIP_FRAMES_KEPT] if k.startswith("video_") else v) for k, v in outputs.items()}
+        return {k: v.clone().contiguous() for k, v in stored_form(kept).items()}
     return {k: v.clone().contiguous() for k, v in outputs.items()}
 
 
@@ -393,15 +401,53 @@ def it_stored_form(stage: str, outputs: Tensors) -> Tensors:
 def it_bundle(root: Path, persons: int) -> ModelBundle:
     """parity_bundle with the InfiniteTalk DiT (root/IT_DIR, the adapter for `persons`)."""
     adapter = INFINITETALK.adapter(persons=persons)
-    bundle = parity_bundle(root)
     dit = load_dit(root / IT_DIR, PARITY.dit, torch.float32, adapter.file)
-    return replace(bundle, dit=dit, model=INFINITETALK.name, adapter=adapter.name)
+    return replace(parity_bundle(root, dit), model=INFINITETALK.name, adapter=adapter.name)
+
+
+@contextmanager
+def _recording_conditioner(record: dict[str, list[Any]]) -> Iterator[None]:
+    """Wrap InfiniteTalkConditioner.conditions: per clip, the reference frame it read (the pixels of its
+    `reference_pixels` call and the source frame they are: -1 for an image) and the clean latent."""
+    cls = conditioning.InfiniteTalkConditioner
+    conditions, reference_pixels = cls.conditions, cls.reference_pixels
+    frames: list[tuple[Tensor, int]] = []
+
+    def pixels(self: Any, start: int) -> Tensor:
+        out = reference_pixels(self, start)
+        frames.append((out[0, :, 0].float().clone(), _source_index(self.source, start)))
+        return out
+
+    def wrapped(self: Any, clip: Any) -> Any:
+        frames.clear()
+        out = conditions(self, clip)
+        if len(frames) != 1:
+            raise RuntimeError(f"clip {clip.index} read {len(frames)} reference frames, expected 1")
+        record["ref_frames"].append(frames[0][0])
+        record["frame_ids"].append(frames[0][1])
+        record["motion"].append(out.clean_latent[0].float().clone())
+        return out
+
+    cls.conditions, cls.reference_pixels = wrapped, pixels
+    try:
+        yield
+    finally:
+        cls.conditions, cls.reference_pixels = conditions, reference_pixels
+
+
+def _source_index(source: Any, index: int) -> int:
+    """The source frame `source.frame(index)` returned: -1 for an image; a video read in reference mode
+    gives frame `index`, or its last frame once held."""
+    if not isinstance(source, VideoSource):
+        return -1
+    held = source.held_from is not None and index >= source.held_from
+    return source.decoded_frames - 1 if held else index
 
 
 def run_generate(root: Path, work: Path, run: ItRun, seed: int) -> Tensors:
-    """Our TalkingVideoPipeline on the run's source and speech. Returns the keys of the reference's
-    generate_case: per clip `latent_<k>`, `video_<k>`, `ref_frame_<k>`, `motion_<k>`; `frame_ids`,
-    `frames` (uint8 [N, H, W, 3])."""
+    """Our TalkingVideoPipeline on the run's source and speech (source_fps="reference": the reference's
+    reading of a 25 fps source). Returns the keys of the reference's generate_case: per clip `latent_<k>`,
+    `video_<k>`, `ref_frame_<k>`, `motion_<k>`; `frame_ids`, `frames` (uint8 [N, H, W, 3])."""
     it_speech_files(work)
     source = source_path(run, root / IT_DIR)
     request = GenerationRequest(
@@ -424,40 +470,26 @@ def run_generate(root: Path, work: Path, run: ItRun, seed: int) -> Tensors:
         ),
         source_fps="reference",
     )
-    record: dict[str, list[Tensor]] = {"latents": [], "videos": [], "encode_in": [], "encode_out": []}
-
-    def encoded(args: tuple[Any, ...], out: Tensor) -> None:
-        record["encode_in"].append(args[1].float().clone())
-        record["encode_out"].append(out.float().clone())
-
+    record: dict[str, list[Any]] = {
+        "latents": [],
+        "videos": [],
+        "ref_frames": [],
+        "frame_ids": [],
+        "motion": [],
+    }
     pipe = pipeline_module.TalkingVideoPipeline(it_bundle(root, run.persons))
     with (
-        _recording(
-            "vae_decode", lambda args, _: record["latents"].append(args[1][0].float().clone()), CLIP_LOOP
-        ),
-        _recording("vae_encode", encoded, CLIP_LOOP),
-        _recording(
-            "match_colors", lambda _, video: record["videos"].append(video.float().clone()), CLIP_LOOP
-        ),
+        _recording("vae_decode", lambda args, _: record["latents"].append(args[1][0].float().clone())),
+        _recording("match_colors", lambda _, video: record["videos"].append(video.float().clone())),
+        _recording_conditioner(record),
     ):
         result = pipe(request)
-    return _our_outputs(record, result)
-
-
-def _our_outputs(record: dict[str, list[Tensor]], result: Any) -> Tensors:
-    """Per clip the decoded latent and colour-corrected clip, the reference frame (the first frame of each
-    FRAMES_PER_CLIP-frame encode: y) and the motion latent (the output of each shorter encode)."""
     out: Tensors = {}
-    y_in = [v for v in record["encode_in"] if v.shape[2] == FRAMES_PER_CLIP]
-    motion = [
-        o
-        for v, o in zip(record["encode_in"], record["encode_out"], strict=True)
-        if v.shape[2] < FRAMES_PER_CLIP
-    ]
     for k, latent in enumerate(record["latents"]):
         out[f"latent_{k}"] = latent
         out[f"video_{k}"] = record["videos"][k]
-        out[f"ref_frame_{k}"] = y_in[k][0, :, 0]
-        out[f"motion_{k}"] = motion[k][0]
+        out[f"ref_frame_{k}"] = record["ref_frames"][k]
+        out[f"motion_{k}"] = record["motion"][k]
+    out["frame_ids"] = torch.tensor(record["frame_ids"])
     out["frames"] = torch.from_numpy(result.frames)
     return out
