@@ -33,14 +33,36 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from multitalk_worker.models.attention import BACKENDS, attention  # noqa: E402
+from multitalk_worker.models.attention import BACKENDS, LOSSY_BACKENDS, attention  # noqa: E402
 from multitalk_worker.models.batching import predict_passes  # noqa: E402
 from multitalk_worker.models.configs import TINY, WAN_14B_480P, DiTConfig, VAEConfig  # noqa: E402
 from multitalk_worker.models.runtime import FAST_RUNTIME, REFERENCE_RUNTIME, DiTRuntime, compile_blocks  # noqa: E402
 from multitalk_worker.models.transformer import MultiTalkTransformer  # noqa: E402
 
 log = logging.getLogger("bench")
+
+# The fp8 self-attention's accuracy knobs (models/fp8_attention.py), as bench-only backend names next to the
+# tier's own "flash3_fp8" (K and V smoothing, one Q scale per head): registered in main() for the runs.
+FP8_VARIANTS: dict[str, dict] = {
+    "fp8_naive": {"smooth_k": False, "smooth_v": False},  # one amax scale per head, nothing else
+    "fp8_smoothk": {"smooth_k": True, "smooth_v": False},
+    "fp8_q8": {"query_blocks": 8},  # smoothing + 8 Q scales per head
+}
+
+
+def register_fp8_variants() -> None:
+    from multitalk_worker.models.attention import _flash3_fp8_kernel
+    from multitalk_worker.models.fp8_attention import fp8_attention
+
+    for name, knobs in FP8_VARIANTS.items():
+        BACKENDS[name] = lambda q, k, v, scale, knobs=knobs: fp8_attention(
+            q, k, v, scale, kernel=_flash3_fp8_kernel, **knobs
+        )
+
+
 RESULTS: dict[str, dict] = {}
+LOSSY = LOSSY_BACKENDS
+EXACT = ("sdpa", "flash", "cudnn", "efficient", "flash3")
 STORE: dict[str, torch.Tensor] = {}  # reference outputs for error checks
 
 
@@ -174,8 +196,10 @@ def dit_inputs(
 def attn_case(name: str, backend: str, q, k, v, ref) -> None:
     times, out, _ = timed(lambda: BACKENDS[backend](q, k, v, None), warmup=2, reps=5)
     err = rel_err(out.float(), ref)
-    record(name, ms=round(statistics.median(times) * 1e3, 3), rel_err_vs_fp32=f"{err:.2e}")
-    if err > 2e-2:
+    ms = statistics.median(times) * 1e3
+    flops = 4 * q.shape[0] * q.shape[1] * k.shape[1] * q.shape[2] * q.shape[3]
+    record(name, ms=round(ms, 3), tflops=round(flops / ms / 1e9), rel_err_vs_fp32=f"{err:.2e}")
+    if err > (1.5e-1 if backend in LOSSY or backend in FP8_VARIANTS else 2e-2):
         raise RuntimeError(f"{backend} error {err:.2e} too large")
 
 
@@ -196,14 +220,15 @@ def part_attn(args: argparse.Namespace, cfg: DiTConfig, device: str) -> str:
         k = torch.randn(ks, generator=g, device=device).bfloat16()
         v = torch.randn(ks, generator=g, device=device).bfloat16()
         ref = attention(q.float(), k.float(), v.float(), backend="sdpa")
-        for backend in ("sdpa", "flash", "cudnn", "efficient", "flash3"):
+        lossy = ("flash3_fp8", *FP8_VARIANTS) if shape_name == "self" else ()
+        for backend in ("sdpa", "flash", "cudnn", "efficient", "flash3", *lossy):
             name = f"attn/{shape_name}/{backend}"
             ms = float("inf")
             if guarded(name, lambda b=backend, n=name, q=q, k=k, v=v, r=ref: attn_case(n, b, q, k, v, r)):
                 ms = RESULTS[name]["ms"] * (0 if shape_name == "refmap" else 1)
             totals[backend] = totals.get(backend, 0.0) + ms
         del q, k, v, ref
-    usable = {b: t for b, t in totals.items() if t != float("inf")}
+    usable = {b: t for b, t in totals.items() if t != float("inf") and b in EXACT}
     best = min(usable, key=usable.get) if usable else "sdpa"
     record("attn/choice", backend=best, totals_ms={b: round(t, 2) for b, t in totals.items()})
     return best
@@ -333,6 +358,81 @@ def part_blockerr(args, model, cfg, device, backend: str, tag: str) -> None:
         block_case(f"block0/{tag}/P{persons}", model, cfg, args, device, fast, persons)
 
 
+def part_attn_fp8_split(args, cfg, device) -> None:
+    """The fp8 self-attention in two halves at the DiT's self-attention shape: FA3's e4m3 kernel on inputs
+    quantised beforehand, and the smoothing + quantisation alone (compiled, as inside a compiled block)."""
+    from multitalk_worker.models.attention import _flash3_fp8_kernel
+    from multitalk_worker.models.fp8_attention import _descale, _quantize
+
+    length, heads, d = 21 * 28 * 56, cfg.num_heads, cfg.head_dim
+    g = torch.Generator(device=device).manual_seed(2)
+    q, k, v = (torch.randn(1, length, heads, d, generator=g, device=device).bfloat16() for _ in range(3))
+
+    def prep(q, k, v):
+        kf = k.float() - k.float().mean(dim=1, keepdim=True)
+        vf = v.float() - v.float().mean(dim=1, keepdim=True)
+        qf = q.float()
+        dq, dk, dv = _descale(qf), _descale(kf), _descale(vf)
+        return _quantize(qf, dq), _quantize(kf, dk), _quantize(vf, dv), dq, dk, dv
+
+    prep_c = torch.compile(prep, dynamic=False)
+    q8, k8, v8, dq, dk, dv = prep_c(q, k, v)
+
+    def kernel() -> None:
+        times, _, _ = timed(lambda: _flash3_fp8_kernel(q8, k8, v8, d**-0.5, dq, dk, dv), 2, 5)
+        ms = statistics.median(times) * 1e3
+        record("attn-fp8-split/kernel", ms=round(ms, 3), tflops=round(4 * length**2 * heads * d / ms / 1e9))
+
+    def quant() -> None:
+        times, _, _ = timed(lambda: prep_c(q, k, v), 2, 5)
+        record("attn-fp8-split/prep-compiled", ms=round(statistics.median(times) * 1e3, 3))
+
+    guarded("attn-fp8-split/kernel", kernel)
+    guarded("attn-fp8-split/prep-compiled", quant)
+
+
+def lossy_runtimes(backend: str) -> dict[str, DiTRuntime]:
+    """The fp8 self-attention runtimes compared in the error parts (the exact sites keep `backend`)."""
+    fast = replace(FAST_RUNTIME, attention_backend=backend)
+    runtimes = {
+        f"fp8attn-{name}": replace(fast, self_attention_backend=name)
+        for name in ("flash3_fp8", *FP8_VARIANTS)
+    }
+    runtimes["fp8attn-flash3_fp8-exact4"] = replace(
+        fast, self_attention_backend="flash3_fp8", exact_self_attention_blocks=4
+    )
+    return runtimes
+
+
+def part_fp8attn_blockerr(args, model, cfg, device, backend: str, prefix: str = "") -> None:
+    """Block 0's error with each fp8 self-attention variant (the per-block yardstick of the error table)."""
+    for tag, runtime in lossy_runtimes(backend).items():
+        if runtime.exact_self_attention_blocks == 0:
+            for persons in (2, 1):
+                block_case(f"block0/{prefix}{tag}/P{persons}", model, cfg, args, device, runtime, persons)
+
+
+def part_fp8_variants(args, model, cfg, device, backend: str) -> None:
+    """40-block P2 error of the fp8 linears with each fp8 self-attention variant, run eagerly (compiled
+    blocks would compile one graph per variant): `torch.compiler.set_stance("force_eager")`."""
+    inputs = dit_inputs(cfg, args.hw, args.frames, 1, 2, device)
+    runtimes = {"exact": replace(FAST_RUNTIME, attention_backend=backend), **lossy_runtimes(backend)}
+    with torch.compiler.set_stance("force_eager"):
+        for tag, runtime in runtimes.items():
+            forward_case(f"dit/fp8-eager-{tag}/P2", model, inputs, runtime, ref_key="P2", warmup=1, reps=1)
+        part_fp8attn_blockerr(args, model, cfg, device, backend, prefix="fp8lin-")
+
+
+def part_fp8_tier(args, model, cfg, device, backend: str) -> None:
+    """The fp8 tier as the engine runs it: fp8 linears + the fp8 self-attention, compiled blocks."""
+    tier = replace(FAST_RUNTIME, attention_backend=backend, self_attention_backend="flash3_fp8")
+    for persons in (2, 1):
+        inputs = dit_inputs(cfg, args.hw, args.frames, 1, persons, device)
+        forward_case(
+            f"dit/fp8-tier-compiled/P{persons}", model, inputs, tier, ref_key=f"P{persons}", reps=args.reps
+        )
+
+
 def part_noise(args, model, cfg, device) -> None:
     """Full forward, reference path, the same P=2 inputs as a batch of 2 identical rows vs batch 1."""
 
@@ -411,11 +511,13 @@ def part_ref_720p(args, model, cfg, device) -> None:
     forward_case("dit720/ref/P2", model, inputs, REFERENCE_RUNTIME, ref_key=None, reps=args.ref_reps)
 
 
-def part_profile(args, model, cfg, device, backend: str) -> None:
-    """GPU kernel time of one fast-path forward (P2), grouped by kernel; the top 40 go to profile.txt."""
+def part_profile(
+    args, model, cfg, device, backend: str, runtime: DiTRuntime | None = None, name: str = "profile.txt"
+) -> None:
+    """GPU kernel time of one fast-path forward (P2), grouped by kernel; the top 40 go to `name`."""
     from torch.profiler import ProfilerActivity, profile
 
-    fast = replace(FAST_RUNTIME, attention_backend=backend)
+    fast = runtime or replace(FAST_RUNTIME, attention_backend=backend)
     inputs = dit_inputs(cfg, args.hw, args.frames, 1, 2, device)
     activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     with torch.no_grad():
@@ -426,7 +528,7 @@ def part_profile(args, model, cfg, device, backend: str) -> None:
             sync()
     key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=100)
-    (args.out / "profile.txt").write_text(table)
+    (args.out / name).write_text(table)
     print(table)
 
 
@@ -592,6 +694,13 @@ def versions() -> dict[str, str]:
             info["nvidia-smi"] = smi.stdout.strip()
         except (OSError, subprocess.SubprocessError):
             pass
+    from importlib import metadata
+
+    for dist in ("fa3-fwd", "flash-attn-4"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = "not installed"
     for mod in ("diffusers", "torchao", "triton"):
         try:
             info[mod] = __import__(mod).__version__
@@ -616,8 +725,9 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="attn,dit,compile,720p,clip,vae,fp8",
-        help="attn attn2 dit refstore blockerr noise ref-720p compile batched profile clip clip-fast "
-        "clip-default 720p vae fp8 fp8-compile fp8-clip fp8-720p",
+        help="attn attn2 dit refstore blockerr fp8attn-blockerr noise ref-720p compile batched profile clip "
+        "clip-fast clip-default 720p vae fp8 fp8-compile fp8-variants fp8-tier fp8-tier-profile "
+        "fp8-tier-720p attn-fp8-split compile-only fp8-convert-only fp8-clip fp8-720p",
     )
     parser.add_argument(
         "--tiny", action="store_true", help="tiny config on the CPU (smoke test of this script)"
@@ -655,11 +765,13 @@ def main() -> None:
     args.hw, args.frames = ((64, 128), 3) if args.tiny else ((448, 896), 21)
     meta = {"argv": sys.argv, "versions": versions()}
 
+    register_fp8_variants()
     backend = args.backend or "sdpa"
     if "attn" in parts and not args.tiny:
-        backend = args.backend or part_attn(args, cfg, device)
+        best = part_attn(args, cfg, device)
+        backend = args.backend or best
     model = None
-    if any(p in parts for p in ("dit", "compile", "720p", "ref-720p", "profile", "fp8", "clip")):
+    if any(p not in ("attn", "attn2", "attn-fp8-split", "vae") for p in parts):
         t0 = time.perf_counter()
         model = build_dit(cfg, device)
         sync()
@@ -673,6 +785,8 @@ def main() -> None:
     compiled = False
     if "attn2" in parts and not args.tiny:
         part_attn2(args, cfg, device)
+    if "attn-fp8-split" in parts and not args.tiny:
+        part_attn_fp8_split(args, cfg, device)
     if "dit" in parts:
         part_dit(args, model, cfg, device, backend, "eager", with_ref=True, with_fast=True, with_batched=True)
     if "refstore" in parts:
@@ -681,6 +795,8 @@ def main() -> None:
         )
     if "blockerr" in parts:
         part_blockerr(args, model, cfg, device, backend, "fast-eager")
+    if "fp8attn-blockerr" in parts:
+        part_fp8attn_blockerr(args, model, cfg, device, backend)
     if "noise" in parts:
         part_noise(args, model, cfg, device)
     if "ref-720p" in parts:
@@ -707,6 +823,9 @@ def main() -> None:
         )
         if "blockerr" in parts:
             part_blockerr(args, model, cfg, device, backend, "fast-compiled")
+    if "compile-only" in parts:  # compiled blocks for the parts below, nothing timed here
+        compile_blocks(model, exact_casts=not args.no_exact_casts)
+        compiled = True
     if "clip" in parts or "clip-fast" in parts:
         part_clip(args, model, cfg, vcfg, device, backend, "fast")
     if "clip" in parts or "clip-default" in parts:
@@ -717,8 +836,27 @@ def main() -> None:
         part_720p(args, model, cfg, device, backend, "compiled" if compiled else "eager")
     if "vae" in parts:
         part_vae(args, vcfg, device)
+    if "fp8-convert-only" in parts:
+        from multitalk_worker.models.fp8 import quantize_block_linears_fp8
+
+        quantize_block_linears_fp8(model)
     if "fp8" in parts:
         part_fp8(args, model, cfg, device, backend, compiled, compile_after="fp8-compile" in parts)
+    if "fp8-variants" in parts:
+        part_fp8_variants(args, model, cfg, device, backend)
+    if "fp8-tier" in parts:
+        part_fp8_tier(args, model, cfg, device, backend)
+    tier = replace(FAST_RUNTIME, attention_backend=backend, self_attention_backend="flash3_fp8")
+    if "fp8-tier-profile" in parts:
+        guarded(
+            "profile/fp8-tier",
+            lambda: part_profile(
+                args, model, cfg, device, backend, runtime=tier, name="profile-fp8-tier.txt"
+            ),
+        )
+    if "fp8-tier-720p" in parts:
+        inputs = dit_inputs(cfg, (960, 960) if not args.tiny else (64, 64), args.frames, 1, 2, device)
+        forward_case("dit720/fp8-tier-compiled/P2", model, inputs, tier, ref_key=None, reps=2)
     if "fp8-clip" in parts:
         part_clip(args, model, cfg, vcfg, device, backend, "fast", label="clip-fp8")
     if "fp8-720p" in parts:

@@ -148,6 +148,12 @@ def main() -> None:
     parser.add_argument("--fp8", action="store_true", help="fast engine with float8 DiT linears")
     parser.add_argument("--offload", action="store_true", help="fast engine in low-memory mode")
     parser.add_argument(
+        "--attention", default=None, help="fast engine's attention backend (default: the engine's 'auto')"
+    )
+    parser.add_argument(
+        "--no-fp8-attention", action="store_true", help="with --fp8: keep self-attention in bf16"
+    )
+    parser.add_argument(
         "--gpu-cap-gib",
         type=float,
         help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction) after loading",
@@ -170,13 +176,16 @@ def main() -> None:
     rows: list[dict] = results["rows"]  # type: ignore[assignment]
     if "ref-fast" in cases:  # first: the fast engine changes the networks in place
         rows.append(run_case(TalkingVideoPipeline(bundle), "ref-fast", "fast", 1, args.out, args.resolution))
-    fast_engine = engine_options("fast", fp8=args.fp8, offload=args.offload)
+    fast_engine = engine_options("fast", fp8=args.fp8, offload=args.offload, attention=args.attention)
+    if args.no_fp8_attention:
+        fast_engine = replace(fast_engine, fp8_attention=False)
     if not cuda:  # inductor on a 2-core CPU takes minutes; the smoke test checks the wiring, not speed
         fast_engine = replace(fast_engine, compile=False)
     prepare_start = time.perf_counter()
     fast = TalkingVideoPipeline(bundle, engine=fast_engine, device=torch.device(device))
     # with offload this includes the copy of the block stacks to page-locked host memory
     results["engine_prepare_s"] = round(time.perf_counter() - prepare_start, 2)
+    results["dit_runtime"] = str(fast.engine.runtime)  # the attention backends chosen at load
     if cuda:
         torch.cuda.empty_cache()
         results["engine_resident_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
@@ -198,7 +207,8 @@ def main() -> None:
     print(
         f"\n{results['device']}, torch {results['torch']}, ready {results['ready_s']} s, "
         f"weights {results['weights_gib']} GiB, fp8 {fast_engine.fp8}, offload {fast_engine.offload}, "
-        f"resident after prepare {results.get('engine_resident_gib')} GiB, cap {args.gpu_cap_gib} GiB"
+        f"resident after prepare {results.get('engine_resident_gib')} GiB, cap {args.gpu_cap_gib} GiB\n"
+        f"{results['dit_runtime']}"
     )
     print(f"{'case':18} {'e2e s':>8} {'dit s':>8} {'peak GiB':>9} frames")
     for row in rows:

@@ -178,3 +178,51 @@ def test_the_model_must_match_the_loaded_one(pipeline: pipeline_module.TalkingVi
         pipeline(replace(_request(EXAMPLES / "speech_a.wav"), model="multitalk"))
     with pytest.raises(InvalidInput, match="exactly one of image and video"):
         pipeline(_request(EXAMPLES / "speech_a.wav", image=None))
+
+
+def test_video_to_video_reference_frames_and_colour_reference(
+    pipeline: pipeline_module.TalkingVideoPipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clip k takes source frame 72k (held at the last frame past the end) as its reference; every clip is
+    colour-corrected towards frame 0, not towards its own reference (spec IT 5.4, 9.4, 9.8)."""
+    from tests.media_files import read_number, write_video
+
+    source = write_video(tmp_path / "source.mp4", 100, 25)
+    audio = _long_speech(tmp_path / "long.wav", 2)  # 204 frames -> clips at 0, 72, 144
+    asked: list[int] = []
+    references: list[torch.Tensor] = []
+    original_prepare = conditioning.image_prep.prepare_image
+
+    def prepare(image: object, resolution: str) -> object:
+        asked.append(read_number(image))  # type: ignore[arg-type]
+        return original_prepare(image, resolution)  # type: ignore[arg-type]
+
+    original_correct = pipeline_module.match_colors
+
+    def correct(video: torch.Tensor, reference: torch.Tensor, strength: float) -> torch.Tensor:
+        references.append(reference.clone())
+        return original_correct(video, reference, strength)
+
+    monkeypatch.setattr(conditioning.image_prep, "prepare_image", prepare)
+    monkeypatch.setattr(pipeline_module, "match_colors", correct)
+    request = _request(audio, image=None, video=source, source_fps="reference")
+    result = pipeline(request)
+    # frame 0 for the bucket and masks, then clips 0, 1, 2 (frame 144 is past the end: the last, held)
+    assert asked == [0, 0, 72, 99]
+    assert result.frames is not None and result.frames.shape[0] == 204
+    assert result.resolved["source"] == {
+        "kind": "video", "fps": 25.0, "frames": 100, "duration_s": 4.0, "fps_mode": "reference",
+        "last_frame_held_from": 144, "frames_held": 60,
+    }  # fmt: skip
+    first = original_prepare(read_frame_zero(source), "tiny").pixels[0, :, 0]
+    assert len(references) == 3 and all(torch.equal(r, first) for r in references)
+
+
+def read_frame_zero(path: Path) -> object:
+    from multitalk_worker.pipeline.video import open_source
+
+    source = open_source(path, kind="video")
+    try:
+        return source.frame(0).copy()
+    finally:
+        source.close()

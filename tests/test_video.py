@@ -3,8 +3,6 @@ AV1, typed errors and flat memory, on videos written here with PyAV whose frame 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -19,69 +17,8 @@ from multitalk_worker.pipeline.video import (
     open_source,
     probe_video,
 )
+from tests.media_files import audio_only_file, number_picture, read_number, write_video
 from tests.memory import run_for_peaks
-
-BASE, DIGITS, LEVEL0, STEP = 16, 4, 16, 14  # frame i: 4 base-16 digits as grey levels 16, 30, ..., 226
-
-
-def number_picture(number: int, size: int = 64) -> np.ndarray:
-    """uint8 [size, size, 3]: a 2x2 grid of uniform grey blocks, one base-16 digit of `number` each."""
-    picture = np.empty((size, size, 3), np.uint8)
-    half = size // 2
-    for digit in range(DIGITS):
-        value = number // BASE**digit % BASE
-        row, col = divmod(digit, 2)
-        picture[row * half : (row + 1) * half, col * half : (col + 1) * half] = LEVEL0 + STEP * value
-    return picture
-
-
-def read_number(image: Image.Image) -> int:
-    """Inverse of `number_picture` on a decoded frame: the centre of each block, to the nearest level."""
-    pixels = np.asarray(image.convert("L"), np.float64)
-    half, margin = pixels.shape[0] // 2, pixels.shape[0] // 8
-    number = 0
-    for digit in range(DIGITS):
-        top, left = (half * i + margin for i in divmod(digit, 2))
-        block = pixels[top : top + half - 2 * margin, left : left + half - 2 * margin]
-        value = (block.mean() - LEVEL0) / STEP
-        assert abs(value - round(value)) < 0.3, f"digit {digit} reads {value:.2f}: not a clean level"
-        number += int(round(value)) * BASE**digit
-    return number
-
-
-def write_video(
-    path: Path,
-    count: int,
-    rate: int = 25,
-    *,
-    codec: str = "libx264",
-    times_ms: Sequence[int] | None = None,
-    pictures: Sequence[np.ndarray] | None = None,
-    rotation: float | None = None,
-    hflip: bool = False,
-) -> Path:
-    """`count` frames of `number_picture(i)` (or `pictures`) at `rate` fps, or at explicit times in ms."""
-    options = {"preset": "ultrafast", "crf": "0"} if codec == "libx264" else {}
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate, options=options)
-        first = pictures[0] if pictures is not None else number_picture(0)
-        stream.height, stream.width = first.shape[:2]
-        stream.pix_fmt = "yuv420p"
-        if times_ms is not None:
-            stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
-        if rotation is not None:
-            stream.set_display_rotation(rotation, hflip=hflip)
-        for i in range(count):
-            frame = av.VideoFrame.from_ndarray(
-                pictures[i] if pictures is not None else number_picture(i), format="rgb24"
-            )
-            if times_ms is not None:
-                frame.pts, frame.time_base = times_ms[i], Fraction(1, 1000)
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -227,21 +164,6 @@ def test_image_is_a_one_frame_source_never_held(tmp_path: Path) -> None:
         open_source(garbage, kind="image")
 
 
-def _audio_only(path: Path, fmt: str, *, empty_video: bool = False) -> Path:
-    """A second of silence as AAC, with (`empty_video`) a video track that never gets a packet."""
-    with av.open(str(path), "w", format=fmt) as container:
-        if empty_video:
-            video = container.add_stream("libx264", rate=25)
-            video.width = video.height = 64
-        audio = container.add_stream("aac", rate=16000)
-        audio.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 16000), np.float32), format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = 16000, 0
-        for packet in [*audio.encode(frame), *audio.encode(None)]:
-            container.mux(packet)
-    return path
-
-
 def test_bad_videos_raise_typed_errors(tmp_path: Path, videos: dict[str, Path]) -> None:
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"\x00\x01" * 500)
@@ -250,8 +172,8 @@ def test_bad_videos_raise_typed_errors(tmp_path: Path, videos: dict[str, Path]) 
     truncated.write_bytes(whole[: len(whole) // 2])
     cases = [
         (garbage, "not a readable video container"),
-        (_audio_only(tmp_path / "speech.m4a", "mp4"), "has no video stream"),
-        (_audio_only(tmp_path / "zero.mkv", "matroska", empty_video=True), "no decodable frame"),
+        (audio_only_file(tmp_path / "speech.m4a", "mp4"), "has no video stream"),
+        (audio_only_file(tmp_path / "zero.mkv", "matroska", empty_video=True), "no decodable frame"),
         (truncated, "not a readable video container"),
         (tmp_path / "missing.mp4", "not a readable video container"),
     ]

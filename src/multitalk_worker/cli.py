@@ -276,7 +276,7 @@ def _generate(
     parallel: SequenceParallel | None,
 ) -> int:
     """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
-    from multitalk_worker.media import write_mp4
+    from multitalk_worker.media import Mp4Sink
     from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
 
     started = time.perf_counter()
@@ -297,19 +297,26 @@ def _generate(
         adapter=adapter.name,
     )
     bar = _ProgressBar() if lead else None
+    sink = Mp4Sink(args.out, crf=args.crf) if lead else None  # frames are encoded as each clip is final
     try:
-        result = pipeline(request, progress=bar, cancel=cancel)
+        result = pipeline(request, progress=bar, cancel=cancel, sink=sink)
+        if sink is not None:
+            sink.close()
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
     finally:
         if bar is not None:
             bar.close()
     if not lead:
         return 0
-    write_mp4(args.out, result.frames, result.audio, result.sample_rate, result.fps, crf=args.crf)
     count, (height, width) = result.frame_count, result.size
     processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(
         f"wrote {args.out}: {count} frames ({count / result.fps:.2f} s) at {width}x{height}, "
-        f"{result.resolved['clips']} clip(s), seed {result.seed}{processes}, "
+        f"{result.resolved['clips']} clip(s), model {request.model} (adapter {pipeline.bundle.adapter}), "
+        f"seed {result.seed}{processes}, "
         f"{time.perf_counter() - started:.1f} s"
     )
     return 0

@@ -8,16 +8,17 @@ cut to the video's length (N / fps seconds) as the reference's `ffmpeg -t` + `-s
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
 
 import av
 import numpy as np
 
 from multitalk_worker.errors import OutputInvalid
+from multitalk_worker.pipeline.request import VideoSpec
 from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
@@ -34,12 +35,6 @@ class VideoInfo:
     duration_s: float  # frames / fps
     audio_duration_s: float  # decoded samples / sample rate (0 without audio)
     has_audio: bool
-
-
-class FrameSink(Protocol):
-    """Where the pipeline hands each clip's final frames, uint8 [n, H, W, 3], as soon as they are final."""
-
-    def write(self, frames: np.ndarray) -> None: ...
 
 
 class Mp4Writer:
@@ -174,6 +169,46 @@ class Mp4Writer:
             self.close()
         else:
             self.abort()
+
+
+class Mp4Sink:
+    """The pipeline's `FrameSink` into an mp4 at `path`: the file opens when the video's size and soundtrack
+    are known and takes each clip's frames as they come. `encode_s`: the seconds spent encoding."""
+
+    def __init__(self, path: Path, crf: int = VIDEO_CRF) -> None:
+        self.path, self.crf = Path(path), crf
+        self.writer: Mp4Writer | None = None
+        self.encode_s = 0.0
+
+    def open(self, spec: VideoSpec) -> None:
+        self.writer = Mp4Writer(
+            self.path,
+            spec.width,
+            spec.height,
+            audio=spec.audio,
+            sample_rate=spec.sample_rate,
+            fps=spec.fps,
+            crf=self.crf,
+        )
+
+    def write(self, frames: np.ndarray) -> None:
+        assert self.writer is not None, "open() comes first"
+        start = time.perf_counter()
+        self.writer.write(frames)
+        self.encode_s += time.perf_counter() - start
+
+    def close(self) -> int:
+        """Finish the file (frames written); an unopened sink wrote nothing."""
+        if self.writer is None:
+            return 0
+        start = time.perf_counter()
+        frames = self.writer.close()
+        self.encode_s += time.perf_counter() - start
+        return frames
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
 
 
 def write_mp4(

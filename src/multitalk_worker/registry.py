@@ -21,6 +21,9 @@ from multitalk_worker.errors import InvalidInput
 
 ModelName = Literal["multitalk", "infinitetalk"]
 SourceKind = Literal["image", "video"]
+# The output's length: MultiTalk drops the last clip's reflection padding (La - 3 frames for audio of La),
+# InfiniteTalk keeps the audio's frames (spec IT 5.5).
+LengthRule = Literal["drop_padding", "audio"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class ModelSpec:
     adapters: tuple[Adapter, ...]
     motion_frames: int  # M: frames of the previous clip that condition the next one
     max_frames: int  # the longest video a job may make, in 25 fps frames
+    length_rule: LengthRule
     sources: tuple[SourceKind, ...]  # conditioning inputs it takes
     default_preset: str
     presets: tuple[str, ...]  # pipeline/presets.py names it offers
@@ -73,6 +77,7 @@ MULTITALK = ModelSpec(
     ),
     motion_frames=25,
     max_frames=1000,
+    length_rule="drop_padding",
     sources=("image",),
     default_preset="default",
     presets=("default", "fusionx", "lightx2v", "fast"),
@@ -102,6 +107,7 @@ INFINITETALK = ModelSpec(
     # The reference stops at --max_frame_num (1000 frames = 40 s by default); the loop itself has no limit,
     # so we allow 10 minutes (the video streams to the encoder, spec IT 5.5). Cap a job with max_duration_s.
     max_frames=15_000,
+    length_rule="audio",
     sources=("image", "video"),
     default_preset="default",
     presets=("default", "fusionx", "lightx2v", "fast"),

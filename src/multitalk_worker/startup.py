@@ -58,7 +58,8 @@ THIRD_PARTY_MODULES = (
     "sentencepiece", "tokenizers", "skimage", "tqdm",
 )  # fmt: skip
 # GPU memory the startup check asks for: the measured peak of a clip with every network resident, plus margin.
-# 480p: 58.5 GiB (reference engine, H100, bench/RESULTS.md run F). 720p: 69.7 GiB (reference engine, run H6).
+# 480p: 58.5 GiB (reference engine, H100, bench/RESULTS.md run F; H200, run I2: 58.5 GiB allocated, 61.6
+# reserved; fast engine with FA3 53.5, fp8 tier 37.8). 720p: 69.7 GiB (reference engine, H100, run H6).
 GPU_MEMORY_GIB = {"480p": 60.0, "720p": 72.0}
 # With MULTITALK_OFFLOAD, jobs ran under a 24 GiB cap (bench/RESULTS.md runs H1, H5): peak 11.3 GiB at 480p,
 # 16.4 GiB at 720p.

@@ -37,7 +37,7 @@ from multitalk_worker.errors import (
     OutputInvalid,
     WorkerError,
 )
-from multitalk_worker.media import probe_video, write_mp4
+from multitalk_worker.media import Mp4Sink, probe_video
 from multitalk_worker.pipeline.audio import decode_audio
 from multitalk_worker.pipeline.image import choose_bucket, load_image
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
@@ -149,27 +149,27 @@ class Worker:
             pipeline, load_s, cold = self.holder.get()
             timings.update(model_load_s=load_s, cold_start=cold)
             stage.name = "generate"
-            result = pipeline(request, progress=self._progress(job), cancel=cancel.is_set)
+            sink = Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf)  # encoded clip by clip
+            try:
+                result = pipeline(request, progress=self._progress(job), cancel=cancel.is_set, sink=sink)
+                stage.name = "encode"
+                sink.close()
+            except BaseException:
+                sink.abort()
+                raise
             timings.update({f"{k}_s" if not k.endswith("_s") else k: v for k, v in result.timings.items()})
-            return self._finish(result, request, plan, delivery, Path(scratch), job_id, timings, stage)
+            timings["encode_s"] = sink.encode_s
+            return self._finish(result, sink.path, plan, delivery, timings, stage)
 
     def _finish(
         self,
         result: GenerationResult,
-        request: GenerationRequest,
+        video: Path,
         plan: dict[str, Any],
         delivery: dict[str, Any],
-        scratch: Path,
-        job_id: str,
         timings: dict[str, Any],
         stage: _Stage,
     ) -> dict[str, Any]:
-        stage.name = "encode"
-        tick = time.monotonic()
-        video = scratch / f"{job_id}.mp4"
-        crf = self.settings.video_crf
-        write_mp4(video, result.frames, result.audio, result.sample_rate, result.fps, crf=crf)
-        timings["encode_s"] = time.monotonic() - tick
         stage.name = "verify"
         tick = time.monotonic()
         info = verify_video(video, result)

@@ -119,7 +119,7 @@ class SelfAttention(nn.Module):
         k = rope(self.norm_k(self.k(x)).unflatten(-1, heads), cos, sin).to(x.dtype)
         v = self.v(x).unflatten(-1, heads)
         attend = attention if shard is None else shard.attention
-        out = attend(q, k, v, backend=runtime.attention_backend)
+        out = attend(q, k, v, backend=runtime.self_backend)
         return self.o(out.flatten(2)), q, k
 
 

@@ -5,8 +5,8 @@ Dynamic float8 (e4m3) quantisation of activations and weights with one scale per
 `Float8DynamicActivationFloat8WeightConfig`), applied to the nn.Linear layers inside the transformer blocks
 (self/cross/audio attention projections and the FFN: the 99.9% of linear FLOPs). Embeddings, time MLP,
 audio projector and head stay in bf16/float32. Needs a GPU with FP8 matrix units (Hopper or newer) and
-the `torchao` package, imported on use. Attention stays bf16: PyTorch's SDPA has no FP8 kernel, and
-FlashAttention-3's FP8 path is not installed.
+the `torchao` package, imported on use. The fp8 tier's self-attention is models/fp8_attention.py (FA3's
+e4m3 kernel, chosen at load by runtime.resolve_runtime); PyTorch's SDPA has no FP8 kernel.
 """
 
 from __future__ import annotations

@@ -167,8 +167,9 @@ class MultiTalkTransformer(nn.Module):
         shortcuts (models/runtime.py); the default is the reference path."""
         if runtime.fp32_rope:  # cast the tables once per call, not once per block
             inputs = replace(inputs, rope_cos=inputs.rope_cos.float(), rope_sin=inputs.rope_sin.float())
-        for block in self.blocks:
-            x = block(x, inputs, runtime=runtime)
+        exact = runtime.exact() if runtime.exact_self_attention_blocks else runtime
+        for index, block in enumerate(self.blocks):
+            x = block(x, inputs, runtime=exact if index < runtime.exact_self_attention_blocks else runtime)
         return x
 
     def project_out(self, x: Tensor, e: Tensor, grid: tuple[int, int, int]) -> Tensor:

@@ -19,12 +19,12 @@ the draws keep the next clip's noise identical to the reference's (spec IT 5.6).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from diffusers import AutoencoderKLWan
-from PIL import Image
 from torch import Tensor
 from transformers import CLIPVisionModel
 
@@ -33,14 +33,8 @@ from multitalk_worker.models.vae import vae_encode
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline.request import ColorReference
 from multitalk_worker.pipeline.sampling import ClipConditions, PassInputs, guidance_passes
+from multitalk_worker.pipeline.video import SourceFrames
 from multitalk_worker.timeline import FRAMES_PER_CLIP, VAE_STRIDE, latent_frames
-
-
-class SourceFrames(Protocol):
-    """What InfiniteTalk conditions on: frames on the 25 fps timeline, asked in non-decreasing order; an
-    image is a one-frame source (every index gives the image); past a video's end, its last frame."""
-
-    def frame(self, index: int) -> Image.Image: ...
 
 
 @dataclass(frozen=True)
@@ -72,6 +66,19 @@ class SharedInputs:
             "drop_audio": PassInputs(self.context, silent),
         }
         return {label: inputs[label] for label in guidance_passes(self.text_scale)}
+
+
+@dataclass(frozen=True)
+class RequestInputs:
+    """What a conditioner is built from: the request's source and shared inputs, and the networks."""
+
+    first: Tensor  # source frame 0 (the image) at the bucket, [1, 3, 1, H, W] in [-1, 1], on the device
+    source: SourceFrames
+    resolution: str
+    encoders: Encoders
+    shared: SharedInputs
+    motion_frames: int
+    color: ColorReference
 
 
 @dataclass(frozen=True)
@@ -116,11 +123,11 @@ def _y_and_clip(encoders: Encoders, known_pixels: Tensor) -> tuple[Tensor, Tenso
 class MultiTalkConditioner:
     """Spec MT 6.6: clip 0 knows the image; every later clip knows the previous clip's last M frames."""
 
-    def __init__(self, image: Tensor, encoders: Encoders, shared: SharedInputs, motion_frames: int) -> None:
-        self.image = image  # [1, 3, 1, H, W] in [-1, 1]
-        self.encoders = encoders
-        self.shared = shared
-        self.motion_frames = motion_frames
+    def __init__(self, inputs: RequestInputs) -> None:
+        self.image = inputs.first
+        self.encoders = inputs.encoders
+        self.shared = inputs.shared
+        self.motion_frames = inputs.motion_frames
 
     def color_reference(self, clip: ClipInputs) -> Tensor:
         return self.image[0, :, 0]
@@ -148,21 +155,13 @@ class InfiniteTalkConditioner:
     an image source); the first latent frames are the clean VAE latent of the frame(s) the clip continues
     from: the reference frame in clip 0, the previous clip's last M colour-corrected frames later."""
 
-    def __init__(
-        self,
-        source: SourceFrames,
-        resolution: str,
-        encoders: Encoders,
-        shared: SharedInputs,
-        motion_frames: int,
-        color: ColorReference = "first",
-    ) -> None:
-        self.source = source
-        self.resolution = resolution
-        self.encoders = encoders
-        self.shared = shared
-        self.motion_frames = motion_frames
-        self.color = color
+    def __init__(self, inputs: RequestInputs) -> None:
+        self.source = inputs.source
+        self.resolution = inputs.resolution
+        self.encoders = inputs.encoders
+        self.shared = inputs.shared
+        self.motion_frames = inputs.motion_frames
+        self.color = inputs.color
         self._first: Tensor | None = None  # source frame 0, the colour reference
         self._cached: tuple[Tensor, Tensor, Tensor] | None = None  # (pixels, y, clip tokens) of the last clip
 
@@ -205,3 +204,10 @@ class InfiniteTalkConditioner:
             motion_latent=None if clip.previous is None else clean,
             clean_latent=clean,
         )
+
+
+# One conditioner per registry model (tests/test_registry.py checks that each model has one).
+CONDITIONERS: dict[str, Callable[[RequestInputs], ClipConditioner]] = {
+    "multitalk": MultiTalkConditioner,
+    "infinitetalk": InfiniteTalkConditioner,
+}

@@ -13,9 +13,17 @@ from pathlib import Path
 import torch
 
 from multitalk_worker.errors import InvalidInput, ModelLoadFailed
+from multitalk_worker.models.attention import AttentionBackendUnavailable
 from multitalk_worker.models.fp8 import quantize_block_linears_fp8
 from multitalk_worker.models.offload import BlockOffload
-from multitalk_worker.models.runtime import FAST_RUNTIME, REFERENCE_RUNTIME, DiTRuntime, compile_blocks
+from multitalk_worker.models.runtime import (
+    AUTO,
+    FAST_RUNTIME,
+    REFERENCE_RUNTIME,
+    DiTRuntime,
+    compile_blocks,
+    resolve_runtime,
+)
 from multitalk_worker.models.vae_fast import (
     FAST_VAE_RUNTIME,
     REFERENCE_VAE_RUNTIME,
@@ -43,26 +51,62 @@ class EngineOptions:
     loras: tuple[LoraSpec, ...] = ()
     # low-memory mode: DiT and umT5 blocks stay in host memory and visit the GPU one at a time
     offload: bool = False
+    # attention backends chosen at load by `resolve_engine`: None keeps the runtime's (the reference path);
+    # "auto" is FlashAttention-3 on Hopper when it passes its probe, else cuDNN; a name must pass its probe
+    attention: str | None = None
+    # with fp8: the fp8 self-attention too (None: where it passes its probe; True: required; False: off)
+    fp8_attention: bool | None = None
 
     def __post_init__(self) -> None:
         if self.offload and self.fp8:
             raise InvalidInput("fp8 and offload cannot be combined; choose one of them")
+        if self.fp8_attention and not self.fp8:
+            raise InvalidInput("fp8_attention is part of the fp8 tier; set fp8 as well")
 
 
 REFERENCE_ENGINE = EngineOptions()
 ENGINES: dict[str, EngineOptions] = {
     "reference": REFERENCE_ENGINE,
-    "fast": EngineOptions(runtime=FAST_RUNTIME, compile=True, vae=FAST_VAE_RUNTIME),
+    "fast": EngineOptions(runtime=FAST_RUNTIME, compile=True, vae=FAST_VAE_RUNTIME, attention=AUTO),
 }
 
 
 def engine_options(
-    name: str, *, fp8: bool = False, loras: tuple[LoraSpec, ...] = (), offload: bool = False
+    name: str,
+    *,
+    fp8: bool = False,
+    loras: tuple[LoraSpec, ...] = (),
+    offload: bool = False,
+    attention: str | None = None,
 ) -> EngineOptions:
-    """The named engine with fp8, LoRAs and offload added; InvalidInput lists the accepted names."""
+    """The named engine with fp8, LoRAs and offload added, and `attention` (a backend name or "auto")
+    in place of the engine's own choice; InvalidInput lists the accepted names."""
     if name not in ENGINES:
         raise InvalidInput(f"unknown engine {name!r}; accepted: {', '.join(ENGINES)}")
-    return replace(ENGINES[name], fp8=fp8, loras=loras, offload=offload)
+    engine = replace(ENGINES[name], fp8=fp8, loras=loras, offload=offload)
+    if attention is None:
+        return engine
+    if attention != AUTO:
+        try:
+            DiTRuntime(attention_backend=attention)  # the name check of the runtime
+        except ValueError as exc:
+            raise InvalidInput(f"{exc}, or {AUTO!r}") from None
+    return replace(engine, attention=attention)
+
+
+def resolve_engine(options: EngineOptions, device: torch.device) -> EngineOptions:
+    """`options` with the DiT's attention backends chosen for `device` (models/runtime.resolve_runtime):
+    called once when a pipeline loads. A named backend that cannot run here is ModelLoadFailed."""
+    if options.attention is None:
+        return options
+    fp8_attention = options.fp8_attention if options.fp8 else False
+    try:
+        runtime = resolve_runtime(
+            options.runtime, device, attention=options.attention, fp8_attention=fp8_attention
+        )
+    except AttentionBackendUnavailable as exc:
+        raise ModelLoadFailed(str(exc)) from None
+    return replace(options, runtime=runtime, attention=runtime.attention_backend)
 
 
 def parse_lora_arg(text: str) -> LoraSpec:

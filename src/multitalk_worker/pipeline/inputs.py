@@ -5,35 +5,20 @@ the pipeline takes its result, so a caller that validates first (the worker, the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
-from multitalk_worker.pipeline.conditioning import SourceFrames
-from multitalk_worker.pipeline.plan import ClipPlan, LengthRule, plan_clips
+from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
 from multitalk_worker.pipeline.request import GenerationRequest
+from multitalk_worker.pipeline.video import SourceFrames, VideoSource
+from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model
 from multitalk_worker.timeline import FRAMES_PER_CLIP, SAMPLE_RATE, VAE_STRIDE, resolve_max_frames
-
-LENGTH_RULES: dict[str, LengthRule] = {"multitalk": "drop_padding", "infinitetalk": "audio"}
-
-
-class StillImage:
-    """An image as a conditioning source: every timeline index gives the image."""
-
-    def __init__(self, image: Image.Image) -> None:
-        self.image = image
-
-    def frame(self, index: int) -> Image.Image:
-        return self.image
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -46,12 +31,25 @@ class PreparedInputs:
     first: image_prep.ConditionImage  # frame 0 (or the image) at the bucket
     person_masks: torch.Tensor  # [3, h, w] float32 (CPU)
     plan: ClipPlan
-    source_report: dict[str, object] = field(default_factory=dict)  # what the result says of the source
+
+    def source_report(self) -> dict[str, object]:
+        """What the result says of the source: its kind, and for a video its rate, length and whether (from
+        which output frame on) its last frame was held."""
+        if not isinstance(self.source, VideoSource):
+            return {"kind": "image"}
+        info, held = self.source.info, self.source.held_from
+        return {
+            "kind": "video",
+            "fps": float(info.source_fps),
+            "frames": info.source_frames,
+            "duration_s": info.duration_s,
+            "fps_mode": self.source.fps_mode,
+            "last_frame_held_from": held,
+            "frames_held": 0 if held is None else max(0, self.plan.output_frames - held),
+        }
 
     def close(self) -> None:
-        close = getattr(self.source, "close", None)
-        if close is not None:
-            close()
+        self.source.close()
 
 
 def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
@@ -79,15 +77,12 @@ def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
     return spec
 
 
-def open_source(request: GenerationRequest) -> tuple[SourceFrames, dict[str, object]]:
-    """The conditioning source and what the result reports of it."""
+def open_source(request: GenerationRequest) -> SourceFrames:
+    """The conditioning source: the image, or the video read forward on the 25 fps timeline."""
     if request.image is not None:
-        return StillImage(image_prep.load_image(request.image)), {"kind": "image"}
-    from multitalk_worker.pipeline.video import open_source as open_video
-
+        return open_frames(Path(request.image), kind="image")
     assert request.video is not None  # check_params
-    video = open_video(Path(request.video), kind="video", fps_mode=request.source_fps)
-    return video, {"kind": "video"}
+    return open_frames(Path(request.video), kind="video", fps_mode=request.source_fps)
 
 
 def person_masks(request: GenerationRequest, first: image_prep.ConditionImage) -> torch.Tensor:
@@ -109,17 +104,15 @@ def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> PreparedI
     )
     audio_s = prepared.num_samples / SAMPLE_RATE
     max_frames = resolve_max_frames(request.max_duration_s, audio_s, spec.max_frames)
-    plan = plan_clips(prepared.frames, max_frames, spec.motion_frames, LENGTH_RULES[spec.name])
-    source, report = open_source(request)
+    plan = plan_clips(prepared.frames, max_frames, spec.motion_frames, spec.length_rule)
+    source = open_source(request)
     try:
         first = image_prep.prepare_image(source.frame(0), request.resolution)
         masks = person_masks(request, first)
     except BaseException:
-        close = getattr(source, "close", None)
-        if close is not None:
-            close()
+        source.close()
         raise
-    return PreparedInputs(spec, prepared, source, first, masks, plan, report)
+    return PreparedInputs(spec, prepared, source, first, masks, plan)
 
 
 def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> None:

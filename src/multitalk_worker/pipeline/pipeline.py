@@ -35,14 +35,14 @@ from multitalk_worker.models.vae import vae_decode
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline.color import match_colors
 from multitalk_worker.pipeline.conditioning import (
+    CONDITIONERS,
     ClipConditioner,
     ClipInputs,
     Encoders,
-    InfiniteTalkConditioner,
-    MultiTalkConditioner,
+    RequestInputs,
     SharedInputs,
 )
-from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle
+from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle, resolve_engine
 from multitalk_worker.pipeline.inputs import PreparedInputs, check_params, prepare_inputs
 from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import (
@@ -63,7 +63,6 @@ from multitalk_worker.pipeline.sampling import (
     sample_clip,
 )
 from multitalk_worker.pipeline.text import DEFAULT_NEGATIVE_PROMPT, tokenize
-from multitalk_worker.registry import get_model
 from multitalk_worker.timeline import FPS, FRAMES_PER_CLIP, LATENT_FRAMES, SAMPLE_RATE, VAE_STRIDE
 from multitalk_worker.weights.loader import ModelBundle, load_models
 
@@ -134,6 +133,7 @@ class TalkingVideoPipeline:
         """`engine` is applied to `bundle` in place (LoRA merge, offload, fp8, compilation, VAE precision).
         `device`: where the networks run; default: where the DiT's weights are (give it with offload)."""
         self.device = device or next(bundle.dit.parameters()).device
+        engine = resolve_engine(engine, self.device)  # attention backends: probed once, here
         self.offloads = prepare_bundle(bundle, engine, self.device)
         self.bundle = bundle
         self.engine = engine
@@ -274,13 +274,16 @@ class TalkingVideoPipeline:
         self, request: GenerationRequest, inputs: PreparedInputs, shared: SharedInputs
     ) -> ClipConditioner:
         encoders = Encoders(self.bundle.vae, self.bundle.image_encoder, self.bundle.dit.dtype, self.device)
-        spec = get_model(request.model)
-        if spec.name == "multitalk":
-            return MultiTalkConditioner(
-                inputs.first.pixels.to(self.device), encoders, shared, spec.motion_frames
+        return CONDITIONERS[inputs.spec.name](
+            RequestInputs(
+                first=inputs.first.pixels.to(self.device),
+                source=inputs.source,
+                resolution=request.resolution,
+                encoders=encoders,
+                shared=shared,
+                motion_frames=inputs.spec.motion_frames,
+                color=request.color_reference,
             )
-        return InfiniteTalkConditioner(
-            inputs.source, request.resolution, encoders, shared, spec.motion_frames, request.color_reference
         )
 
     def _audio_embedding(self, track: np.ndarray, person: int) -> torch.Tensor:
@@ -353,7 +356,7 @@ class TalkingVideoPipeline:
             "model": request.model,
             "adapter": self.bundle.adapter,
             "weights": self.bundle.config.name,
-            "source": dict(inputs.source_report),
+            "source": inputs.source_report(),
             "resolution": request.resolution,
             "bucket": list(inputs.first.bucket),
             "persons": len(request.speakers),

@@ -10,11 +10,9 @@ video at <= F frames, one clip is made (the references' clip mode) and cut to th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
+from multitalk_worker.registry import LengthRule
 from multitalk_worker.timeline import FRAMES_PER_CLIP
-
-LengthRule = Literal["drop_padding", "audio"]  # MultiTalk, InfiniteTalk
 
 
 @dataclass(frozen=True)

@@ -39,8 +39,8 @@ import numpy as np
 from PIL import Image
 
 from multitalk_worker.errors import InputTooLarge, InvalidInput, VideoDecodeFailed
-from multitalk_worker.media import FPS
 from multitalk_worker.pipeline.image import load_image
+from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
 
