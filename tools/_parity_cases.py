@@ -139,6 +139,11 @@ def write_dit_weights(folder: Path, state: Tensors, cfg: DiTConfig) -> None:
     weight_map = {k: DIT_WAN_FILE for k in sorted(wan)} | {k: DIT_AUDIO_FILE for k in sorted(audio)}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / DIT_INDEX_FILE).write_text(json.dumps(index, indent=1) + "\n")
+    write_wan_config(folder, cfg)
+
+
+def write_wan_config(folder: Path, cfg: DiTConfig) -> None:
+    """Wan's config.json for `cfg` (the keys of the real file, spec 8.1)."""
     config = {
         "_class_name": "WanModel",
         "dim": cfg.dim,
@@ -194,6 +199,11 @@ def run_reference_dit(
     model.load_state_dict(read_dit_weights(folder), strict=True)
     if dtype != torch.float32:
         ref.to_param_dtype_fp32only(model, dtype)  # the pipeline's own cast (spec 5.2)
+    return reference_forward(model, cfg, inputs, dtype)
+
+
+def reference_forward(model: nn.Module, cfg: DiTConfig, inputs: Tensors, dtype: torch.dtype) -> Tensor:
+    """One forward of a loaded reference WanModel on `inputs` cast to the pipeline's dtypes."""
     x = cast_dit_inputs(inputs, dtype)
     grid = (
         x["latent"].shape[2],
@@ -218,6 +228,11 @@ def run_reference_audio_proj(ref: Reference, folder: Path, cfg: DiTConfig, audio
     """The reference projector on windows routed as in WanModel.forward (first frame / 8-frame groups)."""
     model = build_reference_dit(ref, cfg)
     model.load_state_dict(read_dit_weights(folder), strict=True)
+    return reference_audio_proj(model, cfg, audio)
+
+
+def reference_audio_proj(model: nn.Module, cfg: DiTConfig, audio: Tensor) -> Tensor:
+    """`audio_proj` of a loaded reference WanModel on audio [1, P, F, W, layers, C] (float32 result)."""
     from einops import rearrange
 
     stride, mid = cfg.audio_vf_window - cfg.audio_window + 1, cfg.audio_window // 2

@@ -65,17 +65,25 @@ def _load(component: Component, model: nn.Module, dtype: torch.dtype = torch.flo
         component.close()
 
 
-def load_dit(folder: Path, cfg: DiTConfig, dtype: torch.dtype) -> MultiTalkTransformer:
-    """Our DiT with the folder's weights (original layout) in `dtype`, read as load_models reads them."""
+def load_dit(
+    folder: Path, cfg: DiTConfig, dtype: torch.dtype, adapter: str | None = None
+) -> MultiTalkTransformer:
+    """Our DiT with the folder's weights (original layout) in `dtype`, read as load_models reads them;
+    the audio layers from the adapter file `adapter` (relative to folder; None: multitalk.safetensors)."""
     model = MultiTalkTransformer(cfg).eval().requires_grad_(False)
-    _load(original.dit_component(folder), model, dtype)
+    _load(original.dit_component(folder, *(() if adapter is None else (adapter,))), model, dtype)
     return model
 
 
 @torch.no_grad()
 def run_dit(folder: Path, cfg: DiTConfig, inputs: Tensors, dtype: torch.dtype) -> Tensor:
+    return dit_forward(load_dit(folder, cfg, dtype), inputs, dtype)
+
+
+@torch.no_grad()
+def dit_forward(model: MultiTalkTransformer, inputs: Tensors, dtype: torch.dtype) -> Tensor:
+    """One forward of a loaded DiT on `inputs` cast to the pipeline's dtypes (float32 result)."""
     x = cast_dit_inputs(inputs, dtype)
-    model = load_dit(folder, cfg, dtype)
     out = model(
         x["latent"], x["timestep"], x["context"], x["clip_fea"], x["y"], x["audio"], x["person_masks"]
     )
@@ -85,9 +93,14 @@ def run_dit(folder: Path, cfg: DiTConfig, inputs: Tensors, dtype: torch.dtype) -
 @torch.no_grad()
 def run_audio_proj(folder: Path, cfg: DiTConfig, audio: Tensor) -> Tensor:
     """audio [1, P, F, W, layers, C] -> tokens [P, T, n, d] (projector of the loaded DiT, float32)."""
-    model = load_dit(folder, cfg, torch.float32)
-    first, rest = split_audio_windows(audio[0], vae_temporal_stride(cfg))
-    return model.audio_proj(first, rest).float()
+    return audio_proj_forward(load_dit(folder, cfg, torch.float32), audio).float()
+
+
+@torch.no_grad()
+def audio_proj_forward(model: MultiTalkTransformer, audio: Tensor) -> Tensor:
+    """The loaded DiT's audio projector on windows [1, P, F, W, layers, C], in the model's dtype."""
+    first, rest = split_audio_windows(audio[0], vae_temporal_stride(model.config))
+    return model.audio_proj(first, rest)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Reference side of the two pipeline-level parity stages (see tools/_parity_pipeline_ours.py for ours).
 
 * Speech: the reference's own `audio_prepare_single` / `audio_prepare_multi` / `loudness_norm` /
-  `get_embedding`, compiled alone from generate_multitalk.py, on the committed example tracks (and a
-  22.05 kHz stereo copy of one), with the reference Wav2Vec2Model loaded from the parity wav2vec2 folder.
+  `get_embedding`, compiled alone from the entry script (generate_multitalk.py), on the committed example
+  tracks (and a 22.05 kHz stereo copy of one), with the reference Wav2Vec2Model loaded from the parity
+  wav2vec2 folder.
   `librosa.load` is the real librosa (0.11, soxr_hq) when installed; otherwise a stand-in that reads 16-bit
   PCM WAV at its own 16 kHz rate exactly as libsndfile does (x / 32768), which is all librosa does for the
   16 kHz files; the 22.05 kHz case then fails with "install librosa".
@@ -111,7 +112,7 @@ def reference_audio(ref: Reference) -> dict[str, Any]:
     namespace: dict[str, Any] = {"np": np, "os": os, "pyln": pyloudnorm, "librosa": _librosa()}
     namespace["subprocess"] = subprocess
     names = ("loudness_norm", "audio_prepare_single", "audio_prepare_multi", "extract_audio_from_video")
-    return _definitions(ref.root / "generate_multitalk.py", names, namespace)
+    return _definitions(ref.script, names, namespace)
 
 
 def reference_wav2vec(ref: Reference, folder: Path) -> tuple[Any, Any]:

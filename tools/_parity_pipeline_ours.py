@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,7 @@ from multitalk_worker import timeline
 from multitalk_worker.models.audio_encoder import audio_features
 from multitalk_worker.models.image_encoder import build_image_encoder
 from multitalk_worker.models.text_encoder import build_text_encoder
+from multitalk_worker.models.transformer import MultiTalkTransformer
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import pipeline as pipeline_module
 from multitalk_worker.pipeline.request import GenerationRequest, SamplingParams, Speaker
@@ -154,8 +156,9 @@ NEGATIVE_PROMPT = DEFAULT_NEGATIVE_PROMPT
 VIDEO_FRAME_STRIDE = 16  # stored fixtures keep every 16th decoded frame (size); the tool compares all
 
 
-def parity_bundle(root: Path) -> ModelBundle:
-    """Every network of PARITY loaded from the weight folders under `root`, in float32 on CPU.
+def parity_bundle(root: Path, dit: MultiTalkTransformer | None = None) -> ModelBundle:
+    """Every network of PARITY loaded from the weight folders under `root`, in float32 on CPU; `dit`
+    replaces the MultiTalk DiT of root/dit (the InfiniteTalk stages bring theirs).
 
     The config is named "tiny": the pipeline accepts the tiny bucket table only for a model of that name,
     and PARITY is TINY with a 257-token CLIP patch and a narrower VAE."""
@@ -165,7 +168,7 @@ def parity_bundle(root: Path) -> ModelBundle:
     _load(original.clip_component(root / CLIP_DIR), image_encoder)
     audio_encoder, extractor = load_wav2vec(root / WAV2VEC_DIR, device=CPU)
     return ModelBundle(
-        dit=load_dit(root / DIT_DIR, PARITY.dit, torch.float32),
+        dit=load_dit(root / DIT_DIR, PARITY.dit, torch.float32) if dit is None else dit,
         text_encoder=text_encoder.eval(),
         tokenizer=build_tiny_tokenizer(max_length=PARITY.text_encoder.text_len),
         image_encoder=image_encoder.eval(),
@@ -177,20 +180,22 @@ def parity_bundle(root: Path) -> ModelBundle:
 
 
 @contextmanager
-def _recording(name: str, record: Callable[[tuple[Any, ...], Any], None]) -> Iterator[None]:
-    """Wrap the function `name` that pipeline.py calls so that each call's (arguments, result) is recorded."""
-    original_fn = getattr(pipeline_module, name)
+def _recording(
+    name: str, record: Callable[[tuple[Any, ...], Any], None], module: ModuleType = pipeline_module
+) -> Iterator[None]:
+    """Wrap the function `name` that `module` calls so that each call's (arguments, result) is recorded."""
+    original_fn = getattr(module, name)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         out = original_fn(*args, **kwargs)
         record(args, out)
         return out
 
-    setattr(pipeline_module, name, wrapped)
+    setattr(module, name, wrapped)
     try:
         yield
     finally:
-        setattr(pipeline_module, name, original_fn)
+        setattr(module, name, original_fn)
 
 
 def run_generate(root: Path, work: Path, run: GenerateRun, seed: int) -> tuple[Tensors, Tensor]:

@@ -1,4 +1,7 @@
-"""Import the official MultiTalk code from a checkout and run it on a CPU (parity tool only).
+"""Import the official MultiTalk or InfiniteTalk code from a checkout and run it on a CPU (parity tool only).
+
+Which of the two a checkout is follows from its entry script (generate_multitalk.py or
+generate_infinitetalk.py); both trees share the module layout patched below.
 
 The checkout is never modified. Its CUDA-only pieces are replaced at run time, as anyone running it on a
 CPU would have to:
@@ -10,7 +13,8 @@ CPU would have to:
   which flash-attn itself cannot do).
 * ``torch.compile`` is the identity while the checkout is imported: ``calculate_x_ref_attn_map`` runs eagerly.
 * ``torch.cuda.amp.autocast`` (a no-op without CUDA) is emulated: inside an enabled float32 region the
-  inputs of matrix products and convolutions are cast to float32, as CUDA autocast does.
+  inputs of matrix products, convolutions and layer norms are cast to float32 (and so is the result), as
+  CUDA autocast does. InfiniteTalk's audio-projector output norm runs in such a region (its spec 3.1).
 * ``torch_gc`` (CUDA cache calls) is a no-op; ``torch.cuda.current_device`` answers ``"cpu"`` while
   ``t5.py`` is imported (it is evaluated as a default argument).
 * Modules the stages never call but the checkout imports at module level (``optimum.quanto``,
@@ -18,7 +22,7 @@ CPU would have to:
   import; ``torchvision.transforms.Normalize`` (CLIP preprocessing) is the one piece used, computed exactly.
 * The package ``__init__`` files (which import every pipeline) are skipped: ``wan``, ``wan.modules``,
   ``wan.utils``, ``src``, ``src.audio_analysis`` are registered as bare packages.
-* ``get_embedding`` (generate_multitalk.py) and ``to_param_dtype_fp32only`` (wan/multitalk.py) are
+* ``get_embedding`` (the entry script) and ``to_param_dtype_fp32only`` (wan/multitalk.py) are
   compiled alone from the scripts' source: the scripts' own imports pull in TTS, distributed and video
   packages that these functions do not use.
 * transformers >= 5 collects ``hidden_states`` with hooks that the reference's Wav2Vec2Model subclass
@@ -123,6 +127,7 @@ _CAST_FUNCS: frozenset[Callable[..., Any]] = frozenset(
         F.conv2d,
         F.conv3d,
         F.scaled_dot_product_attention,
+        F.layer_norm,  # on CUDA autocast's float32 list: float32 inputs and output in any region
     }
 )
 _AUTOCAST_STACK: list[tuple[bool, torch.dtype]] = []
@@ -353,6 +358,8 @@ class Reference:
     """The reference modules, imported from the checkout."""
 
     root: Path
+    model: str  # "multitalk" | "infinitetalk"
+    script: Path  # the entry script (generate_multitalk.py / generate_infinitetalk.py)
     multitalk_model: types.ModuleType
     multitalk_utils: types.ModuleType
     t5: types.ModuleType
@@ -363,10 +370,17 @@ class Reference:
     to_param_dtype_fp32only: Callable[..., Any]
 
 
-def load_reference(root: Path) -> Reference:
+SCRIPTS = {"multitalk": "generate_multitalk.py", "infinitetalk": "generate_infinitetalk.py"}
+
+
+def load_reference(root: Path, model: str = "multitalk") -> Reference:
+    """The reference modules of a `model` checkout (MeiGen-AI/MultiTalk or MeiGen-AI/InfiniteTalk)."""
     root = root.resolve()
-    if not (root / "wan" / "modules" / "multitalk_model.py").is_file():
-        raise SystemExit(f"{root} is not a MultiTalk checkout (wan/modules/multitalk_model.py missing)")
+    script = root / SCRIPTS[model]
+    if not (root / "wan" / "modules" / "multitalk_model.py").is_file() or not script.is_file():
+        raise SystemExit(
+            f"{root} is not a {model} checkout (wan/modules/multitalk_model.py or {script.name} missing)"
+        )
     # Import the libraries (and let them cache which optional packages exist) before any stand-in module
     # is visible, so that nothing outside the reference ever sees a stand-in.
     import diffusers  # noqa: F401
@@ -406,11 +420,13 @@ def load_reference(root: Path) -> Reference:
     from einops import rearrange
 
     get_embedding = _function_from_source(
-        root / "generate_multitalk.py", "get_embedding", {"np": np, "torch": torch, "rearrange": rearrange}
+        script, "get_embedding", {"np": np, "torch": torch, "rearrange": rearrange}
     )
     cast = _function_from_source(root / "wan" / "multitalk.py", "to_param_dtype_fp32only", {"torch": torch})
     return Reference(
         root=root,
+        model=model,
+        script=script,
         to_param_dtype_fp32only=cast,
         multitalk_model=mods["multitalk_model"],
         multitalk_utils=mods["multitalk_utils"],

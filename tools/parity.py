@@ -1,6 +1,7 @@
-"""Numerical parity of multitalk_worker against the official MultiTalk code, stage by stage, on CPU.
+"""Numerical parity of multitalk_worker against the official MultiTalk and InfiniteTalk code, stage by stage.
 
     python tools/parity.py --reference /path/to/MultiTalk [--seed N] [--persons 1|2] [--write-fixtures]
+    python tools/parity.py --model infinitetalk --reference /path/to/InfiniteTalk [--seed N] [--persons 1|2]
 
 Tiny seeded weights are written in the original checkpoint layouts; the reference (imported from the
 checkout, which is not modified; see tools/_parity_reference.py for what is replaced to run it on a CPU)
@@ -35,6 +36,18 @@ two-clip streaming runs of the reference's MultiTalkPipeline.generate against ou
 --write-fixtures stores the seed's weights (original layouts), inputs and reference outputs under
 tests/fixtures/parity/, which tests/test_parity_fixtures.py and tests/test_parity_generate.py check our
 code against without the reference.
+
+--model infinitetalk (tools/_parity_infinitetalk_cases.py, tools/_parity_infinitetalk_ours.py) checks, on
+the same tiny model with InfiniteTalk's file layout (seven Wan shards, single/ and multi/ adapter files):
+the adapter load (our bf16 and float32 DiT state against the reference's after its own __init__, bitwise;
+an adapter with a key missing or an extra key refused by both), the DiT forward with each adapter
+(float32 1e-4; bf16 as above) and its audio projector in bf16, and full streaming runs of the reference's
+generate_infinitetalk against our pipeline: two clips image-to-video and video-to-video on a 25 fps H.264
+source, one and two persons, and a four-clip run whose reference frames are clamped to the source's last
+frame (each clip's final latent, decoded colour-corrected clip and reference frame within 1e-4; the source
+frame indices and the output length N exactly). Its --write-fixtures writes
+tests/fixtures/parity/infinitetalk/ (tests/test_parity_infinitetalk.py); the T5, CLIP, VAE and wav2vec2
+weights are the MultiTalk fixtures', which must have been written with the same seed.
 """
 
 from __future__ import annotations
@@ -61,6 +74,15 @@ from _parity_cases import (  # noqa: E402
     vae_case,
     wav2vec_case,
     write_dit_weights,
+)
+from _parity_infinitetalk_cases import infinitetalk_cases  # noqa: E402
+from _parity_infinitetalk_ours import (  # noqa: E402
+    IT_DIR,
+    IT_TOLERANCES,
+    RUN_STAGES,
+    compare_it,
+    it_stored_form,
+    run_it_stage,
 )
 from _parity_ours import (  # noqa: E402
     CLIP_DIR,
@@ -124,9 +146,10 @@ def bf16_noise_floor(cases: dict[str, Case]) -> dict[str, float]:
     """rel distance of the reference's own bf16 outputs from its float32 outputs, per bf16 stage."""
     floors = {}
     for stage, (_, ref) in cases.items():
-        if stage.endswith("_bf16"):
-            f32 = cases.get(stage.replace("_bf16", "_f32")) or cases[stage.removesuffix("_bf16")]
-            floors[stage] = compare(ref, f32[1])[1]
+        if stage.endswith("_bf16") and "_load_" not in stage:
+            f32 = cases.get(stage.replace("_bf16", "_f32")) or cases.get(stage.removesuffix("_bf16"))
+            if f32 is not None:
+                floors[stage] = compare(ref, f32[1])[1]
     return floors
 
 
@@ -177,24 +200,116 @@ def run(
     return cases, lines + notes, ok_all
 
 
+# --------------------------------------------------------------------------- InfiniteTalk
+
+IT_FIXTURES = FIXTURES / IT_DIR
+ENCODER_DIRS = (T5_DIR, CLIP_DIR, VAE_DIR, "wav2vec")
+
+
+def write_encoder_weights(ref: Reference, root: Path, seed: int) -> None:
+    """The T5, CLIP, VAE and wav2vec2 weight folders of the MultiTalk stages (their outputs unused)."""
+    t5_case(ref, root / T5_DIR, seed)
+    clip_case(ref, root / CLIP_DIR, seed)
+    vae_case(ref, root / VAE_DIR, seed)
+    wav2vec_case(ref, root / "wav2vec", seed)
+
+
+def run_infinitetalk(
+    ref: Reference, root: Path, seed: int, persons: list[int], pipeline: bool = True
+) -> tuple[dict[str, Case], list[str], bool]:
+    write_encoder_weights(ref, root, seed)
+    cases = infinitetalk_cases(ref, root, seed, persons, pipeline)
+    lines, notes, ok_all = [], [], True
+    for stage, (inputs, reference) in cases.items():
+        tolerance = IT_TOLERANCES[stage]
+        try:
+            with tempfile.TemporaryDirectory(prefix="parity-it-ours-") as work:
+                ours = run_it_stage(stage, root, inputs, Path(work))
+            max_abs, err, note = compare_it(stage, ours, reference)
+        except Exception as exc:  # a stage that cannot run on our side is a failure, reported as such
+            lines.append(f"{stage:<24} {'-':>11} {'-':>11} {tolerance:>9.0e}  FAIL ({exc!r:.300})")
+            ok_all = False
+            continue
+        notes += [f"note: {stage}: {note}"] if note else []
+        ok = err <= tolerance
+        ok_all &= ok
+        lines.append(f"{stage:<24} {max_abs:>11.3e} {err:>11.3e} {tolerance:>9.0e}  {'ok' if ok else 'FAIL'}")
+    return cases, lines + notes, ok_all
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """The same files with the same tensors (torch.save archives need not be byte-identical)."""
+    files_a = sorted(f.relative_to(a) for f in a.rglob("*") if f.is_file())
+    files_b = sorted(f.relative_to(b) for f in b.rglob("*") if f.is_file())
+    if files_a != files_b:
+        return False
+    for rel in files_a:
+        if rel.suffix in (".pth", ".bin"):
+            x, y = (torch.load(d / rel, map_location="cpu", weights_only=True) for d in (a, b))
+            if x.keys() != y.keys() or any(not torch.equal(x[k], y[k]) for k in x):
+                return False
+        elif (a / rel).read_bytes() != (b / rel).read_bytes():
+            return False
+    return True
+
+
+def write_infinitetalk_fixtures(cases: dict[str, Case], root: Path, seed: int) -> None:
+    """IT_FIXTURES: the DiT folder and source video, cases.safetensors (loads as digests), the runs
+    (thinned) in pipeline_cases.safetensors, manifest.json. The encoder folders are the committed MultiTalk
+    fixtures', which must hold this seed's weights."""
+    stale = [d for d in ENCODER_DIRS if not _same_weights(root / d, FIXTURES / d)]
+    if stale:
+        raise SystemExit(f"{FIXTURES} {stale} are not seed {seed}'s: write the MultiTalk fixtures first")
+    shutil.rmtree(IT_FIXTURES, ignore_errors=True)
+    shutil.copytree(root / IT_DIR, IT_FIXTURES, symlinks=False)
+    tensors: dict[str, Tensors] = {"cases.safetensors": {}, PIPELINE_FILE: {}}
+    for stage, (inputs, outputs) in cases.items():
+        file = PIPELINE_FILE if stage in RUN_STAGES else "cases.safetensors"
+        tensors[file] |= {f"{stage}/in/{k}": v.clone().contiguous() for k, v in inputs.items()}
+        tensors[file] |= {
+            f"{stage}/ref/{k}": v.contiguous() for k, v in it_stored_form(stage, outputs).items()
+        }
+    for file, content in tensors.items():
+        save_file(content, str(IT_FIXTURES / file))
+    manifest = {
+        "written_by": "tools/parity.py --model infinitetalk --write-fixtures",
+        "reference": "MeiGen-AI/InfiniteTalk @ 0107cd9, imported from a checkout and run on CPU",
+        "seed": seed,
+        "metric": "loads: tensors whose bytes differ; runs and DiT: rel_err = ||ours - ref||_2 / ||ref||_2",
+        "tolerances": {stage: IT_TOLERANCES[stage] for stage in cases},
+    }
+    (IT_FIXTURES / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------- command line
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reference", type=Path, required=True, help="MultiTalk checkout (read only)")
+    parser.add_argument("--model", choices=("multitalk", "infinitetalk"), default="multitalk")
+    parser.add_argument("--reference", type=Path, required=True, help="the model's checkout (read only)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--persons", type=int, choices=(1, 2), help="DiT stages for this person count only")
+    parser.add_argument("--persons", type=int, choices=(1, 2), help="stages for this person count only")
     parser.add_argument("--write-fixtures", action="store_true", help=f"store the case under {FIXTURES}")
     parser.add_argument("--no-pipeline", action="store_true", help="skip the speech and generation stages")
     args = parser.parse_args(argv)
     persons = [1, 2] if args.persons is None or args.write_fixtures else [args.persons]
     torch.manual_seed(args.seed)
-    ref = load_reference(args.reference)
+    ref = load_reference(args.reference, args.model)
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         root = Path(tmp)
         pipeline = not args.no_pipeline or args.write_fixtures
-        cases, lines, ok = run(ref, root, args.seed, persons, pipeline)
-        if args.write_fixtures:
-            shutil.rmtree(FIXTURES, ignore_errors=True)
-            shutil.copytree(root, FIXTURES, ignore=shutil.ignore_patterns(NATIVE_DIR))
+        if args.model == "infinitetalk":
+            cases, lines, ok = run_infinitetalk(ref, root, args.seed, persons, pipeline)
+            if args.write_fixtures:
+                write_infinitetalk_fixtures(cases, root, args.seed)
+        else:
+            cases, lines, ok = run(ref, root, args.seed, persons, pipeline)
+        if args.write_fixtures and args.model == "multitalk":
+            for old in FIXTURES.glob("*"):  # the InfiniteTalk fixtures stay
+                if old.name != IT_DIR:
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.copytree(root, FIXTURES, ignore=shutil.ignore_patterns(NATIVE_DIR), dirs_exist_ok=True)
             write_fixtures({k: v for k, v in cases.items() if "native" not in k}, FIXTURES, args.seed, ref)
     print(
         f"seed {args.seed}, persons {persons}, float32 and bfloat16 on CPU; rel_err = ||ours-ref|| / ||ref||"
@@ -204,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     for stage, floor in bf16_noise_floor(cases).items():
         print(f"note: {stage}: reference bf16 vs reference float32 rel {floor:.3e} (bf16 noise floor)")
     if args.write_fixtures:
-        size = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
-        print(f"fixtures written to {FIXTURES.relative_to(REPO)} ({size / 1e6:.2f} MB)")
+        written = IT_FIXTURES if args.model == "infinitetalk" else FIXTURES
+        size = sum(f.stat().st_size for f in written.rglob("*") if f.is_file())
+        print(f"fixtures written to {written.relative_to(REPO)} ({size / 1e6:.2f} MB)")
     return 0 if ok else 1
 
 
