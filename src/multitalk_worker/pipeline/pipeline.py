@@ -38,6 +38,7 @@ from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, pr
 from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import (
     CancelCheck,
+    CheckedInputs,
     GenerationRequest,
     GenerationResult,
     Progress,
@@ -122,6 +123,22 @@ def resolve_max_frames(max_duration_s: float | None, audio_frames: int) -> int:
     return frames
 
 
+AUDIO_CONTEXT_S = 1.0  # audio decoded past a capped job's last window: wav2vec2 context at the cut
+
+
+def audio_budget(max_duration_s: float | None) -> audio_prep.AudioBudget:
+    """How much of each track a request can use (docs/api.md, "Cost"). With a cap: up to the end of its
+    last planned clip plus the frame windows' reach and AUDIO_CONTEXT_S, so the clip plan is the one the
+    whole track gives; without: the streaming limit plus the reflection padding's frames, a longer track
+    being refused (resolve_max_frames's rule, made while decoding)."""
+    if max_duration_s is None:
+        return audio_prep.AudioBudget((MAX_FRAMES + 5) / FPS, cut=False)
+    max_frames = resolve_max_frames(max_duration_s, audio_frames=0)  # with a cap, the length is irrelevant
+    plan = plan_clips(audio_frames=MAX_FRAMES * 2, max_frames=max_frames)
+    end = plan.starts[-1] + FRAMES_PER_CLIP + max(audio_prep.WINDOW_OFFSETS) + 1
+    return audio_prep.AudioBudget(end / FPS + AUDIO_CONTEXT_S, cut=True)
+
+
 def check_params(request: GenerationRequest, *, tiny_model: bool) -> None:
     """Checks of the request's own values (no file is read)."""
     params = request.sampling
@@ -150,15 +167,24 @@ def prepare_image_and_masks(request: GenerationRequest) -> tuple[image_prep.Cond
     return cond, masks
 
 
-def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> None:
+def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> CheckedInputs:
     """Every input check of a generation without any model: values, audio files and lengths, duration,
-    image, regions. Cheap (decoding only); lets a caller fail before loading weights."""
+    image, regions. Cheap (bounded decoding only); lets a caller fail before loading weights. The one set
+    of checks of the CLI, the worker's jobs and its validate_only."""
     check_params(request, tiny_model=tiny_model)
-    prepared = audio_prep.prepare_audio(
-        [s.audio for s in request.speakers], request.audio_mode, FRAMES_PER_CLIP
+    paths = [s.audio for s in request.speakers]
+    budget = audio_budget(request.max_duration_s)
+    prepared = audio_prep.prepare_audio(paths, request.audio_mode, FRAMES_PER_CLIP, budget)
+    max_frames = resolve_max_frames(request.max_duration_s, prepared.frames)
+    cond, _ = prepare_image_and_masks(request)
+    return CheckedInputs(
+        track_s=prepared.track_s,
+        audio_s=prepared.num_samples / audio_prep.SAMPLE_RATE,
+        audio_cut=prepared.cut,
+        bucket=cond.bucket,
+        source_size=cond.source_size,
+        frames=plan_clips(prepared.frames, max_frames).output_frames,
     )
-    resolve_max_frames(request.max_duration_s, prepared.frames)
-    prepare_image_and_masks(request)
 
 
 @dataclass(frozen=True)
@@ -296,7 +322,8 @@ class MultiTalkPipeline:
         _report(progress, Progress("audio", 0, 0, 0, steps))
         with timer.stage("audio"):  # decode and check every input before the expensive encoders
             paths = [speaker.audio for speaker in request.speakers]
-            prepared_audio = audio_prep.prepare_audio(paths, request.audio_mode, FRAMES_PER_CLIP)
+            budget = audio_budget(request.max_duration_s)
+            prepared_audio = audio_prep.prepare_audio(paths, request.audio_mode, FRAMES_PER_CLIP, budget)
             max_frames = resolve_max_frames(request.max_duration_s, prepared_audio.frames)
         _report(progress, Progress("image", 0, 0, 0, steps))
         with timer.stage("image"):
