@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import boto3
 from botocore.config import Config
@@ -192,7 +193,7 @@ def write_self_signed(directory: Path) -> tuple[Path, Path]:
 class HttpsServer:
     """https on 127.0.0.1. `files` maps a path to (body, content type). Special paths:
     /slow (drips a byte every 0.2 s), /stall (headers, then silence), /huge (endless body, no length),
-    /redirect?to=<url> (302), /status/<code>.
+    /redirect?to=<url, percent-encoded or not> (302), /status/<code>.
     """
 
     httpd: ThreadingHTTPServer
@@ -247,7 +248,7 @@ def _handler_for(files: dict[str, tuple[bytes, str]]) -> type[BaseHTTPRequestHan
                         self.wfile.write(chunk)
                 elif path == "/redirect":
                     self.send_response(302)
-                    self.send_header("Location", query.removeprefix("to="))
+                    self.send_header("Location", unquote(query.removeprefix("to=")))
                     self.send_header("Content-Length", "0")
                     self.end_headers()
                 elif path.startswith("/status/"):

@@ -14,9 +14,14 @@ import soxr
 import torch
 
 from multitalk_worker import timeline
-from multitalk_worker.errors import AudioDecodeFailed, InvalidInput
+from multitalk_worker.errors import AudioDecodeFailed, DurationTooLong, InvalidInput
 from multitalk_worker.media import write_mp4
 from multitalk_worker.pipeline import audio
+from multitalk_worker.pipeline.inputs import AUDIO_CONTEXT_S, audio_budget
+from multitalk_worker.pipeline.plan import plan_clips
+from multitalk_worker.registry import INFINITETALK, MULTITALK
+from multitalk_worker.timeline import resolve_max_frames
+from tests import hostile
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -160,3 +165,47 @@ def test_reflect_pad_before_the_last_clip() -> None:
     assert padded[122:, 0, 0].tolist() == list(range(121, 103, -1))
     (same,), misses = audio.reflect_pad([emb], clip_end=100)
     assert misses == [0] and same is emb
+
+
+def test_a_budget_cuts_a_capped_track_and_refuses_a_long_uncapped_one(tmp_path: Path) -> None:
+    path = write_audio(tmp_path / "ten.wav", voiced(10.0, 22050)[None], 22050)
+    track = audio.decode_track(path, audio.AudioBudget(4.36, cut=True))
+    assert track.cut and track.rate == 22050 and track.mono.shape[0] == math.ceil(4.36 * 22050)
+    whole = audio.decode_track(path)
+    np.testing.assert_array_equal(track.mono, whole.mono[: track.mono.shape[0]])  # the same start
+    assert not audio.decode_track(path, audio.AudioBudget(10.5, cut=False)).cut
+    with pytest.raises(DurationTooLong, match=r"ten.wav: the audio lasts more than 6.0 s"):
+        audio.decode_track(path, audio.AudioBudget(6.0, cut=False))  # declared: refused undecoded
+
+
+@pytest.mark.parametrize(
+    ("rate", "channels", "message"), [(1, 1, "sample rate 1 Hz"), (16000, 16, "16 audio channels")]
+)
+def test_rate_and_channels_are_checked_before_decoding(
+    tmp_path: Path, rate: int, channels: int, message: str
+) -> None:
+    path = hostile.wav_header(tmp_path / "odd.wav", rate=rate, channels=channels)
+    with pytest.raises(InvalidInput, match=message):
+        audio.prepare_audio([path], "parallel", 81)
+
+
+@pytest.mark.parametrize("cap", [0.04, 0.2, 3.24, 3.28, 5.0, 12.7, 39.0, 40.0])
+def test_the_budget_keeps_the_clip_plan_of_the_whole_track(cap: float) -> None:
+    """A capped job plans the same clips and frames from its cut track as from a 10-minute one."""
+    for spec in (MULTITALK, INFINITETALK):
+        budget = audio_budget(cap, spec)
+        assert (
+            budget.cut and budget.seconds <= 41.44 + AUDIO_CONTEXT_S
+        )  # cap 40 s: its 17th clip ends at 1033
+        max_frames = resolve_max_frames(cap, 0.0, spec.max_frames)
+        cut_frames = timeline.audio_frames(math.ceil(budget.seconds * timeline.SAMPLE_RATE))
+        rule = (spec.motion_frames, spec.length_rule)
+        assert plan_clips(cut_frames, max_frames, *rule) == plan_clips(30_000, max_frames, *rule)
+        last_end = plan_clips(cut_frames, max_frames, *rule).starts[-1] + 81
+        assert cut_frames >= last_end + max(audio.WINDOW_OFFSETS) + 1  # no window of the last clip clamped
+
+
+def test_budget_of_uncapped_jobs_is_the_streaming_limit() -> None:
+    assert audio_budget(None, MULTITALK) == audio.AudioBudget(40.2, cut=False)
+    assert audio_budget(None, INFINITETALK) == audio.AudioBudget(600.2, cut=False)
+    assert audio_budget(0.2, MULTITALK).seconds == pytest.approx(4.36)

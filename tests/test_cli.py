@@ -18,6 +18,7 @@ from multitalk_worker.cli import main
 from multitalk_worker.media import probe_video, read_frames
 from multitalk_worker.pipeline.audio import read_track
 from multitalk_worker.timeline import audio_frames
+from tests import hostile
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 AAC_FRAME_S = 1024 / 16000
@@ -131,6 +132,9 @@ def _short_wav(tmp_path: Path) -> Path:
         ),
         ("three", "error [INVALID_INPUT]: 3 speakers given; one or two are accepted"),
         ("region", "error [INVALID_INPUT]: --region 'middle' is not accepted"),
+        ("huge", "error [INVALID_INPUT]: huge.png: 12000x12000 is 144.0 megapixels; images of at most 50"),
+        ("1 Hz", "error [INVALID_INPUT]: one_hertz.wav: sample rate 1 Hz is not accepted; use 8000-192000"),
+        ("long", "error [DURATION_TOO_LONG]: long.flac: the audio lasts more than 40.2 s"),
     ],
 )
 def test_bad_inputs_exit_non_zero_with_one_line(
@@ -147,7 +151,11 @@ def test_bad_inputs_exit_non_zero_with_one_line(
         "three": ["--image", image, "--audio", speech, "--audio", speech, "--audio", speech],
         "region": ["--image", image, "--audio", speech, "--region", "middle", "--audio", speech,
                    "--region", "right"],
+        "huge": lambda: ["--image", hostile.huge_png(tmp_path / "huge.png"), "--audio", speech],
+        "1 Hz": lambda: ["--image", image, "--audio", hostile.wav_header(tmp_path / "one_hertz.wav", rate=1)],
+        "long": lambda: ["--image", image, "--audio", hostile.flac_surround_silence(tmp_path / "long.flac")],
     }[case]  # fmt: skip
+    inputs = inputs() if callable(inputs) else inputs
     args = [
         "generate",
         "--prompt",

@@ -138,3 +138,53 @@ def test_tiny_region_is_rejected_on_the_token_grid() -> None:
     masks = image.person_masks(boxes, src, bucket, latent)
     with pytest.raises(InvalidInput, match="speaker 1 is too small"):
         image.check_masks_visible(masks, 2)
+
+
+def _masks_at_source_size(
+    boxes: list[image.PixelBox], src: tuple[int, int], bucket: tuple[int, int], latent: tuple[int, int]
+) -> torch.Tensor:
+    """Spec 3.5 literally: draw at source size, nearest-resize, crop, nearest to the latent grid."""
+    masks = torch.zeros(3, *src)
+    for index, (r0, c0, r1, c1) in enumerate(boxes):
+        masks[index, r0:r1, c0:c1] = 1
+    masks[2] = (masks[:2].sum(0) == 0).float()
+    scaled = torch.nn.functional.interpolate(
+        masks[None], size=image._scaled_size(*src, bucket), mode="nearest"
+    )
+    cropped = image._centre_crop(scaled, bucket)
+    return (torch.nn.functional.interpolate(cropped, size=latent, mode="nearest")[0] > 0).float()
+
+
+@pytest.mark.parametrize(
+    ("src", "resolution", "regions"),
+    [
+        ((360, 640), "480p", [None, None]),
+        ((1081, 1917), "720p", [(0.03, 0.1, 0.47, 0.9), (0.52, 0.2, 0.99, 0.95)]),
+        ((2999, 1003), "480p", [(0.0, 0.0, 1.0, 0.31), (0.0, 0.5, 1.0, 1.0)]),
+        ((37, 23), "tiny", ["left", "right"]),
+    ],
+)
+def test_masks_built_at_bucket_size_equal_the_source_size_construction(
+    src: tuple[int, int], resolution: str, regions: list
+) -> None:
+    bucket = image.choose_bucket(*src, resolution)
+    latent = (bucket[0] // 8, bucket[1] // 8)
+    boxes = image.person_boxes(regions, *src)
+    assert boxes is not None
+    assert torch.equal(
+        image.person_masks(boxes, src, bucket, latent), _masks_at_source_size(boxes, src, bucket, latent)
+    )
+
+
+def test_oversized_image_is_refused_from_its_header(tmp_path: Path) -> None:
+    """A 12000x12000 PNG (140 KB) is refused before any pixel is decoded."""
+    path = tmp_path / "huge.png"
+    Image.new("L", (12000, 12000)).save(path, optimize=True)
+    assert path.stat().st_size < 200_000
+    with pytest.raises(
+        InvalidInput, match=r"12000x12000 is 144.0 megapixels; images of at most 50 megapixels"
+    ):
+        image.image_size(path)
+    with pytest.raises(InvalidInput, match="megapixels"):
+        image.load_image(path)
+    image.check_pixels(8000, 6000, "photo")  # a 48 MP photo is accepted

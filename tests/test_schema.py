@@ -104,7 +104,7 @@ def test_health_action() -> None:
         (job(output={"delivery": "volume", "path": "a.mov"}), "output.path"),
         (job(validate_only="yes"), "validate_only"),
         ([1, 2], "JSON object, got array"),
-        ("text", "JSON object, got string"),
+        ("text", "JSON object, got a string; as JSON text: body is not valid JSON: Expecting value"),
         (None, "JSON object, got null"),
     ],
 )

@@ -6,7 +6,7 @@ import base64
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
@@ -21,7 +21,9 @@ from multitalk_worker.storage import (
     deliver_volume,
     make_s3_client,
     sniff,
+    volume_destination,
 )
+from multitalk_worker.url_policy import address_problem
 from tests.conftest import EXAMPLES
 from tests.servers import INPUT_BUCKET, OUTPUT_BUCKET, HttpsServer, S3Server, free_port
 
@@ -91,7 +93,18 @@ def test_symlink_out_of_the_volume_is_refused(
 
 
 def test_missing_volume_file(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
-    expect("INPUT_FETCH_FAILED", lambda: fetch(make_settings(), "inputs/none.png", tmp_path / "x"))
+    """The job names a file that is not there: INVALID_INPUT, not a retryable fetch failure."""
+    error = expect("INVALID_INPUT", lambda: fetch(make_settings(), "inputs/none.png", tmp_path / "x"))
+    assert "no such file on the volume" in error.message and not error.retryable
+
+
+def test_volume_name_over_the_file_system_limit(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    error = expect(
+        "INVALID_INPUT", lambda: fetch(make_settings(), "inputs/" + "a" * 300 + ".png", tmp_path / "x")
+    )
+    assert "304 bytes" in error.message and "at most 255 bytes" in error.message
 
 
 def test_data_uri_and_bare_base64(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
@@ -164,6 +177,52 @@ def test_https_time_limit(
     assert time.monotonic() - start < 3.0
 
 
+@pytest.mark.parametrize(
+    ("location", "problem"),
+    [
+        ("https://user:secret@{host}/person.png", "credentials in URLs are not accepted"),
+        ("https://{hostname}:99999/person.png", "port '99999' is not a TCP port"),
+        ("https://{hostname}:abc/person.png", "port 'abc' is not a TCP port"),
+        ("https://{hostname}:-1/person.png", "port '-1' is not a TCP port"),
+        ("https://[2002:a9fe:a9fe::1]/latest", "wraps 169.254.169.254"),
+    ],
+)
+def test_every_redirect_passes_the_first_urls_checks(
+    make_settings: Callable[..., Settings],
+    https_server: HttpsServer,
+    tmp_path: Path,
+    location: str,
+    problem: str,
+) -> None:
+    """Credentials, bad ports, wrapped private addresses: refused after a redirect as on the first URL."""
+    https_server.add("/person.png", PNG, "image/png")
+    host = https_server.base_url.removeprefix("https://")
+    target = location.format(host=host, hostname=host.rsplit(":", 1)[0])
+    settings = https_settings(make_settings, https_server)
+    redirected = f"{https_server.base_url}/redirect?to={quote(target, safe='')}"
+    error = expect("INVALID_INPUT", lambda: fetch(settings, redirected, tmp_path / "a"))
+    assert problem in error.message and "secret" not in error.message
+
+
+@pytest.mark.parametrize("port", ["99999", "abc", "-1", "0"])
+def test_invalid_port_in_the_first_url(port: str) -> None:
+    with pytest.raises(ValueError, match="is not a TCP port"):
+        parse_source(f"https://example.com:{port}/a.png")
+
+
+def test_http_client_errors_are_not_retryable(
+    make_settings: Callable[..., Settings], https_server: HttpsServer, tmp_path: Path
+) -> None:
+    settings = https_settings(make_settings, https_server)
+    base = https_server.base_url
+    assert not expect(
+        "INPUT_FETCH_FAILED", lambda: fetch(settings, f"{base}/status/404", tmp_path / "a")
+    ).retryable
+    assert expect(
+        "INPUT_FETCH_FAILED", lambda: fetch(settings, f"{base}/status/503", tmp_path / "b")
+    ).retryable
+
+
 def test_untrusted_certificate_is_refused(
     make_settings: Callable[..., Settings], https_server: HttpsServer, tmp_path: Path
 ) -> None:
@@ -185,6 +244,32 @@ def test_private_and_link_local_are_refused(
 ) -> None:
     error = expect("INVALID_INPUT", lambda: fetch(make_settings(), url, tmp_path / "a"))
     assert "not a public address" in error.message
+
+
+@pytest.mark.parametrize(
+    ("host", "problem"),
+    [
+        ("[fec0::1]", "a site-local address"),
+        ("[2002:a9fe:a9fe::1]", "wraps 169.254.169.254"),  # 6to4 around the metadata service
+        ("[2002:a00:1::1]", "wraps 10.0.0.1"),
+        ("[2001:0:4136:e378:8000:63bf:f5f6:f5f6]", "wraps 10.9.10.9"),  # Teredo, client 10.9.10.9
+        ("[64:ff9b::a9fe:a9fe]", "wraps 169.254.169.254"),  # NAT64
+        ("[::ffff:192.168.1.1]", "wraps 192.168.1.1"),  # IPv4-mapped
+        ("[::ffff:127.0.0.1]", "wraps 127.0.0.1, a loopback address"),
+        ("[64:ff9b:1::1]", "a local-use NAT64 address"),
+    ],
+)
+def test_ipv6_forms_that_wrap_private_addresses_are_refused(
+    make_settings: Callable[..., Settings], tmp_path: Path, host: str, problem: str
+) -> None:
+    settings = make_settings(MULTITALK_ALLOW_LOOPBACK="false")
+    error = expect("INVALID_INPUT", lambda: fetch(settings, f"https://{host}/a.png", tmp_path / "a"))
+    assert problem in error.message
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "2002:808:808::1", "64:ff9b::808:808"])
+def test_public_addresses_pass(address: str) -> None:
+    assert address_problem(address, allow_loopback=False) is None
 
 
 def test_loopback_needs_the_setting(
@@ -213,7 +298,11 @@ def test_s3_fetch_failures(
     missing = expect(
         "INPUT_FETCH_FAILED", lambda: fetch(settings, f"s3://{INPUT_BUCKET}/nope.wav", tmp_path / "a")
     )
-    assert "no such key" in missing.message
+    assert "no such key" in missing.message and not missing.retryable
+    no_bucket = expect(
+        "INPUT_FETCH_FAILED", lambda: fetch(settings, "s3://no-such-bucket/a.wav", tmp_path / "n")
+    )
+    assert "no such bucket" in no_bucket.message and not no_bucket.retryable
     denied_settings = make_settings(**s3_server.env(s3_server.reader_denied))
     denied = expect(
         "INPUT_FETCH_FAILED",
@@ -294,3 +383,19 @@ def test_deliver_volume(make_settings: Callable[..., Settings], volume: Path, tm
     assert Path(str(out["path"])).read_bytes() == b"video-bytes"
     assert sorted(p.name for p in (volume / "outputs" / "a").iterdir()) == ["b.mp4"]
     expect("INVALID_INPUT", lambda: deliver_volume(video, "../escape.mp4", make_settings()))
+
+
+def test_volume_destination_is_checked_before_writing(
+    make_settings: Callable[..., Settings], volume: Path
+) -> None:
+    settings = make_settings()
+    assert (
+        volume_destination("renders/new/a.mp4", settings) == (volume / "renders" / "new" / "a.mp4").resolve()
+    )
+    assert (volume / "renders" / "new").is_dir() and not list((volume / "renders" / "new").iterdir())
+    (volume / "renders" / "file").write_bytes(b"x")
+    error = expect("INVALID_INPUT", lambda: volume_destination("renders/file/a.mp4", settings))
+    assert "a part of the folder is a file" in error.message
+    error = expect("INVALID_INPUT", lambda: volume_destination("renders/" + "b" * 260 + ".mp4", settings))
+    assert "at most 255 bytes" in error.message
+    expect("INVALID_INPUT", lambda: volume_destination("renders", settings))

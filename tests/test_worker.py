@@ -79,7 +79,7 @@ def test_declared_audio_length_is_refused_before_decoding(make_settings: Callabl
 @pytest.mark.parametrize(
     ("fields", "env", "code", "stage"),
     [
-        ({"image": "inputs/missing.png"}, {}, "INPUT_FETCH_FAILED", "fetch"),
+        ({"image": "inputs/missing.png"}, {}, "INVALID_INPUT", "fetch"),
         ({}, {"MULTITALK_MAX_INPUT_MB": "0.001"}, "INPUT_TOO_LARGE", "fetch"),
         ({"speakers": [{"audio": "inputs/person.png"}]}, {}, "AUDIO_DECODE_FAILED", "fetch"),
         ({"image": "inputs/speech_a.wav"}, {}, "IMAGE_DECODE_FAILED", "fetch"),
@@ -183,7 +183,9 @@ def test_error_mapping_covers_every_code() -> None:
 
     classes = {cls.code for cls in vars(errors).values() if isinstance(cls, type) and hasattr(cls, "code")}
     assert set(ERROR_CODES) <= classes
-    assert error_for(MemoryError(), "fetch")[0].code == "OUT_OF_MEMORY"
+    assert error_for(MemoryError(), "generate")[0].code == "OUT_OF_MEMORY"
+    from_inputs, refresh = error_for(MemoryError(), "fetch")  # the inputs' cost: a retry cannot succeed
+    assert (from_inputs.code, from_inputs.retryable, refresh) == ("INPUT_TOO_LARGE", False, False)
     for code in ERROR_CODES:
         cls = next(
             c for c in vars(errors).values() if isinstance(c, type) and getattr(c, "code", None) == code
@@ -244,6 +246,76 @@ def test_validate_only_returns_the_plan(
     assert plan["delivery"] == {"delivery": "base64"} and plan["duration_s"] == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"speakers": [{"audio": "inputs/speech_a.wav", "region": "left"}]},
+            "only applies with two speakers",
+        ),
+        (
+            {
+                "image": "inputs/two_people.png",
+                "speakers": [
+                    {"audio": "inputs/speech_a.wav", "region": [0.0, 0.0, 0.6, 1.0]},
+                    {"audio": "inputs/speech_b.wav", "region": [0.4, 0.0, 1.0, 1.0]},
+                ],
+            },
+            "regions of the two speakers overlap",
+        ),
+    ],
+)
+def test_validate_only_refuses_what_the_job_refuses(
+    make_settings: Callable[..., Settings], fields: dict[str, Any], message: str
+) -> None:
+    """validate_only runs the job's own input checks (pipeline.check_inputs): its OK means the inputs pass."""
+    error = error_of(run(Worker(make_settings()), job_input(validate_only=True, **fields)))
+    assert (error["code"], error["retryable"]) == ("INVALID_INPUT", False) and message in error["message"]
+
+
+def test_tiny_worker_defaults_to_the_tiny_buckets(make_settings: Callable[..., Settings]) -> None:
+    """A job naming no resolution gets the tiny family on the tiny model, as the tiny CLI does."""
+    raw = {k: v for k, v in job_input(validate_only=True).items() if k != "resolution"}
+    plan = run(Worker(make_settings()), raw)["output"]["plan"]
+    assert plan["resolved"]["resolution"] == "tiny" and plan["bucket"] == [64, 48]  # 448x384 image
+
+
+@pytest.mark.parametrize("port", ["99999", "abc", "-1"])
+def test_url_with_an_invalid_port(make_settings: Callable[..., Settings], port: str) -> None:
+    error = error_of(run(Worker(make_settings()), job_input(image=f"https://example.com:{port}/a.png")))
+    assert (error["code"], error["stage"]) == ("INVALID_INPUT", "validate")
+    assert "is not a TCP port (1-65535)" in error["message"]
+
+
+def test_volume_name_over_the_limit(make_settings: Callable[..., Settings]) -> None:
+    error = error_of(run(Worker(make_settings()), job_input(image="inputs/" + "x" * 256 + ".png")))
+    assert error["code"] == "INVALID_INPUT" and "at most 255 bytes" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("output", "env", "code", "fragment"),
+    [
+        ({"delivery": "volume", "path": "inputs/person.png/a.mp4"}, {}, "INVALID_INPUT", "is a file"),
+        ({"delivery": "volume", "path": "renders/" + "n" * 300 + ".mp4"}, {}, "INVALID_INPUT", "at most 255"),
+        ({"delivery": "s3"}, {"MULTITALK_S3_BUCKET": "no-such-bucket"}, "UPLOAD_FAILED", "no such bucket"),
+    ],
+)
+def test_unwritable_destination_is_refused_before_generation(
+    make_settings: Callable[..., Settings],
+    s3_server: S3Server,
+    output: dict[str, Any],
+    env: dict[str, str],
+    code: str,
+    fragment: str,
+) -> None:
+    """Refused before any input is fetched or frame made (no progress update), and not retryable."""
+    updates: list[dict[str, Any]] = []
+    worker = Worker(make_settings(**{**s3_server.env(), **env}), progress_sink=lambda j, u: updates.append(u))
+    error = error_of(run(worker, job_input(output=output)))
+    assert (error["code"], error["stage"], error["retryable"]) == (code, "output", False)
+    assert fragment in error["message"] and updates == []
+
+
 def test_health_reports_without_secrets(make_settings: Callable[..., Settings], s3_server: S3Server) -> None:
     settings = make_settings(**s3_server.env())
     report = run(Worker(settings), {"action": "health"})["output"]
@@ -291,7 +363,7 @@ def test_twenty_jobs_in_a_row(
     image_b64 = base64.b64encode((EXAMPLES / "person.png").read_bytes()).decode()
     failing = [
         ({"colour": "red"}, "INVALID_INPUT"),
-        ({"image": "inputs/missing.png"}, "INPUT_FETCH_FAILED"),
+        ({"image": "inputs/missing.png"}, "INVALID_INPUT"),
         ({"speakers": [{"audio": "inputs/person.png"}]}, "AUDIO_DECODE_FAILED"),
         ({"image": "inputs/speech_a.wav"}, "IMAGE_DECODE_FAILED"),
         ({"image": f"s3://{OUTPUT_BUCKET}/nope.png"}, "INPUT_FETCH_FAILED"),
@@ -365,6 +437,32 @@ def test_test_input_command_line(volume: Path, tmp_path: Path) -> None:
     out = run(job_input(validate_only=True))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "'validate_only': True" in out.stdout
+
+
+def test_test_input_with_s3_delivery_prints_no_secret(
+    volume: Path, tmp_path: Path, s3_server: S3Server
+) -> None:
+    """Local test mode prints the SDK's "Job result" line at INFO; with S3 delivery that result holds a
+    presigned URL (signature, access key id, session token). Every line of the run is captured: none of
+    them appears, while the bucket and key do."""
+    token = "FQoGZXIvYXdzEXAMPLESESSIONTOKEN0123456789"
+    env = {
+        **os.environ,
+        "MULTITALK_WEIGHTS": "tiny",
+        "MULTITALK_VOLUME_ROOT": str(volume),
+        "MULTITALK_WORK_DIR": str(tmp_path),
+        "MULTITALK_S3_SESSION_TOKEN": token,
+        **s3_server.env(),
+    }
+    env.pop("RUNPOD_WEBHOOK_GET_JOB", None)
+    job = {"input": job_input(output={"delivery": "s3", "key": "secrets/test.mp4"})}
+    command = [sys.executable, "-m", "multitalk_worker.worker", "--test_input", json.dumps(job)]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    lines = out.stdout + out.stderr
+    assert out.returncode == 0, lines
+    assert "Job result" in lines and "multitalk/secrets/test.mp4" in lines
+    for secret in (*s3_server.writer, token, "X-Amz-Signature", "X-Amz-Credential", "X-Amz-Security-Token"):
+        assert secret not in lines, secret
 
 
 def test_example_job_is_valid() -> None:

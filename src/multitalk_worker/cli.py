@@ -32,6 +32,7 @@ from multitalk_worker.media import VIDEO_CRF
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region, SamplingParams, Speaker
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model
+from multitalk_worker.schema import default_resolution
 
 if TYPE_CHECKING:
     import torch
@@ -172,7 +173,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_request(args: argparse.Namespace) -> GenerationRequest:
-    resolution = args.resolution or ("tiny" if args.weights == "tiny" else "480p")
+    resolution = args.resolution or default_resolution(args.weights == "tiny")
     regions = [parse_region(r) for r in args.region] if args.region else [None] * len(args.audio)
     if len(regions) != len(args.audio):
         raise InvalidInput(

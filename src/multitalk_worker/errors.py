@@ -14,12 +14,15 @@ class WorkerError(Exception):
 
     code: ClassVar[str] = "GENERATION_FAILED"
     default_stage: ClassVar[str] = "generate"
-    retryable: ClassVar[bool] = False
+    retryable_by_default: ClassVar[bool] = False
 
-    def __init__(self, message: str, *, stage: str | None = None) -> None:
+    def __init__(self, message: str, *, stage: str | None = None, retryable: bool | None = None) -> None:
+        """`retryable`: whether a retry of the same job can succeed; default: the class's. A fault that a
+        retry meets again (a missing object, a refused permission) passes False."""
         super().__init__(message)
         self.message = message
         self.stage = stage or self.default_stage
+        self.retryable = self.retryable_by_default if retryable is None else retryable
 
     def to_dict(self) -> dict[str, object]:
         return {"code": self.code, "message": self.message, "stage": self.stage, "retryable": self.retryable}
@@ -33,7 +36,7 @@ class InvalidInput(WorkerError):
 class InputFetchFailed(WorkerError):
     code = "INPUT_FETCH_FAILED"
     default_stage = "fetch"
-    retryable = True
+    retryable_by_default = True
 
 
 class InputTooLarge(WorkerError):
@@ -87,7 +90,7 @@ class CheckpointError(ModelLoadFailed):
 class OutOfMemory(WorkerError):
     code = "OUT_OF_MEMORY"
     default_stage = "generate"
-    retryable = True
+    retryable_by_default = True
 
 
 class GenerationFailed(WorkerError):
@@ -103,7 +106,7 @@ class OutputInvalid(WorkerError):
 class UploadFailed(WorkerError):
     code = "UPLOAD_FAILED"
     default_stage = "output"
-    retryable = True
+    retryable_by_default = True
 
 
 class OutputTooLarge(WorkerError):

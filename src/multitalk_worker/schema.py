@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -21,6 +22,7 @@ from multitalk_worker.errors import DurationTooLong, InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
 from multitalk_worker.registry import MULTITALK
 from multitalk_worker.timeline import duration_limit_s
+from multitalk_worker.url_policy import check_url
 
 SCHEMA_VERSION = "1"
 MAX_DURATION_S = duration_limit_s(MULTITALK.max_frames)
@@ -60,11 +62,7 @@ def parse_source(text: str) -> InputSource:
         raise ValueError("empty or NUL-containing source")
     lowered = text[:16].lower()
     if lowered.startswith("https://"):
-        parts = urlsplit(text)
-        if not parts.hostname:
-            raise ValueError("URL has no host")
-        if parts.username or parts.password:
-            raise ValueError("credentials in URLs are not accepted")
+        check_url(text)  # the policy of every hop (a UrlRefused is a ValueError)
         return InputSource("url", text)
     if lowered.startswith("s3://"):
         parts = urlsplit(text)
@@ -197,7 +195,9 @@ class GenerateInput(_Strict):
     prompt: str = Field(min_length=1, max_length=4000)
     negative_prompt: str | None = Field(None, max_length=4000, description="unset: the reference's default")
     resolution: Literal["480p", "720p", "tiny"] = Field(
-        "480p", description="bucket family; `tiny` only on the built-in tiny model"
+        "480p",
+        description="bucket family; `tiny` only on the built-in tiny model; unset: 480p, or tiny "
+        "on the tiny model",
     )
     max_duration_s: float | None = Field(
         None,
@@ -232,8 +232,46 @@ class HealthInput(_Strict):
 JobInput = GenerateInput | HealthInput
 
 
+def default_resolution(tiny_model: bool) -> str:
+    """The bucket family of a request that names none: the worker and the CLI share it."""
+    return TINY_RESOLUTION if tiny_model else "480p"
+
+
+def parse_json_body(body: bytes | str) -> object:
+    """A request body (bytes off the wire, or text) as a JSON value. Raises InvalidInput saying what is wrong
+    with the body: not UTF-8, or not JSON (truncated, ...), with the position. For the HTTP server and any
+    caller holding raw text; `parse_job_input` then checks the value."""
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"body is not valid UTF-8 (byte {exc.start}); send UTF-8 JSON") from None
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            + (" (truncated?)" if exc.pos >= len(body.rstrip()) else "")
+        ) from None
+    except RecursionError:
+        raise InvalidInput("body is nested too deeply") from None
+
+
 def parse_job_input(raw: object, *, tiny_model: bool, max_resolution: str, max_duration_s: float) -> JobInput:
-    """Validate a job's `input`. Raises InvalidInput (or DurationTooLong) with every problem found."""
+    """Validate a job's `input`. Raises InvalidInput (or DurationTooLong) with every problem found.
+
+    A string is diagnosed as the JSON text it probably was (a server handing over a raw body): not UTF-8,
+    not JSON, or JSON inside a string; an object is needed either way."""
+    if isinstance(raw, str | bytes):
+        try:
+            value = parse_json_body(raw)
+        except InvalidInput as exc:  # "body is not valid JSON: ..." (a truncated body), "not valid UTF-8"
+            message = f"job input must be a JSON object, got a string; as JSON text: {exc}"
+            raise InvalidInput(message) from None
+        raise InvalidInput(
+            f"job input must be a JSON object, got a string holding JSON {_json_type(value)}; "
+            "send the value itself, not its text"
+        )
     if not isinstance(raw, dict):
         raise InvalidInput(f"job input must be a JSON object, got {_json_type(raw)}")
     action = raw.get("action", "generate")
@@ -251,6 +289,8 @@ def parse_job_input(raw: object, *, tiny_model: bool, max_resolution: str, max_d
     except RecursionError:
         raise InvalidInput("job input is nested too deeply") from None
     if isinstance(job, GenerateInput):
+        if "resolution" not in raw:
+            job = job.model_copy(update={"resolution": default_resolution(tiny_model)})
         _check_against_worker(job, tiny_model=tiny_model, max_resolution=max_resolution, max_s=max_duration_s)
     return job
 

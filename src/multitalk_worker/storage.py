@@ -1,16 +1,16 @@
 """Fetch job inputs and deliver the output video.
 
 One fetcher for every input form (https URL, s3:// URI, data URI, bare base64, volume path): size-capped,
-time-limited, and checked by magic bytes before anything decodes it. URLs are https only and dialled on an
-address that was checked (runpod's `PinnedIPAdapter` defeats DNS rebinding); loopback only when the settings
-allow it, private and link-local never. Outputs go to exactly one place: S3 (boto3, any S3-compatible
+time-limited, and checked by magic bytes before anything decodes it. Every hop of a URL (the first and each
+redirect) passes url_policy's checks (https, no credentials, a valid port, public addresses only; loopback
+only when the settings allow it) and is dialled on the address that was checked (runpod's `PinnedIPAdapter`
+defeats DNS rebinding). Outputs go to exactly one place: S3 (boto3, any S3-compatible
 endpoint, presigned URL), base64 in the result (capped below RunPod's payload limit), or the volume.
 """
 
 from __future__ import annotations
 
 import base64
-import ipaddress
 import logging
 import os
 import shutil
@@ -33,7 +33,7 @@ import urllib3
 from boto3.exceptions import Boto3Error
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
-from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter, is_safe_address
+from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import (
@@ -46,6 +46,7 @@ from multitalk_worker.errors import (
     UploadFailed,
 )
 from multitalk_worker.schema import InputSource, decode_base64
+from multitalk_worker.url_policy import UrlRefused, address_problem, check_url
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +146,19 @@ class InputFetcher:
     def _volume_path(self, text: str, label: str) -> Path:
         root = self.settings.volume_root.resolve()
         candidate = Path(text)
-        path = (candidate if candidate.is_absolute() else root / candidate).resolve()
-        if not path.is_relative_to(root):
-            raise InvalidInput(f"{label}: paths must lie under the volume root {root}", stage="fetch")
-        if not path.is_file():
-            raise InputFetchFailed(f"{label}: no such file on the volume: {path}")
-        self._check_size(path.stat().st_size, label)
+        check_name_lengths(candidate, root, label)
+        try:
+            path = (candidate if candidate.is_absolute() else root / candidate).resolve()
+            if not path.is_relative_to(root):
+                raise InvalidInput(f"{label}: paths must lie under the volume root {root}", stage="fetch")
+            if not path.is_file():  # the job names a file that is not there: a retry finds none either
+                raise InvalidInput(f"{label}: no such file on the volume: {path}", stage="fetch")
+            size = path.stat().st_size
+        except OSError as exc:
+            reason = exc.strerror or type(exc).__name__
+            message = f"{label}: cannot read {text!r} on the volume ({reason})"
+            raise InvalidInput(message, stage="fetch") from None
+        self._check_size(size, label)
         return path
 
     def _decode_inline(self, source: InputSource, dest: Path, label: str) -> Path:
@@ -202,11 +210,13 @@ class InputFetcher:
 
     @contextmanager
     def _open(self, url: str, deadline: float, label: str) -> Iterator[requests.Response]:
-        """GET `url` on a checked address; the response and its session are closed on exit."""
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise InvalidInput(f"{label}: only https URLs are fetched (got a redirect to {parts.scheme}://)")
-        address = self._checked_address(parts.hostname, parts.port or 443, label)
+        """GET `url` on a checked address; the response and its session are closed on exit. The first URL
+        and every redirect pass the same checks (url_policy)."""
+        try:
+            hop = check_url(url)
+        except UrlRefused as exc:
+            raise InvalidInput(f"{label}: {_safe_url(url)}: {exc}", stage="fetch") from None
+        address = self._checked_address(hop.host, hop.port, label)
         verify = str(self.settings.ca_bundle) if self.settings.ca_bundle else certifi.where()
         remaining = max(deadline - time.monotonic(), 0.01)
         with requests.Session() as session:
@@ -235,25 +245,21 @@ class InputFetcher:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except socket.gaierror:
             raise InputFetchFailed(f"{label}: cannot resolve host {host}") from None
-        addresses = list(dict.fromkeys(info[4][0] for info in infos))
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
         for address in addresses:
-            if not self._address_allowed(address):
+            problem = address_problem(address, allow_loopback=self.settings.allow_loopback)
+            if problem is not None:
                 raise InvalidInput(
-                    f"{label}: {host} resolves to {address}, which is not a public address; "
-                    "only public https URLs are fetched",
+                    f"{label}: {host} resolves to {address}, {problem}; only public https URLs are fetched",
                     stage="fetch",
                 )
         return addresses[0]
 
-    def _address_allowed(self, address: str) -> bool:
-        if is_safe_address(address):
-            return True
-        ip = ipaddress.ip_address(address)
-        return self.settings.allow_loopback and ip.is_loopback
-
     def _check_response(self, response: requests.Response, kind: MediaKind, label: str) -> None:
-        if response.status_code != 200:
-            raise InputFetchFailed(f"{label}: server answered HTTP {response.status_code}")
+        status = response.status_code
+        if status != 200:  # a client error stays one on retry; timeouts, throttling and 5xx may pass
+            retryable = status >= 500 or status in (408, 425, 429)
+            raise InputFetchFailed(f"{label}: server answered HTTP {status}", retryable=retryable)
         content_type = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type and not (
             content_type.startswith(_ACCEPTED_TYPES[kind]) or content_type in _NEUTRAL_TYPES
@@ -286,7 +292,10 @@ class InputFetcher:
             body = client.get_object(Bucket=bucket, Key=key)["Body"]
             self._write_capped(body.iter_chunks(CHUNK), dest, deadline, label)
         except ClientError as exc:
-            raise InputFetchFailed(f"{label}: {uri}: {_s3_reason(exc)}") from None
+            reason = _s3_reason(exc)
+            if reason == "no such key" and not _bucket_exists(client, bucket):
+                reason = "no such bucket"  # HEAD answers a bare 404 for both; ask the bucket
+            raise InputFetchFailed(f"{label}: {uri}: {reason}", retryable=_s3_retryable(exc)) from None
         except BotoCoreError as exc:
             raise InputFetchFailed(
                 f"{label}: {uri}: S3 endpoint unreachable ({type(exc).__name__})"
@@ -332,6 +341,23 @@ def _s3_reason(exc: ClientError) -> str:
     return reasons.get(code, f"S3 error {code}")
 
 
+def _s3_retryable(exc: ClientError) -> bool:
+    """Throttling and server errors may pass on retry; a missing object or a refused permission will not."""
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return status >= 500 or status in (408, 429) or status == 0
+
+
+def _bucket_exists(client: Any, bucket: str) -> bool:
+    """False only when S3 says the bucket does not exist (404); True when it exists or we may not know."""
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        return _s3_reason(exc) not in ("no such key", "no such bucket")
+    except BotoCoreError:
+        return True
+    return True
+
+
 def _upload_reason(exc: Exception) -> str:
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, ClientError):
@@ -345,8 +371,9 @@ def _upload_reason(exc: Exception) -> str:
 
 
 def _safe_url(url: str) -> str:
+    """Scheme, host and path only: never credentials or a query string (which may carry a signature)."""
     parts = urlsplit(url)
-    return f"https://{parts.hostname}{parts.path}"
+    return f"{parts.scheme}://{parts.hostname}{parts.path}"
 
 
 # ----------------------------------------------------------------------------- delivery
@@ -367,7 +394,8 @@ def deliver_s3(video: Path, key: str, settings: Settings, client: Any) -> dict[s
             "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=settings.s3.url_expiry_s
         )
     except ClientError as exc:
-        raise UploadFailed(f"upload to s3://{bucket}/{key}: {_s3_reason(exc)}") from None
+        reason = _s3_reason(exc)
+        raise UploadFailed(f"upload to s3://{bucket}/{key}: {reason}", retryable=_s3_retryable(exc)) from None
     except (BotoCoreError, Boto3Error) as exc:
         raise UploadFailed(f"upload to s3://{bucket}/{key}: {_upload_reason(exc)}") from None
     if int(head["ContentLength"]) != size or head.get("ContentType") != VIDEO_CONTENT_TYPE:
@@ -406,12 +434,59 @@ def deliver_base64(video: Path, settings: Settings) -> dict[str, object]:
     }
 
 
-def deliver_volume(video: Path, relative: str, settings: Settings) -> dict[str, object]:
-    """Copy the video to the volume (atomically: temp file then rename). Returns its absolute path."""
+def check_name_lengths(path: Path, root: Path, label: str) -> None:
+    """Refuse a path with a name longer than the file system's limit (NAME_MAX of `root`)."""
+    try:
+        limit = int(os.pathconf(root, "PC_NAME_MAX"))
+    except (OSError, ValueError):
+        limit = 255
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            raise InvalidInput(
+                f"{label}: the name {part[:32]!r}... is {size} bytes; names on the volume are at most "
+                f"{limit} bytes",
+                stage="fetch" if label != "output.path" else "output",
+            )
+
+
+def volume_destination(relative: str, settings: Settings) -> Path:
+    """The checked absolute path of a volume output, made ready before generation: under the root, names
+    within the limit, its folder created and writable (a probe file is made and removed). A destination
+    that cannot be written is refused here, not after the whole generation."""
     root = settings.volume_root.resolve()
+    check_name_lengths(Path(relative), root, "output.path")
     dest = (root / relative).resolve()
     if not dest.is_relative_to(root):
         raise InvalidInput(f"output.path must lie under the volume root {root}", stage="output")
+    if dest.is_dir():
+        raise InvalidInput(f"output.path {relative} is a folder on the volume; name a file", stage="output")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".probe-", dir=dest.parent):
+            pass
+    except (NotADirectoryError, FileExistsError):
+        raise InvalidInput(
+            f"output.path {relative}: a part of the folder is a file on the volume", stage="output"
+        ) from None
+    except OSError as exc:  # permissions, a read-only or full volume: a retry meets the same
+        raise UploadFailed(f"cannot write {dest.parent}: {exc.strerror}", retryable=False) from None
+    return dest
+
+
+def check_s3_destination(settings: Settings, client: Any) -> None:
+    """Before generation: the output bucket must exist. Access is not judged here (credentials that may
+    only put objects cannot HEAD a bucket); a refusal at upload time is reported then, not retryable."""
+    bucket = settings.s3.bucket
+    if bucket and not _bucket_exists(client, bucket):
+        raise UploadFailed(
+            f"output bucket {bucket}: no such bucket (MULTITALK_S3_BUCKET)", stage="output", retryable=False
+        )
+
+
+def deliver_volume(video: Path, relative: str, settings: Settings) -> dict[str, object]:
+    """Copy the video to the volume (atomically: temp file then rename). Returns its absolute path."""
+    dest = volume_destination(relative, settings)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=".mp4", dir=dest.parent)

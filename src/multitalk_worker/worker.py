@@ -32,29 +32,40 @@ from multitalk_worker.config import Settings, SettingsError, settings_from_proce
 from multitalk_worker.errors import (
     DurationTooLong,
     GenerationFailed,
+    InputTooLarge,
     InvalidInput,
     OutOfMemory,
     OutputInvalid,
     WorkerError,
 )
 from multitalk_worker.media import Mp4Sink, probe_video
-from multitalk_worker.pipeline.audio import decode_audio
-from multitalk_worker.pipeline.image import choose_bucket, load_image
+from multitalk_worker.pipeline.image import image_size
+from multitalk_worker.pipeline.inputs import prepare_inputs
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import (
+    CheckedInputs,
     GenerationRequest,
     GenerationResult,
     Progress,
     SamplingParams,
     Speaker,
 )
+from multitalk_worker.redact import RedactingStream
 from multitalk_worker.schema import GenerateInput, HealthInput, parse_job_input, parse_source
 from multitalk_worker.startup import PipelineHolder, health_report, register_fitness_checks, worker_version
-from multitalk_worker.storage import InputFetcher, deliver_base64, deliver_s3, deliver_volume
+from multitalk_worker.storage import (
+    InputFetcher,
+    check_s3_destination,
+    deliver_base64,
+    deliver_s3,
+    deliver_volume,
+    volume_destination,
+)
 
 logger = logging.getLogger(__name__)
 
 ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]  # (job, update)
+INPUT_STAGES = ("validate", "fetch")  # before the model: what goes wrong here comes from the job's inputs
 RANDOM_SEED = -1  # the pipeline draws a seed and reports it
 AUDIO_TOLERANCE_S = (
     0.1  # AAC frames are 64 ms at 16 kHz; the soundtrack may end within one of the video's end
@@ -141,22 +152,30 @@ class Worker:
             tick = time.monotonic()
             fetched = self._fetch_inputs(parsed, Path(scratch))
             timings["fetch_s"] = time.monotonic() - tick
-            request, duration_s = self._build_request(parsed, fetched)
-            plan = _plan(parsed, request, fetched, duration_s, delivery)
-            if parsed.validate_only:
-                return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
-            stage.name = "load"
-            pipeline, load_s, cold = self.holder.get()
-            timings.update(model_load_s=load_s, cold_start=cold)
-            stage.name = "generate"
+            stage.name = "validate"
+            request = self._build_request(parsed, fetched)
+            # the CLI's checks, bounded; the pipeline takes what they decoded (nothing is decoded twice)
+            inputs = prepare_inputs(request, tiny_model=settings.tiny_model)
             sink = Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf)  # encoded clip by clip
             try:
-                result = pipeline(request, progress=self._progress(job), cancel=cancel.is_set, sink=sink)
+                checked = inputs.checked()
+                duration_s = self._check_duration(parsed, checked)
+                plan = _plan(parsed, request, fetched, checked, duration_s, delivery)
+                if parsed.validate_only:
+                    return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
+                stage.name = "load"
+                pipeline, load_s, cold = self.holder.get()
+                timings.update(model_load_s=load_s, cold_start=cold)
+                stage.name = "generate"
+                progress = self._progress(job)
+                result = pipeline(request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs)
                 stage.name = "encode"
                 sink.close()
             except BaseException:
                 sink.abort()
                 raise
+            finally:
+                inputs.close()
             timings.update({f"{k}_s" if not k.endswith("_s") else k: v for k, v in result.timings.items()})
             timings["encode_s"] = sink.encode_s
             return self._finish(result, sink.path, plan, delivery, timings, stage)
@@ -207,6 +226,7 @@ class Worker:
                 raise InvalidInput(
                     "delivery s3 needs MULTITALK_S3_BUCKET on the worker; use base64 or volume"
                 )
+            check_s3_destination(settings, self.fetcher.s3_client())  # before any work
             return {"delivery": "s3", "key": settings.s3.prefix + (wanted.key or f"{job_id}.mp4")}
         if wanted.key is not None:
             raise InvalidInput(
@@ -215,16 +235,16 @@ class Worker:
         if method == "volume":
             if not settings.volume_root.is_dir():
                 raise InvalidInput(f"delivery volume needs the volume root {settings.volume_root} to exist")
-            return {"delivery": "volume", "path": wanted.path or f"{settings.output_dir}/{job_id}.mp4"}
+            path = wanted.path or f"{settings.output_dir}/{job_id}.mp4"
+            volume_destination(path, settings)  # writable, or refused now rather than after generation
+            return {"delivery": "volume", "path": path}
         return {"delivery": "base64"}
 
     def _fetch_inputs(self, parsed: GenerateInput, scratch: Path) -> _Fetched:
         image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
-        picture = load_image(image.path)
-        report: dict[str, Any] = {
-            "image": {"width": picture.width, "height": picture.height, "bytes": image.size}
-        }
-        audio_paths, durations = [], []
+        width, height = image_size(image.path)  # the header only: a huge image is refused undecoded
+        report: dict[str, Any] = {"image": {"width": width, "height": height, "bytes": image.size}}
+        audio_paths = []
         for index, speaker in enumerate(parsed.speakers):
             label = f"speakers[{index}].audio"
             fetched = self.fetcher.fetch(
@@ -232,10 +252,7 @@ class Worker:
             )
             if parsed.max_duration_s is None:  # with a cap, long audio is fine: its first part is used
                 self._check_declared_duration(fetched.path, label)
-            samples, rate = decode_audio(fetched.path)
             audio_paths.append(fetched.path)
-            durations.append(samples.shape[-1] / rate)
-        report["audio_durations_s"] = durations
         return _Fetched(image.path, audio_paths, report)
 
     def _check_declared_duration(self, path: Path, label: str) -> None:
@@ -248,17 +265,18 @@ class Worker:
                 f"Set max_duration_s (<= {limit:g}) to use the first part, or send shorter audio"
             )
 
-    def _build_request(self, parsed: GenerateInput, fetched: _Fetched) -> tuple[GenerationRequest, float]:
-        durations = fetched.report["audio_durations_s"]
-        audio_s = sum(durations) if parsed.audio_mode == "sequential" else max(durations)
-        limit = self.settings.max_duration_s
+    def _check_duration(self, parsed: GenerateInput, checked: CheckedInputs) -> float:
+        """The worker's own limit (MULTITALK_MAX_DURATION_S) on uncapped jobs; returns the video's length."""
+        audio_s, limit = checked.audio_s, self.settings.max_duration_s
         if parsed.max_duration_s is None and audio_s > limit:
             raise DurationTooLong(
                 f"the audio lasts {audio_s:.1f} s; this worker makes videos of at most {limit:g} s. "
                 f"Set max_duration_s (<= {limit:g}) to use the first part, or send shorter audio"
             )
-        duration_s = min(audio_s, parsed.max_duration_s or audio_s)
-        request = GenerationRequest(
+        return min(audio_s, parsed.max_duration_s or audio_s)
+
+    def _build_request(self, parsed: GenerateInput, fetched: _Fetched) -> GenerationRequest:
+        return GenerationRequest(
             image=fetched.image,
             speakers=tuple(
                 Speaker(path, _region(s.region))
@@ -271,7 +289,6 @@ class Worker:
             max_duration_s=parsed.max_duration_s,
             sampling=resolve_sampling(parsed),
         )
-        return request, duration_s
 
     def _deliver(self, video: Path, delivery: dict[str, Any]) -> dict[str, object]:
         if delivery["delivery"] == "s3":
@@ -318,6 +335,9 @@ def error_for(exc: Exception, stage: str) -> tuple[WorkerError, bool]:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         message = f"GPU out of memory during {stage}; try a lower resolution, a shorter video or a bigger GPU"
         return OutOfMemory(message, stage=stage), True
+    if isinstance(exc, MemoryError) and stage in INPUT_STAGES:  # the inputs' own cost: a retry fails again
+        message = f"the inputs need more host memory than this worker has (during {stage}); send smaller ones"
+        return InputTooLarge(message, stage=stage), False
     if isinstance(exc, MemoryError):
         return OutOfMemory(f"host memory exhausted during {stage}", stage=stage), True
     if isinstance(exc, RuntimeError) and ("CUDA" in str(exc) or "cuDNN" in str(exc) or "NCCL" in str(exc)):
@@ -375,16 +395,18 @@ def _plan(
     parsed: GenerateInput,
     request: GenerationRequest,
     fetched: _Fetched,
+    checked: CheckedInputs,
     duration_s: float,
     delivery: dict[str, Any],
 ) -> dict[str, Any]:
-    image = fetched.report["image"]
     sampling = request.sampling
     return {
-        "image": image,
-        "bucket": list(choose_bucket(image["height"], image["width"], request.resolution)),
-        "audio_durations_s": fetched.report["audio_durations_s"],
+        "image": fetched.report["image"],
+        "bucket": list(checked.bucket),
+        "audio_durations_s": list(checked.track_s),
+        "audio_cut": checked.audio_cut,
         "duration_s": duration_s,
+        "frames": checked.frames,
         "delivery": delivery,
         "resolved": {
             "preset": parsed.preset,
@@ -500,6 +522,8 @@ def serve(settings: Settings, holder: PipelineHolder | None = None) -> None:
     worker = Worker(settings, progress_sink=runpod_progress if settings.on_runpod else None, holder=holder)
     if settings.on_runpod:
         register_fitness_checks(settings, worker.holder)
+    else:  # local mode: the SDK prints each job's result at INFO, presigned URLs included
+        sys.stdout = RedactingStream(sys.stdout)  # type: ignore[assignment]
     logger.info("multitalk-worker %s starting (weights: %s)", worker_version(settings), settings.weights)
     runpod.serverless.start({"handler": make_handler(worker)})
 

@@ -14,11 +14,13 @@ from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
-from multitalk_worker.pipeline.request import GenerationRequest
+from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
 from multitalk_worker.pipeline.video import SourceFrames, VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model
-from multitalk_worker.timeline import FRAMES_PER_CLIP, SAMPLE_RATE, VAE_STRIDE, resolve_max_frames
+from multitalk_worker.timeline import FPS, FRAMES_PER_CLIP, SAMPLE_RATE, VAE_STRIDE, resolve_max_frames
+
+AUDIO_CONTEXT_S = 1.0  # audio decoded past a capped job's last window: wav2vec2 context at the cut
 
 
 @dataclass
@@ -47,6 +49,17 @@ class PreparedInputs:
             "last_frame_held_from": held,
             "frames_held": 0 if held is None else max(0, self.plan.output_frames - held),
         }
+
+    def checked(self) -> CheckedInputs:
+        """What a validate_only answer reports of these inputs."""
+        return CheckedInputs(
+            track_s=self.audio.track_s,
+            audio_s=self.audio.num_samples / SAMPLE_RATE,
+            audio_cut=self.audio.cut,
+            bucket=self.first.bucket,
+            source_size=self.first.source_size,
+            frames=self.plan.output_frames,
+        )
 
     def close(self) -> None:
         self.source.close()
@@ -85,6 +98,19 @@ def open_source(request: GenerationRequest) -> SourceFrames:
     return open_frames(Path(request.video), kind="video", fps_mode=request.source_fps)
 
 
+def audio_budget(max_duration_s: float | None, spec: ModelSpec) -> audio_prep.AudioBudget:
+    """How much of each track a request can use (docs/api.md, "Cost"). With a cap: up to the end of its
+    last planned clip plus the frame windows' reach and AUDIO_CONTEXT_S, so the clip plan is the one the
+    whole track gives; without: the model's length limit plus the reflection padding's frames, a longer
+    track being refused (the duration rule, made while decoding)."""
+    if max_duration_s is None:
+        return audio_prep.AudioBudget((spec.max_frames + 5) / FPS, cut=False)
+    max_frames = resolve_max_frames(max_duration_s, 0.0, spec.max_frames)  # with a cap, length is irrelevant
+    plan = plan_clips(spec.max_frames * 2, max_frames, spec.motion_frames, spec.length_rule)
+    end = plan.starts[-1] + FRAMES_PER_CLIP + max(audio_prep.WINDOW_OFFSETS) + 1
+    return audio_prep.AudioBudget(end / FPS + AUDIO_CONTEXT_S, cut=True)
+
+
 def person_masks(request: GenerationRequest, first: image_prep.ConditionImage) -> torch.Tensor:
     """The [3, h, w] person masks at latent size, from the regions on frame 0 (spec MT 3.5)."""
     latent_size = (first.bucket[0] // VAE_STRIDE[1], first.bucket[1] // VAE_STRIDE[2])
@@ -99,8 +125,9 @@ def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> PreparedI
     """Decode and check every input of `request`: values, audio files and lengths, duration, source,
     regions. Cheap next to generation (decoding only); lets a caller fail before loading weights."""
     spec = check_params(request, tiny_model=tiny_model)
+    budget = audio_budget(request.max_duration_s, spec)
     prepared = audio_prep.prepare_audio(
-        [s.audio for s in request.speakers], request.audio_mode, FRAMES_PER_CLIP
+        [s.audio for s in request.speakers], request.audio_mode, FRAMES_PER_CLIP, budget
     )
     audio_s = prepared.num_samples / SAMPLE_RATE
     max_frames = resolve_max_frames(request.max_duration_s, audio_s, spec.max_frames)
@@ -115,6 +142,9 @@ def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> PreparedI
     return PreparedInputs(spec, prepared, source, first, masks, plan)
 
 
-def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> None:
-    """Every input check of a generation without any model."""
-    prepare_inputs(request, tiny_model=tiny_model).close()
+def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> CheckedInputs:
+    """Every input check of a generation without any model: the one set of checks of the CLI, the
+    worker's jobs and its validate_only."""
+    inputs = prepare_inputs(request, tiny_model=tiny_model)
+    inputs.close()
+    return inputs.checked()

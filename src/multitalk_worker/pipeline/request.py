@@ -61,6 +61,18 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class CheckedInputs:
+    """What `check_inputs` found: the plan a validate_only answer reports."""
+
+    track_s: tuple[float, ...]  # seconds decoded of each speaker's track (a capped job: its start)
+    audio_s: float  # the combined soundtrack
+    audio_cut: bool  # a track was longer than the job can use and was cut (max_duration_s)
+    bucket: tuple[int, int]  # (H, W)
+    source_size: tuple[int, int]  # the image's (H, W)
+    frames: int  # frames of the video
+
+
+@dataclass(frozen=True)
 class Progress:
     stage: str  # "audio", "image", "text", "sample", "decode"
     chunk: int  # 1-based clip index
