@@ -397,7 +397,11 @@ def deliver_s3(video: Path, key: str, settings: Settings, client: Any) -> dict[s
         reason = _s3_reason(exc)
         raise UploadFailed(f"upload to s3://{bucket}/{key}: {reason}", retryable=_s3_retryable(exc)) from None
     except (BotoCoreError, Boto3Error) as exc:
-        raise UploadFailed(f"upload to s3://{bucket}/{key}: {_upload_reason(exc)}") from None
+        cause = exc.__cause__ or exc.__context__  # upload_file wraps S3's answer in S3UploadFailedError
+        retryable = _s3_retryable(cause) if isinstance(cause, ClientError) else None
+        raise UploadFailed(
+            f"upload to s3://{bucket}/{key}: {_upload_reason(exc)}", retryable=retryable
+        ) from None
     if int(head["ContentLength"]) != size or head.get("ContentType") != VIDEO_CONTENT_TYPE:
         raise UploadFailed(
             f"s3://{bucket}/{key}: stored object does not match the video (size or content type)"
