@@ -106,8 +106,19 @@ def locked_versions(lock_file: Path) -> dict[str, str]:
     return pins
 
 
+def resolve_lock_file(lock_file: Path) -> Path:
+    """A relative MULTITALK_LOCK_FILE is relative to the checkout the package runs from (the folder above
+    `src/` holding pyproject.toml), not to the current directory; elsewhere (an installed wheel) it stays
+    relative to the current directory."""
+    checkout = Path(multitalk_worker.__file__).resolve().parents[2]
+    if lock_file.is_absolute() or not (checkout / "pyproject.toml").is_file():
+        return lock_file
+    return checkout / lock_file
+
+
 def check_versions(lock_file: Path) -> Check:
     """The installed core packages are the locked versions (a local tag like +cu128 is allowed)."""
+    lock_file = resolve_lock_file(lock_file)
     try:
         pins = locked_versions(lock_file)
     except OSError as exc:
