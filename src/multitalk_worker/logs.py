@@ -6,11 +6,14 @@ import logging
 
 
 def quiet_model_libraries(*, verbose: bool) -> None:
-    """transformers' and diffusers' load reports (unused keys, progress bars) only when verbose."""
-    level = logging.INFO if verbose else logging.ERROR
-    for name in ("transformers", "diffusers"):
-        logging.getLogger(name).setLevel(level)
-    if not verbose:
-        from transformers.utils import logging as transformers_logging
+    """transformers' and diffusers' load reports (unused keys, progress bars) only when verbose. Through
+    their own verbosity switches: importing them resets their loggers' levels."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-        transformers_logging.disable_progress_bar()
+    for library in (transformers_logging, diffusers_logging):
+        library.set_verbosity(logging.INFO if verbose else logging.ERROR)
+        if verbose:
+            library.enable_progress_bar()
+        else:
+            library.disable_progress_bar()
