@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import logging
 import sys
 import threading
 import time
@@ -361,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     configure_logging(settings.log_level)
+    if settings.log_level != "DEBUG":  # one line per request: the page polls /status twice a second
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     import uvicorn
 
     from multitalk_worker.weights.download import ensure_weights
