@@ -349,6 +349,13 @@ def test_non_loopback_clients_need_the_token(make_settings: Callable[..., Settin
     assert with_token.check(authorised) is None
 
 
+def test_listening_beyond_loopback_needs_a_token(capsys: pytest.CaptureFixture[str]) -> None:
+    from multitalk_worker.server import main
+
+    assert main(["--host", "0.0.0.0", "--port", "1"]) == 2  # refused before loading anything
+    assert "needs MULTITALK_API_TOKEN" in capsys.readouterr().err
+
+
 def test_runpod_serve_api_runs_the_same_handler(volume: Path, tmp_path: Path) -> None:
     """`python -m multitalk_worker.worker --rp_serve_api`: runpod's local server answers /runsync."""
     port = free_port()

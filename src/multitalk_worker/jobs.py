@@ -134,6 +134,7 @@ class JobQueue:
             record.cancel.set()
             if record.status == "IN_QUEUE":
                 self._waiting.remove(job_id)
+                record.input = None
                 record.error = {
                     "code": "CANCELLED",
                     "message": "cancelled while queued",
@@ -193,6 +194,7 @@ class JobQueue:
         )
         with self._lock:
             self._running = None
+            record.input = None  # the inputs (base64 payloads included) are not kept for the TTL
             record.output, record.error = outcome.output, outcome.error
             if outcome.error is None:
                 record.video = video if video.is_file() else None
