@@ -77,7 +77,9 @@ def test_one_person(tmp_path: Path) -> None:
     stages = [
         line.split("] ", 1)[1].split(":")[0] for line in proc.stderr.splitlines() if line.startswith("[")
     ]
-    assert stages == ["load", "audio", "image", "text", "decode", "decode", "encode"], proc.stderr
+    assert stages == ["load", "audio", "text", "condition", "decode", "condition", "decode", "encode"], (
+        proc.stderr
+    )
     assert "decode: VAE, clip 2/2" in proc.stderr
     assert "clip 2/2 step 2/2, ETA" in proc.stderr and "with decode" in proc.stderr  # the bar's postfix
 

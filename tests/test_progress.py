@@ -20,8 +20,9 @@ def test_eta_counts_steps_and_the_decode_of_every_clip() -> None:
     """2 clips x 3 steps, 2 s per step, decode (+ next clip's conditioning) 5 s."""
     clock = Clock()
     tracker = ProgressTracker(clock)
-    for stage in ("audio", "image", "text"):
+    for stage in ("audio", "text"):
         assert tracker.update(Progress(stage, 0, 0, 0, 3)).eta_s is None
+    assert tracker.update(Progress("condition", 1, 2, 0, 3)).percent == 0.0
     clock.now += 2
     first = tracker.update(Progress("sample", 1, 2, 1, 3))
     assert first.eta_s is None and first.stage == "sample"  # one step is not a rate yet
@@ -34,7 +35,9 @@ def test_eta_counts_steps_and_the_decode_of_every_clip() -> None:
     tracker.update(Progress("sample", 1, 2, 3, 3))
     decoding = tracker.update(Progress("decode", 1, 2, 3, 3))
     assert decoding.stage == "decode" and decoding.eta_s == pytest.approx(3 * 2 + 2 * 2)
-    clock.now += 5 + 2  # the decode and the conditioning (5 s), then clip 2's first step (2 s)
+    clock.now += 4
+    tracker.update(Progress("condition", 2, 2, 0, 3))  # the decode took 4 s, the conditioning takes 1 s
+    clock.now += 1 + 2  # then clip 2's first step (2 s)
     after = tracker.update(Progress("sample", 2, 2, 1, 3))
     assert after.between_measured and after.eta_s == pytest.approx(2 * 2 + 5)
     assert after.percent == pytest.approx(100 * (3 + 2.5 + 1) / (2 * (3 + 2.5)), abs=0.1)

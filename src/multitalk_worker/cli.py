@@ -225,7 +225,6 @@ STAGE_TEXT = {
     "audio": "audio: decode, loudness, wav2vec2 features",
     "image": "image: bucket crop and speaker masks",
     "text": "text: umT5 prompt encoding",
-    "condition": "condition: CLIP and VAE encoding of the reference",
 }
 
 
@@ -264,6 +263,10 @@ class StageReport:
             self.bar.update((event.chunk - 1) * event.steps + event.step - self.bar.n)
         elif event.stage == "decode":
             self.line(f"decode: VAE, clip {event.chunk}/{event.chunks}")
+        elif event.stage == "condition":
+            self.line(
+                f"condition: clip {event.chunk}/{event.chunks} (CLIP and VAE encoding of its known frames)"
+            )
         elif event.stage != self._last_stage:
             self.line(STAGE_TEXT.get(event.stage, event.stage))
         self._last_stage = event.stage

@@ -2,8 +2,9 @@
 and a PNG of the frame as the model sees it: the image resized and centre-cropped to its bucket, with each
 speaker's mask at the model's latent resolution drawn on it (speaker 1 orange, speaker 2 blue).
 
-Everything comes from the pipeline's own functions (bucket, crop, masks, clip plan), so the preview cannot
-disagree with the job: what it shows is what the DiT conditions on.
+Everything comes from the job's own input checks (pipeline/inputs.prepare_inputs: bucket, crop, masks, clip
+plan), so the preview cannot disagree with the job: what it shows is what the DiT conditions on. For a video
+source (InfiniteTalk dubbing) the frame shown is the video's first frame at the bucket.
 """
 
 from __future__ import annotations
@@ -19,13 +20,7 @@ from PIL import Image, ImageDraw
 
 from multitalk_worker.config import Settings
 from multitalk_worker.estimate import engine_key, estimate_gpu_s
-from multitalk_worker.pipeline import audio as audio_prep
-from multitalk_worker.pipeline.pipeline import (
-    FRAMES_PER_CLIP,
-    plan_clips,
-    prepare_image_and_masks,
-    resolve_max_frames,
-)
+from multitalk_worker.pipeline.inputs import PreparedInputs, prepare_inputs
 from multitalk_worker.pipeline.request import GenerationRequest
 from multitalk_worker.pipeline.sampling import guidance_passes
 
@@ -34,23 +29,26 @@ MASK_ALPHA = 0.35
 
 
 def plan_details(request: GenerationRequest, settings: Settings, *, with_image: bool) -> dict[str, Any]:
-    """Clip plan, estimate and (with_image) the preview PNG as a data URI."""
-    paths = [speaker.audio for speaker in request.speakers]
-    audio = audio_prep.prepare_audio(paths, request.audio_mode, FRAMES_PER_CLIP)
-    plan = plan_clips(audio.frames, resolve_max_frames(request.max_duration_s, audio.frames))
-    steps = request.sampling.steps
-    passes = len(guidance_passes(request.sampling.text_guidance))
-    clips = len(plan.starts)
-    details: dict[str, Any] = {
-        "clips": clips,
-        "frames": plan.output_frames,
-        "passes_per_step": passes,
-        "passes": clips * steps * passes,
-        "estimate": _estimate(settings, request.resolution, clips, steps, passes),
-    }
-    if with_image:
-        details["preview_png"] = "data:image/png;base64," + base64.b64encode(preview_png(request)).decode()
-    return details
+    """Clip plan, estimate and (with_image) the preview PNG as a data URI, from the job's own input checks
+    (pipeline/inputs.prepare_inputs)."""
+    inputs = prepare_inputs(request, tiny_model=settings.tiny_model)
+    try:
+        steps = request.sampling.steps
+        passes = len(guidance_passes(request.sampling.text_guidance))
+        clips = len(inputs.plan.starts)
+        details: dict[str, Any] = {
+            "clips": clips,
+            "frames": inputs.plan.output_frames,
+            "passes_per_step": passes,
+            "passes": clips * steps * passes,
+            "estimate": _estimate(settings, request.resolution, clips, steps, passes),
+        }
+        if with_image:
+            png = preview_png(inputs, len(request.speakers))
+            details["preview_png"] = "data:image/png;base64," + base64.b64encode(png).decode()
+        return details
+    finally:
+        inputs.close()
 
 
 def _estimate(settings: Settings, resolution: str, clips: int, steps: int, passes: int) -> dict[str, Any]:
@@ -73,14 +71,13 @@ def _gpu_name(settings: Settings) -> str | None:
     return torch.cuda.get_device_name(device)
 
 
-def preview_png(request: GenerationRequest) -> bytes:
+def preview_png(inputs: PreparedInputs, persons: int) -> bytes:
     """The bucket frame with each speaker's latent-grid mask tinted and outlined, as PNG bytes."""
-    cond, masks = prepare_image_and_masks(request)  # [1, 3, 1, H, W] in [-1, 1]; [3, h, w] 0/1
+    cond, masks = inputs.first, inputs.person_masks  # [1, 3, 1, H, W] in [-1, 1]; [3, h, w] 0/1
     height, width = cond.bucket
     pixels = ((cond.pixels[0, :, 0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     frame = pixels.numpy().astype(np.float32)
     full = F.interpolate(masks[None], size=(height, width), mode="nearest")[0].numpy() > 0
-    persons = len(request.speakers)
     boxes = []
     for person in range(persons if persons > 1 else 0):
         colour = np.array(SPEAKER_COLOURS[person], np.float32)

@@ -2,13 +2,13 @@
 decode. Shared by the CLI's bar and the local HTTP API's `/status/{id}`.
 
 The pipeline reports `Progress(stage, chunk, chunks, step, steps)` events: the preparation stages (audio,
-image, text), then per clip one `sample` event after each denoising step and one `decode` event when the
-clip's VAE decode starts. The tracker times them:
+text), then per clip a `condition` event, one `sample` event after each denoising step and one `decode` event
+when the clip's VAE decode starts. The tracker times them:
 
 * `step_s`: the mean time between two sample events of the same clip (one denoising step, all its passes);
-* `between_s`: the time from a clip's `decode` event to the next clip's first step, less one step: the decode,
-  colour match and the next clip's conditioning. Until the first clip has been decoded it is unknown and the
-  ETA counts it as one step's time (an estimate, marked by `between_measured` False).
+* `between_s`: the time from the first clip's `decode` event to the next clip's first step, less one step:
+  the decode, colour match and the next clip's conditioning. Until the first clip has been decoded it is
+  unknown and the ETA counts it as one step's time (an estimate, marked by `between_measured` False).
 
 ETA = remaining steps × step_s + remaining decodes × between_s. No ETA before two steps are timed, nor while
 a decode runs longer than counted.
@@ -76,7 +76,7 @@ class ProgressTracker:
             if last is not None and last.stage == "sample" and last.chunk == event.chunk:
                 self._step_total += now - self._last_at
                 self._step_count += 1
-            elif last is not None and last.stage == "decode" and self._decode_at is not None:
+            elif self._decode_at is not None and self._between_s is None:  # the first step after a decode
                 step = self.step_s or 0.0
                 self._between_s = max(0.0, now - self._decode_at - step)
         elif event.stage == "decode":
@@ -107,10 +107,10 @@ class ProgressTracker:
         )
 
     def _estimate(self, event: ProgressEvent) -> tuple[float | None, float | None]:
-        if event.stage not in ("sample", "decode") or event.chunks < 1 or event.steps < 1:
+        if event.stage not in ("condition", "sample", "decode") or event.chunks < 1 or event.steps < 1:
             return None, None
         done_clips = event.chunk - 1  # clips whose decode is over
-        steps_done = event.step
+        steps_done = event.step  # 0 while the clip's conditioning runs
         decoding = event.stage == "decode"
         # work units: one per step, one "decode" per clip weighing between/step steps
         step = self.step_s
