@@ -4,7 +4,8 @@
 
 const $ = (id) => document.getElementById(id);
 const COLOURS = ["rgb(255,140,0)", "rgb(40,120,255)"]; // speaker 1, 2: as preview.py draws them
-const state = { image: null, picture: null, audio: [null, null], regions: [null, null], drawing: null, job: null };
+const state = { image: null, video: null, picture: null, audio: [null, null], regions: [null, null], drawing: null,
+  job: null };
 
 function readAsDataURI(file) {
   return new Promise((resolve, reject) => {
@@ -43,6 +44,12 @@ async function init() {
     for (const value of schema[field].enum) select.add(new Option(value, value));
     select.value = schema[field].default;
   }
+  // Dubbing hook: once the job schema has a `video` source (InfiniteTalk), the video input turns on and a chosen
+  // video is sent instead of the image (the regions are then drawn on the image picked alongside, if any).
+  if (schema.video) {
+    $("video").disabled = false;
+    $("video").closest("label").classList.remove("later");
+  }
   const health = (await api("GET", "/health")).data;
   if (health.settings && health.settings.MULTITALK_WEIGHTS === "tiny") {
     $("model-note").hidden = false;
@@ -53,7 +60,7 @@ async function init() {
 }
 
 function buildJob(validateOnly) {
-  if (!state.image) throw new Error("choose an image");
+  if (!state.image && !state.video) throw new Error("choose an image");
   if (!state.audio[0]) throw new Error("choose the audio of speaker 1");
   const two = state.audio[1] !== null;
   const speakers = [{ audio: state.audio[0] }];
@@ -62,8 +69,9 @@ function buildJob(validateOnly) {
     if (!state.regions[0] || !state.regions[1]) throw new Error("draw a box for both speakers, or for neither");
     speakers.forEach((speaker, i) => { speaker.region = state.regions[i].map((v) => Math.round(v * 1000) / 1000); });
   }
-  const job = { image: state.image, speakers, prompt: $("prompt").value, preset: $("preset").value,
+  const job = { speakers, prompt: $("prompt").value, preset: $("preset").value,
     resolution: $("resolution").value, validate_only: validateOnly };
+  if (state.video) job.video = state.video; else job.image = state.image;
   if (two) job.audio_mode = $("audio_mode").value;
   if ($("max_duration_s").value) job.max_duration_s = Number($("max_duration_s").value);
   const advanced = {};
@@ -213,6 +221,10 @@ function setUpInputs() {
       drawCanvas();
     };
     picture.src = state.image;
+  });
+  $("video").addEventListener("change", async () => {
+    const file = $("video").files[0];
+    state.video = file ? await readAsDataURI(file) : null;
   });
   [1, 2].forEach((n) => $(`audio${n}`).addEventListener("change", async () => {
     const file = $(`audio${n}`).files[0];
