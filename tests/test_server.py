@@ -179,8 +179,8 @@ def test_async_job_cancel_then_next_job_runs_to_its_video(serve: Callable[..., s
     api = serve(MULTITALK_JOB_TTL_S="10")
     first = run(api, LONG_JOB)
     second = run(api, JOB | {"advanced": {"steps": 12, "seed": 5}})
-    assert requests.get(f"{api}/status/{second}", timeout=10).json()["position"] == 1
     wait_until(api, first, lambda b: b["progress"]["stage"] == "sample" and b["progress"]["step"] >= 1)
+    assert requests.get(f"{api}/status/{second}", timeout=10).json()["position"] == 1
     assert requests.post(f"{api}/cancel/{first}", timeout=10).json()["id"] == first
     ended = wait_until(api, first, lambda b: b["status"] in FINISHED)
     assert ended["status"] == "CANCELLED" and ended["error"]["code"] == "CANCELLED"
