@@ -1,8 +1,8 @@
 """The try-it page in a real browser: headless Chromium (Debian's package) driven by Playwright for Python.
 
 CI needs two things installed (not in requirements.lock yet; .ci/run belongs to packaging):
-    apt-get update && apt-get install -y chromium       # /usr/bin/chromium
-    pip install playwright==1.65.2                       # its bundled driver; never `playwright install`
+    apt-get update && apt-get install -y chromium       # /usr/bin/chromium (Debian 12: Chromium 156)
+    playwright==1.65.2 and greenlet==3.5.6 in the lock   # its bundled driver; never `playwright install`
 Without them the test skips with one line saying which is missing.
 
 The test uploads the example files, draws both speakers' boxes, previews the job (the bucket crop with the
