@@ -277,3 +277,98 @@ def _handler_for(files: dict[str, tuple[bytes, str]]) -> type[BaseHTTPRequestHan
                 time.sleep(delay)
 
     return Handler
+
+
+# ----------------------------------------------------------------------------- Hugging Face Hub (file API)
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class HubServer:
+    """Plain http on 127.0.0.1 answering huggingface_hub's file requests as the Hub does:
+    `HEAD|GET /<org>/<name>/resolve/<revision>/<path>` with the commit, ETag and size headers, byte ranges
+    (resumed downloads), and 404 with `X-Error-Code: EntryNotFound` for a missing file. `repos` maps a
+    repository id to {path: bytes}; `requests` logs (method, repo, path) of every file request."""
+
+    httpd: ThreadingHTTPServer
+    repos: dict[str, dict[str, bytes]]
+    requests: list[tuple[str, str, str]]
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.httpd.server_address[1]}"
+
+    def downloads(self) -> list[str]:
+        """`repo/path` of every GET (a file body sent)."""
+        return [f"{repo}/{path}" for method, repo, path in self.requests if method == "GET"]
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def start_hub_server(repos: dict[str, dict[str, bytes]]) -> HubServer:
+    log: list[tuple[str, str, str]] = []
+    httpd = ThreadingHTTPServer((LOOPBACK, 0), _hub_handler_for(repos, log))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return HubServer(httpd=httpd, repos=repos, requests=log)
+
+
+def _hub_handler_for(
+    repos: dict[str, dict[str, bytes]], log: list[tuple[str, str, str]]
+) -> type[BaseHTTPRequestHandler]:
+    import hashlib
+    import urllib.parse
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:
+            return
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._serve(body=False)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._serve(body=True)
+
+        def _serve(self, body: bool) -> None:
+            parts = urllib.parse.unquote(self.path.split("?", 1)[0]).lstrip("/").split("/", 4)
+            if len(parts) < 5 or parts[2] != "resolve":
+                return self._error(404, "RepoNotFound")
+            repo, path = f"{parts[0]}/{parts[1]}", parts[4]
+            log.append(("GET" if body else "HEAD", repo, path))
+            if repo not in repos:
+                return self._error(404, "RepoNotFound")
+            if path not in repos[repo]:
+                return self._error(404, "EntryNotFound")
+            data = repos[repo][path]
+            start = 0
+            ranged = self.headers.get("Range", "")
+            if body and ranged.startswith("bytes="):
+                start = int(ranged[6:].split("-", 1)[0] or 0)
+            self.send_response(206 if start else 200)
+            self.send_header("X-Repo-Commit", HUB_COMMIT)
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Type", "application/octet-stream")
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            if body:
+                self.wfile.write(data[start:])
+
+        def _error(self, status: int, code: str) -> None:
+            message = json.dumps({"error": f"{code} (test hub)"}).encode()
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(message)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(message)
+
+    return Handler

@@ -3,6 +3,7 @@ end with one line on stderr."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -69,9 +70,32 @@ def write_encoded(path: Path, samples: np.ndarray, rate: int, codec: str, fmt: s
 
 def test_one_person(tmp_path: Path) -> None:
     out = tmp_path / "one.mp4"
-    proc = generate(out, "--image", EXAMPLES / "person.png", "--audio", EXAMPLES / "speech_a.wav")
+    proc = generate(
+        out, "--image", EXAMPLES / "person.png", "--audio", EXAMPLES / "speech_a.wav", "--steps", "2"
+    )
     assert "2 clip(s)" in proc.stdout
     check_video(out, SPEECH_A_FRAMES - 3)
+    stages = [
+        line.split("] ", 1)[1].split(":")[0] for line in proc.stderr.splitlines() if line.startswith("[")
+    ]
+    assert stages == ["load", "audio", "text", "condition", "decode", "condition", "decode", "encode"], (
+        proc.stderr
+    )
+    assert "decode: VAE, clip 2/2" in proc.stderr
+    assert "clip 2/2 step 2/2, ETA" in proc.stderr and "with decode" in proc.stderr  # the bar's postfix
+
+
+def test_version_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    from multitalk_worker import __version__
+    from multitalk_worker.schema import GenerateInput
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"multitalk-worker {__version__}"
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema["properties"]) == set(GenerateInput.model_fields)
+    assert schema["$defs"]["AdvancedInput"]["properties"]["steps"]["anyOf"][0]["maximum"] == 100
 
 
 def test_two_people_parallel(tmp_path: Path) -> None:

@@ -1,4 +1,9 @@
-"""`multitalk-worker` command line: `generate` makes one mp4; `weights` inspects model folders.
+"""`multitalk-worker` command line: `generate` makes one mp4; `weights` inspects and downloads model folders;
+`schema` prints the job input's JSON Schema (the wire contract of docs/api.md).
+
+`generate` reports each stage on stderr (load, audio, image, text, sampling with clip i/n and step s/S,
+decode, encode) with an ETA that counts the decode (progress.py); `-v` adds our INFO logs and the model
+libraries' load reports, which are quiet otherwise.
 
 Bad inputs end with exit status 1 and one line on stderr (`error [CODE]: message`), never a traceback:
 `main` is the one place where WorkerError becomes a message.
@@ -13,6 +18,7 @@ the processes stop together; a second one interrupts at once.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -26,11 +32,14 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+import multitalk_worker
 from multitalk_worker.distributed import Launch, end_process, launch_from_env, process_group
 from multitalk_worker.errors import InvalidInput, WorkerError
+from multitalk_worker.logs import quiet_model_libraries
 from multitalk_worker.media import VIDEO_CRF
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region, SamplingParams, Speaker
+from multitalk_worker.progress import ProgressTracker
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model
 from multitalk_worker.schema import default_resolution
 
@@ -213,23 +222,60 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
     )
 
 
-class _ProgressBar:
-    """A tqdm bar over all denoising steps of all clips, opened at the first sampling step."""
+STAGE_TEXT = {
+    "audio": "audio: decode, loudness, wav2vec2 features",
+    "image": "image: bucket crop and speaker masks",
+    "text": "text: umT5 prompt encoding",
+}
+
+
+class StageReport:
+    """One line per stage on stderr, and a bar over all denoising steps of all clips whose ETA counts the
+    VAE decode of every clip (progress.ProgressTracker)."""
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
+        self.tracker = ProgressTracker()
+        self.started = time.perf_counter()
+        self._last_stage: str | None = None
+
+    def line(self, text: str) -> None:
+        message = f"[{time.perf_counter() - self.started:6.1f} s] {text}"
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def __call__(self, event: Progress) -> None:
-        if event.stage != "sample":
-            return
-        if self.bar is None:
-            self.bar = tqdm(total=event.chunks * event.steps, unit="step", desc="sampling")
-        self.bar.set_postfix_str(f"clip {event.chunk}/{event.chunks}")
-        self.bar.update((event.chunk - 1) * event.steps + event.step - self.bar.n)
+        snapshot = self.tracker.update(event)
+        if event.stage == "sample":
+            if self.bar is None:
+                self.bar = tqdm(
+                    total=event.chunks * event.steps,
+                    unit="step",
+                    desc="sampling",
+                    file=sys.stderr,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+                )
+            eta = "" if snapshot.eta_s is None else f", ETA {snapshot.eta_s:.0f} s with decode"
+            self.bar.set_postfix_str(
+                f"clip {event.chunk}/{event.chunks} step {event.step}/{event.steps}{eta}"
+            )
+            self.bar.update((event.chunk - 1) * event.steps + event.step - self.bar.n)
+        elif event.stage == "decode":
+            self.line(f"decode: VAE, clip {event.chunk}/{event.chunks}")
+        elif event.stage == "condition":
+            self.line(
+                f"condition: clip {event.chunk}/{event.chunks} (CLIP and VAE encoding of its known frames)"
+            )
+        elif event.stage != self._last_stage:
+            self.line(STAGE_TEXT.get(event.stage, event.stage))
+        self._last_stage = event.stage
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 class _StopOnSignal:
@@ -253,6 +299,7 @@ class _StopOnSignal:
 def run_generate(args: argparse.Namespace, launch: Launch | None = None) -> int:
     from multitalk_worker.pipeline.inputs import check_inputs
 
+    quiet_model_libraries(verbose=args.verbose)
     request = build_request(args)
     if not args.out.parent.is_dir():
         raise InvalidInput(f"output folder {args.out.parent} does not exist")
@@ -288,6 +335,9 @@ def _generate(
     engine = engine_options(
         args.engine, fp8=args.fp8, loras=tuple(map(parse_lora_arg, args.lora)), offload=args.offload
     )
+    report = StageReport() if lead else None
+    if report is not None:
+        report.line(f"load: {args.weights} ({request.model}, {args.engine} engine)")
     adapter = get_model(request.model).adapter(request.adapter, persons=len(request.speakers))
     pipeline = TalkingVideoPipeline.from_pretrained(
         args.weights,
@@ -297,10 +347,9 @@ def _generate(
         model=request.model,
         adapter=adapter.name,
     )
-    bar = _ProgressBar() if lead else None
     sink = Mp4Sink(args.out, crf=args.crf) if lead else None  # frames are encoded as each clip is final
     try:
-        result = pipeline(request, progress=bar, cancel=cancel, sink=sink)
+        result = pipeline(request, progress=report, cancel=cancel, sink=sink)
         if sink is not None:
             sink.close()
     except BaseException:
@@ -308,10 +357,11 @@ def _generate(
             sink.abort()
         raise
     finally:
-        if bar is not None:
-            bar.close()
-    if not lead:
+        if report is not None:
+            report.close()
+    if report is None:
         return 0
+    report.line(f"encode: H.264 + AAC into {args.out} (each clip as it was final)")
     count, (height, width) = result.frame_count, result.size
     processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(
@@ -329,11 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="multitalk-worker", description="MultiTalk talking-video generation (Wan2.1-I2V-14B + MultiTalk)"
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details to stderr")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log details to stderr (and the model libraries' reports)",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"multitalk-worker {multitalk_worker.__version__}"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_generate(commands)
     weights_cli.register(commands)
+    schema = commands.add_parser("schema", help="print the JSON Schema of a job's input (wire contract v1)")
+    schema.set_defaults(func=run_schema)
     return parser
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    from multitalk_worker.schema import job_input_json_schema
+
+    print(json.dumps(job_input_json_schema(), indent=2))
+    return 0
 
 
 def _configure_logging(verbose: bool, launch: Launch | None) -> None:
@@ -344,6 +411,7 @@ def _configure_logging(verbose: bool, launch: Launch | None) -> None:
         level=logging.INFO if verbose else logging.ERROR if quiet else logging.WARNING,
         format=prefix + "%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # the runpod SDK, when imported, has installed a root handler of its own
     )
 
 

@@ -202,6 +202,42 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Lifetime of the presigned download URL, in seconds.",
     ),
     EnvVar(
+        "MULTITALK_QUEUE_SIZE",
+        "queue_size",
+        "int",
+        "8",
+        "Local HTTP API: jobs that may wait behind the running one; a job beyond that is refused (429).",
+    ),
+    EnvVar(
+        "MULTITALK_JOB_TTL_S",
+        "job_ttl_s",
+        "float",
+        "3600",
+        "Local HTTP API: seconds a finished job's status and video are kept, then deleted.",
+    ),
+    EnvVar(
+        "MULTITALK_ALLOWED_HOSTS",
+        "allowed_hosts",
+        "str",
+        "localhost,127.0.0.1,::1",
+        "Local HTTP API: comma-separated host names the `Host` header may name (DNS-rebinding guard).",
+    ),
+    EnvVar(
+        "MULTITALK_API_TOKEN",
+        "api_token",
+        "secret",
+        None,
+        "Local HTTP API: bearer token every request but `GET /health` must carry; required to listen "
+        "beyond loopback.",
+    ),
+    EnvVar(
+        "MULTITALK_FETCH_WEIGHTS",
+        "fetch_weights",
+        "bool",
+        "false",
+        "Download missing weights from the Hugging Face Hub into MULTITALK_WEIGHTS at first start.",
+    ),
+    EnvVar(
         "MULTITALK_LOG_LEVEL",
         "log_level",
         "choice",
@@ -277,6 +313,11 @@ class Settings:
     video_crf: int
     max_base64_mb: float
     s3: S3Settings
+    queue_size: int
+    job_ttl_s: float
+    allowed_hosts: str
+    api_token: str | None = field(repr=False)
+    fetch_weights: bool
     log_level: str
     revision_file: Path
     lock_file: Path
@@ -347,10 +388,13 @@ def _check_ranges(settings: Settings) -> None:
         "MULTITALK_MAX_INPUT_MB": settings.max_input_mb,
         "MULTITALK_FETCH_TIMEOUT_S": settings.fetch_timeout_s,
         "MULTITALK_MAX_BASE64_MB": settings.max_base64_mb,
+        "MULTITALK_JOB_TTL_S": settings.job_ttl_s,
     }
     for name, value in positive.items():
         if value <= 0:
             raise SettingsError(f"{name} must be > 0, got {value}")
+    if not 0 <= settings.queue_size <= 10_000:
+        raise SettingsError(f"MULTITALK_QUEUE_SIZE must be within 0..10000, got {settings.queue_size}")
     if settings.min_gpu_memory_gib is not None and settings.min_gpu_memory_gib < 0:
         raise SettingsError("MULTITALK_MIN_GPU_MEMORY_GIB must be >= 0")
     if not (

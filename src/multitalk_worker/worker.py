@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -38,6 +39,7 @@ from multitalk_worker.errors import (
     OutputInvalid,
     WorkerError,
 )
+from multitalk_worker.logs import quiet_model_libraries
 from multitalk_worker.media import Mp4Sink, probe_video
 from multitalk_worker.pipeline.image import image_size
 from multitalk_worker.pipeline.inputs import prepare_inputs
@@ -66,6 +68,7 @@ logger = logging.getLogger(__name__)
 
 ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]  # (job, update)
 INPUT_STAGES = ("validate", "fetch")  # before the model: what goes wrong here comes from the job's inputs
+UpdateHook = Callable[[dict[str, Any]], None]  # one job's updates: pipeline progress and the worker's stages
 RANDOM_SEED = -1  # the pipeline draws a seed and reports it
 AUDIO_TOLERANCE_S = (
     0.1  # AAC frames are 64 ms at 16 kHz; the soundtrack may end within one of the video's end
@@ -96,10 +99,22 @@ class _Fetched:
 
 
 class _Stage:
-    """Where the job is, so an unexpected exception is reported with the right stage."""
+    """Where the job is, so an unexpected exception is reported with the right stage; each new stage is
+    also reported to the job's update hook (the local API's progress)."""
 
-    def __init__(self) -> None:
-        self.name = "validate"
+    def __init__(self, hook: UpdateHook | None = None) -> None:
+        self._hook = hook
+        self._name = "validate"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+        if self._hook is not None:
+            self._hook({"stage": value, "chunk": 0, "chunks": 0, "step": 0, "steps": 0})
 
 
 class Worker:
@@ -118,14 +133,24 @@ class Worker:
         if settings.work_dir is not None:
             settings.work_dir.mkdir(parents=True, exist_ok=True)
 
-    def run(self, job: dict[str, Any], cancel: threading.Event | None = None) -> JobOutcome:
-        """Serve one job. Never raises an Exception; the worker serves the next job whatever happened."""
+    def run(
+        self,
+        job: dict[str, Any],
+        cancel: threading.Event | None = None,
+        *,
+        local_video: Path | None = None,
+        on_update: UpdateHook | None = None,
+    ) -> JobOutcome:
+        """Serve one job. Never raises an Exception; the worker serves the next job whatever happened.
+
+        The local HTTP API passes `local_video` (delivery `auto` without an S3 bucket then moves the mp4
+        there: `{"delivery": "local", "path"}`) and `on_update` (progress and stage updates of this job)."""
         job_id = _safe_id(job.get("id"))
-        stage = _Stage()
+        stage = _Stage(on_update)
         start = time.monotonic()
         try:
             with self._lock:
-                output = self._run(job, job_id, cancel or threading.Event(), stage)
+                output = self._run(job, job_id, cancel or threading.Event(), stage, local_video, on_update)
             logger.info("job %s done in %.2f s", job_id, time.monotonic() - start)
             return JobOutcome(output=output)
         except Exception as exc:  # the edge: every exception becomes a typed payload
@@ -134,7 +159,13 @@ class Worker:
     # -- the job
 
     def _run(
-        self, job: dict[str, Any], job_id: str, cancel: threading.Event, stage: _Stage
+        self,
+        job: dict[str, Any],
+        job_id: str,
+        cancel: threading.Event,
+        stage: _Stage,
+        local_video: Path | None,
+        on_update: UpdateHook | None,
     ) -> dict[str, Any]:
         settings = self.settings
         parsed = parse_job_input(
@@ -145,7 +176,7 @@ class Worker:
         )
         if isinstance(parsed, HealthInput):
             return health_report(settings, self.holder)
-        delivery = self._resolve_delivery(parsed, job_id)
+        delivery = self._resolve_delivery(parsed, job_id, local_video)
         timings: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-", dir=settings.work_dir) as scratch:
             stage.name = "fetch"
@@ -162,12 +193,15 @@ class Worker:
                 duration_s = self._check_duration(parsed, checked)
                 plan = _plan(parsed, request, fetched, checked, duration_s, delivery)
                 if parsed.validate_only:
+                    from multitalk_worker.preview import plan_details
+
+                    plan |= plan_details(request, settings, with_image=True, inputs=inputs)
                     return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
                 stage.name = "load"
                 pipeline, load_s, cold = self.holder.get()
                 timings.update(model_load_s=load_s, cold_start=cold)
                 stage.name = "generate"
-                progress = self._progress(job)
+                progress = self._progress(job, on_update)
                 result = pipeline(request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs)
                 stage.name = "encode"
                 sink.close()
@@ -216,11 +250,15 @@ class Worker:
 
     # -- steps
 
-    def _resolve_delivery(self, parsed: GenerateInput, job_id: str) -> dict[str, Any]:
+    def _resolve_delivery(
+        self, parsed: GenerateInput, job_id: str, local_video: Path | None
+    ) -> dict[str, Any]:
         settings, wanted = self.settings, parsed.output
         method = wanted.delivery
         if method == "auto":
-            method = "s3" if settings.s3.bucket else "base64"
+            method = "s3" if settings.s3.bucket else "local" if local_video is not None else "base64"
+        if method == "local":
+            return {"delivery": "local", "path": str(local_video)}
         if method == "s3":
             if not settings.s3.bucket:
                 raise InvalidInput(
@@ -295,9 +333,12 @@ class Worker:
             return deliver_s3(video, delivery["key"], self.settings, self.fetcher.s3_client())
         if delivery["delivery"] == "volume":
             return deliver_volume(video, delivery["path"], self.settings)
+        if delivery["delivery"] == "local":  # the local API's own folder; it serves the file itself
+            shutil.move(video, delivery["path"])
+            return {"delivery": "local", "path": delivery["path"]}
         return deliver_base64(video, self.settings)
 
-    def _progress(self, job: dict[str, Any]) -> Callable[[Progress], None]:
+    def _progress(self, job: dict[str, Any], on_update: UpdateHook | None) -> Callable[[Progress], None]:
         job_id = _safe_id(job.get("id"))
 
         def report(progress: Progress) -> None:
@@ -311,6 +352,8 @@ class Worker:
             logger.debug("job %s progress %s", job_id, update)
             if self.progress_sink is not None:
                 self.progress_sink(job, update)
+            if on_update is not None:
+                on_update(update)
 
         return report
 
@@ -486,15 +529,20 @@ def runpod_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
     runpod.serverless.progress_update(job, update)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def configure_logging(level: str) -> None:
-    """Our loggers at `level`; boto/urllib3 at WARNING at least (their DEBUG logs carry signed headers); the
-    runpod SDK at INFO at least (at DEBUG it prints every job's input and output, payloads included)."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    """Our loggers at `level`, each line with its level and logger name; boto/urllib3 at WARNING at least
+    (their DEBUG logs carry signed headers); transformers/diffusers at ERROR unless DEBUG (their load
+    reports); the runpod SDK at INFO at least (at DEBUG it prints every job's input and output, payloads
+    included). `force`: importing the runpod SDK installs a root handler without level or name
+    (runpod/serverless/utils/rp_upload.py), which would make a plain basicConfig do nothing."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
     logging.getLogger("multitalk_worker").setLevel(level)
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    quiet_model_libraries(verbose=level == "DEBUG")
     from runpod.serverless.modules.rp_logger import RunPodLogger
 
     RunPodLogger().level = {"DEBUG": "INFO", "WARNING": "WARN"}.get(level, level)
@@ -525,6 +573,9 @@ def serve(settings: Settings, holder: PipelineHolder | None = None) -> None:
     else:  # local mode: the SDK prints each job's result at INFO, presigned URLs included
         sys.stdout = RedactingStream(sys.stdout)  # type: ignore[assignment]
     logger.info("multitalk-worker %s starting (weights: %s)", worker_version(settings), settings.weights)
+    from multitalk_worker.weights.download import ensure_weights
+
+    ensure_weights(settings)  # MULTITALK_FETCH_WEIGHTS; a failure stops the worker before it takes a job
     runpod.serverless.start({"handler": make_handler(worker)})
 
 

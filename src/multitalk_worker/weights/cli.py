@@ -1,6 +1,7 @@
 """`weights verify DIR [--model M] [--adapter A]`: print what is missing or wrong in a model folder for one
 registry model (the Wan base, every adapter file of the model or the one named, the encoders, wav2vec2);
-exit status 1 on any problem."""
+exit status 1 on any problem. `weights download DIR [--model M] [--layout L]`: fetch the files the manifest
+lists from the Hugging Face Hub, then verify."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ from pathlib import Path
 
 from multitalk_worker.models.configs import CONFIGS, get_config
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, all_adapters
+from multitalk_worker.weights.download import LAYOUTS, download
 from multitalk_worker.weights.manifest import verify
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `weights` command group (`weights verify DIR`) to a CLI's subparsers."""
+    """Add the `weights` command group (`verify DIR`, `download DIR`) to a CLI's subparsers."""
     weights = subparsers.add_parser("weights", help="inspect model weight folders")
     commands = weights.add_subparsers(dest="weights_command", required=True)
     check = commands.add_parser(
@@ -42,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="check only this adapter of the model (default: all of them)",
     )
     check.set_defaults(func=run_verify)
+    fetch = commands.add_parser(
+        "download",
+        help="fetch a model folder from the Hugging Face Hub (the manifest's files only; resumes); verify it",
+    )
+    fetch.add_argument("dir", type=Path, help="model folder to create or complete")
+    fetch.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL)
+    fetch.add_argument("--layout", choices=LAYOUTS, default="original", help="original (Wan's) or diffusers")
+    fetch.set_defaults(func=run_download)
 
 
 def run_verify(args: argparse.Namespace) -> int:
@@ -51,3 +61,9 @@ def run_verify(args: argparse.Namespace) -> int:
     )
     print(report)
     return 0 if report.ok else 1
+
+
+def run_download(args: argparse.Namespace) -> int:
+    report = download(args.dir, model=args.model, layout=args.layout)
+    print(report)
+    return 0 if report.verify is not None and report.verify.ok else 1

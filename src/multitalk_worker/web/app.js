@@ -1,0 +1,245 @@
+// The try-it page of the local API: builds a v1 job from the form, previews it (validate_only), runs it
+// (/run, then /status/{id} every half second) and shows the video (/jobs/{id}/video). No framework.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const COLOURS = ["rgb(255,140,0)", "rgb(40,120,255)"]; // speaker 1, 2: as preview.py draws them
+const state = { image: null, video: null, picture: null, audio: [null, null], regions: [null, null], drawing: null,
+  job: null };
+
+function readAsDataURI(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+async function api(method, path, body) {
+  const headers = {};
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const token = $("token").value.trim();
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  if (response.status === 401) $("token-row").hidden = false;
+  const data = await response.json();
+  return { status: response.status, data };
+}
+
+function showStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function errorText(error) {
+  return error ? `${error.code}: ${error.message}` : "unknown error";
+}
+
+// ------------------------------------------------------------------ form and job
+
+async function init() {
+  const schema = (await api("GET", "/openapi.json")).data.components.schemas.GenerateInput.properties;
+  for (const [field, select] of [["preset", $("preset")], ["resolution", $("resolution")]]) {
+    for (const value of schema[field].enum) select.add(new Option(value, value));
+    select.value = schema[field].default;
+  }
+  // Dubbing hook: once the job schema has a `video` source (InfiniteTalk), the video input turns on and a chosen
+  // video is sent instead of the image (the regions are then drawn on the image picked alongside, if any).
+  if (schema.video) {
+    $("video").disabled = false;
+    $("video").closest("label").classList.remove("later");
+  }
+  const health = (await api("GET", "/health")).data;
+  if (health.settings && health.settings.MULTITALK_WEIGHTS === "tiny") {
+    $("model-note").hidden = false;
+    $("model-note").textContent = "This server runs the built-in tiny model (random weights): its video is noise, " +
+      "it proves the plumbing. Resolution 'tiny' is preselected.";
+    $("resolution").value = "tiny";
+  }
+}
+
+function buildJob(validateOnly) {
+  if (!state.image && !state.video) throw new Error("choose an image");
+  if (!state.audio[0]) throw new Error("choose the audio of speaker 1");
+  const two = state.audio[1] !== null;
+  const speakers = [{ audio: state.audio[0] }];
+  if (two) speakers.push({ audio: state.audio[1] });
+  if (two && (state.regions[0] || state.regions[1])) {
+    if (!state.regions[0] || !state.regions[1]) throw new Error("draw a box for both speakers, or for neither");
+    speakers.forEach((speaker, i) => { speaker.region = state.regions[i].map((v) => Math.round(v * 1000) / 1000); });
+  }
+  const job = { speakers, prompt: $("prompt").value, preset: $("preset").value,
+    resolution: $("resolution").value, validate_only: validateOnly };
+  if (state.video) job.video = state.video; else job.image = state.image;
+  if (two) job.audio_mode = $("audio_mode").value;
+  if ($("max_duration_s").value) job.max_duration_s = Number($("max_duration_s").value);
+  const advanced = {};
+  if ($("steps").value) advanced.steps = Number($("steps").value);
+  if ($("seed").value) advanced.seed = Number($("seed").value);
+  if (Object.keys(advanced).length) job.advanced = advanced;
+  return job;
+}
+
+// ------------------------------------------------------------------ regions on the image
+
+function drawCanvas() {
+  const canvas = $("canvas");
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  if (state.picture) ctx.drawImage(state.picture, 0, 0, canvas.width, canvas.height);
+  state.regions.forEach((box, i) => {
+    if (!box) return;
+    ctx.strokeStyle = COLOURS[i];
+    ctx.lineWidth = 3;
+    ctx.strokeRect(box[0] * canvas.width, box[1] * canvas.height,
+      (box[2] - box[0]) * canvas.width, (box[3] - box[1]) * canvas.height);
+    ctx.fillStyle = COLOURS[i];
+    ctx.font = "bold 16px sans-serif";
+    ctx.fillText(String(i + 1), box[0] * canvas.width + 4, box[1] * canvas.height + 16);
+  });
+  $("region-text").textContent = state.regions
+    .map((box, i) => box ? `speaker ${i + 1}: [${box.map((v) => v.toFixed(2)).join(", ")}]` : "")
+    .filter(Boolean).join("  ");
+}
+
+function pointer(event) {
+  const rect = $("canvas").getBoundingClientRect();
+  const clamp = (v) => Math.min(1, Math.max(0, v));
+  return [clamp((event.clientX - rect.left) / rect.width), clamp((event.clientY - rect.top) / rect.height)];
+}
+
+function setUpCanvas() {
+  const canvas = $("canvas");
+  let start = null;
+  canvas.addEventListener("mousedown", (event) => { if (state.drawing !== null) start = pointer(event); });
+  canvas.addEventListener("mousemove", (event) => {
+    if (start === null) return;
+    const [x, y] = pointer(event);
+    state.regions[state.drawing] = [Math.min(start[0], x), Math.min(start[1], y), Math.max(start[0], x), Math.max(start[1], y)];
+    drawCanvas();
+  });
+  window.addEventListener("mouseup", () => {
+    if (start === null) return;
+    const box = state.regions[state.drawing];
+    if (box && (box[2] - box[0] < 0.01 || box[3] - box[1] < 0.01)) state.regions[state.drawing] = null;
+    start = null;
+    selectDrawing(null);
+    drawCanvas();
+  });
+}
+
+function selectDrawing(index) {
+  state.drawing = index;
+  $("draw1").classList.toggle("active", index === 0);
+  $("draw2").classList.toggle("active", index === 1);
+}
+
+// ------------------------------------------------------------------ actions
+
+async function check() {
+  let job;
+  try { job = buildJob(true); } catch (error) { showStatus(error.message, true); return; }
+  showStatus("checking the inputs ...");
+  const { data } = await api("POST", "/runsync", { input: job });
+  if (data.status !== "COMPLETED") { showStatus(errorText(data.error), true); return; }
+  const plan = data.output.plan;
+  $("preview").src = plan.preview_png;
+  $("preview").classList.toggle("small", plan.bucket[1] < 480); // tiny buckets: show the pixels, not a blur
+  const estimate = plan.estimate.gpu_s !== null ? `about ${plan.estimate.gpu_s} s of GPU (${plan.estimate.source})`
+    : `no estimate: ${plan.estimate.reason}`;
+  $("plan").textContent = `bucket ${plan.bucket[1]}x${plan.bucket[0]} (width x height), ${plan.clips} clip(s), ` +
+    `${plan.frames} frames (${plan.duration_s.toFixed(2)} s), ${plan.resolved.steps} steps x ` +
+    `${plan.passes_per_step} passes = ${plan.passes} DiT passes; ${estimate}`;
+  showStatus("inputs OK");
+}
+
+async function submit() {
+  let job;
+  try { job = buildJob(false); } catch (error) { showStatus(error.message, true); return; }
+  $("result").hidden = true;
+  $("download").hidden = true;
+  const { data } = await api("POST", "/run", { input: job });
+  if (!data.id) { showStatus(errorText(data.error), true); return; }
+  state.job = data.id;
+  $("cancel").hidden = false;
+  $("bar").hidden = false;
+  $("bar").value = 0;
+  poll(data.id);
+}
+
+function describe(body) {
+  const p = body.progress;
+  if (body.status === "IN_QUEUE") return `queued (position ${body.position})`;
+  let text = p.stage;
+  if (p.chunks) text += ` - clip ${p.chunk}/${p.chunks}, step ${p.step}/${p.steps}`;
+  if (p.percent !== null) text += ` - ${p.percent}%`;
+  if (p.eta_s !== null) text += ` - about ${Math.round(p.eta_s)} s left`;
+  return text;
+}
+
+async function poll(id) {
+  const { data } = await api("GET", `/status/${id}`);
+  if (state.job !== id) return;
+  if (data.progress && data.progress.percent !== null) $("bar").value = data.progress.percent;
+  if (data.status === "COMPLETED") {
+    state.job = null;
+    $("cancel").hidden = true;
+    $("bar").value = 100;
+    const url = data.output.video.url;
+    $("result").src = url;
+    $("result").classList.toggle("small", data.output.width < 480);
+    $("result").hidden = false;
+    $("download").href = url;
+    $("download").hidden = false;
+    const out = data.output;
+    showStatus(`done: ${out.frames} frames, ${out.width}x${out.height}, ${out.duration_s.toFixed(2)} s, seed ${out.seed}`);
+    return;
+  }
+  if (data.status === "FAILED" || data.status === "CANCELLED") {
+    state.job = null;
+    $("cancel").hidden = true;
+    showStatus(`${data.status.toLowerCase()}: ${errorText(data.error)}`, data.status === "FAILED");
+    return;
+  }
+  showStatus(describe(data));
+  setTimeout(() => poll(id), 500);
+}
+
+function setUpInputs() {
+  $("image").addEventListener("change", async () => {
+    const file = $("image").files[0];
+    state.image = file ? await readAsDataURI(file) : null;
+    state.regions = [null, null];
+    if (!state.image) { state.picture = null; drawCanvas(); return; }
+    const picture = new Image();
+    picture.onload = () => {
+      state.picture = picture;
+      const canvas = $("canvas");
+      canvas.width = 480;
+      canvas.height = Math.round(480 * picture.naturalHeight / picture.naturalWidth);
+      drawCanvas();
+    };
+    picture.src = state.image;
+  });
+  $("video").addEventListener("change", async () => {
+    const file = $("video").files[0];
+    state.video = file ? await readAsDataURI(file) : null;
+  });
+  [1, 2].forEach((n) => $(`audio${n}`).addEventListener("change", async () => {
+    const file = $(`audio${n}`).files[0];
+    state.audio[n - 1] = file ? await readAsDataURI(file) : null;
+    $("mode-row").hidden = state.audio[1] === null;
+  }));
+  $("draw1").addEventListener("click", () => selectDrawing(0));
+  $("draw2").addEventListener("click", () => selectDrawing(1));
+  $("clear").addEventListener("click", () => { state.regions = [null, null]; drawCanvas(); });
+  $("check").addEventListener("click", check);
+  $("submit").addEventListener("click", submit);
+  $("cancel").addEventListener("click", () => { if (state.job) api("POST", `/cancel/${state.job}`); });
+}
+
+setUpInputs();
+setUpCanvas();
+drawCanvas();
+init().catch((error) => showStatus(`could not reach the server: ${error}`, true));
