@@ -62,7 +62,9 @@ def test_two_processes_make_the_single_process_video(tmp_path: Path) -> None:
     split_out, single_out = tmp_path / "split.mp4", tmp_path / "single.mp4"
     split = _run(_torchrun(*GENERATE, "--seed", "-1", "--out", split_out))
     assert split.stdout.count(TINY_NOTE) == 1 and split.stdout.count("wrote ") == 1, split.stdout  # rank 0
-    seed = re.search(r"2 clip\(s\), seed (\d+), 2 processes", split.stdout)
+    seed = re.search(
+        r"2 clip\(s\), model multitalk \(adapter multitalk\), seed (\d+), 2 processes", split.stdout
+    )
     assert seed is not None, split.stdout
     single = [sys.executable, "-m", "multitalk_worker.cli", *GENERATE, "--seed", seed[1], "--out", single_out]
     _run([str(arg) for arg in single])

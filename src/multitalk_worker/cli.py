@@ -325,7 +325,7 @@ def _generate(
 ) -> int:
     """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
     from multitalk_worker.media import Mp4Sink
-    from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
+    from multitalk_worker.pipeline.pipeline import DiscardFrames, TalkingVideoPipeline
 
     started = time.perf_counter()
     lead = parallel is None or parallel.rank == 0
@@ -347,13 +347,14 @@ def _generate(
         model=request.model,
         adapter=adapter.name,
     )
-    sink = Mp4Sink(args.out, crf=args.crf) if lead else None  # frames are encoded as each clip is final
+    # frames are encoded as each clip is final; the other ranks of a group leave them to rank 0
+    sink = Mp4Sink(args.out, crf=args.crf) if lead else DiscardFrames()
     try:
         result = pipeline(request, progress=report, cancel=cancel, sink=sink)
-        if sink is not None:
+        if isinstance(sink, Mp4Sink):
             sink.close()
     except BaseException:
-        if sink is not None:
+        if isinstance(sink, Mp4Sink):
             sink.abort()
         raise
     finally:

@@ -105,6 +105,17 @@ class FrameCollector:
         return np.concatenate(self.chunks)
 
 
+class DiscardFrames:
+    """A sink that keeps nothing: the ranks after the first of a sequence-parallel group make the same video
+    and leave its frames to rank 0."""
+
+    def open(self, spec: VideoSpec) -> None:
+        pass
+
+    def write(self, frames: np.ndarray) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class _Run:
     """What one call computes before its clip loop."""
