@@ -120,6 +120,8 @@ def follow(holder: PipelineHolder, channel: JobChannel) -> None:
     holder.load()
     while (request := channel.receive()) is not None:
         try:
+            if request.adapter is not None:  # rank 0 swapped its adapter before sending the request
+                holder.use(request.model, request.adapter)
             holder.get()[0](request)  # rank 0 keeps the result; the cancel decision comes from rank 0
         except WorkerError as exc:  # rank 0 fails the job the same way
             logger.info("job failed alike on every rank: %s", exc.code)

@@ -40,6 +40,7 @@ from multitalk_worker.errors import (
 from multitalk_worker.media import Mp4Sink, probe_video
 from multitalk_worker.pipeline.audio import decode_audio
 from multitalk_worker.pipeline.image import choose_bucket, load_image
+from multitalk_worker.pipeline.inputs import PreparedInputs, prepare_inputs
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import (
     GenerationRequest,
@@ -48,9 +49,12 @@ from multitalk_worker.pipeline.request import (
     SamplingParams,
     Speaker,
 )
+from multitalk_worker.pipeline.video import VideoInfo
+from multitalk_worker.pipeline.video import probe_video as probe_source
 from multitalk_worker.schema import GenerateInput, HealthInput, parse_job_input, parse_source
 from multitalk_worker.startup import PipelineHolder, health_report, register_fitness_checks, worker_version
 from multitalk_worker.storage import InputFetcher, deliver_base64, deliver_s3, deliver_volume
+from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +83,11 @@ class JobOutcome:
 
 @dataclass
 class _Fetched:
-    image: Path
+    image: Path | None
     audio: list[Path]
     report: dict[str, Any] = field(default_factory=dict)
+    video: Path | None = None
+    video_info: VideoInfo | None = None
 
 
 class _Stage:
@@ -131,6 +137,8 @@ class Worker:
             tiny_model=settings.tiny_model,
             max_resolution=settings.max_resolution,
             max_duration_s=settings.max_duration_s,
+            default_model=settings.default_model,
+            infinitetalk_max_duration_s=settings.infinitetalk_max_duration_s,
         )
         if isinstance(parsed, HealthInput):
             return health_report(settings, self.holder)
@@ -142,24 +150,50 @@ class Worker:
             fetched = self._fetch_inputs(parsed, Path(scratch))
             timings["fetch_s"] = time.monotonic() - tick
             request, duration_s = self._build_request(parsed, fetched)
-            plan = _plan(parsed, request, fetched, duration_s, delivery)
-            if parsed.validate_only:
-                return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
-            stage.name = "load"
-            pipeline, load_s, cold = self.holder.get()
-            timings.update(model_load_s=load_s, cold_start=cold)
-            stage.name = "generate"
-            sink = Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf)  # encoded clip by clip
+            inputs = prepare_inputs(request, tiny_model=settings.tiny_model)  # the engine's own checks
             try:
-                result = pipeline(request, progress=self._progress(job), cancel=cancel.is_set, sink=sink)
-                stage.name = "encode"
-                sink.close()
+                plan = _plan(parsed, request, fetched, duration_s, delivery)
+                plan.update(source_plan(inputs, fetched.video_info))
+                if parsed.validate_only:
+                    inputs.close()
+                    return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
+                stage.name = "load"
+                pipeline, load_s, cold = self.holder.get()
+                timings.update(model_load_s=load_s, cold_start=cold)
+                timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
             except BaseException:
-                sink.abort()
+                inputs.close()
                 raise
+            video = Path(scratch) / f"{job_id}.mp4"
+            result, sink = self._generate(pipeline, request, inputs, job, cancel, video, stage)
             timings.update({f"{k}_s" if not k.endswith("_s") else k: v for k, v in result.timings.items()})
             timings["encode_s"] = sink.encode_s
             return self._finish(result, sink.path, plan, delivery, timings, stage)
+
+    def _generate(
+        self,
+        pipeline: Any,
+        request: GenerationRequest,
+        inputs: PreparedInputs,
+        job: dict[str, Any],
+        cancel: threading.Event,
+        path: Path,
+        stage: _Stage,
+    ) -> tuple[GenerationResult, Mp4Sink]:
+        """Run the pipeline into an mp4 (encoded clip by clip); the sink is closed or aborted here, and
+        `inputs` closed by the pipeline."""
+        stage.name = "generate"
+        sink = Mp4Sink(path, crf=self.settings.video_crf)
+        try:
+            result = pipeline(
+                request, progress=self._progress(job), cancel=cancel.is_set, sink=sink, inputs=inputs
+            )
+            stage.name = "encode"
+            sink.close()
+        except BaseException:
+            sink.abort()
+            raise
+        return result, sink
 
     def _finish(
         self,
@@ -190,6 +224,9 @@ class Worker:
             "fps": info.fps,
             "frames": info.frames,
             "seed": result.seed,
+            "model": result.resolved["model"],
+            "adapter": result.resolved["adapter"],
+            "source": result.resolved["source"],
             "resolved": {**plan["resolved"], **result.resolved, "seed": result.seed},
             "timings": timings,
             "worker": worker_version(self.settings),
@@ -219,11 +256,15 @@ class Worker:
         return {"delivery": "base64"}
 
     def _fetch_inputs(self, parsed: GenerateInput, scratch: Path) -> _Fetched:
-        image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
-        picture = load_image(image.path)
-        report: dict[str, Any] = {
-            "image": {"width": picture.width, "height": picture.height, "bytes": image.size}
-        }
+        if parsed.video is not None:
+            video, info, report = self._fetch_video(parsed, scratch)
+            image_path = None
+        else:
+            assert parsed.image is not None  # the schema: exactly one of image and video
+            image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
+            picture = load_image(image.path)
+            report = {"image": {"width": picture.width, "height": picture.height, "bytes": image.size}}
+            video, info, image_path = None, None, image.path
         audio_paths, durations = [], []
         for index, speaker in enumerate(parsed.speakers):
             label = f"speakers[{index}].audio"
@@ -231,17 +272,45 @@ class Worker:
                 parse_source(speaker.audio), scratch / f"audio{index}", "audio", label
             )
             if parsed.max_duration_s is None:  # with a cap, long audio is fine: its first part is used
-                self._check_declared_duration(fetched.path, label)
+                self._check_declared_duration(fetched.path, label, self._limit_s(parsed))
             samples, rate = decode_audio(fetched.path)
             audio_paths.append(fetched.path)
             durations.append(samples.shape[-1] / rate)
         report["audio_durations_s"] = durations
-        return _Fetched(image.path, audio_paths, report)
+        return _Fetched(image_path, audio_paths, report, video, info)
 
-    def _check_declared_duration(self, path: Path, label: str) -> None:
+    def _fetch_video(self, parsed: GenerateInput, scratch: Path) -> tuple[Path, VideoInfo, dict[str, Any]]:
+        """Fetch the source video (size-capped, time-limited, magic bytes), then decode its first frame and
+        check its declared length against the model's cap, before any GPU work."""
+        assert parsed.video is not None
+        fetched = self.fetcher.fetch(parse_source(parsed.video), scratch / "video", "video", "video")
+        info = probe_source(fetched.path)  # VIDEO_DECODE_FAILED: no video stream, no decodable frame
+        limit = self._limit_s(parsed)
+        if info.duration_s > limit + 1.0 / FPS:
+            raise DurationTooLong(
+                f"video lasts {info.duration_s:.1f} s; this worker dubs videos of at most {limit:g} s "
+                "(MULTITALK_INFINITETALK_MAX_DURATION_S); send a shorter cut"
+            )
+        report = {
+            "video": {
+                "width": info.width,
+                "height": info.height,
+                "bytes": fetched.size,
+                "fps": info.source_fps,
+                "frames": info.source_frames,
+                "duration_s": info.duration_s,
+                "codec": info.codec,
+            }
+        }
+        return fetched.path, info, report
+
+    def _limit_s(self, parsed: GenerateInput) -> float:
+        """The longest video this worker makes for the job's model, in seconds."""
+        return self.settings.max_duration_for(parsed.model_name(self.settings.default_model))
+
+    def _check_declared_duration(self, path: Path, label: str, limit: float) -> None:
         """Refuse audio whose container declares it too long before decoding all of it into memory."""
         declared = declared_duration_s(path)
-        limit = self.settings.max_duration_s
         if declared is not None and declared > limit + 1.0:
             raise DurationTooLong(
                 f"{label} lasts {declared:.1f} s; this worker makes videos of at most {limit:g} s. "
@@ -251,15 +320,19 @@ class Worker:
     def _build_request(self, parsed: GenerateInput, fetched: _Fetched) -> tuple[GenerationRequest, float]:
         durations = fetched.report["audio_durations_s"]
         audio_s = sum(durations) if parsed.audio_mode == "sequential" else max(durations)
-        limit = self.settings.max_duration_s
+        limit = self._limit_s(parsed)
         if parsed.max_duration_s is None and audio_s > limit:
             raise DurationTooLong(
                 f"the audio lasts {audio_s:.1f} s; this worker makes videos of at most {limit:g} s. "
                 f"Set max_duration_s (<= {limit:g}) to use the first part, or send shorter audio"
             )
         duration_s = min(audio_s, parsed.max_duration_s or audio_s)
+        default_model = self.settings.default_model
         request = GenerationRequest(
+            model=parsed.model_name(default_model),  # type: ignore[arg-type]
+            adapter=parsed.adapter_name(default_model),
             image=fetched.image,
+            video=fetched.video,
             speakers=tuple(
                 Speaker(path, _region(s.region))
                 for path, s in zip(fetched.audio, parsed.speakers, strict=True)
@@ -282,14 +355,16 @@ class Worker:
 
     def _progress(self, job: dict[str, Any]) -> Callable[[Progress], None]:
         job_id = _safe_id(job.get("id"))
+        start = time.monotonic()
 
         def report(progress: Progress) -> None:
-            update = {
+            update: dict[str, Any] = {
                 "stage": progress.stage,
                 "chunk": progress.chunk,
                 "chunks": progress.chunks,
                 "step": progress.step,
                 "steps": progress.steps,
+                **progress_eta(progress, time.monotonic() - start),
             }
             logger.debug("job %s progress %s", job_id, update)
             if self.progress_sink is not None:
@@ -325,6 +400,16 @@ def error_for(exc: Exception, stage: str) -> tuple[WorkerError, bool]:
     return GenerationFailed(
         f"internal error ({type(exc).__name__}) during {stage}; see the worker log", stage=stage
     ), False
+
+
+def progress_eta(progress: Progress, elapsed_s: float) -> dict[str, float | None]:
+    """The share of denoising steps done over all clips, and the time left at the rate so far (None until
+    a step is done)."""
+    total = progress.chunks * progress.steps
+    done = max(progress.chunk - 1, 0) * progress.steps + progress.step if total else 0
+    fraction = done / total if total else 0.0
+    eta = elapsed_s * (1 - fraction) / fraction if fraction > 0 else None
+    return {"percent": round(100 * fraction, 1), "eta_s": None if eta is None else round(eta, 1)}
 
 
 def resolve_sampling(parsed: GenerateInput) -> SamplingParams:
@@ -378,15 +463,17 @@ def _plan(
     duration_s: float,
     delivery: dict[str, Any],
 ) -> dict[str, Any]:
-    image = fetched.report["image"]
+    picture = fetched.report.get("image") or fetched.report["video"]
     sampling = request.sampling
     return {
-        "image": image,
-        "bucket": list(choose_bucket(image["height"], image["width"], request.resolution)),
+        "image" if "image" in fetched.report else "video": picture,
+        "bucket": list(choose_bucket(picture["height"], picture["width"], request.resolution)),
         "audio_durations_s": fetched.report["audio_durations_s"],
         "duration_s": duration_s,
         "delivery": delivery,
         "resolved": {
+            "model": request.model,
+            "adapter": request.adapter,
             "preset": parsed.preset,
             "preset_needs_lora": PRESETS[parsed.preset].needs_lora,
             "resolution": request.resolution,
@@ -403,6 +490,28 @@ def _plan(
             "color_correction": sampling.color_correction,
         },
     }
+
+
+def source_plan(inputs: PreparedInputs, video: VideoInfo | None) -> dict[str, Any]:
+    """The clip plan and, for a video source, its frame rate and whether (and how long) its last frame
+    will be held: the output follows the audio, and a shorter source holds its last frame."""
+    plan = inputs.plan
+    out: dict[str, Any] = {"clips": len(plan.starts), "frames": plan.output_frames}
+    if video is None:
+        out["source"] = {"kind": "image"}
+        return out
+    held = max(0, plan.output_frames - video.timeline_frames)
+    out["source"] = {
+        "kind": "video",
+        "fps": video.source_fps,
+        "frames": video.source_frames,
+        "duration_s": video.duration_s,
+        "fps_mode": inputs.source_report()["fps_mode"],
+        "last_frame_held": held > 0,
+        "frames_held": held,
+        "last_frame_held_from": video.timeline_frames if held > 0 else None,
+    }
+    return out
 
 
 def declared_duration_s(path: Path) -> float | None:
