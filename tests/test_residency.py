@@ -86,3 +86,29 @@ def test_combinations_that_cannot_swap_are_refused() -> None:
     check_swappable(adapters=3, fp8=False, lora_targets=["blocks.0.self_attn.q.weight"])
     with pytest.raises(InvalidInput, match="accepted: multitalk, single, multi"):
         wanted_adapters("single,bogus", [])
+
+
+def test_swap_reaches_compiled_blocks_without_recompiling() -> None:
+    """Parameters are inputs of the compiled block graphs: a swap changes the output to the new adapter's
+    (as an eager DiT holding it computes) and compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from multitalk_worker.models.runtime import FAST_RUNTIME, compile_blocks
+    from multitalk_worker.weights.adapters import apply_adapter_state
+    from tests.test_transformer import _inputs, _model
+
+    compiled, eager = _model(), _model(seed=1)
+    state = audio_of(eager)
+    compile_blocks(compiled)
+    inputs = _inputs(1, 1)
+    with torch.inference_mode():
+        before = compiled(**inputs, runtime=FAST_RUNTIME)
+        graphs = counters["stats"]["unique_graphs"]
+        apply_adapter_state(compiled, state)
+        after = compiled(**inputs, runtime=FAST_RUNTIME)
+        expected = _model(seed=0)
+        apply_adapter_state(expected, state)
+        reference = expected(**inputs, runtime=FAST_RUNTIME)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, rtol=1e-5, atol=1e-5)

@@ -174,8 +174,9 @@ def check_weights(settings: Settings, *, full: bool) -> Check:
         adapters = resident_adapters(settings)
     except WorkerError as exc:
         return Check("weights", False, exc.message)
-    if not adapters:
-        return Check("weights", False, f"no audio adapter file in {root} (docs/deploy.md)")
+    if not adapters:  # the default model's full report names every missing file
+        report = verify(root, model=settings.default_model)
+        return Check("weights", False, "no audio adapter file; " + str(report).replace("\n", "; "))
     details, ok = [], True
     for adapter in adapters:
         report = verify(root, model=adapter_model(adapter.name)[0], adapter=adapter.name)
