@@ -233,3 +233,34 @@ def test_large_output_goes_to_s3_in_parts(s3_server: S3Server, volume: Path, tmp
     head = s3_server.client().head_object(Bucket=OUTPUT_BUCKET, Key="big.mp4")
     assert delivered["key"] == "big.mp4" and head["ContentLength"] == 9 * 2**20
     assert json.loads(head["ETag"]).endswith("-2")  # two parts of 8 MiB and 1 MiB
+
+
+def test_progress_reports_share_done_and_time_left() -> None:
+    from multitalk_worker.pipeline.request import Progress
+    from multitalk_worker.worker import progress_eta
+
+    assert progress_eta(Progress("sample", 2, 4, 5, 10), 15.0) == {"percent": 37.5, "eta_s": 25.0}
+    assert progress_eta(Progress("audio", 0, 0, 0, 10), 3.0) == {"percent": 0.0, "eta_s": None}
+
+
+def test_model_rules_of_the_contract() -> None:
+    from multitalk_worker.errors import DurationTooLong, InvalidInput
+    from multitalk_worker.schema import parse_job_input
+
+    limits = {"tiny_model": True, "max_resolution": "720p", "max_duration_s": 40.0}
+    job = {"video": "inputs/v.mp4", "speakers": [{"audio": "a.wav"}], "prompt": "p", "max_duration_s": 300}
+    parsed = parse_job_input(job, **limits, default_model="infinitetalk", infinitetalk_max_duration_s=600)
+    assert parsed.model is None and parsed.adapter_name("infinitetalk") == "single"  # type: ignore[union-attr]
+    two = job | {"speakers": [{"audio": "a.wav"}, {"audio": "b.wav"}]}
+    assert (
+        parse_job_input(
+            two | {"model": "infinitetalk"}, **limits, infinitetalk_max_duration_s=600
+        ).adapter_name("multitalk")
+        == "multi"
+    )  # type: ignore[union-attr]
+    with pytest.raises(InvalidInput, match="send model 'infinitetalk'"):
+        parse_job_input(job, **limits)  # the default model is multitalk
+    with pytest.raises(DurationTooLong, match="at most 120"):
+        parse_job_input(job | {"model": "infinitetalk"}, **limits, infinitetalk_max_duration_s=120)
+    with pytest.raises(InvalidInput, match="at most 40 s"):
+        parse_job_input(job | {"video": None, "image": "i.png", "max_duration_s": 41}, **limits)
