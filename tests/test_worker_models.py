@@ -25,7 +25,7 @@ from tests.servers import OUTPUT_BUCKET, HttpsServer, S3Server
 from tests.test_worker import error_of, run
 
 FAST = {"resolution": "tiny", "max_duration_s": 0.4, "advanced": {"steps": 1, "seed": 3}}
-SOURCE_FRAMES = 5  # 0.2 s at 25 fps: the 10-frame output holds the last frame for 5 frames
+SOURCE_FRAMES = 5  # 0.2 s at 25 fps: the 10-frame output runs 5 frames past its end
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_validate_only_plans_the_dub(served: dict[str, Any]) -> None:
     assert plan["resolved"]["model"] == "infinitetalk" and plan["resolved"]["adapter"] == "single"
     source = plan["source"]
     assert (source["kind"], source["fps"], source["frames"]) == ("video", 25.0, SOURCE_FRAMES)
-    assert (source["last_frame_held"], source["frames_held"]) == (True, 10 - SOURCE_FRAMES)
+    assert (source["last_frame_held"], source["frames_past_end"]) == (False, 10 - SOURCE_FRAMES)  # one clip
 
 
 def test_dub_from_https_to_s3_carries_the_new_speech(served: dict[str, Any]) -> None:
@@ -140,12 +140,27 @@ def test_dub_from_https_to_s3_carries_the_new_speech(served: dict[str, Any]) -> 
     assert (result["model"], result["adapter"]) == ("infinitetalk", "single")
     assert result["video"]["delivery"] == "s3" and result["video"]["key"] == "multitalk/dub.mp4"
     source = result["source"]
-    assert (source["fps"], source["duration_s"], source["frames_held"]) == (25.0, 0.2, 10 - SOURCE_FRAMES)
+    assert (source["fps"], source["duration_s"], source["frames"]) == (25.0, 0.2, SOURCE_FRAMES)
+    assert (source["frames_past_end"], source["frames_held"]) == (10 - SOURCE_FRAMES, 0)
     assert result["timings"]["adapter_swap_s"] > 0
     frames, audio_s = decoded(served["dub_bytes"], served["tmp"], "dub.mp4")
     assert frames.shape == (10, 48, 48, 3)
     assert abs(audio_s - 0.4) < 0.1  # the speech, trimmed to the video, is the soundtrack
     assert not np.array_equal(frames[-1], frames[0])
+
+
+def test_plan_says_from_which_frame_the_last_frame_is_held(volume: Path, tmp_path: Path) -> None:
+    """Each clip is conditioned on the source frame at its start: the second clip starts past the 0.2 s
+    source, so it and every frame after take the held last frame."""
+    worker = Worker(settings_for(volume, tmp_path, MULTITALK_INFINITETALK_MAX_DURATION_S="10"))
+    plan = output_of(run(worker, dub_job("inputs/source.mp4", max_duration_s=4.0, validate_only=True)))[
+        "plan"
+    ]
+    source = plan["source"]
+    assert plan["clips"] == 2 and source["last_frame_held"] is True
+    start = source["last_frame_held_from"]
+    assert SOURCE_FRAMES <= start < plan["frames"] and source["frames_held"] == plan["frames"] - start
+    assert source["frames_past_end"] == plan["frames"] - SOURCE_FRAMES
 
 
 def test_multitalk_after_infinitetalk_is_the_fresh_workers_video(served: dict[str, Any]) -> None:

@@ -226,7 +226,7 @@ class Worker:
             "seed": result.seed,
             "model": result.resolved["model"],
             "adapter": result.resolved["adapter"],
-            "source": result.resolved["source"],
+            "source": {**plan["source"], **result.resolved["source"]},  # type: ignore[dict-item]
             "resolved": {**plan["resolved"], **result.resolved, "seed": result.seed},
             "timings": timings,
             "worker": worker_version(self.settings),
@@ -493,23 +493,29 @@ def _plan(
 
 
 def source_plan(inputs: PreparedInputs, video: VideoInfo | None) -> dict[str, Any]:
-    """The clip plan and, for a video source, its frame rate and whether (and how long) its last frame
-    will be held: the output follows the audio, and a shorter source holds its last frame."""
+    """The clip plan and, for a video source, its frame rate and whether its last frame will be held.
+
+    The output follows the speech; each clip is conditioned on the source frame at its start (spec IT 5),
+    so a clip starting past the source's end takes its last frame, held: `last_frame_held_from` is that
+    clip's start and `frames_held` the output frames from there on (what the result's `source` reports
+    after the run). `frames_past_end`: output frames after the source's last frame."""
     plan = inputs.plan
     out: dict[str, Any] = {"clips": len(plan.starts), "frames": plan.output_frames}
     if video is None:
         out["source"] = {"kind": "image"}
         return out
-    held = max(0, plan.output_frames - video.timeline_frames)
+    covered = video.timeline_frames
+    held_from = next((start for start in plan.starts if start >= covered), None)
     out["source"] = {
         "kind": "video",
         "fps": video.source_fps,
         "frames": video.source_frames,
         "duration_s": video.duration_s,
         "fps_mode": inputs.source_report()["fps_mode"],
-        "last_frame_held": held > 0,
-        "frames_held": held,
-        "last_frame_held_from": video.timeline_frames if held > 0 else None,
+        "last_frame_held": held_from is not None,
+        "last_frame_held_from": held_from,
+        "frames_held": 0 if held_from is None else plan.output_frames - held_from,
+        "frames_past_end": max(0, plan.output_frames - covered),
     }
     return out
 
