@@ -146,7 +146,6 @@ def test_dub_from_https_to_s3_carries_the_new_speech(served: dict[str, Any]) -> 
     frames, audio_s = decoded(served["dub_bytes"], served["tmp"], "dub.mp4")
     assert frames.shape == (10, 48, 48, 3)
     assert abs(audio_s - 0.4) < 0.1  # the speech, trimmed to the video, is the soundtrack
-    assert not np.array_equal(frames[-1], frames[0])
 
 
 def test_plan_says_from_which_frame_the_last_frame_is_held(volume: Path, tmp_path: Path) -> None:
