@@ -238,14 +238,11 @@ def resident_adapters(settings: Settings) -> list[Adapter]:
 
 
 def first_adapter(settings: Settings) -> Adapter:
-    """The adapter the DiT is loaded with: MULTITALK_MODEL's first resident one, else the first resident."""
+    """The adapter the DiT is loaded with: MULTITALK_MODEL's first resident one, else the first resident
+    (none resident: MULTITALK_MODEL's first, whose load reports the folder's problem)."""
     resident = resident_adapters(settings)
-    if not resident:
-        raise ModelMissing(
-            f"no audio adapter file in {settings.weights} (looked for "
-            + ", ".join(a.file for spec in MODELS.values() for a in spec.adapters)
-            + "; docs/deploy.md)"
-        )
+    if not resident:  # the loader then says what is wrong with the folder (config, the missing file, ...)
+        return get_model(settings.default_model).adapter()
     preferred = [a for a in resident if a in get_model(settings.default_model).adapters]
     return (preferred or resident)[0]
 
