@@ -34,8 +34,10 @@ import torch.distributed as dist
 from multitalk_worker.config import Settings
 from multitalk_worker.distributed import Launch, exit_status, process_group
 from multitalk_worker.errors import GenerationFailed, WorkerError
+from multitalk_worker.pipeline.inputs import PreparedInputs
 from multitalk_worker.pipeline.request import (
     CancelCheck,
+    FrameSink,
     GenerationRequest,
     GenerationResult,
     ProgressCallback,
@@ -82,6 +84,8 @@ class LeaderPipeline:
         *,
         progress: ProgressCallback | None = None,
         cancel: CancelCheck | None = None,
+        sink: FrameSink | None = None,
+        inputs: PreparedInputs | None = None,
     ) -> GenerationResult:
         if self.out_of_step is not None:
             raise GenerationFailed(
@@ -92,7 +96,7 @@ class LeaderPipeline:
         self.channel.send(request)
         logger.info("generating with %d processes", self.pipeline.sequence_parallel.world_size)
         try:
-            return self.pipeline(request, progress=progress, cancel=cancel)
+            return self.pipeline(request, progress=progress, cancel=cancel, sink=sink, inputs=inputs)
         except WorkerError:
             raise  # met alike by every rank: they are ready for the next job
         except Exception as exc:
