@@ -17,6 +17,7 @@ TINY_WEIGHTS = "tiny"
 RESOLUTIONS: tuple[str, ...] = ("480p", "720p")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENGINE_NAMES: tuple[str, ...] = ("reference", "fast")
+MODEL_NAMES: tuple[str, ...] = ("multitalk", "infinitetalk")  # registry.MODELS (checked by a test)
 
 
 class SettingsError(ValueError):
@@ -159,6 +160,30 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "float",
         "40",
         "Longest video a job may ask for, in seconds (the streaming limit is 1000 frames = 40 s).",
+    ),
+    EnvVar(
+        "MULTITALK_MODEL",
+        "default_model",
+        "choice",
+        "multitalk",
+        "Model of a job that names none: `multitalk` (image to video) or `infinitetalk` (image or video).",
+        MODEL_NAMES,
+    ),
+    EnvVar(
+        "MULTITALK_ADAPTERS",
+        "adapters",
+        "str",
+        "all",
+        "Audio adapters kept resident, comma-separated registry names (`multitalk`, `single`, `multi`); "
+        "`all`: every adapter file present in the weights folder (tiny: all three).",
+    ),
+    EnvVar(
+        "MULTITALK_INFINITETALK_MAX_DURATION_S",
+        "infinitetalk_max_duration_s",
+        "float",
+        "600",
+        "Longest InfiniteTalk video (and source video) a job may ask for, in seconds (at most 600: "
+        "the registry's 15000 frames).",
     ),
     EnvVar(
         "MULTITALK_MAX_BASE64_MB",
@@ -311,6 +336,9 @@ class Settings:
     ca_bundle: Path | None
     max_duration_s: float
     video_crf: int
+    default_model: str
+    adapters: str
+    infinitetalk_max_duration_s: float
     max_base64_mb: float
     s3: S3Settings
     queue_size: int
@@ -334,6 +362,10 @@ class Settings:
     @property
     def max_input_bytes(self) -> int:
         return int(self.max_input_mb * 1_000_000)
+
+    def max_duration_for(self, model: str) -> float:
+        """The longest video a job of `model` may ask for, in seconds."""
+        return self.infinitetalk_max_duration_s if model == "infinitetalk" else self.max_duration_s
 
     @property
     def max_base64_bytes(self) -> int:
@@ -384,6 +416,10 @@ def _check_ranges(settings: Settings) -> None:
         raise SettingsError(f"MULTITALK_VIDEO_CRF must be within 0..51, got {settings.video_crf}")
     if not 0 < settings.max_duration_s <= 40:
         raise SettingsError("MULTITALK_MAX_DURATION_S must be within (0, 40] (1000 frames at 25 fps)")
+    if not 0 < settings.infinitetalk_max_duration_s <= 600:
+        raise SettingsError(
+            "MULTITALK_INFINITETALK_MAX_DURATION_S must be within (0, 600] (15000 frames at 25 fps)"
+        )
     positive = {
         "MULTITALK_MAX_INPUT_MB": settings.max_input_mb,
         "MULTITALK_FETCH_TIMEOUT_S": settings.fetch_timeout_s,

@@ -125,6 +125,8 @@ def follow(holder: PipelineHolder, channel: JobChannel) -> None:
     holder.load()
     while (request := channel.receive()) is not None:
         try:
+            if request.adapter is not None:  # rank 0 swapped its adapter before sending the request
+                holder.use(request.model, request.adapter)
             # rank 0 keeps the result and the frames; the cancel decision comes from rank 0
             holder.get()[0](request, sink=DiscardFrames())
         except WorkerError as exc:  # rank 0 fails the job the same way

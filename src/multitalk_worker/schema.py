@@ -20,12 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from multitalk_worker.errors import DurationTooLong, InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
-from multitalk_worker.registry import MULTITALK
+from multitalk_worker.registry import INFINITETALK, MODELS, MULTITALK, all_adapters
 from multitalk_worker.timeline import duration_limit_s
 from multitalk_worker.url_policy import check_url
 
 SCHEMA_VERSION = "1"
 MAX_DURATION_S = duration_limit_s(MULTITALK.max_frames)
+LONGEST_DURATION_S = duration_limit_s(INFINITETALK.max_frames)  # the longest any model makes
+ModelField = Literal[tuple(MODELS)]  # type: ignore[valid-type]
+AdapterField = Literal[tuple(sorted({a.name for a in all_adapters().values()}))]  # type: ignore[valid-type]
 MAX_SOURCE_CHARS = (
     30_000_000  # larger than any RunPod payload (20 MB); the real cap is the size check on fetch
 )
@@ -186,7 +189,22 @@ class OutputInput(_Strict):
 
 class GenerateInput(_Strict):
     action: Literal["generate"] = "generate"
-    image: Source = Field(description="reference image (PNG, JPEG, WebP, BMP or GIF)")
+    image: Source | None = Field(None, description="reference image (PNG, JPEG, WebP, BMP or GIF)")
+    video: Source | None = Field(
+        None,
+        description="source video to dub (MP4/MOV, WebM/MKV, AVI, ...; model infinitetalk); give exactly "
+        "one of image and video",
+    )
+    model: ModelField | None = Field(  # type: ignore[valid-type]
+        None,
+        description="multitalk (image to video) or infinitetalk (image to video, or dubbing a video); "
+        "unset: the worker's MULTITALK_MODEL",
+    )
+    adapter: AdapterField | None = Field(  # type: ignore[valid-type]
+        None,
+        description="audio adapter: multitalk (model multitalk), single or multi (infinitetalk); unset: "
+        "the model's adapter for the number of speakers (one: single, two: multi)",
+    )
     speakers: list[SpeakerInput] = Field(min_length=1, max_length=2, description="one or two speech tracks")
     audio_mode: Literal["parallel", "sequential"] = Field(
         "parallel",
@@ -202,8 +220,10 @@ class GenerateInput(_Strict):
     max_duration_s: float | None = Field(
         None,
         gt=0.0,
-        le=MAX_DURATION_S,
-        description="cap on the video length in seconds; unset: the audio length",
+        le=LONGEST_DURATION_S,
+        description=f"cap on the video length in seconds; unset: the audio length. At most "
+        f"{MAX_DURATION_S:g} s for multitalk and {LONGEST_DURATION_S:g} s for infinitetalk (the worker's "
+        "settings may lower both)",
     )
     preset: PresetName = Field(  # type: ignore[valid-type]
         "default", description="named sampling settings (steps, guidance, shift); see docs/api.md"
@@ -212,17 +232,29 @@ class GenerateInput(_Strict):
     output: OutputInput = Field(default_factory=OutputInput)
     validate_only: bool = Field(False, description="fetch and check the inputs, return the plan, no GPU work")
 
-    @field_validator("image")
+    @field_validator("image", "video")
     @classmethod
-    def _check_image(cls, value: str) -> str:
-        parse_source(value)
+    def _check_image(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_source(value)
         return value
 
     @model_validator(mode="after")
     def _check_speakers(self) -> GenerateInput:
         if len(self.speakers) == 1 and self.audio_mode != "parallel":
             raise ValueError("audio_mode sequential needs two speakers")
+        if (self.image is None) == (self.video is None):
+            raise ValueError("give exactly one of image (a picture to animate) and video (a video to dub)")
         return self
+
+    def model_name(self, default_model: str) -> str:
+        """The job's model: its own, else the worker's default."""
+        return self.model or default_model
+
+    def adapter_name(self, default_model: str) -> str:
+        """The job's adapter: its own, else its model's adapter for the number of speakers."""
+        spec = MODELS[self.model_name(default_model)]
+        return spec.adapter(self.adapter, persons=len(self.speakers)).name
 
 
 class HealthInput(_Strict):
@@ -257,11 +289,21 @@ def parse_json_body(body: bytes | str) -> object:
         raise InvalidInput("body is nested too deeply") from None
 
 
-def parse_job_input(raw: object, *, tiny_model: bool, max_resolution: str, max_duration_s: float) -> JobInput:
+def parse_job_input(
+    raw: object,
+    *,
+    tiny_model: bool,
+    max_resolution: str,
+    max_duration_s: float,
+    default_model: str = MULTITALK.name,
+    infinitetalk_max_duration_s: float | None = None,
+) -> JobInput:
     """Validate a job's `input`. Raises InvalidInput (or DurationTooLong) with every problem found.
 
-    A string is diagnosed as the JSON text it probably was (a server handing over a raw body): not UTF-8,
-    not JSON, or JSON inside a string; an object is needed either way."""
+    `max_duration_s` caps multitalk jobs, `infinitetalk_max_duration_s` (default: the same) infinitetalk
+    ones; a job naming no model is a `default_model` job. A string is diagnosed as the JSON text it probably
+    was (a server handing over a raw body): not UTF-8, not JSON, or JSON inside a string; an object is needed
+    either way."""
     if isinstance(raw, str | bytes):
         try:
             value = parse_json_body(raw)
@@ -291,8 +333,27 @@ def parse_job_input(raw: object, *, tiny_model: bool, max_resolution: str, max_d
     if isinstance(job, GenerateInput):
         if "resolution" not in raw:
             job = job.model_copy(update={"resolution": default_resolution(tiny_model)})
-        _check_against_worker(job, tiny_model=tiny_model, max_resolution=max_resolution, max_s=max_duration_s)
+        model_name = _check_model_fields(job, default_model)
+        limit = max_duration_s
+        if model_name == INFINITETALK.name and infinitetalk_max_duration_s is not None:
+            limit = infinitetalk_max_duration_s
+        _check_against_worker(job, tiny_model=tiny_model, max_resolution=max_resolution, max_s=limit)
     return job
+
+
+def _check_model_fields(job: GenerateInput, default_model: str) -> str:
+    """The model's rules: a video needs infinitetalk; the adapter must be one of the model's. Its name."""
+    model = job.model_name(default_model)
+    spec = MODELS[model]
+    if job.video is not None and "video" not in spec.sources:
+        raise InvalidInput(
+            f"video: model {model} animates an image; send model 'infinitetalk' to dub a video"
+        )
+    job.adapter_name(default_model)  # an adapter of another model lists the accepted ones
+    longest = duration_limit_s(spec.max_frames)
+    if job.max_duration_s is not None and job.max_duration_s > longest:
+        raise InvalidInput(f"max_duration_s: model {model} makes videos of at most {longest:g} s")
+    return model
 
 
 def _check_against_worker(job: GenerateInput, *, tiny_model: bool, max_resolution: str, max_s: float) -> None:

@@ -32,6 +32,14 @@ import numpy as np
 import multitalk_worker
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
 from multitalk_worker.errors import ModelLoadFailed, ModelMissing, OutOfMemory, WorkerError
+from multitalk_worker.registry import MODELS, Adapter, get_model
+from multitalk_worker.residency import (
+    AdapterSet,
+    adapter_model,
+    check_swappable,
+    load_adapter_set,
+    wanted_adapters,
+)
 from multitalk_worker.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -179,8 +187,19 @@ def check_weights(settings: Settings, *, full: bool) -> Check:
         return Check("weights", True, f"{root} present (verified at startup)")
     from multitalk_worker.weights.manifest import verify
 
-    report = verify(root)
-    return Check("weights", report.ok, str(report).replace("\n", "; "))
+    try:
+        adapters = resident_adapters(settings)
+    except WorkerError as exc:
+        return Check("weights", False, exc.message)
+    if not adapters:  # the default model's full report names every missing file
+        report = verify(root, model=settings.default_model)
+        return Check("weights", False, "no audio adapter file; " + str(report).replace("\n", "; "))
+    details, ok = [], True
+    for adapter in adapters:
+        report = verify(root, model=adapter_model(adapter.name)[0], adapter=adapter.name)
+        ok = ok and report.ok
+        details.append(f"{adapter.name}: " + str(report).replace("\n", "; "))
+    return Check("weights", ok, " | ".join(details))
 
 
 def check_gpu(settings: Settings) -> Check:
@@ -221,6 +240,46 @@ def engine_from_settings(settings: Settings) -> EngineOptions:
     return engine_options(settings.engine, fp8=settings.fp8, loras=loras, offload=settings.offload)
 
 
+def present_adapters(settings: Settings) -> list[Adapter]:
+    """The registry adapters whose file the weights folder holds (tiny: all of them)."""
+    if settings.tiny_model:
+        return [a for spec in MODELS.values() for a in spec.adapters]
+    from multitalk_worker.weights.adapters import available_adapters
+
+    return available_adapters(Path(settings.weights))
+
+
+def resident_adapters(settings: Settings) -> list[Adapter]:
+    """The adapters this worker keeps resident (MULTITALK_ADAPTERS over the files present)."""
+    return wanted_adapters(settings.adapters, present_adapters(settings))
+
+
+def first_adapter(settings: Settings) -> Adapter:
+    """The adapter the DiT is loaded with: MULTITALK_MODEL's first resident one, else the first resident
+    (none resident: MULTITALK_MODEL's first, whose load reports the folder's problem)."""
+    resident = resident_adapters(settings)
+    if not resident:  # the loader then says what is wrong with the folder (config, the missing file, ...)
+        return get_model(settings.default_model).adapter()
+    preferred = [a for a in resident if a in get_model(settings.default_model).adapters]
+    return (preferred or resident)[0]
+
+
+def lora_targets(engine: EngineOptions) -> list[str]:
+    """The DiT parameters the configured LoRAs change (their headers' keys, parsed)."""
+    if not engine.loras:
+        return []
+    from safetensors.torch import load_file
+
+    from multitalk_worker.weights.lora import parse_lora
+
+    targets = []
+    for lora in engine.loras:
+        if lora.path.is_file():  # a missing file fails the merge, with its own message
+            updates, _ = parse_lora(load_file(str(lora.path)), file=lora.path.name)
+            targets += [u.target for u in updates]
+    return targets
+
+
 # ----------------------------------------------------------------------------- resident pipeline
 
 
@@ -240,6 +299,7 @@ class PipelineHolder:
         self.device = device
         self.sequence_parallel = sequence_parallel
         self.pipeline: Any = None
+        self.adapters: AdapterSet | None = None
         self.load_s = 0.0
         self.jobs_served = 0
 
@@ -258,11 +318,24 @@ class PipelineHolder:
             )
         start = time.monotonic()
         try:
+            engine = engine_from_settings(self.settings)
+            first = first_adapter(self.settings)
+            check_swappable(
+                adapters=len(resident_adapters(self.settings)),
+                fp8=engine.fp8,
+                lora_targets=lora_targets(engine),
+            )
             self.pipeline = TalkingVideoPipeline.from_pretrained(
                 weights,
                 device=self.device or resolve_device(self.settings.device),
                 sequence_parallel=self.sequence_parallel,
-                engine=engine_from_settings(self.settings),
+                engine=engine,
+                model=adapter_model(first.name)[0],
+                adapter=first.name,
+            )
+            bundle = self.pipeline.bundle
+            self.adapters = load_adapter_set(
+                weights, self.settings.adapters, bundle.config, bundle.dit.dtype, bundle.adapter
             )
         except WorkerError:
             raise
@@ -274,6 +347,20 @@ class PipelineHolder:
             raise ModelLoadFailed(f"loading {weights} failed: {type(exc).__name__}: {exc}") from exc
         self.load_s = time.monotonic() - start
         logger.info("pipeline loaded from %s in %.1f s", weights, self.load_s)
+
+    def use(self, model: str, adapter: str) -> float:
+        """Make the resident pipeline serve `model`/`adapter` (loading it first if needed): the seconds the
+        adapter copy took, 0.0 when the DiT already holds it. InvalidInput when it is not resident."""
+        self.load()
+        assert self.adapters is not None
+        wanted = self.adapters.get(model, adapter)
+        if self.adapters.current == adapter:
+            return 0.0
+        seconds = float(self.pipeline.use_adapter(model, adapter, wanted.state))
+        logger.info("adapter %s -> %s/%s in %.3f s", self.adapters.current, model, adapter, seconds)
+        self.adapters.current = adapter
+        self.adapters.swaps += 1
+        return seconds
 
     def get(self) -> tuple[Any, float, bool]:
         """(pipeline, its load time in s, whether this is the first job it serves)."""
@@ -325,9 +412,21 @@ def health_report(settings: Settings, holder: PipelineHolder) -> dict[str, Any]:
             "loaded": holder.pipeline is not None,
             "load_s": holder.load_s,
             "jobs_served": holder.jobs_served,
+            "adapters": holder.adapters.describe() if holder.adapters is not None else None,
         },
+        "adapters": [
+            {"model": adapter_model(a.name)[0], "adapter": a.name, "file": a.file}
+            for a in _resident_or_empty(settings)
+        ],
         "settings": settings.public_dict(),
     }
+
+
+def _resident_or_empty(settings: Settings) -> list[Adapter]:
+    try:
+        return resident_adapters(settings)
+    except WorkerError:  # the weights check reports the folder's problem
+        return []
 
 
 def register_fitness_checks(settings: Settings, holder: PipelineHolder) -> None:

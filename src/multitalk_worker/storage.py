@@ -44,26 +44,30 @@ from multitalk_worker.errors import (
     InvalidInput,
     OutputTooLarge,
     UploadFailed,
+    VideoDecodeFailed,
 )
 from multitalk_worker.schema import InputSource, decode_base64
 from multitalk_worker.url_policy import UrlRefused, address_problem, check_url
 
 logger = logging.getLogger(__name__)
 
-MediaKind = Literal["image", "audio"]
+MediaKind = Literal["image", "audio", "video"]
 CHUNK = 1 << 16
 MAX_REDIRECTS = 3
 VIDEO_CONTENT_TYPE = "video/mp4"
-_ACCEPTED_TYPES = {"image": ("image/",), "audio": ("audio/", "video/")}
+_ACCEPTED_TYPES = {"image": ("image/",), "audio": ("audio/", "video/"), "video": ("video/",)}
 _NEUTRAL_TYPES = ("application/octet-stream", "binary/octet-stream", "application/ogg", "application/mp4")
 _FORMATS = {
     "image": "PNG, JPEG, WebP, BMP or GIF",
     "audio": "WAV, MP3, FLAC, OGG, M4A/MP4/MOV, WebM/MKV or AAC",
+    "video": "MP4/MOV, WebM/MKV, AVI, MPEG-TS, MPEG-PS or Ogg",
 }
-_DECODE_ERRORS: dict[MediaKind, type[ImageDecodeFailed | AudioDecodeFailed]] = {
+_DECODE_ERRORS: dict[MediaKind, type[ImageDecodeFailed | AudioDecodeFailed | VideoDecodeFailed]] = {
     "image": ImageDecodeFailed,
     "audio": AudioDecodeFailed,
+    "video": VideoDecodeFailed,
 }
+_MPEG_TS_PACKET = 188
 
 
 # ----------------------------------------------------------------------------- magic bytes
@@ -71,6 +75,8 @@ _DECODE_ERRORS: dict[MediaKind, type[ImageDecodeFailed | AudioDecodeFailed]] = {
 
 def sniff(head: bytes, kind: MediaKind) -> str | None:
     """The container format named by the first bytes of a file, or None if it is not one we accept."""
+    if kind == "video":
+        return _sniff_video(head)
     if kind == "image":
         signatures = {
             b"\x89PNG\r\n\x1a\n": "png",
@@ -95,10 +101,27 @@ def sniff(head: bytes, kind: MediaKind) -> str | None:
     return None
 
 
+def _sniff_video(head: bytes) -> str | None:
+    """Video containers (the decode that follows checks there is a video stream)."""
+    if head[4:8] == b"ftyp":
+        return "mp4"  # MP4, MOV (ftyp qt), 3GP
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "matroska"  # MKV, WebM
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return "avi"
+    if head.startswith(b"\x00\x00\x01\xba"):
+        return "mpeg-ps"
+    if head[:1] == b"G" and head[_MPEG_TS_PACKET : _MPEG_TS_PACKET + 1] == b"G":
+        return "mpeg-ts"  # the sync byte at the start of two consecutive 188-byte packets
+    if head.startswith(b"OggS"):
+        return "ogg"
+    return None
+
+
 def check_signature(path: Path, kind: MediaKind, label: str) -> str:
     """Refuse a file whose magic bytes are not an accepted format. Returns the format name."""
     with path.open("rb") as handle:
-        head = handle.read(16)
+        head = handle.read(_MPEG_TS_PACKET + 1)
     found = sniff(head, kind)
     if found is None:
         raise _DECODE_ERRORS[kind](

@@ -42,7 +42,7 @@ from multitalk_worker.errors import (
 from multitalk_worker.logs import quiet_model_libraries
 from multitalk_worker.media import Mp4Sink, probe_video
 from multitalk_worker.pipeline.image import image_size
-from multitalk_worker.pipeline.inputs import prepare_inputs
+from multitalk_worker.pipeline.inputs import PreparedInputs, prepare_inputs
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import (
     CheckedInputs,
@@ -52,6 +52,8 @@ from multitalk_worker.pipeline.request import (
     SamplingParams,
     Speaker,
 )
+from multitalk_worker.pipeline.video import VideoInfo
+from multitalk_worker.pipeline.video import probe_video as probe_source
 from multitalk_worker.redact import RedactingStream
 from multitalk_worker.schema import GenerateInput, HealthInput, parse_job_input, parse_source
 from multitalk_worker.startup import PipelineHolder, health_report, register_fitness_checks, worker_version
@@ -63,6 +65,7 @@ from multitalk_worker.storage import (
     deliver_volume,
     volume_destination,
 )
+from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +96,11 @@ class JobOutcome:
 
 @dataclass
 class _Fetched:
-    image: Path
+    image: Path | None
     audio: list[Path]
     report: dict[str, Any] = field(default_factory=dict)
+    video: Path | None = None
+    video_info: VideoInfo | None = None
 
 
 class _Stage:
@@ -173,6 +178,8 @@ class Worker:
             tiny_model=settings.tiny_model,
             max_resolution=settings.max_resolution,
             max_duration_s=settings.max_duration_s,
+            default_model=settings.default_model,
+            infinitetalk_max_duration_s=settings.infinitetalk_max_duration_s,
         )
         if isinstance(parsed, HealthInput):
             return health_report(settings, self.holder)
@@ -192,6 +199,7 @@ class Worker:
                 checked = inputs.checked()
                 duration_s = self._check_duration(parsed, checked)
                 plan = _plan(parsed, request, fetched, checked, duration_s, delivery)
+                plan.update(source_plan(inputs, fetched.video_info))
                 if parsed.validate_only:
                     from multitalk_worker.preview import plan_details
 
@@ -200,6 +208,7 @@ class Worker:
                 stage.name = "load"
                 pipeline, load_s, cold = self.holder.get()
                 timings.update(model_load_s=load_s, cold_start=cold)
+                timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
                 stage.name = "generate"
                 progress = self._progress(job, on_update)
                 result = pipeline(request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs)
@@ -243,6 +252,9 @@ class Worker:
             "fps": info.fps,
             "frames": info.frames,
             "seed": result.seed,
+            "model": result.resolved["model"],
+            "adapter": result.resolved["adapter"],
+            "source": {**plan["source"], **result.resolved["source"]},  # type: ignore[dict-item]
             "resolved": {**plan["resolved"], **result.resolved, "seed": result.seed},
             "timings": timings,
             "worker": worker_version(self.settings),
@@ -279,9 +291,15 @@ class Worker:
         return {"delivery": "base64"}
 
     def _fetch_inputs(self, parsed: GenerateInput, scratch: Path) -> _Fetched:
-        image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
-        width, height = image_size(image.path)  # the header only: a huge image is refused undecoded
-        report: dict[str, Any] = {"image": {"width": width, "height": height, "bytes": image.size}}
+        if parsed.video is not None:
+            video, info, report = self._fetch_video(parsed, scratch)
+            image_path = None
+        else:
+            assert parsed.image is not None  # the schema: exactly one of image and video
+            image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
+            width, height = image_size(image.path)  # the header only: a huge image is refused undecoded
+            report = {"image": {"width": width, "height": height, "bytes": image.size}}
+            video, info, image_path = None, None, image.path
         audio_paths = []
         for index, speaker in enumerate(parsed.speakers):
             label = f"speakers[{index}].audio"
@@ -289,14 +307,42 @@ class Worker:
                 parse_source(speaker.audio), scratch / f"audio{index}", "audio", label
             )
             if parsed.max_duration_s is None:  # with a cap, long audio is fine: its first part is used
-                self._check_declared_duration(fetched.path, label)
+                self._check_declared_duration(fetched.path, label, self._limit_s(parsed))
             audio_paths.append(fetched.path)
-        return _Fetched(image.path, audio_paths, report)
+        return _Fetched(image_path, audio_paths, report, video, info)
 
-    def _check_declared_duration(self, path: Path, label: str) -> None:
+    def _fetch_video(self, parsed: GenerateInput, scratch: Path) -> tuple[Path, VideoInfo, dict[str, Any]]:
+        """Fetch the source video (size-capped, time-limited, magic bytes), then decode its first frame and
+        check its declared length against the model's cap, before any GPU work."""
+        assert parsed.video is not None
+        fetched = self.fetcher.fetch(parse_source(parsed.video), scratch / "video", "video", "video")
+        info = probe_source(fetched.path)  # VIDEO_DECODE_FAILED: no video stream, no decodable frame
+        limit = self._limit_s(parsed)
+        if info.duration_s > limit + 1.0 / FPS:
+            raise DurationTooLong(
+                f"video lasts {info.duration_s:.1f} s; this worker dubs videos of at most {limit:g} s "
+                "(MULTITALK_INFINITETALK_MAX_DURATION_S); send a shorter cut"
+            )
+        report = {
+            "video": {
+                "width": info.width,
+                "height": info.height,
+                "bytes": fetched.size,
+                "fps": info.source_fps,
+                "frames": info.source_frames,
+                "duration_s": info.duration_s,
+                "codec": info.codec,
+            }
+        }
+        return fetched.path, info, report
+
+    def _limit_s(self, parsed: GenerateInput) -> float:
+        """The longest video this worker makes for the job's model, in seconds."""
+        return self.settings.max_duration_for(parsed.model_name(self.settings.default_model))
+
+    def _check_declared_duration(self, path: Path, label: str, limit: float) -> None:
         """Refuse audio whose container declares it too long before decoding all of it into memory."""
         declared = declared_duration_s(path)
-        limit = self.settings.max_duration_s
         if declared is not None and declared > limit + 1.0:
             raise DurationTooLong(
                 f"{label} lasts {declared:.1f} s; this worker makes videos of at most {limit:g} s. "
@@ -304,8 +350,8 @@ class Worker:
             )
 
     def _check_duration(self, parsed: GenerateInput, checked: CheckedInputs) -> float:
-        """The worker's own limit (MULTITALK_MAX_DURATION_S) on uncapped jobs; returns the video's length."""
-        audio_s, limit = checked.audio_s, self.settings.max_duration_s
+        """The worker's own limit for the job's model on uncapped jobs; returns the video's length."""
+        audio_s, limit = checked.audio_s, self._limit_s(parsed)
         if parsed.max_duration_s is None and audio_s > limit:
             raise DurationTooLong(
                 f"the audio lasts {audio_s:.1f} s; this worker makes videos of at most {limit:g} s. "
@@ -314,8 +360,12 @@ class Worker:
         return min(audio_s, parsed.max_duration_s or audio_s)
 
     def _build_request(self, parsed: GenerateInput, fetched: _Fetched) -> GenerationRequest:
+        default_model = self.settings.default_model
         return GenerationRequest(
+            model=parsed.model_name(default_model),  # type: ignore[arg-type]
+            adapter=parsed.adapter_name(default_model),
             image=fetched.image,
+            video=fetched.video,
             speakers=tuple(
                 Speaker(path, _region(s.region))
                 for path, s in zip(fetched.audio, parsed.speakers, strict=True)
@@ -340,14 +390,16 @@ class Worker:
 
     def _progress(self, job: dict[str, Any], on_update: UpdateHook | None) -> Callable[[Progress], None]:
         job_id = _safe_id(job.get("id"))
+        start = time.monotonic()
 
         def report(progress: Progress) -> None:
-            update = {
+            update: dict[str, Any] = {
                 "stage": progress.stage,
                 "chunk": progress.chunk,
                 "chunks": progress.chunks,
                 "step": progress.step,
                 "steps": progress.steps,
+                **progress_eta(progress, time.monotonic() - start),
             }
             logger.debug("job %s progress %s", job_id, update)
             if self.progress_sink is not None:
@@ -388,6 +440,16 @@ def error_for(exc: Exception, stage: str) -> tuple[WorkerError, bool]:
     return GenerationFailed(
         f"internal error ({type(exc).__name__}) during {stage}; see the worker log", stage=stage
     ), False
+
+
+def progress_eta(progress: Progress, elapsed_s: float) -> dict[str, float | None]:
+    """The share of denoising steps done over all clips, and the time left at the rate so far (None until
+    a step is done)."""
+    total = progress.chunks * progress.steps
+    done = max(progress.chunk - 1, 0) * progress.steps + progress.step if total else 0
+    fraction = done / total if total else 0.0
+    eta = elapsed_s * (1 - fraction) / fraction if fraction > 0 else None
+    return {"percent": round(100 * fraction, 1), "eta_s": None if eta is None else round(eta, 1)}
 
 
 def resolve_sampling(parsed: GenerateInput) -> SamplingParams:
@@ -442,9 +504,10 @@ def _plan(
     duration_s: float,
     delivery: dict[str, Any],
 ) -> dict[str, Any]:
+    picture = fetched.report.get("image") or fetched.report["video"]
     sampling = request.sampling
     return {
-        "image": fetched.report["image"],
+        "image" if "image" in fetched.report else "video": picture,
         "bucket": list(checked.bucket),
         "audio_durations_s": list(checked.track_s),
         "audio_cut": checked.audio_cut,
@@ -452,6 +515,8 @@ def _plan(
         "frames": checked.frames,
         "delivery": delivery,
         "resolved": {
+            "model": request.model,
+            "adapter": request.adapter,
             "preset": parsed.preset,
             "preset_needs_lora": PRESETS[parsed.preset].needs_lora,
             "resolution": request.resolution,
@@ -468,6 +533,34 @@ def _plan(
             "color_correction": sampling.color_correction,
         },
     }
+
+
+def source_plan(inputs: PreparedInputs, video: VideoInfo | None) -> dict[str, Any]:
+    """The clip plan and, for a video source, its frame rate and whether its last frame will be held.
+
+    The output follows the speech; each clip is conditioned on the source frame at its start (spec IT 5),
+    so a clip starting past the source's end takes its last frame, held: `last_frame_held_from` is that
+    clip's start and `frames_held` the output frames from there on (what the result's `source` reports
+    after the run). `frames_past_end`: output frames after the source's last frame."""
+    plan = inputs.plan
+    out: dict[str, Any] = {"clips": len(plan.starts), "frames": plan.output_frames}
+    if video is None:
+        out["source"] = {"kind": "image"}
+        return out
+    covered = video.timeline_frames
+    held_from = next((start for start in plan.starts if start >= covered), None)
+    out["source"] = {
+        "kind": "video",
+        "fps": video.source_fps,
+        "frames": video.source_frames,
+        "duration_s": video.duration_s,
+        "fps_mode": inputs.source_report()["fps_mode"],
+        "last_frame_held": held_from is not None,
+        "last_frame_held_from": held_from,
+        "frames_held": 0 if held_from is None else plan.output_frames - held_from,
+        "frames_past_end": max(0, plan.output_frames - covered),
+    }
+    return out
 
 
 def declared_duration_s(path: Path) -> float | None:

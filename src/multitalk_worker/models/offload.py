@@ -34,7 +34,7 @@ class BlockOffload:
         self.buffers: list[torch.Tensor] = []  # one per block; page-locked while they live
         for block in self.blocks:
             tensors = [*block.parameters(), *block.buffers()]
-            buffer, copies = _host_copies(tensors, pin=self.stream is not None)
+            buffer, copies = host_copies(tensors, pin=self.stream is not None)
             self.buffers.append(buffer)
             for tensor, host in zip(tensors, copies, strict=True):
                 tensor.data = host
@@ -53,6 +53,14 @@ class BlockOffload:
 
     def host_bytes(self) -> int:
         return sum(host.numel() * host.element_size() for pairs in self.host for _, host in pairs)
+
+    def sync_host(self) -> None:
+        """After the blocks' parameters were written in place (an adapter swap), make the host copies
+        of blocks now on the device hold the same values (the host copy is what the next visit reads)."""
+        for pairs in self.host:
+            for tensor, host in pairs:
+                if tensor.data.data_ptr() != host.data_ptr():
+                    host.copy_(tensor.data)
 
     def resident(self) -> list[int]:
         """Indices of the blocks whose weights are on the device now."""
@@ -90,7 +98,7 @@ class BlockOffload:
         del self.ready[index]
 
 
-def _host_copies(tensors: list[torch.Tensor], *, pin: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def host_copies(tensors: list[torch.Tensor], *, pin: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One host buffer and copies of `tensors` as views of it, page-locked in place when `pin` (one
     cudaHostRegister of the exact size: PyTorch's pinned allocator rounds every request up to a power of
     two; pinning tensor by tensor made the offload of the 14B model's 43 GiB take 89 s, this 27 s)."""

@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +63,9 @@ from multitalk_worker.pipeline.sampling import (
     sample_clip,
 )
 from multitalk_worker.pipeline.text import DEFAULT_NEGATIVE_PROMPT, tokenize
+from multitalk_worker.registry import get_model
 from multitalk_worker.timeline import FPS, FRAMES_PER_CLIP, LATENT_FRAMES, SAMPLE_RATE, VAE_STRIDE
+from multitalk_worker.weights.adapters import apply_adapter_state
 from multitalk_worker.weights.loader import ModelBundle, load_models
 
 logger = logging.getLogger(__name__)
@@ -232,6 +234,21 @@ class TalkingVideoPipeline:
             timings=timer.seconds,
             resolved=self._resolved(request, run, seed),
         )
+
+    @torch.no_grad()
+    def use_adapter(self, model: str, adapter: str, state: Mapping[str, torch.Tensor]) -> float:
+        """Serve `model` with `adapter` from now on: copy its tensors `state` (residency.py) into the DiT's
+        audio parameters in place (no rebuild; compiled blocks keep their graphs; offloaded blocks get
+        their host copies written). Returns the seconds the copy took (on CUDA, until it is done)."""
+        get_model(model).adapter(adapter)  # a name the registry knows for this model
+        start = time.perf_counter()
+        apply_adapter_state(self.bundle.dit, state)
+        for offload in self.offloads:
+            offload.sync_host()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.bundle = replace(self.bundle, model=model, adapter=adapter)
+        return time.perf_counter() - start
 
     def _check_model(self, request: GenerationRequest) -> None:
         """The request must ask for the loaded model (and adapter, when it names one)."""
