@@ -164,6 +164,7 @@ class InfiniteTalkConditioner:
         self.color = inputs.color
         self._first: Tensor | None = None  # source frame 0, the colour reference
         self._cached: tuple[Tensor, Tensor, Tensor] | None = None  # (pixels, y, clip tokens) of the last clip
+        self._cached_start: int | None = None  # the timeline frame they were made from
 
     def reference_pixels(self, start: int) -> Tensor:
         """The clip's reference frame resized and cropped to the bucket (spec MT 3.2) [1, 3, 1, H, W]."""
@@ -179,8 +180,12 @@ class InfiniteTalkConditioner:
 
     def _reference(self, start: int) -> tuple[Tensor, Tensor, Tensor]:
         """Pixels, `y` latent part and CLIP tokens of the clip's reference frame; computed again only when
-        the frame changes (an image, or a held last frame, gives the same for every clip: spec IT 5.9)."""
+        the frame changes (an image, or a held last frame, gives the same for every clip: spec IT 5.9); the
+        same clip asking again (its colour reference) reads nothing."""
+        if self._cached is not None and self._cached_start == start:
+            return self._cached
         pixels = self.reference_pixels(start)
+        self._cached_start = start
         if self._cached is not None and torch.equal(self._cached[0], pixels):
             return self._cached
         _, y_latent, clip_fea = _y_and_clip(self.encoders, pixels)
