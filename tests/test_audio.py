@@ -70,6 +70,14 @@ def test_example_speech_is_normalised_to_minus_23_lufs() -> None:
     assert pyloudnorm.Meter(16000).integrated_loudness(track) == pytest.approx(-23.0, abs=0.01)
     assert prepared.frames > 81
     np.testing.assert_array_equal(prepared.soundtrack, np.clip(track, -1, 1))
+    assert prepared.soundtrack is track  # nothing to clip: one array, not two
+
+
+def test_a_loud_track_is_clipped_in_the_soundtrack_only() -> None:
+    loud = np.array([0.5, 1.5, -2.0, 0.25], np.float32)
+    prepared = audio.combine_tracks([loud], "parallel")
+    assert prepared.tracks[0].tolist() == [0.5, 1.5, -2.0, 0.25]
+    assert prepared.soundtrack.tolist() == [0.5, 1.0, -1.0, 0.25]
 
 
 def test_stereo_44k_is_channel_mean_then_soxr_hq(tmp_path: Path) -> None:
@@ -77,10 +85,10 @@ def test_stereo_44k_is_channel_mean_then_soxr_hq(tmp_path: Path) -> None:
     path = write_audio(tmp_path / "stereo.wav", np.stack([left, right]), 44100)
     samples, rate = audio.decode_audio(path)
     assert rate == 44100 and samples.shape == (2, left.shape[0])
-    mono = audio.to_mono_16k(samples, rate)
-    assert mono.shape[0] == math.ceil(left.shape[0] * 16000 / 44100)
-    expected = soxr.resample(samples.mean(axis=0).astype(np.float32), 44100, 16000, quality="HQ")
-    np.testing.assert_allclose(mono[: expected.shape[0]], expected[: mono.shape[0]], atol=1e-6)
+    mono = audio.decode_track(path).samples  # each decoded frame's mean, resampled as a stream
+    assert mono.shape[0] == math.ceil(left.shape[0] * 16000 / 44100)  # librosa's length
+    expected = one_call_16k(samples.mean(axis=0, dtype=np.float32), 44100)
+    np.testing.assert_array_equal(mono, expected)
     # int16 decoding is x / 32768, as libsndfile/librosa read it
     np.testing.assert_allclose(samples[0], np.round(left * 32767) / 32768, atol=1e-7)
 
@@ -96,6 +104,31 @@ def test_mp3_and_video_soundtrack_decode(tmp_path: Path) -> None:
     track = audio.read_track(video)  # video path: FFmpeg resampler to 16 kHz stereo s16, then mean
     assert abs(track.shape[0] / 16000 - 3.6) < 0.1
     assert np.abs(track).max() > 0.05
+
+
+@pytest.mark.parametrize(("rate", "chunk"), [(44100, 1152), (48000, 4097), (22050, 1), (8000, 700)])
+def test_the_streamed_resampler_gives_the_one_call_samples(rate: int, chunk: int) -> None:
+    """soxr as a stream over decoder-sized chunks is soxr over the whole track, bit for bit."""
+    mono = voiced(3.3, rate, seed=rate)
+    track = audio._Track16k(rate, expected_s=1.0)  # too small on purpose: the buffer grows
+    for start in range(0, mono.shape[0], chunk if chunk > 1 else 997):
+        track.add(mono[start : start + (chunk if chunk > 1 else 997)])
+    np.testing.assert_array_equal(track.finish(), one_call_16k(mono, rate))
+
+
+def one_call_16k(mono: np.ndarray, rate: int) -> np.ndarray:
+    """librosa.load's resampling: one soxr HQ call, the output padded with zeros or cut to
+    ceil(n * 16000 / rate)."""
+    out = soxr.resample(mono, rate, 16000, quality="HQ")
+    size = math.ceil(mono.shape[0] * 16000 / rate)
+    return np.pad(out, (0, max(0, size - out.shape[0])))[:size]
+
+
+def test_normalisation_is_in_place_and_reaches_minus_23_lufs() -> None:
+    signal = voiced(70.0, 16000)  # longer than one chunk of the streamed meter
+    out = audio.loudness_normalise(signal)
+    assert out is signal
+    assert pyloudnorm.Meter(16000).integrated_loudness(out) == pytest.approx(-23.0, abs=1e-3)
 
 
 def test_silence_is_left_unchanged() -> None:
@@ -170,9 +203,11 @@ def test_reflect_pad_before_the_last_clip() -> None:
 def test_a_budget_cuts_a_capped_track_and_refuses_a_long_uncapped_one(tmp_path: Path) -> None:
     path = write_audio(tmp_path / "ten.wav", voiced(10.0, 22050)[None], 22050)
     track = audio.decode_track(path, audio.AudioBudget(4.36, cut=True))
-    assert track.cut and track.rate == 22050 and track.mono.shape[0] == math.ceil(4.36 * 22050)
+    taken = math.ceil(4.36 * 22050)  # samples at the stream's rate, then resampled
+    assert track.cut and track.rate == 22050 and track.samples.shape[0] == math.ceil(taken * 16000 / 22050)
     whole = audio.decode_track(path)
-    np.testing.assert_array_equal(track.mono, whole.mono[: track.mono.shape[0]])  # the same start
+    start = track.samples.shape[0] - 1000  # before the resampler's flush at the cut
+    np.testing.assert_array_equal(track.samples[:start], whole.samples[:start])  # the same start
     assert not audio.decode_track(path, audio.AudioBudget(10.5, cut=False)).cut
     with pytest.raises(DurationTooLong, match=r"ten.wav: the audio lasts more than 6.0 s"):
         audio.decode_track(path, audio.AudioBudget(6.0, cut=False))  # declared: refused undecoded

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from multitalk_worker.errors import InvalidInput
+from multitalk_worker.models import audio_encoder
 from multitalk_worker.models.audio_encoder import audio_features
 from multitalk_worker.models.configs import TINY
 from multitalk_worker.models.image_encoder import CLIP_MEAN, CLIP_STD, encode_image, preprocess_image
@@ -96,7 +97,36 @@ def test_audio_features_resample_cnn_features_before_the_transformer(bundle: Mod
             x = layer(x)
             x = x[0] if isinstance(x, tuple) else x
             layers.append(x)
-    torch.testing.assert_close(features, torch.stack(layers, dim=2)[0])
+    assert torch.equal(features, torch.stack(layers, dim=2)[0])  # one CNN call: the library's numerics
+
+
+def test_input_values_are_the_feature_extractors(
+    bundle: ModelBundle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    signal = (np.random.default_rng(3).standard_normal(50_000) * 0.2 + 0.05).astype(np.float32)
+    expected = bundle.feature_extractor(signal, sampling_rate=16000, return_tensors="pt").input_values
+    values = audio_encoder.InputValues(signal, bundle.feature_extractor, torch.device("cpu"), torch.float32)
+    assert torch.equal(values[:], expected)  # bit for bit
+    assert torch.equal(values[1000:2000], expected[:, 1000:2000])
+    monkeypatch.setattr(audio_encoder, "VARIANCE_CHUNK", 4096)  # a long track: the variance in chunks
+    chunked = audio_encoder.InputValues(signal, bundle.feature_extractor, torch.device("cpu"), torch.float32)
+    torch.testing.assert_close(chunked[:], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_audio_features_in_cnn_slices_match_one_call(bundle: ModelBundle) -> None:
+    """A long track's CNN runs in slices with whole-track group-norm statistics: the features of one call,
+    to float32 rounding, for slices that do and do not divide the track."""
+    signal = voiced_noise(16000 * 3 + 777)
+    whole = audio_features(bundle.audio_encoder, bundle.feature_extractor, signal)
+    for chunk in (7, 40, 64):
+        sliced = audio_features(bundle.audio_encoder, bundle.feature_extractor, signal, chunk_frames=chunk)
+        torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+
+
+def voiced_noise(samples: int) -> np.ndarray:
+    t = np.arange(samples) / 16000
+    tone = np.sin(2 * np.pi * 190 * t) * (0.5 + 0.5 * np.sin(2 * np.pi * 2 * t))
+    return (0.3 * tone + 0.02 * np.random.default_rng(0).standard_normal(samples)).astype(np.float32)
 
 
 def test_audio_shorter_than_one_frame_is_rejected(bundle: ModelBundle) -> None:

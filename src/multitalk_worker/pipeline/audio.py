@@ -16,24 +16,28 @@ Cost follows the job (docs/api.md): a stream's sample rate and channel count are
 is decoded, each chunk is downmixed as it is decoded, and decoding stops at an `AudioBudget`: a capped job
 decodes only the start its clips use (the rest of the track is never read), an uncapped one is refused as
 soon as it runs past the longest video. A cut track is loudness-normalised over what was decoded.
+
+Memory follows the track, held once: each decoded frame is downmixed and resampled (soxr as a stream) into
+one 16 kHz buffer, the loudness meter streams (loudness.py), the gain is applied in place, and a soundtrack
+with nothing to clip is the track itself. With the wav2vec2 CNN in slices (models/audio_encoder.py), a
+10-minute dub peaks within a few per cent of a 1-minute one (bench/bench_memory.py, bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import av
 import numpy as np
-import pyloudnorm
 import soxr
 import torch
 
 from multitalk_worker.errors import AudioDecodeFailed, DurationTooLong, InvalidInput
+from multitalk_worker.pipeline.loudness import integrated_loudness
 from multitalk_worker.pipeline.request import AudioMode
 from multitalk_worker.timeline import FPS, SAMPLE_RATE, audio_frames
 
@@ -70,9 +74,9 @@ class StreamInfo:
 
 @dataclass(frozen=True)
 class DecodedTrack:
-    mono: np.ndarray  # float32 [n], channel mean, at `rate`
-    rate: int
-    cut: bool  # the stream held more than the budget; `mono` is its start
+    samples: np.ndarray  # float32 [n], channel mean, at 16 kHz
+    rate: int  # the stream's own sample rate
+    cut: bool  # the stream held more than the budget; `samples` is its start
 
 
 @dataclass(frozen=True)
@@ -150,35 +154,77 @@ def _downmix(frame: av.AudioFrame, name: str) -> np.ndarray:
     return np.mean(planar, axis=0, dtype=np.float32) if planar.shape[0] > 1 else planar[0]
 
 
+class _Track16k:
+    """Mono chunks at the stream's rate in, one 16 kHz float32 track out, the track held once.
+
+    soxr "HQ" runs as a stream (`ResampleStream`: the same samples as one `soxr.resample` call over the
+    whole track, tests/test_audio.py), and the output goes into a buffer allocated at the expected length
+    (pages never written cost no memory) that grows, with one copy, only past it. The length is librosa's,
+    `ceil(n * 16000 / rate)`: the stream's end is padded with zeros or cut to it.
+    """
+
+    def __init__(self, rate: int, expected_s: float) -> None:
+        self.rate, self.taken, self.size = rate, 0, 0
+        self.stream = None
+        if rate != SAMPLE_RATE:
+            self.stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
+        self.buffer = np.empty(math.ceil(expected_s * SAMPLE_RATE) + SAMPLE_RATE, np.float32)
+
+    def add(self, mono: np.ndarray) -> None:
+        self.taken += mono.shape[0]
+        self._append(mono if self.stream is None else self.stream.resample_chunk(mono))
+
+    def finish(self) -> np.ndarray:
+        if self.stream is not None:
+            self._append(self.stream.resample_chunk(np.zeros(0, np.float32), last=True))
+        length = math.ceil(self.taken * SAMPLE_RATE / self.rate)
+        if self.size < length:
+            self._append(np.zeros(length - self.size, np.float32))
+        return self.buffer[:length]
+
+    def _append(self, samples: np.ndarray) -> None:
+        end = self.size + samples.shape[0]
+        if end > self.buffer.shape[0]:
+            grown = np.empty(max(end, 2 * self.buffer.shape[0]), np.float32)
+            grown[: self.size] = self.buffer[: self.size]
+            self.buffer = grown
+        self.buffer[self.size : end] = samples
+        self.size = end
+
+
 def _decode_mono(path: Path, resampler: av.AudioResampler | None, budget: AudioBudget | None) -> DecodedTrack:
-    chunks: list[np.ndarray] = []
-    total, cut = 0, False
+    cut = False
     with av.open(str(path)) as container:
         info = stream_info(container, path.name)
         if budget is not None and not budget.cut and (info.declared_s or 0.0) > budget.seconds + 1.0:
             raise _refuse_long(path.name, budget.seconds)  # declared (an estimate for some mp3s: 1 s slack)
         rate = SAMPLE_RATE if resampler is not None else info.rate
         limit = math.inf if budget is None else math.ceil(budget.seconds * rate)
+        expected = [s for s in (info.declared_s, budget and budget.seconds) if s is not None]
+        track = _Track16k(rate, min(expected) + 1.0 if expected else 60.0)
         for frame in container.decode(container.streams.audio[0]):
             for part in resampler.resample(frame) if resampler is not None else [frame]:
-                chunks.append(_downmix(part, path.name))
-                total += chunks[-1].shape[0]
-            if total > limit:
-                cut = True
+                mono = _downmix(part, path.name)
+                cut = cut or track.taken + mono.shape[0] > limit
+                track.add(mono[: max(0, int(min(limit - track.taken, mono.shape[0])))])
+            if cut:
                 break
         if resampler is not None and not cut:
-            chunks.extend(_downmix(part, path.name) for part in resampler.resample(None))
+            for part in resampler.resample(None):
+                mono = _downmix(part, path.name)
+                track.add(mono[: max(0, int(min(limit - track.taken, mono.shape[0])))])
     if cut and budget is not None and not budget.cut:
         raise _refuse_long(path.name, budget.seconds)
-    mono = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
-    return DecodedTrack(mono[: int(min(limit, mono.shape[0]))], rate, cut)
+    return DecodedTrack(track.finish(), info.rate, cut)
 
 
 def decode_track(path: Path, budget: AudioBudget | None = None) -> DecodedTrack:
-    """Decode the first audio stream of `path` to float32 mono at its own rate, within `budget`.
+    """Decode the first audio stream of `path` to float32 mono at 16 kHz (spec 2.1 steps 1-2), within
+    `budget`.
 
-    Video files (by extension) are converted like the reference's ffmpeg call: 16 kHz, stereo, s16. Memory:
-    the mono track plus one frame, never the whole file's channels.
+    Audio files: the channel mean at the stream's rate, then soxr HQ to 16 kHz (librosa's default). Video
+    files (by extension) are converted like the reference's ffmpeg call: 16 kHz, stereo, s16, then the mean.
+    Memory: the 16 kHz mono track plus one frame, never the whole file's channels or its native rate.
     """
     is_video = path.suffix.lower() in VIDEO_EXTENSIONS
     resampler = av.AudioResampler(format="s16", layout="stereo", rate=SAMPLE_RATE) if is_video else None
@@ -188,7 +234,7 @@ def decode_track(path: Path, budget: AudioBudget | None = None) -> DecodedTrack:
         raise
     except (av.FFmpegError, ValueError, OSError) as exc:
         raise AudioDecodeFailed(f"{path.name}: not a readable audio or video file ({exc})") from exc
-    if track.mono.shape[0] == 0:
+    if track.samples.shape[0] == 0:
         raise AudioDecodeFailed(f"{path.name}: the audio stream holds no samples")
     return track
 
@@ -208,58 +254,45 @@ def decode_audio(path: Path) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks, axis=1), rate
 
 
-def to_mono_16k(samples: np.ndarray, rate: int) -> np.ndarray:
-    """Channel mean, then soxr HQ to 16 kHz with librosa's output length `ceil(n * 16000 / rate)`."""
-    mono = np.mean(samples, axis=0, dtype=np.float32) if samples.shape[0] > 1 else samples[0]
-    return resample_16k(mono, rate)
-
-
-def resample_16k(mono: np.ndarray, rate: int) -> np.ndarray:
-    """soxr HQ (librosa's default) to 16 kHz with librosa's output length `ceil(n * 16000 / rate)`."""
-    if rate == SAMPLE_RATE:
-        return mono.astype(np.float32, copy=False)
-    out = soxr.resample(mono, rate, SAMPLE_RATE, quality="HQ")
-    size = int(math.ceil(mono.shape[0] * SAMPLE_RATE / rate))
-    if out.shape[0] < size:
-        out = np.pad(out, (0, size - out.shape[0]))
-    return out[:size].astype(np.float32, copy=False)
-
-
 def loudness_normalise(signal: np.ndarray, target_lufs: float = TARGET_LUFS) -> np.ndarray:
-    """Constant gain to `target_lufs` integrated loudness; silence (|LUFS| > 100) is returned as is.
+    """Scale `signal` (float32, in place) by a constant gain to `target_lufs` integrated loudness and return
+    it; silence (|LUFS| > 100) is left as is.
 
-    The gain is applied in float32 (as the reference does under numpy < 2); pyloudnorm's own
-    `normalize.loudness` would promote to float64 under numpy 2, so only the meter comes from it.
+    The meter is pyloudnorm's, streamed (loudness.py: its value bit for bit, one chunk in memory). The gain
+    is applied in float32 (as the reference does under numpy < 2); pyloudnorm's own `normalize.loudness`
+    would promote to float64 under numpy 2.
     """
     if signal.shape[0] < int(LOUDNESS_BLOCK_S * SAMPLE_RATE):
         raise InvalidInput(
             f"audio is {signal.shape[0] / SAMPLE_RATE:.2f} s long; "
             f"loudness needs at least {LOUDNESS_BLOCK_S} s"
         )
-    meter = pyloudnorm.Meter(SAMPLE_RATE)
-    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loudness = meter.integrated_loudness(signal)
-    if not abs(loudness) <= SILENCE_LUFS:  # also catches -inf and NaN
-        return signal
-    gain = np.float32(10.0 ** ((target_lufs - loudness) / 20.0))
-    return signal * gain
+    level = integrated_loudness(signal, SAMPLE_RATE)
+    if abs(level) <= SILENCE_LUFS:  # not -inf, not NaN
+        signal *= np.float32(10.0 ** ((target_lufs - level) / 20.0))
+    return signal
 
 
 def read_track(path: Path, budget: AudioBudget | None = None) -> np.ndarray:
     """Decode one file to mono 16 kHz float32 [n] (spec 2.1 steps 1-2) within `budget`, not normalised."""
-    track = decode_track(path, budget)
-    return resample_16k(track.mono, track.rate)
+    return decode_track(path, budget).samples
 
 
 def _combined_length(lengths: Sequence[int], mode: AudioMode) -> int:
     return sum(lengths) if mode == "sequential" else max(lengths)
 
 
+def _clipped(track: np.ndarray) -> np.ndarray:
+    """The track clipped to [-1, 1]: the track itself when nothing is out of range (no second copy)."""
+    if track.shape[0] == 0 or (track.max() <= 1.0 and track.min() >= -1.0):
+        return track
+    return np.clip(track, -1.0, 1.0)
+
+
 def combine_tracks(tracks: Sequence[np.ndarray], mode: AudioMode) -> PreparedAudio:
     """Spec 2.3: one person as is; two persons `parallel` (shorter padded) or `sequential`."""
     if len(tracks) == 1:
-        return PreparedAudio(tracks=(tracks[0],), soundtrack=np.clip(tracks[0], -1.0, 1.0))
+        return PreparedAudio(tracks=(tracks[0],), soundtrack=_clipped(tracks[0]))
     first, second = tracks
     padded_s = 0.0
     if mode == "sequential":
@@ -274,8 +307,8 @@ def combine_tracks(tracks: Sequence[np.ndarray], mode: AudioMode) -> PreparedAud
         second = np.pad(second, (0, length - second.shape[0]))
     else:
         raise InvalidInput(f"audio_mode {mode!r} is not accepted; use 'parallel' or 'sequential'")
-    mix = first.astype(np.float64) + second.astype(np.float64)
-    soundtrack = np.clip(mix, -1.0, 1.0).astype(np.float32)
+    mix = np.add(first, second)  # float32, correctly rounded: the float64 sum rounded to float32
+    soundtrack = np.clip(mix, -1.0, 1.0, out=mix)
     return PreparedAudio(tracks=(first, second), soundtrack=soundtrack, padded_s=padded_s)
 
 
@@ -289,7 +322,7 @@ def prepare_audio(
     if mode not in ("parallel", "sequential"):
         raise InvalidInput(f"audio_mode {mode!r} is not accepted; use 'parallel' or 'sequential'")
     decoded = [decode_track(Path(p), budget) for p in paths]
-    signals = [resample_16k(track.mono, track.rate) for track in decoded]
+    signals = [track.samples for track in decoded]
     total = _combined_length([s.shape[0] for s in signals], mode)
     if audio_frames(total) <= frames_per_clip:
         raise InvalidInput(
