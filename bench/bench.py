@@ -36,13 +36,7 @@ import torch  # noqa: E402
 from multitalk_worker.models.attention import BACKENDS, LOSSY_BACKENDS, attention  # noqa: E402
 from multitalk_worker.models.batching import predict_passes  # noqa: E402
 from multitalk_worker.models.configs import TINY, WAN_14B_480P, DiTConfig, VAEConfig  # noqa: E402
-from multitalk_worker.models.runtime import (  # noqa: E402
-    FAST_RUNTIME,
-    REFERENCE_RUNTIME,
-    DiTRuntime,
-    compile_blocks,
-    fuse_projections,
-)
+from multitalk_worker.models.runtime import FAST_RUNTIME, REFERENCE_RUNTIME, DiTRuntime, compile_blocks  # noqa: E402
 from multitalk_worker.models.transformer import MultiTalkTransformer  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -437,83 +431,6 @@ def part_fp8_tier(args, model, cfg, device, backend: str) -> None:
         forward_case(
             f"dit/fp8-tier-compiled/P{persons}", model, inputs, tier, ref_key=f"P{persons}", reps=args.reps
         )
-        if f"block0/P{persons}" in STORE:
-            block_case(f"block0/fp8-tier-compiled/P{persons}", model, cfg, args, device, tier, persons)
-
-
-def part_fuse(args, model, cfg, device, backend: str, compiled: bool) -> None:
-    """Fuse the projections that read one input (runtime.fuse_projections) in place; when the blocks are
-    compiled, time the fused compiled forward and its per-block error (fresh dynamo caches: one graph per
-    shape again)."""
-
-    def fuse() -> None:
-        t0 = time.perf_counter()
-        count = fuse_projections(model)
-        sync()
-        record("fuse/projections", linears_fused_away=count, seconds=round(time.perf_counter() - t0, 2))
-
-    if not guarded("fuse/projections", fuse) or not compiled:
-        return
-    torch._dynamo.reset()
-    part_dit(
-        args,
-        model,
-        cfg,
-        device,
-        backend,
-        "compiled-fused",
-        with_ref=False,
-        with_fast=True,
-        with_batched=False,
-    )
-    if "blockerr" in args.parts.split(","):
-        part_blockerr(args, model, cfg, device, backend, "fast-compiled-fused")
-
-
-def part_fp8_tier_unfused(args, cfg, device, backend: str) -> None:
-    """The fp8 tier on a second DiT with the same random weights (build_dit is seeded) and unfused
-    projections, beside the main model: the unfused baseline of the fused tier in the same process."""
-    from multitalk_worker.models.fp8 import quantize_block_linears_fp8
-
-    tier = replace(FAST_RUNTIME, attention_backend=backend, self_attention_backend="flash3_fp8")
-
-    def run() -> None:
-        other = build_dit(cfg, device)
-        record("fp8-unfused/convert", linears=quantize_block_linears_fp8(other))
-        compile_blocks(other, exact_casts=not args.no_exact_casts)
-        for persons in (2, 1):
-            inputs = dit_inputs(cfg, args.hw, args.frames, 1, persons, device)
-            forward_case(
-                f"dit/fp8-tier-compiled-unfused/P{persons}",
-                other,
-                inputs,
-                tier,
-                ref_key=f"P{persons}",
-                reps=args.reps,
-            )
-            if f"block0/P{persons}" in STORE:
-                block_case(
-                    f"block0/fp8-tier-compiled-unfused/P{persons}", other, cfg, args, device, tier, persons
-                )
-        del other
-
-    guarded("fp8-unfused", run)
-
-
-def part_cdt(args, model, cfg, device, backend: str) -> None:
-    """The blocks recompiled with inductor's coordinate-descent tuning of its fused kernels (block sizes and
-    warps of the norms, modulation, RoPE and quantisation kernels; GEMMs and attention are not inductor's):
-    P2 only; the fp8 tier when the fp8 conversion ran before."""
-    options = {"emulate_precision_casts": not args.no_exact_casts, "coordinate_descent_tuning": True}
-    torch._dynamo.reset()
-    for block in model.blocks:
-        block.compile(dynamic=False, options=options)
-    fast = replace(FAST_RUNTIME, attention_backend=backend)
-    tag = "fast"
-    if "fp8-convert-only" in args.parts.split(","):  # after the fp8 conversion: the fp8 tier
-        fast, tag = replace(fast, self_attention_backend="flash3_fp8"), "fp8-tier"
-    inputs = dit_inputs(cfg, args.hw, args.frames, 1, 2, device)
-    forward_case(f"dit/{tag}-compiled-cdt/P2", model, inputs, fast, ref_key="P2", reps=args.reps)
 
 
 def part_noise(args, model, cfg, device) -> None:
@@ -810,8 +727,7 @@ def main() -> None:
         default="attn,dit,compile,720p,clip,vae,fp8",
         help="attn attn2 dit refstore blockerr fp8attn-blockerr noise ref-720p compile batched profile clip "
         "clip-fast clip-default 720p vae fp8 fp8-compile fp8-variants fp8-tier fp8-tier-profile "
-        "fp8-tier-720p attn-fp8-split compile-only fp8-convert-only fp8-clip fp8-720p fuse fp8-tier-unfused "
-        "cdt",
+        "fp8-tier-720p attn-fp8-split compile-only fp8-convert-only fp8-clip fp8-720p",
     )
     parser.add_argument(
         "--tiny", action="store_true", help="tiny config on the CPU (smoke test of this script)"
@@ -907,10 +823,6 @@ def main() -> None:
         )
         if "blockerr" in parts:
             part_blockerr(args, model, cfg, device, backend, "fast-compiled")
-    if "fp8-tier-unfused" in parts:
-        part_fp8_tier_unfused(args, cfg, device, backend)
-    if "fuse" in parts:
-        part_fuse(args, model, cfg, device, backend, compiled)
     if "compile-only" in parts:  # compiled blocks for the parts below, nothing timed here
         compile_blocks(model, exact_casts=not args.no_exact_casts)
         compiled = True
@@ -922,8 +834,6 @@ def main() -> None:
         part_profile(args, model, cfg, device, backend)
     if "720p" in parts:
         part_720p(args, model, cfg, device, backend, "compiled" if compiled else "eager")
-    if "cdt" in parts and "fp8-convert-only" not in parts:
-        part_cdt(args, model, cfg, device, backend)
     if "vae" in parts:
         part_vae(args, vcfg, device)
     if "fp8-convert-only" in parts:
@@ -947,8 +857,6 @@ def main() -> None:
     if "fp8-tier-720p" in parts:
         inputs = dit_inputs(cfg, (960, 960) if not args.tiny else (64, 64), args.frames, 1, 2, device)
         forward_case("dit720/fp8-tier-compiled/P2", model, inputs, tier, ref_key=None, reps=2)
-    if "cdt" in parts and "fp8-convert-only" in parts:
-        part_cdt(args, model, cfg, device, backend)
     if "fp8-clip" in parts:
         part_clip(args, model, cfg, vcfg, device, backend, "fast", label="clip-fp8")
     if "fp8-720p" in parts:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import multitalk_worker.models.runtime as runtime_module
-from multitalk_worker.errors import CheckpointError, InvalidInput, ModelLoadFailed
+from multitalk_worker.errors import InvalidInput, ModelLoadFailed
 from multitalk_worker.models.attention import BACKENDS, AttentionBackendUnavailable, attention, flash3_func
 from multitalk_worker.models.audio_attention import reference_attention_map, reference_attention_map_fused
 from multitalk_worker.models.batching import group_passes, predict_passes, stack_pass_inputs
@@ -22,15 +22,9 @@ from multitalk_worker.models.runtime import (
     REFERENCE_RUNTIME,
     DiTRuntime,
     compile_blocks,
-    fuse_projections,
-    projections_fused,
     resolve_runtime,
-    unfuse_projections,
 )
 from multitalk_worker.pipeline.engine import ENGINES, engine_options, resolve_engine
-from multitalk_worker.tiny import tiny_adapter_state
-from multitalk_worker.weights.adapters import apply_adapter_state
-from multitalk_worker.weights.lora import merge_lora
 from tests.test_transformer import CFG, _inputs, _masks, _model
 
 CPU_FAST = dataclasses.replace(FAST_RUNTIME, attention_backend="sdpa")
@@ -136,81 +130,6 @@ def test_compile_blocks_compiles_every_block_in_place() -> None:
     model = _model()
     assert compile_blocks(model) == CFG.num_layers
     assert all(getattr(block, "_compiled_call_impl", None) is not None for block in model.blocks)
-
-
-@pytest.mark.parametrize("persons", [1, 2])
-def test_fused_projections_match_unfused_float32(persons: int) -> None:
-    model, fused = _model(), _model()
-    # per block: self-attention q, k, v -> qkv; cross-attention k, v -> kv and k_img, v_img -> kv_img
-    assert fuse_projections(fused) == 4 * CFG.num_layers and projections_fused(fused)
-    assert not projections_fused(model)
-    inputs = _inputs(1, persons)
-    with torch.no_grad():
-        ref = model(**inputs, runtime=CPU_FAST)
-        out = fused(**inputs, runtime=CPU_FAST)
-        reference_path = fused(**inputs)  # the reference runtime runs the fused layout too
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(reference_path, model(**inputs), rtol=1e-5, atol=1e-5)
-
-
-def test_fused_projections_bf16_round_like_unfused() -> None:
-    model, fused = _model().to(torch.bfloat16), _model().to(torch.bfloat16)
-    fuse_projections(fused)
-    inputs = _inputs(1, 2)
-    with torch.no_grad():
-        ref = model(**inputs)
-        unfused_fast = model(**inputs, runtime=CPU_FAST)
-        out = fused(**inputs, runtime=CPU_FAST)
-    assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    # the same bound as the unfused fast path, and no further from it than one bf16 rounding step
-    assert (out - ref).norm() / ref.norm() < 2e-2
-    assert (out - unfused_fast).norm() / unfused_fast.norm() < 1e-2
-
-
-def test_unfuse_restores_the_checkpoint_layout_exactly() -> None:
-    model = _model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    fuse_projections(model)
-    fused_keys = set(model.state_dict())
-    assert "blocks.0.self_attn.qkv.weight" in fused_keys and "blocks.0.self_attn.q.weight" not in fused_keys
-    assert model.blocks[0].self_attn.qkv.weight.shape == (3 * CFG.dim, CFG.dim)
-    fuse_projections(model)  # a second call changes nothing
-    assert set(model.state_dict()) == fused_keys
-    unfuse_projections(model)
-    after = model.state_dict()
-    assert list(after) == list(before) and not projections_fused(model)
-    for key, value in before.items():
-        assert torch.equal(after[key], value), key
-
-
-def test_loras_merge_before_fusion_and_are_refused_after() -> None:
-    g = torch.Generator().manual_seed(5)
-    lora = {
-        "diffusion_model.blocks.0.self_attn.k.lora_down.weight": torch.randn(2, CFG.dim, generator=g),
-        "diffusion_model.blocks.0.self_attn.k.lora_up.weight": torch.randn(CFG.dim, 2, generator=g),
-        "diffusion_model.blocks.1.cross_attn.v_img.diff_b": torch.randn(CFG.dim, generator=g),
-    }
-    merged, fused = _model(), _model()
-    merge_lora(merged, lora, scale=0.5)
-    merge_lora(fused, lora, scale=0.5)
-    fuse_projections(fused)  # the engine's order: LoRAs first
-    inputs = _inputs(1, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(**inputs), merged(**inputs), rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(merged(**inputs), _model()(**inputs))
-    with pytest.raises(CheckpointError, match="fused"):
-        merge_lora(fused, lora, scale=0.5)
-
-
-def test_adapter_swap_into_a_fused_model() -> None:
-    unfused, fused = _model(), _model()
-    fuse_projections(fused)
-    state = tiny_adapter_state(1, "multi")
-    apply_adapter_state(unfused, state)
-    apply_adapter_state(fused, state)  # the audio layers are not fused: the swap's keys are all there
-    inputs = _inputs(1, 2)
-    with torch.no_grad():
-        torch.testing.assert_close(fused(**inputs), unfused(**inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_lossy_backends_serve_self_attention_only() -> None:
@@ -378,25 +297,3 @@ def test_auto_picks_flash3_on_hopper() -> None:
         ref = model(**inputs)
         fast = model(**inputs, runtime=runtime.exact())
     assert (fast - ref).norm() / ref.norm() < 2e-2
-
-
-@pytest.mark.gpu
-@CUDA
-def test_fp8_fused_projections_quantise_once_and_match_unfused() -> None:
-    pytest.importorskip("torchao")
-    from multitalk_worker.models.fp8 import quantize_block_linears_fp8
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("float8 matrix units: Hopper or newer")
-    unfused, fused = _model().to("cuda", torch.bfloat16), _model().to("cuda", torch.bfloat16)
-    fuse_projections(fused)
-    # 15 block linears, 11 once fused (self q, k, v -> 1; text k, v -> 1; image k, v -> 1)
-    assert quantize_block_linears_fp8(unfused) == 15 * CFG.num_layers
-    assert quantize_block_linears_fp8(fused) == 11 * CFG.num_layers
-    inputs = {k: v.cuda() for k, v in _inputs(1, 2).items()}
-    with torch.no_grad():
-        ref = unfused(**inputs, runtime=FAST_RUNTIME)
-        out = fused(**inputs, runtime=FAST_RUNTIME)
-    # per-row activation scales are the same for the three projections of one input, and per-row weight
-    # scales concatenate: only the GEMM's summation order differs
-    assert torch.isfinite(out).all() and (out - ref).norm() / ref.norm() < 1e-2

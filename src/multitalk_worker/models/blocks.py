@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parameter import Parameter
 
 from multitalk_worker.models.attention import attention
 from multitalk_worker.models.audio_attention import (
@@ -89,70 +88,18 @@ class RMSNorm(nn.Module):
         return normed.to(x.dtype) * self.weight
 
 
-def fuse_linears(*linears: nn.Linear) -> nn.Linear:
-    """One linear computing `linears` side by side on the same input: weights and biases concatenated
-    along the output features (row i of the result is row i of one of them, so each output is the same
-    dot product; only the GEMM's blocking may round differently)."""
-    first = linears[0]
-    grad = first.weight.requires_grad
-    fused = nn.Linear(first.in_features, sum(layer.out_features for layer in linears), device="meta")
-    fused.weight = Parameter(torch.cat([layer.weight.detach() for layer in linears]), requires_grad=grad)
-    fused.bias = Parameter(torch.cat([layer.bias.detach() for layer in linears]), requires_grad=grad)
-    return fused
-
-
-def split_linear(fused: nn.Linear, parts: int) -> list[nn.Linear]:
-    """The inverse of `fuse_linears` for `parts` linears of equal width (copies, not views)."""
-    if type(fused.weight.data) is not Tensor:
-        raise TypeError(
-            f"cannot split a linear whose weight is a {type(fused.weight.data).__name__} (quantised); "
-            "unfuse before fp8 conversion"
-        )
-    grad, out = fused.weight.requires_grad, []
-    for weight, bias in zip(
-        fused.weight.detach().chunk(parts), fused.bias.detach().chunk(parts), strict=True
-    ):
-        layer = nn.Linear(fused.in_features, weight.shape[0], device="meta")
-        layer.weight = Parameter(weight.clone(), requires_grad=grad)
-        layer.bias = Parameter(bias.clone(), requires_grad=grad)
-        out.append(layer)
-    return out
-
-
 class SelfAttention(nn.Module):
-    """Full self-attention over all tokens with q/k RMSNorm over the whole width and 3D RoPE.
-
-    `fuse()` (runtime.fuse_projections) replaces q, k, v by one linear `qkv` of three times the width: one
-    GEMM, and under fp8 one quantisation of x instead of three. `unfuse()` restores the checkpoint layout.
-    """
+    """Full self-attention over all tokens with q/k RMSNorm over the whole width and 3D RoPE."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.q: nn.Linear | None = nn.Linear(dim, dim)
-        self.k: nn.Linear | None = nn.Linear(dim, dim)
-        self.v: nn.Linear | None = nn.Linear(dim, dim)
-        self.qkv: nn.Linear | None = None
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
-
-    def fuse(self) -> None:
-        if self.qkv is None:
-            assert self.q is not None and self.k is not None and self.v is not None
-            self.qkv, self.q, self.k, self.v = fuse_linears(self.q, self.k, self.v), None, None, None
-
-    def unfuse(self) -> None:
-        if self.qkv is not None:
-            (self.q, self.k, self.v), self.qkv = split_linear(self.qkv, 3), None
-
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x [B, L, dim] -> q, k, v [B, L, dim], from the fused or the separate linears."""
-        if self.qkv is not None:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-            return q, k, v
-        assert self.q is not None and self.k is not None and self.v is not None
-        return self.q(x), self.k(x), self.v(x)
 
     def forward(
         self,
@@ -168,10 +115,9 @@ class SelfAttention(nn.Module):
         attention runs over the whole sequence through the shard's collectives."""
         heads = (self.num_heads, -1)
         rope = apply_rope_3d_fp32 if runtime.fp32_rope else apply_rope_3d
-        q, k, v = self.project(x)
-        q = rope(self.norm_q(q).unflatten(-1, heads), cos, sin).to(x.dtype)
-        k = rope(self.norm_k(k).unflatten(-1, heads), cos, sin).to(x.dtype)
-        v = v.unflatten(-1, heads)
+        q = rope(self.norm_q(self.q(x)).unflatten(-1, heads), cos, sin).to(x.dtype)
+        k = rope(self.norm_k(self.k(x)).unflatten(-1, heads), cos, sin).to(x.dtype)
+        v = self.v(x).unflatten(-1, heads)
         attend = attention if shard is None else shard.attention
         out = attend(q, k, v, backend=runtime.self_backend)
         return self.o(out.flatten(2)), q, k
@@ -179,60 +125,30 @@ class SelfAttention(nn.Module):
 
 class CrossAttention(nn.Module):
     """Image-to-video cross-attention: separate softmax attentions over the text tokens and the image
-    tokens with a shared query, summed before the output projection.
-
-    `fuse()` replaces each key/value pair that reads one input (k, v on the text; k_img, v_img on the
-    image) by one linear, `kv` and `kv_img`; `unfuse()` restores the checkpoint layout.
-    """
+    tokens with a shared query, summed before the output projection."""
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
-        self.k: nn.Linear | None = nn.Linear(dim, dim)
-        self.v: nn.Linear | None = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
         self.o = nn.Linear(dim, dim)
-        self.k_img: nn.Linear | None = nn.Linear(dim, dim)
-        self.v_img: nn.Linear | None = nn.Linear(dim, dim)
-        self.kv: nn.Linear | None = None
-        self.kv_img: nn.Linear | None = None
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
         self.norm_k_img = RMSNorm(dim, eps)
-
-    def fuse(self) -> None:
-        if self.kv is None:
-            assert self.k is not None and self.v is not None
-            self.kv, self.k, self.v = fuse_linears(self.k, self.v), None, None
-        if self.kv_img is None:
-            assert self.k_img is not None and self.v_img is not None
-            self.kv_img, self.k_img, self.v_img = fuse_linears(self.k_img, self.v_img), None, None
-
-    def unfuse(self) -> None:
-        if self.kv is not None:
-            (self.k, self.v), self.kv = split_linear(self.kv, 2), None
-        if self.kv_img is not None:
-            (self.k_img, self.v_img), self.kv_img = split_linear(self.kv_img, 2), None
-
-    @staticmethod
-    def _key_value(
-        fused: nn.Linear | None, k: nn.Linear | None, v: nn.Linear | None, x: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        if fused is not None:
-            key, value = fused(x).chunk(2, dim=-1)
-            return key, value
-        assert k is not None and v is not None
-        return k(x), v(x)
 
     def forward(self, x: Tensor, context: Tensor, num_image_tokens: int, *, backend: str) -> Tensor:
         """x: [B, L, dim]; context: [B, N_img + N_txt, dim], image tokens first. Returns [B, L, dim]."""
         heads = (self.num_heads, -1)
         image, text = context[:, :num_image_tokens], context[:, num_image_tokens:]
         q = self.norm_q(self.q(x)).unflatten(-1, heads)
-        k, v = self._key_value(self.kv, self.k, self.v, text)
-        k, v = self.norm_k(k).unflatten(-1, heads), v.unflatten(-1, heads)
-        k_img, v_img = self._key_value(self.kv_img, self.k_img, self.v_img, image)
-        k_img, v_img = self.norm_k_img(k_img).unflatten(-1, heads), v_img.unflatten(-1, heads)
+        k = self.norm_k(self.k(text)).unflatten(-1, heads)
+        v = self.v(text).unflatten(-1, heads)
+        k_img = self.norm_k_img(self.k_img(image)).unflatten(-1, heads)
+        v_img = self.v_img(image).unflatten(-1, heads)
         from_text = attention(q, k, v, backend=backend).flatten(2)
         from_image = attention(q, k_img, v_img, backend=backend).flatten(2)
         return self.o(from_text + from_image)

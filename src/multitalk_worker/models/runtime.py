@@ -21,10 +21,7 @@ with the reference path (tests/test_fast_path.py):
 `resolve_runtime` picks the backends once at load (a capability probe on the device), so that a backend
 that cannot run is found before the first job.
 
-Model transformations that are done once rather than per call live here too: `compile_blocks`, and
-`fuse_projections` (the linears that read one input as one GEMM), which the engines do not apply: on the
-H200 it measured no faster (bench/RESULTS.md run L), because inductor already shares one quantisation of
-an input between the fp8 linears that read it and fuses it into the preceding norm kernel.
+Model transformations that are done once rather than per call live here too: `compile_blocks`.
 Measured on an H100 at 448x896x81 (bench/RESULTS.md): reference 5.18-5.26 s per two-person forward,
 `FAST_RUNTIME` eager 4.64 s, `FAST_RUNTIME` + `compile_blocks` 3.24 s. On an H200 (run I, torch 2.11):
 reference 4.85 s, compiled with "flash3" 2.96 s, the fp8 tier (fp8 linears + "flash3_fp8") 2.19 s.
@@ -141,40 +138,6 @@ def resolve_runtime(
     if fp8_attention or (fp8_attention is None and exact == "flash3"):  # its kernel is FA3's
         lossy = _pick("flash3_fp8", device, required=bool(fp8_attention), fallback=None)
     return replace(runtime, attention_backend=exact, self_attention_backend=lossy)
-
-
-def fuse_projections(model: nn.Module) -> int:
-    """In every block, self-attention's q, k, v as one linear and each cross-attention key/value pair
-    that reads one input (text k, v; image k_img, v_img) as one; returns how many linears were fused away.
-
-    A runtime transform, in place: checkpoints load into the unfused layout (state-dict keys are the
-    checkpoint's), `unfuse_projections` restores it. Apply it after LoRAs are merged (merge_lora names
-    q, k, v and refuses a fused model) and before the fp8 conversion, which then converts the fused
-    linears; adapter swaps copy into the audio layers, which stay as they are. The outputs are the same
-    dot products; a fused GEMM may block its sums differently, so bf16 results can differ by rounding.
-    Measured on the H200 (run L): bf16 2.982 s against 2.976 s unfused, the fp8 tier 2.189 s against
-    2.202 s (P2, compiled), i.e. no gain; kept for the bench and as a tested seam.
-    """
-    before = sum(1 for module in model.modules() if isinstance(module, nn.Linear))
-    for block in model.blocks:  # type: ignore[attr-defined]
-        block.self_attn.fuse()
-        block.cross_attn.fuse()
-    fused = before - sum(1 for module in model.modules() if isinstance(module, nn.Linear))
-    logger.info("fused projections: %d linears fewer", fused)
-    return fused
-
-
-def unfuse_projections(model: nn.Module) -> None:
-    """Undo `fuse_projections` (bf16/float32 weights only; a quantised fused linear is a TypeError)."""
-    for block in model.blocks:  # type: ignore[attr-defined]
-        block.self_attn.unfuse()
-        block.cross_attn.unfuse()
-
-
-def projections_fused(model: nn.Module) -> bool:
-    """Whether `fuse_projections` has been applied to `model`."""
-    blocks = getattr(model, "blocks", ())
-    return any(block.self_attn.qkv is not None for block in blocks)
 
 
 def compile_blocks(model: nn.Module, *, exact_casts: bool = True) -> int:

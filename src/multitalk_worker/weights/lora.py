@@ -25,7 +25,6 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from multitalk_worker.errors import CheckpointError
-from multitalk_worker.models.runtime import projections_fused
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +110,8 @@ def merge_lora(
     for update in updates:
         param = params.get(update.target)
         if param is None:
-            fused = (
-                " (its projections are fused: merge LoRAs before fusing)" if projections_fused(model) else ""
-            )
             raise CheckpointError(
-                f"LoRA updates a parameter the DiT does not have{fused}", file=file, key=update.target
+                "LoRA updates a parameter the DiT does not have", file=file, key=update.target
             )
         param.add_(_delta(update, param, scale, torch.device(device) if device else param.device))
     logger.info(
