@@ -170,9 +170,15 @@ class _Track16k:
             self.stream = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float32", quality="HQ")
         self.buffer = np.empty(math.ceil(expected_s * SAMPLE_RATE) + SAMPLE_RATE, np.float32)
 
-    def add(self, mono: np.ndarray) -> None:
+    def add(self, mono: np.ndarray, limit: float = math.inf) -> bool:
+        """Take `mono` while at most `limit` samples (at the stream's rate) are taken in all; True when
+        `mono` held more than that (the rest is dropped)."""
+        over = mono.shape[0] > limit - self.taken
+        if over:
+            mono = mono[: max(0, int(limit - self.taken))]
         self.taken += mono.shape[0]
         self._append(mono if self.stream is None else self.stream.resample_chunk(mono))
+        return over
 
     def finish(self) -> np.ndarray:
         if self.stream is not None:
@@ -200,19 +206,16 @@ def _decode_mono(path: Path, resampler: av.AudioResampler | None, budget: AudioB
             raise _refuse_long(path.name, budget.seconds)  # declared (an estimate for some mp3s: 1 s slack)
         rate = SAMPLE_RATE if resampler is not None else info.rate
         limit = math.inf if budget is None else math.ceil(budget.seconds * rate)
-        expected = [s for s in (info.declared_s, budget and budget.seconds) if s is not None]
+        expected = [s for s in (info.declared_s, None if budget is None else budget.seconds) if s is not None]
         track = _Track16k(rate, min(expected) + 1.0 if expected else 60.0)
         for frame in container.decode(container.streams.audio[0]):
             for part in resampler.resample(frame) if resampler is not None else [frame]:
-                mono = _downmix(part, path.name)
-                cut = cut or track.taken + mono.shape[0] > limit
-                track.add(mono[: max(0, int(min(limit - track.taken, mono.shape[0])))])
+                cut = track.add(_downmix(part, path.name), limit) or cut
             if cut:
                 break
         if resampler is not None and not cut:
-            for part in resampler.resample(None):
-                mono = _downmix(part, path.name)
-                track.add(mono[: max(0, int(min(limit - track.taken, mono.shape[0])))])
+            for part in resampler.resample(None):  # FFmpeg's resampler holds a few samples back
+                track.add(_downmix(part, path.name), limit)
     if cut and budget is not None and not budget.cut:
         raise _refuse_long(path.name, budget.seconds)
     return DecodedTrack(track.finish(), info.rate, cut)
