@@ -389,3 +389,30 @@ def test_runpod_serve_api_runs_the_same_handler(volume: Path, tmp_path: Path) ->
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_a_body_past_the_inline_cap_is_refused_without_reading_it(serve: Callable[..., str]) -> None:
+    """The body is read up to three inline inputs at MULTITALK_MAX_INPUT_MB (as base64) plus 1 MB: a larger
+    one, declared or chunked, is a typed 413 and the server goes on serving."""
+    api = serve(MULTITALK_MAX_INPUT_MB="0.01")  # limit: 3 x 13,334 + 1,000,000 bytes
+    padding = "A" * 1_100_000
+    body = json.dumps({"input": JOB | {"prompt": padding}}).encode()
+    declared = requests.post(
+        f"{api}/run", data=body, headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert declared.status_code == 413
+    assert declared.json()["error"]["code"] == "INPUT_TOO_LARGE"
+    assert "over 1.0 MB" in declared.json()["error"]["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the server counts what it reads
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    chunked = requests.post(
+        f"{api}/generate", data=chunks(), headers={"Content-Type": "application/json"}, timeout=60
+    )
+    assert chunked.status_code == 413
+    assert chunked.json()["error"]["code"] == "INPUT_TOO_LARGE"
+    small = requests.post(f"{api}/generate", json=JOB | {"validate_only": True}, timeout=60)
+    assert small.status_code == 413  # read and checked: the example speech is over this 0.01 MB cap
+    assert "speakers[0].audio: 0.1 MB exceeds the limit" in small.json()["error"]["message"]

@@ -15,7 +15,8 @@
 One job runs at a time on the resident pipeline (jobs.py); at most MULTITALK_QUEUE_SIZE wait, one more is
 refused with 429. Finished jobs and their files are kept MULTITALK_JOB_TTL_S seconds. The queue lives in this
 process: a restart loses it. Guards (security.py): the Host header must be allowed, job requests must be
-JSON and same-origin, and beyond loopback a bearer token is needed.
+JSON and same-origin, and beyond loopback a bearer token is needed. A job's body is read up to three inline
+inputs at MULTITALK_MAX_INPUT_MB each (as base64) plus 1 MB, and refused with 413 INPUT_TOO_LARGE past that.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -37,8 +39,8 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
-from multitalk_worker.config import SettingsError, settings_from_process
-from multitalk_worker.errors import InvalidInput, WorkerError
+from multitalk_worker.config import Settings, SettingsError, settings_from_process
+from multitalk_worker.errors import InputTooLarge, InvalidInput, WorkerError
 from multitalk_worker.jobs import JobQueue, JobRecord, QueueFull
 from multitalk_worker.schema import parse_job_input
 from multitalk_worker.security import RequestGuard, api_error
@@ -149,14 +151,14 @@ def create_app(worker: Worker, queue: JobQueue | None = None) -> FastAPI:
 def _add_job_routes(app: FastAPI, worker: Worker, jobs: JobQueue) -> None:
     @app.post("/run", openapi_extra=_body("RunRequest"), summary="Queue a job; answers its id at once")
     async def run(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, _job_input(await _json_body(request)))
+        record = _submit(jobs, worker, _job_input(await _json_body(request, max_body_bytes(worker.settings))))
         if isinstance(record, JSONResponse):
             return record
         return JSONResponse({"id": record.id, "status": record.status})
 
     @app.post("/runsync", openapi_extra=_body("RunRequest"), summary="Queue a job and wait for it")
     async def runsync(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, _job_input(await _json_body(request)))
+        record = _submit(jobs, worker, _job_input(await _json_body(request, max_body_bytes(worker.settings))))
         if isinstance(record, JSONResponse):
             return record
         await _wait(jobs, record, RUNSYNC_WAIT_S)
@@ -164,7 +166,7 @@ def _add_job_routes(app: FastAPI, worker: Worker, jobs: JobQueue) -> None:
 
     @app.post("/generate", openapi_extra=_body("GenerateInput"), summary="Run a job, answer its output")
     async def generate(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, await _json_body(request))
+        record = _submit(jobs, worker, await _json_body(request, max_body_bytes(worker.settings)))
         if isinstance(record, JSONResponse):
             return record
         await _wait(jobs, record, None)
@@ -227,13 +229,36 @@ def _web_file(name: str) -> str:
 
 
 class _BadBody(Exception):
-    def __init__(self, error: InvalidInput) -> None:
+    def __init__(self, error: WorkerError) -> None:
         self.error = error
 
 
-async def _json_body(request: Request) -> Any:
-    """The parsed body, or a typed INVALID_INPUT (not JSON, not UTF-8, nested too deeply)."""
-    raw = await request.body()
+INLINE_INPUTS = 3  # a job's files that may come in its body: the image or video and two speech tracks
+BODY_SLACK_BYTES = 1_000_000  # the prompt and every other field
+
+
+def max_body_bytes(settings: Settings) -> int:
+    """The largest request body read: every inline input at the per-file cap, as base64, plus the rest."""
+    return INLINE_INPUTS * math.ceil(settings.max_input_bytes * 4 / 3) + BODY_SLACK_BYTES
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    """The parsed body, or a typed error: INPUT_TOO_LARGE past `limit` bytes (read no further than that),
+    INVALID_INPUT when it is not JSON, not UTF-8 or nested too deeply."""
+    too_large = InputTooLarge(
+        f"the request body is over {limit / 1e6:.1f} MB ({INLINE_INPUTS} inline inputs of at most "
+        "MULTITALK_MAX_INPUT_MB each as base64, plus 1 MB); send the files as URLs or make them smaller"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _BadBody(too_large)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BadBody(too_large)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         return json.loads(raw)
     except RecursionError:
