@@ -108,5 +108,5 @@ def test_a_video_needs_infinitetalk(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
-        "error [INVALID_INPUT]: model multitalk animates an image; a video source needs model infinitetalk"
+        "error [INVALID_INPUT]: model multitalk animates an image; a video source needs model 'infinitetalk'"
     )

@@ -124,6 +124,11 @@ def get_model(name: str) -> ModelSpec:
         raise InvalidInput(f"unknown model {name!r}; accepted: {', '.join(MODELS)}") from None
 
 
+def models_taking(source: SourceKind) -> str:
+    """The models that take a `source` conditioning input, for messages: "'a' or 'b'"."""
+    return " or ".join(repr(name) for name, spec in MODELS.items() if source in spec.sources)
+
+
 def all_adapters() -> dict[str, Adapter]:
     """Every adapter file of every model, keyed by its path (two models never share a file)."""
     return {adapter.file: adapter for spec in MODELS.values() for adapter in spec.adapters}

@@ -20,13 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from multitalk_worker.errors import DurationTooLong, InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
-from multitalk_worker.registry import INFINITETALK, MODELS, MULTITALK, all_adapters
+from multitalk_worker.registry import INFINITETALK, MODELS, MULTITALK, all_adapters, models_taking
 from multitalk_worker.timeline import duration_limit_s
 from multitalk_worker.url_policy import check_url
 
 SCHEMA_VERSION = "1"
 MAX_DURATION_S = duration_limit_s(MULTITALK.max_frames)
-LONGEST_DURATION_S = duration_limit_s(INFINITETALK.max_frames)  # the longest any model makes
+LONGEST_DURATION_S = max(duration_limit_s(spec.max_frames) for spec in MODELS.values())  # any model
 ModelField = Literal[tuple(MODELS)]  # type: ignore[valid-type]
 AdapterField = Literal[tuple(sorted({a.name for a in all_adapters().values()}))]  # type: ignore[valid-type]
 MAX_SOURCE_CHARS = (
@@ -342,12 +342,13 @@ def parse_job_input(
 
 
 def _check_model_fields(job: GenerateInput, default_model: str) -> str:
-    """The model's rules: a video needs infinitetalk; the adapter must be one of the model's. Its name."""
+    """The model's rules: a video needs a model that takes one; the adapter must be one of the model's.
+    Its name."""
     model = job.model_name(default_model)
     spec = MODELS[model]
     if job.video is not None and "video" not in spec.sources:
         raise InvalidInput(
-            f"video: model {model} animates an image; send model 'infinitetalk' to dub a video"
+            f"video: model {model} animates an image; send model {models_taking('video')} to dub a video"
         )
     job.adapter_name(default_model)  # an adapter of another model lists the accepted ones
     longest = duration_limit_s(spec.max_frames)

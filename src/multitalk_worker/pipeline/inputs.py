@@ -17,7 +17,7 @@ from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
 from multitalk_worker.pipeline.video import SourceFrames, VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
-from multitalk_worker.registry import ModelSpec, get_model
+from multitalk_worker.registry import ModelSpec, get_model, models_taking
 from multitalk_worker.timeline import FPS, FRAMES_PER_CLIP, SAMPLE_RATE, VAE_STRIDE, resolve_max_frames
 
 AUDIO_CONTEXT_S = 1.0  # audio decoded past a capped job's last window: wav2vec2 context at the cut
@@ -72,7 +72,9 @@ def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
     if (request.image is None) == (request.video is None):
         raise InvalidInput("give exactly one of image and video")
     if request.video is not None and "video" not in spec.sources:
-        raise InvalidInput(f"model {spec.name} animates an image; a video source needs model infinitetalk")
+        raise InvalidInput(
+            f"model {spec.name} animates an image; a video source needs model {models_taking('video')}"
+        )
     if request.resolution == "tiny" and not tiny_model:
         raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
     if params.steps < 1:
