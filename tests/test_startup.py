@@ -17,6 +17,7 @@ from multitalk_worker.startup import (
     check_media,
     check_versions,
     check_weights,
+    gpu_memory_needed_gib,
     locked_versions,
     worker_version,
 )
@@ -68,6 +69,17 @@ def test_weights_and_gpu(make_settings: Callable[..., Settings], tmp_path: Path)
     assert not incomplete.ok and "problem" in incomplete.detail
     assert check_gpu(make_settings()).ok  # tiny model on the CPU
     assert not check_gpu(make_settings(MULTITALK_WEIGHTS=str(empty))).ok  # the real model needs a GPU
+
+
+def test_gpu_memory_asked_for_each_mode(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
+    real = {"MULTITALK_WEIGHTS": str(tmp_path / "weights")}
+    assert gpu_memory_needed_gib(make_settings(**real)) == 72.0  # 720p (the default), every network resident
+    assert gpu_memory_needed_gib(make_settings(**real, MULTITALK_MAX_RESOLUTION="480p")) == 60.0
+    for resolution, peak in (("480p", 11.3), ("720p", 16.4)):  # low-memory mode's measured peaks
+        offload = make_settings(**real, MULTITALK_OFFLOAD="true", MULTITALK_MAX_RESOLUTION=resolution)
+        assert peak < gpu_memory_needed_gib(offload) < 23.6  # an RTX 4090 reports 23.6-24.0 GiB
+    assert gpu_memory_needed_gib(make_settings(**real, MULTITALK_MIN_GPU_MEMORY_GIB="12.5")) == 12.5
+    assert gpu_memory_needed_gib(make_settings()) == 0.0  # the tiny model
 
 
 def test_revision_file(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
