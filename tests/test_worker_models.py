@@ -162,6 +162,19 @@ def test_plan_says_from_which_frame_the_last_frame_is_held(volume: Path, tmp_pat
     assert source["frames_past_end"] == plan["frames"] - SOURCE_FRAMES
 
 
+def test_source_fps_and_color_reference_are_job_fields(volume: Path, tmp_path: Path) -> None:
+    """The CLI's --source-fps and --color-reference as job fields: planned and reported; refused with an
+    image, where they would change nothing."""
+    worker = Worker(settings_for(volume, tmp_path))
+    job = dub_job("inputs/source.mp4", source_fps="reference", color_reference="clip", validate_only=True)
+    plan = output_of(run(worker, job))["plan"]
+    assert plan["source"]["fps_mode"] == "reference" and plan["resolved"]["color_reference"] == "clip"
+    default = output_of(run(worker, dub_job("inputs/source.mp4", validate_only=True)))["plan"]
+    assert default["source"]["fps_mode"] == "resample" and default["resolved"]["color_reference"] == "first"
+    refused = error_of(run(worker, image_job(source_fps="reference")))
+    assert refused["code"] == "INVALID_INPUT" and "source_fps applies to a video source" in refused["message"]
+
+
 def test_multitalk_after_infinitetalk_is_the_fresh_workers_video(served: dict[str, Any]) -> None:
     first, again = served["first"], served["again"]
     assert first["timings"]["adapter_swap_s"] == 0.0 and again["timings"]["adapter_swap_s"] > 0

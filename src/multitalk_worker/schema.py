@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from multitalk_worker.errors import DurationTooLong, InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
+from multitalk_worker.pipeline.request import ColorReference, SourceFps
 from multitalk_worker.registry import INFINITETALK, MODELS, MULTITALK, all_adapters, models_taking
 from multitalk_worker.timeline import duration_limit_s
 from multitalk_worker.url_policy import check_url
@@ -195,6 +196,17 @@ class GenerateInput(_Strict):
         description="source video to dub (MP4/MOV, WebM/MKV, AVI, ...; model infinitetalk); give exactly "
         "one of image and video",
     )
+    source_fps: SourceFps | None = Field(
+        None,
+        description="video only: resample (place the source on the 25 fps timeline by timestamp) or "
+        "reference (read frame n as output frame n, as the reference does; right for 25 fps sources only); "
+        "unset: resample",
+    )
+    color_reference: ColorReference | None = Field(
+        None,
+        description="video only: first (correct colours towards the source's first frame, as the "
+        "reference) or clip (each clip's own reference frame, for sources with several shots); unset: first",
+    )
     model: ModelField | None = Field(  # type: ignore[valid-type]
         None,
         description="multitalk (image to video) or infinitetalk (image to video, or dubbing a video); "
@@ -245,6 +257,9 @@ class GenerateInput(_Strict):
             raise ValueError("audio_mode sequential needs two speakers")
         if (self.image is None) == (self.video is None):
             raise ValueError("give exactly one of image (a picture to animate) and video (a video to dub)")
+        for name in ("source_fps", "color_reference"):
+            if self.video is None and getattr(self, name) is not None:
+                raise ValueError(f"{name} applies to a video source; an image is the same in every clip")
         return self
 
     def model_name(self, default_model: str) -> str:

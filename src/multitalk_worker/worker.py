@@ -376,6 +376,8 @@ class Worker:
             resolution=parsed.resolution,
             max_duration_s=parsed.max_duration_s,
             sampling=resolve_sampling(parsed),
+            source_fps=parsed.source_fps or "resample",
+            color_reference=parsed.color_reference or "first",
         )
 
     def _deliver(self, video: Path, delivery: dict[str, Any]) -> dict[str, object]:
@@ -523,6 +525,7 @@ def _plan(
             "audio_mode": request.audio_mode,
             "speakers": len(request.speakers),
             "max_duration_s": request.max_duration_s,
+            "color_reference": request.color_reference if request.video is not None else None,
             "steps": sampling.steps,
             "text_guidance": sampling.text_guidance,
             "audio_guidance": sampling.audio_guidance,

@@ -403,6 +403,7 @@ class TalkingVideoPipeline:
             "apg": settings.apg,
             "teacache_threshold": settings.teacache_threshold,
             "color_correction": run.color_strength,
+            "color_reference": request.color_reference if request.video is not None else None,
             "negative_prompt": "default" if request.negative_prompt is None else "custom",
             "seed": seed,
         }
