@@ -4,6 +4,7 @@ end with one line on stderr."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -31,6 +32,23 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny tensors: threads only add overhead
     command = [sys.executable, "-m", "multitalk_worker.cli", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def cli_in_process(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, *args: str | Path
+) -> subprocess.CompletedProcess[str]:
+    """`main(args)` in this process (no interpreter start and imports: seconds per call), returned as
+    `run_cli` returns a process. Its stderr is what a process would print there: the captured stderr, then
+    every log record at WARNING or above (the CLI's stderr handler level; pytest holds the records)."""
+    capsys.readouterr()
+    caplog.clear()
+    status = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    logged = [
+        f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING
+    ]
+    stderr = "".join(f"{line}\n" for line in [*captured.err.splitlines(), *logged])
+    return subprocess.CompletedProcess(list(map(str, args)), status, captured.out, stderr)
 
 
 def generate(out: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
