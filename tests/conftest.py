@@ -1,7 +1,10 @@
-"""Shared fixtures: loopback servers (S3, https), settings for tests, the committed example inputs."""
+"""Shared fixtures: loopback servers (S3, https), settings for tests, the committed example inputs, the CLI
+in this process."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -58,3 +61,31 @@ def make_settings(tmp_path: Path, volume: Path) -> Callable[..., Settings]:
         return Settings.from_env({**base, **env})
 
     return build
+
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Cli:
+    """cli(*args): the CLI's `main(args)` in this process, returned as tests/test_cli.py's `run_cli` returns
+    a process (no interpreter start and imports: about 10 s a run on a loaded 2-core machine). Its stderr
+    is what the process would print there: the captured stderr, then every log record at WARNING or above
+    (the level of the CLI's stderr handler; under pytest the records go to caplog instead)."""
+
+    from multitalk_worker.cli import main as cli_main  # its imports take seconds: only where used
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        capsys.readouterr()
+        caplog.clear()
+        status = cli_main([str(arg) for arg in args])
+        captured = capsys.readouterr()
+        logged = [
+            f"{r.levelname} {r.name}: {r.getMessage()}"
+            for r in caplog.records
+            if r.levelno >= logging.WARNING
+        ]
+        stderr = "".join(f"{line}\n" for line in [*captured.err.splitlines(), *logged])
+        return subprocess.CompletedProcess([str(arg) for arg in args], status, captured.out, stderr)
+
+    return run

@@ -1,10 +1,11 @@
 """`multitalk-worker generate` end to end on the tiny model: mp4s read back with a decoder; bad inputs
-end with one line on stderr."""
+end with one line on stderr. One generation and one bad input run the CLI as a process (`run_cli`); the
+others call its `main` in this process (the `cli` fixture), which saves an interpreter start and the
+imports, about 10 s a run on a loaded 2-core machine."""
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from multitalk_worker.media import probe_video, read_frames
 from multitalk_worker.pipeline.audio import read_track
 from multitalk_worker.timeline import audio_frames
 from tests import hostile
+from tests.conftest import Cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 AAC_FRAME_S = 1024 / 16000
@@ -34,25 +36,8 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
-def cli_in_process(
-    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, *args: str | Path
-) -> subprocess.CompletedProcess[str]:
-    """`main(args)` in this process (no interpreter start and imports: seconds per call), returned as
-    `run_cli` returns a process. Its stderr is what a process would print there: the captured stderr, then
-    every log record at WARNING or above (the CLI's stderr handler level; pytest holds the records)."""
-    capsys.readouterr()
-    caplog.clear()
-    status = main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    logged = [
-        f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING
-    ]
-    stderr = "".join(f"{line}\n" for line in [*captured.err.splitlines(), *logged])
-    return subprocess.CompletedProcess(list(map(str, args)), status, captured.out, stderr)
-
-
-def generate(out: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    proc = run_cli(
+def generate(out: Path, *args: str | Path, cli: Cli = run_cli) -> subprocess.CompletedProcess[str]:
+    proc = cli(
         "generate", "--prompt", "people talking", "--weights", "tiny", "--steps", "1", "--out", out, *args
     )
     assert proc.returncode == 0, proc.stderr
@@ -116,18 +101,19 @@ def test_version_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert schema["$defs"]["AdvancedInput"]["properties"]["steps"]["anyOf"][0]["maximum"] == 100
 
 
-def test_two_people_parallel(tmp_path: Path) -> None:
+def test_two_people_parallel(tmp_path: Path, cli: Cli) -> None:
     out = tmp_path / "parallel.mp4"
     generate(
         out,
         "--image", EXAMPLES / "two_people.png",
         "--audio", EXAMPLES / "speech_a.wav", "--region", "left",
         "--audio", EXAMPLES / "speech_b.wav", "--region", "0.5,0,1,1",
+        cli=cli,
     )  # fmt: skip
     check_video(out, max(SPEECH_A_FRAMES, SPEECH_B_FRAMES) - 3)
 
 
-def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path) -> None:
+def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path, cli: Cli) -> None:
     """Also the longer-than-one-clip case: three clips."""
     speech_a = decode_samples(EXAMPLES / "speech_a.wav").astype(np.float32) / 32768
     mp3 = write_encoded(tmp_path / "a.mp3", np.repeat(speech_a, 2, axis=0), 16000, "libmp3lame", "fltp")
@@ -139,6 +125,7 @@ def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path) -> None:
         out,
         "--image", EXAMPLES / "two_people.png",
         "--audio", mp3, "--audio", stereo, "--audio-mode", "sequential",
+        cli=cli,
     )  # fmt: skip
     assert "3 clip(s)" in proc.stdout
     samples = read_track(mp3).shape[0] + read_track(stereo).shape[0]

@@ -1,14 +1,12 @@
 """`multitalk-worker generate --model infinitetalk` end to end on the tiny model: a dub of a 30 fps video,
 image-to-video beyond two clips, two speakers on the multi adapter; bad `--video` files end with one line.
-Every mp4 is read back with a decoder. The CLI runs in this process (`cli_in_process`: stdout, stderr and
+Every mp4 is read back with a decoder. The CLI runs in this process (the `cli` fixture: stdout, stderr and
 the exit status as a process gives them, without its start: about 10 s a run on a 2-core machine);
 tests/test_cli.py runs it as a process."""
 
 from __future__ import annotations
 
-import subprocess
 import wave
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,16 +14,9 @@ import pytest
 from PIL import Image
 
 from multitalk_worker.media import probe_video, read_frames
+from tests.conftest import Cli
 from tests.media_files import audio_only_file, write_video
-from tests.test_cli import AAC_FRAME_S, EXAMPLES, SPEECH_A_FRAMES, cli_in_process
-
-Cli = Callable[..., subprocess.CompletedProcess[str]]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Cli:
-    """cli(*args) -> the finished command, as `run_cli` returns it."""
-    return lambda *args: cli_in_process(capsys, caplog, *args)
+from tests.test_cli import AAC_FRAME_S, EXAMPLES, SPEECH_A_FRAMES
 
 
 def _speech(path: Path, seconds: float) -> Path:

@@ -18,7 +18,8 @@ from multitalk_worker.models.runtime import FAST_RUNTIME, compile_blocks
 from multitalk_worker.pipeline.engine import ENGINES, EngineOptions, engine_options
 from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
 from multitalk_worker.startup import engine_from_settings
-from tests.test_cli import EXAMPLES, cli_in_process
+from tests.conftest import Cli
+from tests.test_cli import EXAMPLES
 from tests.test_pipeline import _request
 from tests.test_transformer import _inputs, _model
 
@@ -114,20 +115,16 @@ def test_cuda_offload_matches_resident_and_holds_two_blocks() -> None:
     assert offload.resident() == [0]
 
 
-def test_cli_offload_flag_same_video_and_fp8_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
-) -> None:
+def test_cli_offload_flag_same_video_and_fp8_refused(tmp_path: Path, cli: Cli) -> None:
     """The flag reaches the pipeline (one 10-frame clip: the pipeline test above compares whole clips)."""
     args = ["--image", EXAMPLES / "person.png", "--audio", EXAMPLES / "speech_a.wav", "--seed", "3"]
     args += ["--max-duration", "0.4", "--steps", "1", "--prompt", "p", "--weights", "tiny"]
     plain, offloaded = tmp_path / "plain.mp4", tmp_path / "offload.mp4"
     for out, extra in ((plain, []), (offloaded, ["--offload"])):
-        proc = cli_in_process(capsys, caplog, "generate", *args, *extra, "--out", out)
+        proc = cli("generate", *args, *extra, "--out", out)
         assert proc.returncode == 0, proc.stderr
     assert len(read_frames(plain)) == 10
     assert np.array_equal(read_frames(offloaded), read_frames(plain))
-    proc = cli_in_process(
-        capsys, caplog, "generate", *args, "--out", tmp_path / "x.mp4", "--offload", "--fp8"
-    )
+    proc = cli("generate", *args, "--out", tmp_path / "x.mp4", "--offload", "--fp8")
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "fp8 and offload cannot be combined" in proc.stderr
