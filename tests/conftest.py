@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -66,26 +67,38 @@ def make_settings(tmp_path: Path, volume: Path) -> Callable[..., Settings]:
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 
+# warnings a fresh interpreter's default filters do not print
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
 @pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Cli:
+def cli(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Cli:
     """cli(*args): the CLI's `main(args)` in this process, returned as tests/test_cli.py's `run_cli` returns
     a process (no interpreter start and imports: about 10 s a run on a loaded 2-core machine). Its stderr
-    is what the process would print there: the captured stderr, then every log record at WARNING or above
-    (the level of the CLI's stderr handler; under pytest the records go to caplog instead)."""
+    is what the process would print there: what reached file descriptor 2 (Python's and native libraries'
+    writes), every log record at WARNING or above (the level of the CLI's stderr handler; under pytest the
+    records go to caplog instead) and every warning a fresh interpreter would print."""
 
     from multitalk_worker.cli import main as cli_main  # its imports take seconds: only where used
 
     def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
-        capsys.readouterr()
+        capfd.readouterr()
         caplog.clear()
-        status = cli_main([str(arg) for arg in args])
-        captured = capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            status = cli_main([str(arg) for arg in args])
+        captured = capfd.readouterr()
         logged = [
             f"{r.levelname} {r.name}: {r.getMessage()}"
             for r in caplog.records
             if r.levelno >= logging.WARNING
         ]
-        stderr = "".join(f"{line}\n" for line in [*captured.err.splitlines(), *logged])
+        warned = [
+            f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}"
+            for w in caught
+            if not issubclass(w.category, HIDDEN_WARNINGS)
+        ]
+        stderr = "".join(f"{line}\n" for line in [*captured.err.splitlines(), *logged, *warned])
         return subprocess.CompletedProcess([str(arg) for arg in args], status, captured.out, stderr)
 
     return run

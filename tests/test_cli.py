@@ -1,7 +1,7 @@
 """`multitalk-worker generate` end to end on the tiny model: mp4s read back with a decoder; bad inputs
-end with one line on stderr. One generation and one bad input run the CLI as a process (`run_cli`); the
-others call its `main` in this process (the `cli` fixture), which saves an interpreter start and the
-imports, about 10 s a run on a loaded 2-core machine."""
+end with one line on stderr. The one-person generation runs the CLI as a process (`run_cli`); the others
+call its `main` in this process (the `cli` fixture: stdout, stderr and exit status as the process gives
+them), which saves an interpreter start and the imports, about 10 s a run on a loaded 2-core machine."""
 
 from __future__ import annotations
 
@@ -132,10 +132,10 @@ def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path, cli: Cli)
     check_video(out, audio_frames(samples) - 3)
 
 
-def test_bad_audio_bytes_end_with_one_line(tmp_path: Path) -> None:
+def test_bad_audio_bytes_end_with_one_line(tmp_path: Path, cli: Cli) -> None:
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(os.urandom(4000))
-    proc = run_cli(
+    proc = cli(
         "generate", "--image", EXAMPLES / "person.png", "--audio", garbage, "--prompt", "x",
         "--weights", "tiny", "--out", tmp_path / "x.mp4",
     )  # fmt: skip
@@ -166,9 +166,7 @@ def _short_wav(tmp_path: Path) -> Path:
         ("long", "error [DURATION_TOO_LONG]: long.flac: the audio lasts more than 40.2 s"),
     ],
 )
-def test_bad_inputs_exit_non_zero_with_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
-) -> None:
+def test_bad_inputs_exit_non_zero_with_one_line(tmp_path: Path, cli: Cli, case: str, message: str) -> None:
     speech, image = EXAMPLES / "speech_a.wav", EXAMPLES / "two_people.png"
     bad_image = tmp_path / "bad.png"
     bad_image.write_bytes(b"not an image at all")
@@ -195,7 +193,8 @@ def test_bad_inputs_exit_non_zero_with_one_line(
         str(tmp_path / "x.mp4"),
         *map(str, inputs),
     ]
-    assert main(args) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    proc = cli(*args)
+    assert proc.returncode == 1
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(message), err
     assert not (tmp_path / "x.mp4").exists()
