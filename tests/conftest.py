@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from multitalk_worker.config import Settings
+from multitalk_worker.pipeline.request import GenerationResult
 from tests.servers import HttpsServer, S3Server, start_https_server, start_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +31,17 @@ def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsServ
     server = start_https_server(tmp_path_factory.mktemp("tls"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def capped_clip() -> GenerationResult:
+    """tests/test_pipeline.py's `capped_request()` (one 25-frame clip, seed 7, 2 steps) on the resident tiny
+    model, made once: test_pipeline (same seed, same video) and test_offload (the offloaded pipeline makes
+    the same video) compare their runs with it."""
+    from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
+    from tests.test_pipeline import capped_request
+
+    return TalkingVideoPipeline.from_pretrained("tiny", device="cpu")(capped_request())
 
 
 @pytest.fixture

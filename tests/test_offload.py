@@ -17,10 +17,11 @@ from multitalk_worker.models.offload import BlockOffload
 from multitalk_worker.models.runtime import FAST_RUNTIME, compile_blocks
 from multitalk_worker.pipeline.engine import ENGINES, EngineOptions, engine_options
 from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
+from multitalk_worker.pipeline.request import GenerationResult
 from multitalk_worker.startup import engine_from_settings
 from tests.conftest import Cli
 from tests.test_cli import EXAMPLES
-from tests.test_pipeline import _request
+from tests.test_pipeline import capped_request
 from tests.test_transformer import _inputs, _model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -73,9 +74,9 @@ def test_blocks_visit_the_device_one_at_a_time_and_the_output_is_unchanged(compi
         assert offload.resident() == [0] and _at_rest(offload, skip=0)  # block 0 waits for the next call
 
 
-def test_offload_pipeline_makes_the_same_video_as_the_resident_one() -> None:
-    request = _request(max_duration_s=1.0)  # one 25-frame clip, 3 guidance passes, 2 steps
-    resident = TalkingVideoPipeline.from_pretrained("tiny", device="cpu")(request)
+def test_offload_pipeline_makes_the_same_video_as_the_resident_one(capped_clip: GenerationResult) -> None:
+    request = capped_request()  # one 25-frame clip, 3 guidance passes, 2 steps
+    resident = capped_clip  # the resident pipeline's video of that request
     engine = replace(ENGINES["reference"], offload=True)
     pipe = TalkingVideoPipeline.from_pretrained("tiny", device="cpu", engine=engine)
     dit, text = pipe.offloads
