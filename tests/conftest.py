@@ -1,13 +1,18 @@
-"""Shared fixtures: loopback servers (S3, https), settings for tests, the committed example inputs."""
+"""Shared fixtures: loopback servers (S3, https), settings for tests, the committed example inputs, the CLI
+in this process."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from multitalk_worker.config import Settings
+from multitalk_worker.pipeline.request import GenerationResult
 from tests.servers import HttpsServer, S3Server, start_https_server, start_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +31,17 @@ def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpsServ
     server = start_https_server(tmp_path_factory.mktemp("tls"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def capped_clip() -> GenerationResult:
+    """tests/test_pipeline.py's `capped_request()` (one 25-frame clip, seed 7, 2 steps) on the resident tiny
+    model, made once: test_pipeline (same seed, same video) and test_offload (the offloaded pipeline makes
+    the same video) compare their runs with it."""
+    from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
+    from tests.test_pipeline import capped_request
+
+    return TalkingVideoPipeline.from_pretrained("tiny", device="cpu")(capped_request())
 
 
 @pytest.fixture
@@ -58,3 +74,43 @@ def make_settings(tmp_path: Path, volume: Path) -> Callable[..., Settings]:
         return Settings.from_env({**base, **env})
 
     return build
+
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+# warnings a fresh interpreter's default filters do not print
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+@pytest.fixture
+def cli(capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> Cli:
+    """cli(*args): the CLI's `main(args)` in this process, returned as tests/test_cli.py's `run_cli` returns
+    a process (no interpreter start and imports: about 10 s a run on a loaded 2-core machine). Its stderr
+    is what the process would print there: what reached file descriptor 2 (Python's and native libraries'
+    writes), every log record at WARNING or above (the level of the CLI's stderr handler; under pytest the
+    records go to caplog instead) and every warning a fresh interpreter would print."""
+
+    from multitalk_worker.cli import main as cli_main  # its imports take seconds: only where used
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        capfd.readouterr()
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            status = cli_main([str(arg) for arg in args])
+        captured = capfd.readouterr()
+        logged = [
+            f"{r.levelname} {r.name}: {r.getMessage()}"
+            for r in caplog.records
+            if r.levelno >= logging.WARNING
+        ]
+        warned = [
+            f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}"
+            for w in caught
+            if not issubclass(w.category, HIDDEN_WARNINGS)
+        ]
+        stderr = "".join(f"{line}\n" for line in [*captured.err.splitlines(), *logged, *warned])
+        return subprocess.CompletedProcess([str(arg) for arg in args], status, captured.out, stderr)
+
+    return run

@@ -1,5 +1,7 @@
 """`multitalk-worker generate` end to end on the tiny model: mp4s read back with a decoder; bad inputs
-end with one line on stderr."""
+end with one line on stderr. The one-person generation runs the CLI as a process (`run_cli`); the others
+call its `main` in this process (the `cli` fixture: stdout, stderr and exit status as the process gives
+them), which saves an interpreter start and the imports, about 10 s a run on a loaded 2-core machine."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from multitalk_worker.media import probe_video, read_frames
 from multitalk_worker.pipeline.audio import read_track
 from multitalk_worker.timeline import audio_frames
 from tests import hostile
+from tests.conftest import Cli
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 AAC_FRAME_S = 1024 / 16000
@@ -33,8 +36,8 @@ def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
 
 
-def generate(out: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    proc = run_cli(
+def generate(out: Path, *args: str | Path, cli: Cli = run_cli) -> subprocess.CompletedProcess[str]:
+    proc = cli(
         "generate", "--prompt", "people talking", "--weights", "tiny", "--steps", "1", "--out", out, *args
     )
     assert proc.returncode == 0, proc.stderr
@@ -98,18 +101,19 @@ def test_version_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert schema["$defs"]["AdvancedInput"]["properties"]["steps"]["anyOf"][0]["maximum"] == 100
 
 
-def test_two_people_parallel(tmp_path: Path) -> None:
+def test_two_people_parallel(tmp_path: Path, cli: Cli) -> None:
     out = tmp_path / "parallel.mp4"
     generate(
         out,
         "--image", EXAMPLES / "two_people.png",
         "--audio", EXAMPLES / "speech_a.wav", "--region", "left",
         "--audio", EXAMPLES / "speech_b.wav", "--region", "0.5,0,1,1",
+        cli=cli,
     )  # fmt: skip
     check_video(out, max(SPEECH_A_FRAMES, SPEECH_B_FRAMES) - 3)
 
 
-def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path) -> None:
+def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path, cli: Cli) -> None:
     """Also the longer-than-one-clip case: three clips."""
     speech_a = decode_samples(EXAMPLES / "speech_a.wav").astype(np.float32) / 32768
     mp3 = write_encoded(tmp_path / "a.mp3", np.repeat(speech_a, 2, axis=0), 16000, "libmp3lame", "fltp")
@@ -121,16 +125,17 @@ def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path) -> None:
         out,
         "--image", EXAMPLES / "two_people.png",
         "--audio", mp3, "--audio", stereo, "--audio-mode", "sequential",
+        cli=cli,
     )  # fmt: skip
     assert "3 clip(s)" in proc.stdout
     samples = read_track(mp3).shape[0] + read_track(stereo).shape[0]
     check_video(out, audio_frames(samples) - 3)
 
 
-def test_bad_audio_bytes_end_with_one_line(tmp_path: Path) -> None:
+def test_bad_audio_bytes_end_with_one_line(tmp_path: Path, cli: Cli) -> None:
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(os.urandom(4000))
-    proc = run_cli(
+    proc = cli(
         "generate", "--image", EXAMPLES / "person.png", "--audio", garbage, "--prompt", "x",
         "--weights", "tiny", "--out", tmp_path / "x.mp4",
     )  # fmt: skip
@@ -161,9 +166,7 @@ def _short_wav(tmp_path: Path) -> Path:
         ("long", "error [DURATION_TOO_LONG]: long.flac: the audio lasts more than 40.2 s"),
     ],
 )
-def test_bad_inputs_exit_non_zero_with_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, message: str
-) -> None:
+def test_bad_inputs_exit_non_zero_with_one_line(tmp_path: Path, cli: Cli, case: str, message: str) -> None:
     speech, image = EXAMPLES / "speech_a.wav", EXAMPLES / "two_people.png"
     bad_image = tmp_path / "bad.png"
     bad_image.write_bytes(b"not an image at all")
@@ -190,7 +193,8 @@ def test_bad_inputs_exit_non_zero_with_one_line(
         str(tmp_path / "x.mp4"),
         *map(str, inputs),
     ]
-    assert main(args) == 1
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    proc = cli(*args)
+    assert proc.returncode == 1
+    err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(message), err
     assert not (tmp_path / "x.mp4").exists()

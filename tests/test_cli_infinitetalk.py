@@ -1,6 +1,8 @@
 """`multitalk-worker generate --model infinitetalk` end to end on the tiny model: a dub of a 30 fps video,
 image-to-video beyond two clips, two speakers on the multi adapter; bad `--video` files end with one line.
-Every mp4 is read back with a decoder."""
+Every mp4 is read back with a decoder. The CLI runs in this process (the `cli` fixture: stdout, stderr and
+the exit status as a process gives them, without its start: about 10 s a run on a 2-core machine);
+tests/test_cli.py runs it as a process."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ import pytest
 from PIL import Image
 
 from multitalk_worker.media import probe_video, read_frames
+from tests.conftest import Cli
 from tests.media_files import audio_only_file, write_video
-from tests.test_cli import AAC_FRAME_S, EXAMPLES, SPEECH_A_FRAMES, run_cli
+from tests.test_cli import AAC_FRAME_S, EXAMPLES, SPEECH_A_FRAMES
 
 
 def _speech(path: Path, seconds: float) -> Path:
@@ -30,8 +33,8 @@ def _speech(path: Path, seconds: float) -> Path:
     return path
 
 
-def _generate(out: Path, *args: str | Path) -> str:
-    proc = run_cli(
+def _generate(cli: Cli, out: Path, *args: str | Path) -> str:
+    proc = cli(
         "generate", "--model", "infinitetalk", "--prompt", "a person talking", "--weights", "tiny",
         "--steps", "1", "--out", out, *args,
     )  # fmt: skip
@@ -55,28 +58,28 @@ def _moving_person(count: int) -> list[np.ndarray]:
     return [np.roll(person, i, axis=1) for i in range(count)]
 
 
-def test_dub_a_30_fps_video(tmp_path: Path) -> None:
+def test_dub_a_30_fps_video(cli: Cli, tmp_path: Path) -> None:
     pictures = _moving_person(150)  # 5 s at 30 fps: shorter than the speech, so its last frame is held
     source = write_video(tmp_path / "source.mp4", 150, 30, pictures=pictures)
     audio = _speech(tmp_path / "speech.wav", 6.5)  # La = 162 -> 3 clips
     out = tmp_path / "dub.mp4"
-    _generate(out, "--video", source, "--audio", audio)
+    _generate(cli, out, "--video", source, "--audio", audio)
     _check(out, 162)
     assert probe_video(out).width == 48  # the tiny bucket of a square source
 
 
-def test_image_to_video_longer_than_two_clips(tmp_path: Path) -> None:
+def test_image_to_video_longer_than_two_clips(cli: Cli, tmp_path: Path) -> None:
     audio = _speech(tmp_path / "speech.wav", 7.0)  # La = 175 -> 3 clips of 81, 72, 72 frames
     out = tmp_path / "i2v.mp4"
-    stdout = _generate(out, "--image", EXAMPLES / "person.png", "--audio", audio)
+    stdout = _generate(cli, out, "--image", EXAMPLES / "person.png", "--audio", audio)
     _check(out, 175)
     assert "3 clip(s)" in stdout
 
 
-def test_two_speakers_on_the_multi_adapter(tmp_path: Path) -> None:
+def test_two_speakers_on_the_multi_adapter(cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "two.mp4"
     stdout = _generate(
-        out, "--image", EXAMPLES / "two_people.png", "--audio", EXAMPLES / "speech_a.wav",
+        cli, out, "--image", EXAMPLES / "two_people.png", "--audio", EXAMPLES / "speech_a.wav",
         "--audio", EXAMPLES / "speech_b.wav", "--region", "left", "--region", "right",
     )  # fmt: skip
     _check(out, SPEECH_A_FRAMES)
@@ -84,14 +87,14 @@ def test_two_speakers_on_the_multi_adapter(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["garbage", "audio_only", "zero_frames"])
-def test_bad_videos_end_with_one_line(tmp_path: Path, kind: str) -> None:
+def test_bad_videos_end_with_one_line(cli: Cli, tmp_path: Path, kind: str) -> None:
     if kind == "garbage":
         video = tmp_path / "garbage.mp4"
         video.write_bytes(b"\x00\x01not a video" * 50)
     else:
         video = audio_only_file(tmp_path / f"{kind}.mkv", "matroska", empty_video=kind == "zero_frames")
     out = tmp_path / "out.mp4"
-    proc = run_cli(
+    proc = cli(
         "generate", "--model", "infinitetalk", "--prompt", "p", "--weights", "tiny", "--steps", "1",
         "--video", video, "--audio", EXAMPLES / "speech_a.wav", "--out", out,
     )  # fmt: skip
@@ -100,9 +103,9 @@ def test_bad_videos_end_with_one_line(tmp_path: Path, kind: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error [VIDEO_DECODE_FAILED]: "), proc.stderr
 
 
-def test_a_video_needs_infinitetalk(tmp_path: Path) -> None:
+def test_a_video_needs_infinitetalk(cli: Cli, tmp_path: Path) -> None:
     video = write_video(tmp_path / "source.mp4", 10, 25)
-    proc = run_cli(
+    proc = cli(
         "generate", "--prompt", "p", "--weights", "tiny", "--video", video,
         "--audio", EXAMPLES / "speech_a.wav", "--out", tmp_path / "o.mp4",
     )  # fmt: skip

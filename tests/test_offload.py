@@ -17,9 +17,11 @@ from multitalk_worker.models.offload import BlockOffload
 from multitalk_worker.models.runtime import FAST_RUNTIME, compile_blocks
 from multitalk_worker.pipeline.engine import ENGINES, EngineOptions, engine_options
 from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
+from multitalk_worker.pipeline.request import GenerationResult
 from multitalk_worker.startup import engine_from_settings
-from tests.test_cli import EXAMPLES, generate, run_cli
-from tests.test_pipeline import _request
+from tests.conftest import Cli
+from tests.test_cli import EXAMPLES
+from tests.test_pipeline import capped_request
 from tests.test_transformer import _inputs, _model
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -72,9 +74,9 @@ def test_blocks_visit_the_device_one_at_a_time_and_the_output_is_unchanged(compi
         assert offload.resident() == [0] and _at_rest(offload, skip=0)  # block 0 waits for the next call
 
 
-def test_offload_pipeline_makes_the_same_video_as_the_resident_one() -> None:
-    request = _request(max_duration_s=1.0)  # one 25-frame clip, 3 guidance passes, 2 steps
-    resident = TalkingVideoPipeline.from_pretrained("tiny", device="cpu")(request)
+def test_offload_pipeline_makes_the_same_video_as_the_resident_one(capped_clip: GenerationResult) -> None:
+    request = capped_request()  # one 25-frame clip, 3 guidance passes, 2 steps
+    resident = capped_clip  # the resident pipeline's video of that request
     engine = replace(ENGINES["reference"], offload=True)
     pipe = TalkingVideoPipeline.from_pretrained("tiny", device="cpu", engine=engine)
     dit, text = pipe.offloads
@@ -114,13 +116,16 @@ def test_cuda_offload_matches_resident_and_holds_two_blocks() -> None:
     assert offload.resident() == [0]
 
 
-def test_cli_offload_flag_same_video_and_fp8_refused(tmp_path: Path) -> None:
+def test_cli_offload_flag_same_video_and_fp8_refused(tmp_path: Path, cli: Cli) -> None:
+    """The flag reaches the pipeline (one 10-frame clip: the pipeline test above compares whole clips)."""
     args = ["--image", EXAMPLES / "person.png", "--audio", EXAMPLES / "speech_a.wav", "--seed", "3"]
+    args += ["--max-duration", "0.4", "--steps", "1", "--prompt", "p", "--weights", "tiny"]
     plain, offloaded = tmp_path / "plain.mp4", tmp_path / "offload.mp4"
-    generate(plain, *args)
-    generate(offloaded, *args, "--offload")
+    for out, extra in ((plain, []), (offloaded, ["--offload"])):
+        proc = cli("generate", *args, *extra, "--out", out)
+        assert proc.returncode == 0, proc.stderr
+    assert len(read_frames(plain)) == 10
     assert np.array_equal(read_frames(offloaded), read_frames(plain))
-    proc = run_cli("generate", "--prompt", "p", "--weights", "tiny", "--out", tmp_path / "x.mp4", *args,
-                   "--offload", "--fp8")  # fmt: skip
+    proc = cli("generate", *args, "--out", tmp_path / "x.mp4", "--offload", "--fp8")
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "fp8 and offload cannot be combined" in proc.stderr

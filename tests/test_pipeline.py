@@ -15,7 +15,13 @@ from multitalk_worker.models.configs import TINY
 from multitalk_worker.pipeline.conditioning import known_frames_mask
 from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline, to_uint8
 from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
-from multitalk_worker.pipeline.request import GenerationRequest, Progress, SamplingParams, Speaker
+from multitalk_worker.pipeline.request import (
+    GenerationRequest,
+    GenerationResult,
+    Progress,
+    SamplingParams,
+    Speaker,
+)
 from multitalk_worker.timeline import resolve_max_frames
 from multitalk_worker.tiny import build_tiny_bundle
 
@@ -126,6 +132,11 @@ def _request(**changes: object) -> GenerationRequest:
     return replace(base, **changes)
 
 
+def capped_request() -> GenerationRequest:
+    """Clip mode: one clip cut to 25 frames, 3 guidance passes, 2 steps, seed 7 (conftest's `capped_clip`)."""
+    return _request(max_duration_s=1.0)
+
+
 def test_one_person_video(pipeline: TalkingVideoPipeline) -> None:
     events: list[Progress] = []
     result = pipeline(_request(), progress=events.append)
@@ -141,9 +152,12 @@ def test_one_person_video(pipeline: TalkingVideoPipeline) -> None:
     assert all(e.chunks == 2 for e in events if e.stage == "sample")
 
 
-def test_same_seed_same_video_other_seed_differs(pipeline: TalkingVideoPipeline) -> None:
-    capped = _request(max_duration_s=1.0)  # clip mode: one clip, 25 frames
-    a, b = pipeline(capped), pipeline(capped)
+def test_same_seed_same_video_other_seed_differs(
+    pipeline: TalkingVideoPipeline, capped_clip: GenerationResult
+) -> None:
+    """`capped_clip` came from another pipeline of the same tiny model."""
+    capped = capped_request()
+    a, b = capped_clip, pipeline(capped)
     assert a.frames.shape[0] == 25 and a.resolved["mode"] == "clip"
     assert np.array_equal(a.frames, b.frames)
     other = pipeline(replace(capped, sampling=SamplingParams(steps=2, seed=8)))

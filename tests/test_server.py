@@ -176,7 +176,7 @@ def test_async_job_cancel_then_next_job_runs_to_its_video(serve: Callable[..., s
     """A job cancelled mid-sampling ends CANCELLED; the next one goes queued -> running (with progress) ->
     done, its video downloads and decodes, and after MULTITALK_JOB_TTL_S both its record and file are gone.
     (Two jobs only: on a loaded CPU each tiny job's VAE work takes tens of seconds.)"""
-    api = serve(MULTITALK_JOB_TTL_S="10")
+    api = serve(MULTITALK_JOB_TTL_S="4")  # the test waits it out
     first = run(api, LONG_JOB)
     second = run(api, JOB | {"advanced": {"steps": 12, "seed": 5}})
     wait_until(api, first, lambda b: b["progress"]["stage"] == "sample" and b["progress"]["step"] >= 1)
