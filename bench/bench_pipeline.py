@@ -30,7 +30,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from multitalk_worker.media import probe_video, write_mp4  # noqa: E402
+from multitalk_worker.media import probe_mp4, write_mp4  # noqa: E402
 from multitalk_worker.models.audio_encoder import build_audio_encoder  # noqa: E402
 from multitalk_worker.models.configs import CONFIGS, TINY, MultiTalkConfig  # noqa: E402
 from multitalk_worker.models.image_encoder import build_image_encoder  # noqa: E402
@@ -117,7 +117,7 @@ def run_case(
     path = out / f"{name}.mp4"
     mux_start = time.perf_counter()
     write_mp4(path, result.frames, result.audio, result.sample_rate, result.fps)
-    info = probe_video(path)
+    info = probe_mp4(path)
     row = {
         "case": name,
         "preset": preset,

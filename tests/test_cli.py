@@ -18,7 +18,7 @@ import pytest
 import soxr
 
 from multitalk_worker.cli import main
-from multitalk_worker.media import probe_video, read_frames
+from multitalk_worker.media import probe_mp4, read_frames
 from multitalk_worker.pipeline.audio import read_track
 from multitalk_worker.timeline import audio_frames
 from tests import hostile
@@ -46,7 +46,7 @@ def generate(out: Path, *args: str | Path, cli: Cli = run_cli) -> subprocess.Com
 
 
 def check_video(path: Path, frames: int) -> None:
-    info = probe_video(path)
+    info = probe_mp4(path)
     assert info.fps == 25.0 and info.frames == frames
     assert info.has_audio and abs(info.audio_duration_s - frames / 25) <= AAC_FRAME_S + 1e-6
     pictures = read_frames(path)

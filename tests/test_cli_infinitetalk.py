@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from multitalk_worker.media import probe_video, read_frames
+from multitalk_worker.media import probe_mp4, read_frames
 from tests.conftest import Cli
 from tests.media_files import audio_only_file, write_video
 from tests.test_cli import AAC_FRAME_S, EXAMPLES, SPEECH_A_FRAMES
@@ -44,7 +44,7 @@ def _generate(cli: Cli, out: Path, *args: str | Path) -> str:
 
 
 def _check(path: Path, frames: int) -> np.ndarray:
-    info = probe_video(path)
+    info = probe_mp4(path)
     assert info.fps == 25.0 and info.frames == frames
     assert info.has_audio and abs(info.audio_duration_s - frames / 25) <= AAC_FRAME_S + 1e-6
     pictures = read_frames(path)
@@ -65,7 +65,7 @@ def test_dub_a_30_fps_video(cli: Cli, tmp_path: Path) -> None:
     out = tmp_path / "dub.mp4"
     _generate(cli, out, "--video", source, "--audio", audio)
     _check(out, 162)
-    assert probe_video(out).width == 48  # the tiny bucket of a square source
+    assert probe_mp4(out).width == 48  # the tiny bucket of a square source
 
 
 def test_image_to_video_longer_than_two_clips(cli: Cli, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from multitalk_worker.errors import OutputInvalid
-from multitalk_worker.media import Mp4Writer, probe_video, read_frames, write_mp4
+from multitalk_worker.media import Mp4Writer, probe_mp4, read_frames, write_mp4
 from tests.memory import run_for_peaks
 
 AAC_FRAME_S = 1024 / 16000  # decoded AAC may run up to one frame past the cut
@@ -27,7 +27,7 @@ def test_write_and_probe_round_trip(tmp_path: Path) -> None:
     audio = (0.3 * np.sin(np.arange(48000) / 9)).astype(np.float32)  # 3 s: longer than the 2 s video
     path = tmp_path / "out.mp4"
     write_mp4(path, frames, audio, 16000)
-    info = probe_video(path)
+    info = probe_mp4(path)
     assert (info.frames, info.fps, info.width, info.height) == (50, 25.0, 48, 32)
     assert info.duration_s == pytest.approx(2.0)
     assert info.has_audio and 2.0 - 1e-6 <= info.audio_duration_s <= 2.0 + AAC_FRAME_S
@@ -40,7 +40,7 @@ def test_write_and_probe_round_trip(tmp_path: Path) -> None:
 def test_shorter_audio_is_kept_whole(tmp_path: Path) -> None:
     path = tmp_path / "short_audio.mp4"
     write_mp4(path, moving_frames(50), np.zeros(8000, np.float32), 16000)
-    info = probe_video(path)
+    info = probe_mp4(path)
     assert info.frames == 50 and info.audio_duration_s == pytest.approx(0.5, abs=AAC_FRAME_S)
 
 
@@ -55,7 +55,7 @@ def test_bad_frames_and_files_raise_output_invalid(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.mp4"
     garbage.write_bytes(b"\x00\x01" * 500)
     with pytest.raises(OutputInvalid, match="garbage.mp4"):
-        probe_video(garbage)
+        probe_mp4(garbage)
     with pytest.raises(OutputInvalid):
         read_frames(garbage)
 
@@ -99,7 +99,7 @@ def test_writer_streams_chunks_into_the_same_video_as_one_write(tmp_path: Path) 
             writer.write(frames[start:stop])
         assert writer.frames_written == 190
     write_mp4(tmp_path / "whole.mp4", frames, audio, 16000, crf=0)
-    info = probe_video(tmp_path / "chunks.mp4")
+    info = probe_mp4(tmp_path / "chunks.mp4")
     assert (info.frames, info.fps, info.width, info.height) == (190, 25.0, 48, 32)
     assert 7.6 - 1e-6 <= info.audio_duration_s <= 7.6 + AAC_FRAME_S
     with av.open(str(tmp_path / "chunks.mp4")) as container:
@@ -158,6 +158,6 @@ def test_writer_memory_is_flat_in_the_length(tmp_path: Path) -> None:
     bases, peaks = {}, {}
     for frames in (80, 800):
         bases[frames], peaks[frames] = run_for_peaks(PEAK_RSS, str(frames), str(tmp_path / f"{frames}.mp4"))
-        assert probe_video(tmp_path / f"{frames}.mp4").frames == frames
+        assert probe_mp4(tmp_path / f"{frames}.mp4").frames == frames
     assert peaks[800] <= 1.1 * peaks[80], peaks
     assert (peaks[800] - bases[800]) - (peaks[80] - bases[80]) < 3 * 1024, (bases, peaks)

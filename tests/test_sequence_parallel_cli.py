@@ -18,7 +18,7 @@ import pytest
 from multitalk_worker.cli import TINY_NOTE
 from multitalk_worker.distributed import Launch, launch_from_env, process_group
 from multitalk_worker.errors import InvalidInput
-from multitalk_worker.media import probe_video, read_frames
+from multitalk_worker.media import probe_mp4, read_frames
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SPEECH_A_FRAMES = 102  # La of examples/speech_a.wav: 99 frames in 2 clips
@@ -70,7 +70,7 @@ def test_two_processes_make_the_single_process_video(tmp_path: Path) -> None:
     _run([str(arg) for arg in single])
 
     frames = SPEECH_A_FRAMES - 3
-    assert probe_video(split_out).frames == probe_video(single_out).frames == frames
+    assert probe_mp4(split_out).frames == probe_mp4(single_out).frames == frames
     split_frames, single_frames = read_frames(split_out), read_frames(single_out)
     assert split_frames.shape == single_frames.shape == (frames, 64, 48, 3)
     difference = np.abs(split_frames.astype(np.int16) - single_frames.astype(np.int16))

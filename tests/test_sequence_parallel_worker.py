@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from multitalk_worker.media import probe_video, read_frames
+from multitalk_worker.media import probe_mp4, read_frames
 from tests.conftest import REPO
 
 # 4 steps with TeaCache on at the largest threshold the schema accepts (the sampler's path with residuals)
@@ -73,7 +73,7 @@ def test_two_processes_serve_the_single_process_video(volume: Path, tmp_path: Pa
             assert done.stderr.count("generating with 2 processes") == 1, done.stderr  # rank 0's pipeline
             assert done.stderr.count("stop message from rank 0") == 1, done.stderr  # the follower
         videos[processes] = volume / path
-    assert probe_video(videos[2]).frames == probe_video(videos[1]).frames == FRAMES
+    assert probe_mp4(videos[2]).frames == probe_mp4(videos[1]).frames == FRAMES
     split, single = read_frames(videos[2]), read_frames(videos[1])
     assert split.shape == single.shape == (FRAMES, 64, 48, 3)
     difference = np.abs(split.astype(np.int16) - single.astype(np.int16))

@@ -20,7 +20,7 @@ import requests
 import uvicorn
 
 from multitalk_worker.config import Settings
-from multitalk_worker.media import probe_video
+from multitalk_worker.media import probe_mp4
 from multitalk_worker.schema import AdvancedInput, GenerateInput
 from multitalk_worker.security import RequestGuard
 from multitalk_worker.server import HTTP_STATUS, create_app
@@ -209,7 +209,7 @@ def test_async_job_cancel_then_next_job_runs_to_its_video(serve: Callable[..., s
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"downloaded-{second}.mp4"
     try:
         path.write_bytes(response.content)
-        info = probe_video(path)
+        info = probe_mp4(path)
     finally:
         path.unlink(missing_ok=True)
     assert info.frames == final["output"]["frames"] == 10 and info.has_audio

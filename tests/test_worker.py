@@ -28,7 +28,7 @@ from runpod.serverless.modules.rp_job import run_job
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import ERROR_CODES, OutputInvalid
-from multitalk_worker.media import probe_video, write_mp4
+from multitalk_worker.media import probe_mp4, write_mp4
 from multitalk_worker.pipeline.request import GenerationResult
 from multitalk_worker.worker import Worker, configure_logging, error_for, make_handler, verify_video
 from tests.conftest import EXAMPLES, REPO
@@ -333,7 +333,7 @@ def check_video(data: bytes, result: dict[str, Any], tmp_path: Path) -> None:
     assert hashlib.sha256(data).hexdigest() == result["sha256"] and len(data) == result["bytes"]
     path = tmp_path / "got.mp4"
     path.write_bytes(data)
-    info = probe_video(path)
+    info = probe_mp4(path)
     assert (info.frames, info.fps, info.width, info.height) == (
         result["frames"],
         25.0,

@@ -27,7 +27,7 @@ VIDEO_CRF = 23
 
 
 @dataclass(frozen=True)
-class VideoInfo:
+class Mp4Info:
     frames: int
     fps: float
     width: int
@@ -227,7 +227,7 @@ def write_mp4(
         writer.write(frames)
 
 
-def probe_video(path: Path) -> VideoInfo:
+def probe_mp4(path: Path) -> Mp4Info:
     """Decode every frame and audio sample of `path` and report what is really there."""
     try:
         with av.open(str(path)) as container:
@@ -242,7 +242,7 @@ def probe_video(path: Path) -> VideoInfo:
         raise OutputInvalid(f"{Path(path).name}: not a decodable video ({exc})") from exc
     if count == 0 or fps <= 0:
         raise OutputInvalid(f"{Path(path).name}: no decodable video frames")
-    return VideoInfo(count, fps, width, height, count / fps, audio_s, has_audio)
+    return Mp4Info(count, fps, width, height, count / fps, audio_s, has_audio)
 
 
 def _decoded_audio_seconds(path: Path) -> tuple[float, bool]:

@@ -156,14 +156,14 @@ def check_versions(lock_file: Path) -> Check:
 
 def check_media() -> Check:
     """PyAV writes a 2-frame H.264 + AAC mp4 and decodes it back (the worker's output path)."""
-    from multitalk_worker.media import probe_video, write_mp4
+    from multitalk_worker.media import probe_mp4, write_mp4
 
     try:
         with tempfile.TemporaryDirectory(prefix="multitalk-media-check-") as folder:
             path = Path(folder) / "check.mp4"
             frames = np.zeros((2, 16, 16, 3), np.uint8)
             write_mp4(path, frames, np.zeros(1280, np.float32), 16_000, 25)
-            info = probe_video(path)
+            info = probe_mp4(path)
     except WorkerError as exc:
         return Check("media", False, exc.message)
     ok = info.frames == 2 and info.has_audio

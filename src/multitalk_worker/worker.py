@@ -40,7 +40,7 @@ from multitalk_worker.errors import (
     WorkerError,
 )
 from multitalk_worker.logs import quiet_model_libraries
-from multitalk_worker.media import Mp4Sink, probe_video
+from multitalk_worker.media import Mp4Sink, probe_mp4
 from multitalk_worker.pipeline.image import image_size
 from multitalk_worker.pipeline.inputs import PreparedInputs, prepare_inputs
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
@@ -476,7 +476,7 @@ def resolve_sampling(parsed: GenerateInput) -> SamplingParams:
 
 def verify_video(path: Path, result: GenerationResult) -> Any:
     """Decode our own mp4 and check frame count, size, fps, duration and soundtrack against what we meant."""
-    info = probe_video(path)
+    info = probe_mp4(path)
     count, (height, width) = result.frame_count, result.size
     expected_s = count / result.fps
     problems = []
