@@ -14,6 +14,7 @@ import torch
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline import conditioning
 from multitalk_worker.pipeline import pipeline as pipeline_module
+from multitalk_worker.pipeline.inputs import prepare_inputs
 from multitalk_worker.pipeline.plan import plan_clips
 from multitalk_worker.pipeline.request import GenerationRequest, SamplingParams, Speaker
 from multitalk_worker.pipeline.sampling import ClipConditions, GuidanceSettings, PassInputs, sample_clip
@@ -119,6 +120,17 @@ def _request(audio: Path, **changes: object) -> GenerationRequest:
         sampling=SamplingParams(steps=1, text_guidance=1.0, audio_guidance=2.0, seed=3),
     )
     return replace(base, **changes)
+
+
+def test_an_image_source_is_not_held_after_its_first_frame() -> None:
+    """Every clip's reference is frame 0 as prepared: prepare_inputs drops the full-size picture."""
+    inputs = prepare_inputs(_request(EXAMPLES / "speech_a.wav"), tiny_model=True)
+    try:
+        assert inputs.source.still
+        with pytest.raises(RuntimeError, match="closed"):
+            inputs.source.frame(72)
+    finally:
+        inputs.close()
 
 
 def test_image_to_video_longer_than_two_clips(

@@ -157,7 +157,13 @@ def test_image_is_a_one_frame_source_never_held(tmp_path: Path) -> None:
     source = open_source(path, kind="image")
     assert isinstance(source, ImageSource) and source.size == (48, 64)
     assert all(source.frame(n) is source.frame(0) for n in (0, 72, 10_000))
-    assert source.held_from is None
+    assert source.held_from is None and source.still
+    rgb = Image.new("RGB", (8, 6))
+    assert ImageSource(rgb).frame(0) is rgb  # an RGB picture is not copied (36 MP: 108 MB)
+    source.close()  # prepare_inputs does, once frame 0 is prepared: the full-size picture is dropped
+    assert source.size == (48, 64)
+    with pytest.raises(RuntimeError, match="closed"):
+        source.frame(72)
     garbage = tmp_path / "bad.png"
     garbage.write_bytes(b"not a png")
     with pytest.raises(ImageDecodeFailed):

@@ -157,6 +157,7 @@ class InfiniteTalkConditioner:
 
     def __init__(self, inputs: RequestInputs) -> None:
         self.source = inputs.source
+        self.first = inputs.first
         self.resolution = inputs.resolution
         self.encoders = inputs.encoders
         self.shared = inputs.shared
@@ -167,7 +168,10 @@ class InfiniteTalkConditioner:
         self._cached_start: int | None = None  # the timeline frame they were made from
 
     def reference_pixels(self, start: int) -> Tensor:
-        """The clip's reference frame resized and cropped to the bucket (spec MT 3.2) [1, 3, 1, H, W]."""
+        """The clip's reference frame resized and cropped to the bucket (spec MT 3.2) [1, 3, 1, H, W]; for
+        an image, frame 0 as prepare_inputs prepared it."""
+        if self.source.still:
+            return self.first
         prepared = image_prep.prepare_image(self.source.frame(start), self.resolution)
         return prepared.pixels.to(self.encoders.device)
 

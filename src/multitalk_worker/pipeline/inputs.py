@@ -141,6 +141,8 @@ def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> PreparedI
     except BaseException:
         source.close()
         raise
+    if source.still:
+        source.close()  # an image: `first` serves every clip; the full-size picture is not held
     return PreparedInputs(spec, prepared, source, first, masks, plan)
 
 

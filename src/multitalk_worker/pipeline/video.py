@@ -60,6 +60,8 @@ _TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 27
 class SourceFrames(Protocol):
     """What the clip loop reads: frames by 25 fps timeline index, asked in non-decreasing order."""
 
+    still: bool  # every index gives the same frame (an image): frame 0, prepared once, serves every clip
+
     @property
     def size(self) -> tuple[int, int]: ...  # (height, width) of frame 0, rotation applied
 
@@ -86,18 +88,24 @@ class VideoInfo:
 
 
 class ImageSource:
-    """An image as a one-frame source: every index gives the image, and it is never held."""
+    """An image as a one-frame source: every index gives the image, never held past the end. `close()`
+    drops the full-size image (prepare_inputs does, once frame 0 is prepared: no clip reads it again)."""
+
+    still = True
 
     def __init__(self, image: Image.Image) -> None:
-        self._image = image.convert("RGB")
+        self._image: Image.Image | None = image if image.mode == "RGB" else image.convert("RGB")  # no copy
+        self._size = (self._image.height, self._image.width)
 
     @property
     def size(self) -> tuple[int, int]:
-        return self._image.height, self._image.width
+        return self._size
 
     def frame(self, index: int) -> Image.Image:
         if index < 0:
             raise ValueError(f"frame index {index} is negative")
+        if self._image is None:
+            raise RuntimeError("the image source is closed; its frame 0 was prepared already")
         return self._image
 
     @property
@@ -105,7 +113,7 @@ class ImageSource:
         return None
 
     def close(self) -> None:
-        pass
+        self._image = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,8 @@ def probe_video(path: Path, *, max_pixels: int = MAX_VIDEO_PIXELS) -> VideoInfo:
 
 class VideoSource:
     """A video read forward on the 25 fps timeline (module docstring); holds O(1) decoded frames."""
+
+    still = False
 
     def __init__(
         self, path: Path, *, fps_mode: FpsMode = "resample", max_pixels: int = MAX_VIDEO_PIXELS
