@@ -13,7 +13,7 @@ import pytest
 
 from tools.input_memory import amplification_cases, measure, write_inputs
 
-BOUND_MIB = 64.0  # every case; they measure 0-16 MiB here (docs/api.md "Cost")
+BOUND_MIB = 64.0  # every case; they measure 0-4 MiB here (docs/api.md "Cost")
 EXPECTED = {
     "5 s wav, cap 0.2 s": "ok",
     "10 min mp3, cap 0.2 s": "ok",
