@@ -1,10 +1,11 @@
 """Peak host memory of the audio path holds the track about once, however long it is (issue #10).
 
 One fresh process: the tiny wav2vec2 warmed up on one second, then the peak resident memory (VmHWM, reset
-through /proc/self/clear_refs) of `prepare_audio` and `audio_features` on ten minutes of speech. The
+through /proc/self/clear_refs) of `prepare_audio` and `audio_features` on five minutes of speech. The
 whole-track code of before (pyloudnorm's float64 filtering, the feature extractor's copies, the CNN over
 every sample at once) peaked about 12 tracks above the start; now it is the 16 kHz track itself, its
-features and one slice at a time: about 1.7 tracks (60-66 MiB for the 36.6 MiB track, five runs).
+features and one slice at a time plus about 20 MiB: 2.2-2.4 tracks (40.7-44.5 MiB for the 18.3 MiB track, five
+runs; 10 minutes: 60-66 MiB for 36.6 MiB).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import wave
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-SECONDS = 600
+SECONDS = 300
 TRACK_MIB = SECONDS * 16000 * 4 / 2**20  # the float32 16 kHz track
 PROBE = """
 import sys
@@ -53,6 +54,6 @@ def test_audio_path_peak_is_about_one_track(tmp_path: Path) -> None:
     )
     growth, shape = done.stdout.split(maxsplit=1)
     assert shape.strip() == f"({SECONDS * 25}, 2, 16)"
-    assert float(growth) < 2.5 * TRACK_MIB, (
+    assert float(growth) < 3.0 * TRACK_MIB, (
         f"peak {float(growth):.1f} MiB above the start ({TRACK_MIB:.1f} MiB track)"
     )
