@@ -199,8 +199,8 @@ def _layer_outputs(encoder: torch.nn.Module, hidden: torch.Tensor) -> torch.Tens
     handles = []
     for index, layer in enumerate(layers):
 
-        def keep(_module: torch.nn.Module, _inputs: object, output: object, index: int = index) -> None:
-            out[:, index].copy_((output[0] if isinstance(output, tuple) else output)[0])
+        def keep(_module: torch.nn.Module, _inputs: object, output: torch.Tensor, index: int = index) -> None:
+            out[:, index].copy_(output[0])  # the layer's hidden states [1, La, C] (transformers 5)
 
         handles.append(layer.register_forward_hook(keep))
     try:
