@@ -37,6 +37,7 @@ import soxr
 import torch
 
 from multitalk_worker.errors import AudioDecodeFailed, DurationTooLong, InvalidInput
+from multitalk_worker.pipeline.loudness import BLOCK_S as LOUDNESS_BLOCK_S  # shorter cannot be measured
 from multitalk_worker.pipeline.loudness import integrated_loudness
 from multitalk_worker.pipeline.request import AudioMode
 from multitalk_worker.timeline import FPS, SAMPLE_RATE, audio_frames
@@ -45,7 +46,6 @@ logger = logging.getLogger(__name__)
 
 TARGET_LUFS = -23.0
 SILENCE_LUFS = 100.0  # |loudness| above this counts as silence: no gain (spec 2.1)
-LOUDNESS_BLOCK_S = 0.4  # pyloudnorm's gating block; shorter signals cannot be measured
 WINDOW_OFFSETS = (-2, -1, 0, 1, 2)  # audio frames around each video frame (spec 2.6)
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".mkv")
 MAX_SPEAKERS = 2
