@@ -149,16 +149,18 @@ def create_app(worker: Worker, queue: JobQueue | None = None) -> FastAPI:
 
 
 def _add_job_routes(app: FastAPI, worker: Worker, jobs: JobQueue) -> None:
+    body_limit = max_body_bytes(worker.settings)
+
     @app.post("/run", openapi_extra=_body("RunRequest"), summary="Queue a job; answers its id at once")
     async def run(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, _job_input(await _json_body(request, max_body_bytes(worker.settings))))
+        record = _submit(jobs, worker, _job_input(await _json_body(request, body_limit)))
         if isinstance(record, JSONResponse):
             return record
         return JSONResponse({"id": record.id, "status": record.status})
 
     @app.post("/runsync", openapi_extra=_body("RunRequest"), summary="Queue a job and wait for it")
     async def runsync(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, _job_input(await _json_body(request, max_body_bytes(worker.settings))))
+        record = _submit(jobs, worker, _job_input(await _json_body(request, body_limit)))
         if isinstance(record, JSONResponse):
             return record
         await _wait(jobs, record, RUNSYNC_WAIT_S)
@@ -166,7 +168,7 @@ def _add_job_routes(app: FastAPI, worker: Worker, jobs: JobQueue) -> None:
 
     @app.post("/generate", openapi_extra=_body("GenerateInput"), summary="Run a job, answer its output")
     async def generate(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, await _json_body(request, max_body_bytes(worker.settings)))
+        record = _submit(jobs, worker, await _json_body(request, body_limit))
         if isinstance(record, JSONResponse):
             return record
         await _wait(jobs, record, None)
