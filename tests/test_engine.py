@@ -19,7 +19,7 @@ from multitalk_worker.pipeline.engine import (
     parse_lora_arg,
     prepare_bundle,
 )
-from multitalk_worker.startup import engine_from_settings
+from multitalk_worker.service.resident import engine_from_settings
 from multitalk_worker.tiny import build_tiny_bundle
 
 

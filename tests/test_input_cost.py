@@ -1,6 +1,6 @@
 """Cost follows the job, not the input (issue 11): peak host memory of the amplification inputs, measured.
 
-Each input of the issue runs as a validate_only job through `Worker.run` (fetch, header checks and the
+Each input of the issue runs as a validate_only job through `JobService.run` (fetch, header checks and the
 shared input checks: the same decoding the job's generation does) in a child process, which reports its
 peak RSS increase (tools/input_memory.py). Before the bounds these cost 350 MiB to 3.2 GiB.
 """

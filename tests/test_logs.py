@@ -12,7 +12,7 @@ from tests.conftest import REPO
 SCRIPT = """
 import logging
 import runpod  # installs its root handler (runpod/serverless/utils/rp_upload.py)
-from multitalk_worker.worker import configure_logging
+from multitalk_worker.logs import configure_logging
 configure_logging("INFO")
 logging.getLogger("multitalk_worker.worker").info("hello from the worker")
 logging.getLogger("transformers.modeling_utils").warning("a load report")

@@ -18,7 +18,7 @@ from multitalk_worker.models.runtime import FAST_RUNTIME, compile_blocks
 from multitalk_worker.pipeline.engine import ENGINES, EngineOptions, engine_options
 from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
 from multitalk_worker.pipeline.request import GenerationResult
-from multitalk_worker.startup import engine_from_settings
+from multitalk_worker.service.resident import engine_from_settings
 from tests.conftest import Cli
 from tests.test_cli import EXAMPLES
 from tests.test_pipeline import capped_request

@@ -14,7 +14,7 @@ from PIL import Image
 from multitalk_worker.config import Settings
 from multitalk_worker.estimate import PASS_TIMINGS, estimate_gpu_s
 from multitalk_worker.preview import SPEAKER_COLOURS
-from multitalk_worker.worker import Worker
+from multitalk_worker.service import JobService
 
 TWO = {
     "image": "inputs/two_people.png",
@@ -37,7 +37,7 @@ def _png(data_uri: str) -> np.ndarray:
 def test_preview_shows_the_bucket_crop_with_each_speakers_mask(
     make_settings: Callable[..., Settings],
 ) -> None:
-    outcome = Worker(make_settings()).run({"id": "p", "input": TWO})
+    outcome = JobService(make_settings()).run({"id": "p", "input": TWO})
     assert outcome.error is None, outcome.error
     plan = outcome.output["plan"]  # type: ignore[index]
     height, width = plan["bucket"]

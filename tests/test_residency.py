@@ -15,8 +15,14 @@ from multitalk_worker.errors import InvalidInput, ModelLoadFailed
 from multitalk_worker.models.configs import TINY
 from multitalk_worker.pipeline.engine import EngineOptions
 from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
-from multitalk_worker.residency import adapter_model, check_swappable, load_adapter_set, wanted_adapters
-from multitalk_worker.startup import check_weights, resident_adapters
+from multitalk_worker.residency import (
+    adapter_model,
+    check_swappable,
+    load_adapter_set,
+    resident_adapters,
+    wanted_adapters,
+)
+from multitalk_worker.startup import check_weights
 from multitalk_worker.tiny import build_tiny_bundle, tiny_adapter_state
 from multitalk_worker.weights.adapters import is_audio_key
 from tests.tiny import INFINITETALK_FILES, write_all

@@ -20,11 +20,11 @@ import requests
 import uvicorn
 
 from multitalk_worker.config import Settings
+from multitalk_worker.local_api.app import HTTP_STATUS, create_app
+from multitalk_worker.local_api.guard import RequestGuard
 from multitalk_worker.media import probe_mp4
 from multitalk_worker.schema import AdvancedInput, GenerateInput
-from multitalk_worker.security import RequestGuard
-from multitalk_worker.server import HTTP_STATUS, create_app
-from multitalk_worker.worker import Worker
+from multitalk_worker.service import JobService
 from tests.conftest import REPO
 from tests.servers import free_port
 
@@ -49,7 +49,7 @@ def serve(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., str]
 
     def start(**env: str) -> str:
         port = free_port()
-        app = create_app(Worker(make_settings(**env)))
+        app = create_app(JobService(make_settings(**env)))
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -110,7 +110,7 @@ def test_health_outside_the_checkout(volume: Path, tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "multitalk_worker.server", "--port", str(port)],
+        [sys.executable, "-m", "multitalk_worker.local_api", "--port", str(port)],
         env=env,
         cwd=elsewhere,
         stdout=subprocess.DEVNULL,
@@ -350,7 +350,7 @@ def test_non_loopback_clients_need_the_token(make_settings: Callable[..., Settin
 
 
 def test_listening_beyond_loopback_needs_a_token(capsys: pytest.CaptureFixture[str]) -> None:
-    from multitalk_worker.server import main
+    from multitalk_worker.local_api.app import main
 
     assert main(["--host", "0.0.0.0", "--port", "1"]) == 2  # refused before loading anything
     assert "needs MULTITALK_API_TOKEN" in capsys.readouterr().err

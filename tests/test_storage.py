@@ -12,17 +12,11 @@ import pytest
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import WorkerError
+from multitalk_worker.io.delivery import base64_size, deliver_base64, deliver_s3, deliver_volume
+from multitalk_worker.io.fetch import InputFetcher, sniff
+from multitalk_worker.io.s3 import make_s3_client
+from multitalk_worker.io.volume import volume_destination
 from multitalk_worker.schema import parse_source
-from multitalk_worker.storage import (
-    InputFetcher,
-    base64_size,
-    deliver_base64,
-    deliver_s3,
-    deliver_volume,
-    make_s3_client,
-    sniff,
-    volume_destination,
-)
 from multitalk_worker.url_policy import address_problem
 from tests.conftest import EXAMPLES
 from tests.servers import INPUT_BUCKET, OUTPUT_BUCKET, HttpsServer, S3Server, free_port

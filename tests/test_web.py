@@ -23,8 +23,8 @@ import pytest
 import uvicorn
 
 from multitalk_worker.config import Settings
-from multitalk_worker.server import create_app
-from multitalk_worker.worker import Worker
+from multitalk_worker.local_api.app import create_app
+from multitalk_worker.service import JobService
 from tests.conftest import EXAMPLES
 from tests.servers import free_port
 
@@ -53,7 +53,9 @@ if importlib.util.find_spec("playwright") is None:
 def api(make_settings: Callable[..., Settings]) -> Iterator[str]:
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(Worker(make_settings())), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(JobService(make_settings())), host="127.0.0.1", port=port, log_level="warning"
+        )
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -28,9 +28,13 @@ from runpod.serverless.modules.rp_job import run_job
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import ERROR_CODES, OutputInvalid
+from multitalk_worker.logs import configure_logging
 from multitalk_worker.media import probe_mp4, write_mp4
 from multitalk_worker.pipeline.request import GenerationResult
-from multitalk_worker.worker import Worker, configure_logging, error_for, make_handler, verify_video
+from multitalk_worker.service import JobService
+from multitalk_worker.service.faults import error_for
+from multitalk_worker.service.verify import verify_video
+from multitalk_worker.worker import make_handler
 from tests.conftest import EXAMPLES, REPO
 from tests.servers import OUTPUT_BUCKET, HttpsServer, S3Server
 
@@ -46,7 +50,7 @@ def job_input(**fields: Any) -> dict[str, Any]:
     return base | FAST | fields
 
 
-def run(worker: Worker, raw: Any, job_id: str = "job-1") -> dict[str, Any]:
+def run(worker: JobService, raw: Any, job_id: str = "job-1") -> dict[str, Any]:
     """One job through the runpod SDK's run_job, as on RunPod. Returns the SDK's result dict."""
     return asyncio.run(run_job(make_handler(worker), {"id": job_id, "input": raw}))
 
@@ -63,7 +67,7 @@ def error_of(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_invalid_input_unknown_field(make_settings: Callable[..., Settings]) -> None:
-    error = error_of(run(Worker(make_settings()), job_input(colour="red")))
+    error = error_of(run(JobService(make_settings()), job_input(colour="red")))
     assert (error["code"], error["stage"], error["retryable"]) == ("INVALID_INPUT", "validate", False)
     assert "colour: unknown field" in error["message"]
 
@@ -71,7 +75,7 @@ def test_invalid_input_unknown_field(make_settings: Callable[..., Settings]) -> 
 def test_declared_audio_length_is_refused_before_decoding(make_settings: Callable[..., Settings]) -> None:
     """The container's declared length is checked first: the message names the speaker's input."""
     raw = {k: v for k, v in job_input(max_duration_s=None).items() if v is not None}
-    error = error_of(run(Worker(make_settings(MULTITALK_MAX_DURATION_S="1")), raw))
+    error = error_of(run(JobService(make_settings(MULTITALK_MAX_DURATION_S="1")), raw))
     assert error["code"] == "DURATION_TOO_LONG"
     assert error["message"].startswith("speakers[0].audio lasts 4.1 s"), error
 
@@ -95,13 +99,13 @@ def test_failing_jobs_fail_early_with_their_code(
     raw = {k: v for k, v in job_input(**fields).items() if v is not None}
     if env.get("MULTITALK_WEIGHTS"):
         raw["resolution"] = "480p"
-    error = error_of(run(Worker(make_settings(**env)), raw))
+    error = error_of(run(JobService(make_settings(**env)), raw))
     assert (error["code"], error["stage"]) == (code, stage), error
 
 
 def test_audio_that_does_not_decode(make_settings: Callable[..., Settings], volume: Path) -> None:
     (volume / "inputs" / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(200))
-    error = error_of(run(Worker(make_settings()), job_input(speakers=[{"audio": "inputs/broken.wav"}])))
+    error = error_of(run(JobService(make_settings()), job_input(speakers=[{"audio": "inputs/broken.wav"}])))
     assert error["code"] == "AUDIO_DECODE_FAILED"
 
 
@@ -111,7 +115,7 @@ def test_model_load_failed(make_settings: Callable[..., Settings], tmp_path: Pat
     (weights / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
     (weights / "config.json").write_text('{"dim": 7}')
     raw = job_input(resolution="480p")
-    error = error_of(run(Worker(make_settings(MULTITALK_WEIGHTS=str(weights))), raw))
+    error = error_of(run(JobService(make_settings(MULTITALK_WEIGHTS=str(weights))), raw))
     assert (error["code"], error["stage"]) == ("MODEL_LOAD_FAILED", "load")
 
 
@@ -139,7 +143,7 @@ def failing_sink(exc: BaseException) -> Callable[[dict[str, Any], dict[str, Any]
 def test_generation_faults_and_refresh(
     make_settings: Callable[..., Settings], exc: Exception, code: str, refresh: bool
 ) -> None:
-    worker = Worker(make_settings(), progress_sink=failing_sink(exc))
+    worker = JobService(make_settings(), progress_sink=failing_sink(exc))
     result = run(worker, job_input())
     error = error_of(result)
     assert (error["code"], error["stage"]) == (code, "generate")
@@ -165,14 +169,16 @@ def test_delivery_failures_after_generation(
 ) -> None:
     """A job that generated but cannot deliver fails with the delivery's code; no partial success."""
     keys = s3_server.reader_denied if env.pop("denied", None) else None
-    worker = Worker(make_settings(**s3_server.env(keys), **env))
+    worker = JobService(make_settings(**s3_server.env(keys), **env))
     error = error_of(run(worker, job_input(output=output)))
     assert (error["code"], error["stage"]) == (code, "output")
     assert "error" not in run(worker, job_input(validate_only=True))
 
 
 def test_volume_delivery(make_settings: Callable[..., Settings], volume: Path, tmp_path: Path) -> None:
-    result = run(Worker(make_settings()), job_input(output={"delivery": "volume", "path": "renders/a.mp4"}))
+    result = run(
+        JobService(make_settings()), job_input(output={"delivery": "volume", "path": "renders/a.mp4"})
+    )
     out = result["output"]
     assert out["video"] == {"delivery": "volume", "path": str((volume / "renders" / "a.mp4").resolve())}
     check_video((volume / "renders" / "a.mp4").read_bytes(), out, tmp_path)
@@ -197,13 +203,13 @@ def test_error_mapping_covers_every_code() -> None:
 def test_cancelled_before_generation(make_settings: Callable[..., Settings]) -> None:
     cancel = threading.Event()
     cancel.set()
-    outcome = Worker(make_settings()).run({"id": "c", "input": job_input()}, cancel)
+    outcome = JobService(make_settings()).run({"id": "c", "input": job_input()}, cancel)
     assert outcome.error is not None and outcome.error["code"] == "CANCELLED"
 
 
 def test_runpod_cancel_reaches_the_pipeline(make_settings: Callable[..., Settings]) -> None:
     started = threading.Event()
-    worker = Worker(make_settings(), progress_sink=lambda job, update: started.set())
+    worker = JobService(make_settings(), progress_sink=lambda job, update: started.set())
 
     async def scenario() -> None:
         task = asyncio.ensure_future(make_handler(worker)({"id": "c2", "input": job_input()}))
@@ -237,7 +243,7 @@ def test_validate_only_returns_the_plan(
 ) -> None:
     url = https_server.add("/w/person.png", (EXAMPLES / "person.png").read_bytes(), "image/png")
     settings = make_settings(MULTITALK_CA_BUNDLE=str(https_server.ca_bundle))
-    result = run(Worker(settings), job_input(image=url, validate_only=True, preset="fusionx"))
+    result = run(JobService(settings), job_input(image=url, validate_only=True, preset="fusionx"))
     plan = result["output"]["plan"]
     assert result["output"]["validate_only"] is True
     assert plan["image"]["width"] > 0 and len(plan["bucket"]) == 2
@@ -269,26 +275,26 @@ def test_validate_only_refuses_what_the_job_refuses(
     make_settings: Callable[..., Settings], fields: dict[str, Any], message: str
 ) -> None:
     """validate_only runs the job's own input checks (pipeline.check_inputs): its OK means the inputs pass."""
-    error = error_of(run(Worker(make_settings()), job_input(validate_only=True, **fields)))
+    error = error_of(run(JobService(make_settings()), job_input(validate_only=True, **fields)))
     assert (error["code"], error["retryable"]) == ("INVALID_INPUT", False) and message in error["message"]
 
 
 def test_tiny_worker_defaults_to_the_tiny_buckets(make_settings: Callable[..., Settings]) -> None:
     """A job naming no resolution gets the tiny family on the tiny model, as the tiny CLI does."""
     raw = {k: v for k, v in job_input(validate_only=True).items() if k != "resolution"}
-    plan = run(Worker(make_settings()), raw)["output"]["plan"]
+    plan = run(JobService(make_settings()), raw)["output"]["plan"]
     assert plan["resolved"]["resolution"] == "tiny" and plan["bucket"] == [64, 48]  # 448x384 image
 
 
 @pytest.mark.parametrize("port", ["99999", "abc", "-1"])
 def test_url_with_an_invalid_port(make_settings: Callable[..., Settings], port: str) -> None:
-    error = error_of(run(Worker(make_settings()), job_input(image=f"https://example.com:{port}/a.png")))
+    error = error_of(run(JobService(make_settings()), job_input(image=f"https://example.com:{port}/a.png")))
     assert (error["code"], error["stage"]) == ("INVALID_INPUT", "validate")
     assert "is not a TCP port (1-65535)" in error["message"]
 
 
 def test_volume_name_over_the_limit(make_settings: Callable[..., Settings]) -> None:
-    error = error_of(run(Worker(make_settings()), job_input(image="inputs/" + "x" * 256 + ".png")))
+    error = error_of(run(JobService(make_settings()), job_input(image="inputs/" + "x" * 256 + ".png")))
     assert error["code"] == "INVALID_INPUT" and "at most 255 bytes" in error["message"]
 
 
@@ -310,7 +316,9 @@ def test_unwritable_destination_is_refused_before_generation(
 ) -> None:
     """Refused before any input is fetched or frame made (no progress update), and not retryable."""
     updates: list[dict[str, Any]] = []
-    worker = Worker(make_settings(**{**s3_server.env(), **env}), progress_sink=lambda j, u: updates.append(u))
+    worker = JobService(
+        make_settings(**{**s3_server.env(), **env}), progress_sink=lambda j, u: updates.append(u)
+    )
     error = error_of(run(worker, job_input(output=output)))
     assert (error["code"], error["stage"], error["retryable"]) == (code, "output", False)
     assert fragment in error["message"] and updates == []
@@ -318,7 +326,7 @@ def test_unwritable_destination_is_refused_before_generation(
 
 def test_health_reports_without_secrets(make_settings: Callable[..., Settings], s3_server: S3Server) -> None:
     settings = make_settings(**s3_server.env())
-    report = run(Worker(settings), {"action": "health"})["output"]
+    report = run(JobService(settings), {"action": "health"})["output"]
     assert report["status"] == "ok", report["checks"]
     assert {c["name"] for c in report["checks"]} == {"imports", "versions", "media", "weights", "gpu"}
     text = json.dumps(report)
@@ -359,7 +367,7 @@ def test_twenty_jobs_in_a_row(
     settings = make_settings(MULTITALK_LOG_LEVEL="DEBUG", **s3_server.env())
     configure_logging(settings.log_level)
     caplog.set_level(logging.DEBUG)
-    worker = Worker(settings)
+    worker = JobService(settings)
     image_b64 = base64.b64encode((EXAMPLES / "person.png").read_bytes()).decode()
     failing = [
         ({"colour": "red"}, "INVALID_INPUT"),

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from multitalk_worker.config import Settings
-from multitalk_worker.storage import deliver_s3, make_s3_client, sniff
-from multitalk_worker.worker import Worker
+from multitalk_worker.io.delivery import deliver_s3
+from multitalk_worker.io.fetch import sniff
+from multitalk_worker.io.s3 import make_s3_client
+from multitalk_worker.service import JobService
 from tests.conftest import EXAMPLES, REPO
 from tests.media_files import audio_only_file, write_video
 from tests.servers import OUTPUT_BUCKET, HttpsServer, S3Server
@@ -97,7 +99,7 @@ def served(
     tmp = tmp_path_factory.mktemp("served")
     url = https_server.add("/v/source.mp4", (volume / "inputs" / "source.mp4").read_bytes(), "video/mp4")
     settings = settings_for(volume, tmp, MULTITALK_CA_BUNDLE=str(https_server.ca_bundle), **s3_server.env())
-    worker = Worker(settings)
+    worker = JobService(settings)
     out: dict[str, Any] = {"tmp": tmp, "url": url}
     out["first"] = output_of(run(worker, image_job(), "mt-1"))
     out["errors"] = {
@@ -151,7 +153,7 @@ def test_dub_from_https_to_s3_carries_the_new_speech(served: dict[str, Any]) -> 
 def test_plan_says_from_which_frame_the_last_frame_is_held(volume: Path, tmp_path: Path) -> None:
     """Each clip is conditioned on the source frame at its start: the second clip starts past the 0.2 s
     source, so it and every frame after take the held last frame."""
-    worker = Worker(settings_for(volume, tmp_path, MULTITALK_INFINITETALK_MAX_DURATION_S="10"))
+    worker = JobService(settings_for(volume, tmp_path, MULTITALK_INFINITETALK_MAX_DURATION_S="10"))
     plan = output_of(run(worker, dub_job("inputs/source.mp4", max_duration_s=4.0, validate_only=True)))[
         "plan"
     ]
@@ -165,7 +167,7 @@ def test_plan_says_from_which_frame_the_last_frame_is_held(volume: Path, tmp_pat
 def test_source_fps_and_color_reference_are_job_fields(volume: Path, tmp_path: Path) -> None:
     """The CLI's --source-fps and --color-reference as job fields: planned and reported; refused with an
     image, where they would change nothing."""
-    worker = Worker(settings_for(volume, tmp_path))
+    worker = JobService(settings_for(volume, tmp_path))
     job = dub_job("inputs/source.mp4", source_fps="reference", color_reference="clip", validate_only=True)
     plan = output_of(run(worker, job))["plan"]
     assert plan["source"]["fps_mode"] == "reference" and plan["resolved"]["color_reference"] == "clip"
@@ -202,7 +204,7 @@ def test_swapped_in_adapter_makes_the_fresh_workers_dub(
     """A worker that loads InfiniteTalk's single adapter directly (no swap) makes the same video."""
     settings = settings_for(volume, tmp_path, MULTITALK_MODEL="infinitetalk", MULTITALK_ADAPTERS="single")
     job = dub_job("inputs/source.mp4", output={"delivery": "base64"})
-    fresh = output_of(run(Worker(settings), job, "fresh"))
+    fresh = output_of(run(JobService(settings), job, "fresh"))
     assert fresh["timings"]["adapter_swap_s"] == 0.0
     a, _ = decoded(base64_video(fresh), tmp_path, "fresh.mp4")
     b, _ = decoded(served["dub_bytes"], tmp_path, "dub.mp4")
@@ -210,7 +212,7 @@ def test_swapped_in_adapter_makes_the_fresh_workers_dub(
 
 
 def test_infinitetalk_image_with_two_speakers_uses_the_multi_adapter(volume: Path, tmp_path: Path) -> None:
-    worker = Worker(settings_for(volume, tmp_path, MULTITALK_ADAPTERS="multi,single"))
+    worker = JobService(settings_for(volume, tmp_path, MULTITALK_ADAPTERS="multi,single"))
     speakers = [{"audio": "inputs/speech_a.wav"}, {"audio": "inputs/speech_b.wav"}]
     job = image_job(model="infinitetalk", image="inputs/two_people.png", speakers=speakers)
     result = output_of(run(worker, job, "it-2"))
@@ -226,7 +228,7 @@ def test_infinitetalk_image_with_two_speakers_uses_the_multi_adapter(volume: Pat
 
 
 def test_unserved_adapter_and_video_with_multitalk_are_refused(volume: Path, tmp_path: Path) -> None:
-    worker = Worker(settings_for(volume, tmp_path, MULTITALK_ADAPTERS="multitalk"))
+    worker = JobService(settings_for(volume, tmp_path, MULTITALK_ADAPTERS="multitalk"))
     unserved = error_of(run(worker, dub_job("inputs/source.mp4"), "unserved"))
     assert unserved["code"] == "INVALID_INPUT" and "does not serve infinitetalk/single" in unserved["message"]
     wrong = error_of(run(worker, dub_job("inputs/source.mp4", model="multitalk"), "mt-video"))
@@ -264,7 +266,7 @@ def test_large_output_goes_to_s3_in_parts(s3_server: S3Server, volume: Path, tmp
 
 def test_progress_reports_share_done_and_time_left() -> None:
     from multitalk_worker.pipeline.request import Progress
-    from multitalk_worker.worker import progress_eta
+    from multitalk_worker.service import progress_eta
 
     assert progress_eta(Progress("sample", 2, 4, 5, 10), 15.0) == {"percent": 37.5, "eta_s": 25.0}
     assert progress_eta(Progress("audio", 0, 0, 0, 10), 3.0) == {"percent": 0.0, "eta_s": None}

@@ -1,7 +1,7 @@
 """Peak host memory of jobs by input: what a job's inputs cost before (and, with --full, during) generation.
 
-Each case is one job through `Worker.run` on the tiny model in a child process; after a warm-up job the child
-returns the heap's free memory to the system (malloc_trim; glibc's mmap threshold fixed by
+Each case is one job through `JobService.run` on the tiny model in a child process; after a warm-up job the
+child returns the heap's free memory to the system (malloc_trim; glibc's mmap threshold fixed by
 MALLOC_MMAP_THRESHOLD_), resets its peak RSS (`/proc/self/clear_refs`) and reports `VmHWM - VmRSS(before)` in
 MiB for each case.
 
@@ -130,10 +130,10 @@ def _child() -> None:
     increase printed as one JSON line. Before each case the heap's free memory goes back to the system
     (malloc_trim), so no case reuses pages an earlier one freed and each is counted whole."""
     from multitalk_worker.config import settings_from_process
-    from multitalk_worker.worker import Worker
+    from multitalk_worker.service import JobService
 
     libc = ctypes.CDLL("libc.so.6")
-    worker = Worker(settings_from_process())
+    worker = JobService(settings_from_process())
     cases = json.loads(sys.stdin.read())
     full = any(not case["job"]["validate_only"] for case in cases)
     warm = cases[0]["job"] | {"image": "person.png", "speakers": [{"audio": "five_seconds.wav"}]}

@@ -1,7 +1,7 @@
 """Typed errors. Each class has a stable `code`; the worker maps exceptions to payloads in one place.
 
 Engine code raises the most specific subclass with a message that says what was wrong and what is
-accepted. Only `worker.py` turns these into error payloads.
+accepted. Only `service/faults.py` turns exceptions into these (and the doors turn them into payloads).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ from multitalk_worker.pipeline.request import (
     GenerationResult,
     ProgressCallback,
 )
-from multitalk_worker.startup import PipelineHolder
+from multitalk_worker.service.resident import PipelineHolder
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from multitalk_worker.config import Settings
 from multitalk_worker.errors import InvalidInput, ModelLoadFailed
 from multitalk_worker.models.configs import MultiTalkConfig
 from multitalk_worker.models.offload import host_copies
-from multitalk_worker.registry import MODELS, Adapter, ModelName
+from multitalk_worker.registry import MODELS, Adapter, ModelName, get_model
 from multitalk_worker.weights.adapters import available_adapters, is_audio_key, load_adapter_state
 
 logger = logging.getLogger(__name__)
@@ -184,3 +185,25 @@ def check_swappable(*, adapters: int, fp8: bool, lora_targets: list[str]) -> Non
             f"a LoRA in MULTITALK_LORAS changes {len(audio)} audio-adapter tensors (first: {audio[0]}); a "
             "swap would undo its merge: serve one adapter with it (MULTITALK_ADAPTERS=<name>)"
         )
+
+
+def present_adapters(settings: Settings) -> list[Adapter]:
+    """The registry adapters whose file the weights folder holds (tiny: all of them)."""
+    if settings.tiny_model:
+        return [a for spec in MODELS.values() for a in spec.adapters]
+    return available_adapters(Path(settings.weights))
+
+
+def resident_adapters(settings: Settings) -> list[Adapter]:
+    """The adapters this worker keeps resident (MULTITALK_ADAPTERS over the files present)."""
+    return wanted_adapters(settings.adapters, present_adapters(settings))
+
+
+def first_adapter(settings: Settings) -> Adapter:
+    """The adapter the DiT is loaded with: MULTITALK_MODEL's first resident one, else the first resident
+    (none resident: MULTITALK_MODEL's first, whose load reports the folder's problem)."""
+    resident = resident_adapters(settings)
+    if not resident:  # the loader then says what is wrong with the folder (config, the missing file, ...)
+        return get_model(settings.default_model).adapter()
+    preferred = [a for a in resident if a in get_model(settings.default_model).adapters]
+    return (preferred or resident)[0]

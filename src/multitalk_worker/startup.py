@@ -1,4 +1,4 @@
-"""Startup checks, the resident pipeline, and the `health` report.
+"""Startup checks and the `health` report (the resident pipeline itself: service/resident.py).
 
 Checks: every module of the package imports; numpy/scipy/torch (and the other core packages) are the
 versions in requirements.lock; PyAV can encode and decode an H.264 + AAC mp4; the weights are complete
@@ -12,7 +12,6 @@ that need no weights or GPU:
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import importlib.metadata
 import json
@@ -21,7 +20,6 @@ import pkgutil
 import re
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,22 +29,13 @@ import numpy as np
 
 import multitalk_worker
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
-from multitalk_worker.errors import ModelLoadFailed, ModelMissing, OutOfMemory, WorkerError
-from multitalk_worker.registry import MODELS, Adapter, get_model
-from multitalk_worker.residency import (
-    AdapterSet,
-    adapter_model,
-    check_swappable,
-    load_adapter_set,
-    wanted_adapters,
-)
+from multitalk_worker.errors import WorkerError
+from multitalk_worker.registry import Adapter
+from multitalk_worker.residency import adapter_model, resident_adapters
 from multitalk_worker.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:
-    import torch
-
-    from multitalk_worker.models.sequence_parallel import SequenceParallel
-    from multitalk_worker.pipeline.engine import EngineOptions
+    from multitalk_worker.service.resident import PipelineHolder
 
 logger = logging.getLogger(__name__)
 
@@ -237,152 +226,6 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def engine_from_settings(settings: Settings) -> EngineOptions:
-    """MULTITALK_ENGINE, _FP8, _OFFLOAD and _LORAS as the pipeline's engine options."""
-    from multitalk_worker.pipeline.engine import engine_options, parse_lora_arg
-
-    entries = [item.strip() for item in (settings.loras or "").split(",") if item.strip()]
-    loras = tuple(map(parse_lora_arg, entries))
-    return engine_options(settings.engine, fp8=settings.fp8, loras=loras, offload=settings.offload)
-
-
-def present_adapters(settings: Settings) -> list[Adapter]:
-    """The registry adapters whose file the weights folder holds (tiny: all of them)."""
-    if settings.tiny_model:
-        return [a for spec in MODELS.values() for a in spec.adapters]
-    from multitalk_worker.weights.adapters import available_adapters
-
-    return available_adapters(Path(settings.weights))
-
-
-def resident_adapters(settings: Settings) -> list[Adapter]:
-    """The adapters this worker keeps resident (MULTITALK_ADAPTERS over the files present)."""
-    return wanted_adapters(settings.adapters, present_adapters(settings))
-
-
-def first_adapter(settings: Settings) -> Adapter:
-    """The adapter the DiT is loaded with: MULTITALK_MODEL's first resident one, else the first resident
-    (none resident: MULTITALK_MODEL's first, whose load reports the folder's problem)."""
-    resident = resident_adapters(settings)
-    if not resident:  # the loader then says what is wrong with the folder (config, the missing file, ...)
-        return get_model(settings.default_model).adapter()
-    preferred = [a for a in resident if a in get_model(settings.default_model).adapters]
-    return (preferred or resident)[0]
-
-
-def lora_targets(engine: EngineOptions) -> list[str]:
-    """The DiT parameters the configured LoRAs change (their headers' keys, parsed)."""
-    if not engine.loras:
-        return []
-    from safetensors.torch import load_file
-
-    from multitalk_worker.weights.lora import parse_lora
-
-    targets = []
-    for lora in engine.loras:
-        if lora.path.is_file():  # a missing file fails the merge, with its own message
-            updates, _ = parse_lora(load_file(str(lora.path)), file=lora.path.name)
-            targets += [u.target for u in updates]
-    return targets
-
-
-# ----------------------------------------------------------------------------- resident pipeline
-
-
-class PipelineHolder:
-    """Loads the pipeline once per worker and keeps it resident.
-
-    `device` and `sequence_parallel`: this process's device and group under torchrun (parallel_worker.py);
-    None: MULTITALK_DEVICE, one process."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        device: torch.device | None = None,
-        sequence_parallel: SequenceParallel | None = None,
-    ) -> None:
-        self.settings = settings
-        self.device = device
-        self.sequence_parallel = sequence_parallel
-        self.pipeline: Any = None
-        self.adapters: AdapterSet | None = None
-        self.load_s = 0.0
-        self.jobs_served = 0
-
-    def load(self) -> None:
-        if self.pipeline is not None:
-            return
-        import torch
-
-        from multitalk_worker.pipeline.pipeline import TalkingVideoPipeline
-
-        weights = self.settings.weights
-        if not self.settings.tiny_model and not Path(weights).is_dir():
-            raise ModelMissing(
-                f"weights folder {weights} does not exist; download the weights (docs/deploy.md) "
-                "or set MULTITALK_WEIGHTS=tiny for the built-in test model"
-            )
-        start = time.monotonic()
-        try:
-            engine = engine_from_settings(self.settings)
-            first = first_adapter(self.settings)
-            check_swappable(
-                adapters=len(resident_adapters(self.settings)),
-                fp8=engine.fp8,
-                lora_targets=lora_targets(engine),
-            )
-            self.pipeline = TalkingVideoPipeline.from_pretrained(
-                weights,
-                device=self.device or resolve_device(self.settings.device),
-                sequence_parallel=self.sequence_parallel,
-                engine=engine,
-                model=adapter_model(first.name)[0],
-                adapter=first.name,
-            )
-            bundle = self.pipeline.bundle
-            self.adapters = load_adapter_set(
-                weights, self.settings.adapters, bundle.config, bundle.dit.dtype, bundle.adapter
-            )
-        except WorkerError:
-            raise
-        except torch.cuda.OutOfMemoryError:
-            raise OutOfMemory(
-                "GPU out of memory while loading the model; use a bigger GPU", stage="load"
-            ) from None
-        except Exception as exc:
-            raise ModelLoadFailed(f"loading {weights} failed: {type(exc).__name__}: {exc}") from exc
-        self.load_s = time.monotonic() - start
-        logger.info("pipeline loaded from %s in %.1f s", weights, self.load_s)
-
-    def use(self, model: str, adapter: str) -> float:
-        """Make the resident pipeline serve `model`/`adapter` (loading it first if needed): the seconds the
-        adapter copy took, 0.0 when the DiT already holds it. InvalidInput when it is not resident."""
-        self.load()
-        assert self.adapters is not None
-        wanted = self.adapters.get(model, adapter)
-        if self.adapters.current == adapter:
-            return 0.0
-        seconds = float(self.pipeline.use_adapter(model, adapter, wanted.state))
-        logger.info("adapter %s -> %s/%s in %.3f s", self.adapters.current, model, adapter, seconds)
-        self.adapters.current = adapter
-        self.adapters.swaps += 1
-        return seconds
-
-    def get(self) -> tuple[Any, float, bool]:
-        """(pipeline, its load time in s, whether this is the first job it serves)."""
-        self.load()
-        cold = self.jobs_served == 0
-        self.jobs_served += 1
-        return self.pipeline, self.load_s, cold
-
-    def release_gpu_memory(self) -> None:
-        import torch
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
 # ----------------------------------------------------------------------------- reports
 
 
@@ -477,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         checks = [check_imports(), check_versions(settings.lock_file), check_media()]
         report: dict[str, Any] = {"checks": [asdict(c) for c in checks], "worker": worker_version(settings)}
     else:
+        from multitalk_worker.service.resident import PipelineHolder
+
         report = health_report(settings, PipelineHolder(settings))
         checks = [Check(**c) for c in report["checks"]]
     for check in checks:

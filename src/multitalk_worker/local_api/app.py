@@ -10,11 +10,11 @@
     GET  /status           the queue: running job, jobs waiting, capacity
     GET  /                 a page to try the model in a browser; /docs and /openapi.json: the schema
 
-    MULTITALK_WEIGHTS=tiny python -m multitalk_worker.server --port 8000
+    MULTITALK_WEIGHTS=tiny python -m multitalk_worker.local_api --port 8000
 
 One job runs at a time on the resident pipeline (jobs.py); at most MULTITALK_QUEUE_SIZE wait, one more is
 refused with 429. Finished jobs and their files are kept MULTITALK_JOB_TTL_S seconds. The queue lives in this
-process: a restart loses it. Guards (security.py): the Host header must be allowed, job requests must be
+process: a restart loses it. Guards (guard.py): the Host header must be allowed, job requests must be
 JSON and same-origin, and beyond loopback a bearer token is needed. A job's body is read up to three inline
 inputs at MULTITALK_MAX_INPUT_MB each (as base64) plus 1 MB, and refused with 413 INPUT_TOO_LARGE past that.
 """
@@ -41,11 +41,12 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
 from multitalk_worker.errors import InputTooLarge, InvalidInput, WorkerError
-from multitalk_worker.jobs import JobQueue, JobRecord, QueueFull
+from multitalk_worker.local_api.guard import RequestGuard, api_error
+from multitalk_worker.local_api.jobs import JobQueue, JobRecord, QueueFull
+from multitalk_worker.logs import configure_logging
 from multitalk_worker.schema import parse_job_input
-from multitalk_worker.security import RequestGuard, api_error
+from multitalk_worker.service import JobService
 from multitalk_worker.startup import health_report, worker_version
-from multitalk_worker.worker import Worker, configure_logging
 
 HTTP_STATUS = {
     "INVALID_INPUT": 422,
@@ -81,7 +82,7 @@ class HealthCache:
     """The last health report, refreshed in a thread when older than HEALTH_MAX_AGE_S, so that /health
     answers at once however busy the worker is (a liveness probe must not time out behind a job)."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: JobService) -> None:
         self.worker = worker
         self._report: dict[str, Any] | None = None
         self._at = 0.0
@@ -120,7 +121,7 @@ class HealthCache:
 # ----------------------------------------------------------------------------- app
 
 
-def create_app(worker: Worker, queue: JobQueue | None = None) -> FastAPI:
+def create_app(worker: JobService, queue: JobQueue | None = None) -> FastAPI:
     jobs = queue or JobQueue.for_worker(worker)
     health = HealthCache(worker)
 
@@ -142,13 +143,13 @@ def create_app(worker: Worker, queue: JobQueue | None = None) -> FastAPI:
     _add_job_routes(app, worker, jobs)
     _add_info_routes(app, worker, jobs, health)
     _add_page_routes(app)
-    from multitalk_worker.openapi import install_openapi
+    from multitalk_worker.local_api.openapi import install_openapi
 
     install_openapi(app)
     return app
 
 
-def _add_job_routes(app: FastAPI, worker: Worker, jobs: JobQueue) -> None:
+def _add_job_routes(app: FastAPI, worker: JobService, jobs: JobQueue) -> None:
     body_limit = max_body_bytes(worker.settings)
 
     @app.post("/run", openapi_extra=_body("RunRequest"), summary="Queue a job; answers its id at once")
@@ -200,7 +201,7 @@ def _add_job_routes(app: FastAPI, worker: Worker, jobs: JobQueue) -> None:
         return FileResponse(record.video, media_type="video/mp4", filename=f"{job_id}.mp4")
 
 
-def _add_info_routes(app: FastAPI, worker: Worker, jobs: JobQueue, health: HealthCache) -> None:
+def _add_info_routes(app: FastAPI, worker: JobService, jobs: JobQueue, health: HealthCache) -> None:
     @app.get("/health", summary="Startup checks, pipeline state and settings (secrets masked)")
     async def get_health() -> JSONResponse:
         report = {**await health.get(), "queue": jobs.counts()}
@@ -224,7 +225,7 @@ def _add_page_routes(app: FastAPI) -> None:
 
 
 def _web_file(name: str) -> str:
-    return (resources.files("multitalk_worker") / "web" / name).read_text(encoding="utf-8")
+    return (resources.files("multitalk_worker.local_api") / "web" / name).read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -285,7 +286,7 @@ def _job_input(body: Any) -> Any:
     return body["input"]
 
 
-def _submit(jobs: JobQueue, worker: Worker, raw_input: Any) -> JobRecord | JSONResponse:
+def _submit(jobs: JobQueue, worker: JobService, raw_input: Any) -> JobRecord | JSONResponse:
     """Check the input against the schema (no fetching), then queue it; a typed error response if not."""
     settings = worker.settings
     try:
@@ -354,7 +355,7 @@ def _body(model: str) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
-def _version(worker: Worker) -> str:
+def _version(worker: JobService) -> str:
     info = worker_version(worker.settings)
     return f"{info['version']} ({info['revision']})"
 
@@ -370,7 +371,7 @@ def is_loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m multitalk_worker.server",
+        prog="python -m multitalk_worker.local_api",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -395,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from multitalk_worker.weights.download import ensure_weights
 
-    worker = Worker(settings)
+    worker = JobService(settings)
     try:
         ensure_weights(settings)
         worker.holder.load()  # fail before listening if the weights are missing

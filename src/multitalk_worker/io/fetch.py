@@ -1,37 +1,28 @@
-"""Fetch job inputs and deliver the output video.
+"""Fetch job inputs (delivering the output is io/delivery.py's job).
 
 One fetcher for every input form (https URL, s3:// URI, data URI, bare base64, volume path): size-capped,
 time-limited, and checked by magic bytes before anything decodes it. Every hop of a URL (the first and each
 redirect) passes url_policy's checks (https, no credentials, a valid port, public addresses only; loopback
 only when the settings allow it) and is dialled on the address that was checked (runpod's `PinnedIPAdapter`
-defeats DNS rebinding). Outputs go to exactly one place: S3 (boto3, any S3-compatible
-endpoint, presigned URL), base64 in the result (capped below RunPod's payload limit), or the volume.
+defeats DNS rebinding).
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
-import boto3
 import certifi
 import requests
 import urllib3
-from boto3.exceptions import Boto3Error
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter
 
@@ -42,10 +33,10 @@ from multitalk_worker.errors import (
     InputFetchFailed,
     InputTooLarge,
     InvalidInput,
-    OutputTooLarge,
-    UploadFailed,
     VideoDecodeFailed,
 )
+from multitalk_worker.io.s3 import bucket_exists, make_s3_client, s3_reason, s3_retryable
+from multitalk_worker.io.volume import check_name_lengths
 from multitalk_worker.schema import InputSource, decode_base64
 from multitalk_worker.url_policy import UrlRefused, address_problem, check_url
 
@@ -54,7 +45,6 @@ logger = logging.getLogger(__name__)
 MediaKind = Literal["image", "audio", "video"]
 CHUNK = 1 << 16
 MAX_REDIRECTS = 3
-VIDEO_CONTENT_TYPE = "video/mp4"
 _ACCEPTED_TYPES = {"image": ("image/",), "audio": ("audio/", "video/"), "video": ("video/",)}
 _NEUTRAL_TYPES = ("application/octet-stream", "binary/octet-stream", "application/ogg", "application/mp4")
 _FORMATS = {
@@ -315,10 +305,10 @@ class InputFetcher:
             body = client.get_object(Bucket=bucket, Key=key)["Body"]
             self._write_capped(body.iter_chunks(CHUNK), dest, deadline, label)
         except ClientError as exc:
-            reason = _s3_reason(exc)
-            if reason == "no such key" and not _bucket_exists(client, bucket):
+            reason = s3_reason(exc)
+            if reason == "no such key" and not bucket_exists(client, bucket):
                 reason = "no such bucket"  # HEAD answers a bare 404 for both; ask the bucket
-            raise InputFetchFailed(f"{label}: {uri}: {reason}", retryable=_s3_retryable(exc)) from None
+            raise InputFetchFailed(f"{label}: {uri}: {reason}", retryable=s3_retryable(exc)) from None
         except BotoCoreError as exc:
             raise InputFetchFailed(
                 f"{label}: {uri}: S3 endpoint unreachable ({type(exc).__name__})"
@@ -331,199 +321,7 @@ class InputFetcher:
         return self._s3
 
 
-def make_s3_client(settings: Settings) -> Any:
-    """A boto3 S3 client for the configured endpoint and credentials (none: boto3's default chain)."""
-    s3 = settings.s3
-    session = boto3.session.Session(
-        aws_access_key_id=s3.access_key_id,
-        aws_secret_access_key=s3.secret_access_key,
-        aws_session_token=s3.session_token,
-        region_name=s3.region,
-    )
-    config = BotoConfig(
-        signature_version="s3v4",
-        connect_timeout=5,
-        read_timeout=min(settings.fetch_timeout_s, 60.0),
-        retries={"max_attempts": 2, "mode": "standard"},
-    )
-    verify = str(settings.ca_bundle) if settings.ca_bundle else None
-    return session.client("s3", endpoint_url=s3.endpoint_url, config=config, verify=verify)
-
-
-def _s3_reason(exc: ClientError) -> str:
-    code = str(exc.response.get("Error", {}).get("Code", "unknown"))
-    reasons = {
-        "404": "no such key",
-        "NoSuchKey": "no such key",
-        "NoSuchBucket": "no such bucket",
-        "403": "access denied",
-        "AccessDenied": "access denied",
-        "InvalidAccessKeyId": "access denied (unknown access key)",
-        "SignatureDoesNotMatch": "access denied (bad signature)",
-    }
-    return reasons.get(code, f"S3 error {code}")
-
-
-def _s3_retryable(exc: ClientError) -> bool:
-    """Throttling and server errors may pass on retry; a missing object or a refused permission will not."""
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return status >= 500 or status in (408, 429) or status == 0
-
-
-def _bucket_exists(client: Any, bucket: str) -> bool:
-    """False only when S3 says the bucket does not exist (404); True when it exists or we may not know."""
-    try:
-        client.head_bucket(Bucket=bucket)
-    except ClientError as exc:
-        return _s3_reason(exc) not in ("no such key", "no such bucket")
-    except BotoCoreError:
-        return True
-    return True
-
-
-def _upload_reason(exc: Exception) -> str:
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, ClientError):
-        return _s3_reason(cause)
-    text = str(exc)
-    if "AccessDenied" in text or "Forbidden" in text or "403" in text:
-        return "access denied"
-    if "NoSuchBucket" in text:
-        return "no such bucket"
-    return f"S3 endpoint unreachable or refused ({type(exc).__name__})"
-
-
 def _safe_url(url: str) -> str:
     """Scheme, host and path only: never credentials or a query string (which may carry a signature)."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}{parts.path}"
-
-
-# ----------------------------------------------------------------------------- delivery
-
-
-def deliver_s3(video: Path, key: str, settings: Settings, client: Any) -> dict[str, object]:
-    """Upload with content type video/mp4, confirm the stored size, return a presigned URL and its expiry."""
-    bucket = settings.s3.bucket
-    if not bucket:
-        raise InvalidInput(
-            "delivery s3 needs MULTITALK_S3_BUCKET on the worker; use base64 or volume", stage="output"
-        )
-    size = video.stat().st_size
-    try:
-        client.upload_file(str(video), bucket, key, ExtraArgs={"ContentType": VIDEO_CONTENT_TYPE})
-        head = client.head_object(Bucket=bucket, Key=key)
-        url = client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=settings.s3.url_expiry_s
-        )
-    except ClientError as exc:
-        reason = _s3_reason(exc)
-        raise UploadFailed(f"upload to s3://{bucket}/{key}: {reason}", retryable=_s3_retryable(exc)) from None
-    except (BotoCoreError, Boto3Error) as exc:
-        cause = exc.__cause__ or exc.__context__  # upload_file wraps S3's answer in S3UploadFailedError
-        retryable = _s3_retryable(cause) if isinstance(cause, ClientError) else None
-        raise UploadFailed(
-            f"upload to s3://{bucket}/{key}: {_upload_reason(exc)}", retryable=retryable
-        ) from None
-    if int(head["ContentLength"]) != size or head.get("ContentType") != VIDEO_CONTENT_TYPE:
-        raise UploadFailed(
-            f"s3://{bucket}/{key}: stored object does not match the video (size or content type)"
-        )
-    expires = datetime.now(UTC) + timedelta(seconds=settings.s3.url_expiry_s)
-    logger.info("uploaded video to s3://%s/%s (%d bytes)", bucket, key, size)
-    return {
-        "delivery": "s3",
-        "bucket": bucket,
-        "key": key,
-        "url": url,
-        "url_expires_at": expires.isoformat(timespec="seconds"),
-        "url_expires_in_s": settings.s3.url_expiry_s,
-    }
-
-
-def base64_size(num_bytes: int) -> int:
-    return 4 * ((num_bytes + 2) // 3)
-
-
-def deliver_base64(video: Path, settings: Settings) -> dict[str, object]:
-    """The video as base64 text in the result, if it fits under the payload limit."""
-    encoded = base64_size(video.stat().st_size)
-    if encoded > settings.max_base64_bytes:
-        raise OutputTooLarge(
-            f"the video is {encoded / 1e6:.1f} MB as base64, over the {settings.max_base64_mb:g} MB limit of "
-            "the job result (MULTITALK_MAX_BASE64_MB); use output.delivery 's3' (worker needs "
-            "MULTITALK_S3_BUCKET) or 'volume', or a shorter max_duration_s"
-        )
-    return {
-        "delivery": "base64",
-        "content_type": VIDEO_CONTENT_TYPE,
-        "base64": base64.b64encode(video.read_bytes()).decode("ascii"),
-    }
-
-
-def check_name_lengths(path: Path, root: Path, label: str) -> None:
-    """Refuse a path with a name longer than the file system's limit (NAME_MAX of `root`)."""
-    try:
-        limit = int(os.pathconf(root, "PC_NAME_MAX"))
-    except (OSError, ValueError):
-        limit = 255
-    for part in path.parts:
-        size = len(os.fsencode(part))
-        if size > limit:
-            raise InvalidInput(
-                f"{label}: the name {part[:32]!r}... is {size} bytes; names on the volume are at most "
-                f"{limit} bytes",
-                stage="fetch" if label != "output.path" else "output",
-            )
-
-
-def volume_destination(relative: str, settings: Settings) -> Path:
-    """The checked absolute path of a volume output, made ready before generation: under the root, names
-    within the limit, its folder created and writable (a probe file is made and removed). A destination
-    that cannot be written is refused here, not after the whole generation."""
-    root = settings.volume_root.resolve()
-    check_name_lengths(Path(relative), root, "output.path")
-    dest = (root / relative).resolve()
-    if not dest.is_relative_to(root):
-        raise InvalidInput(f"output.path must lie under the volume root {root}", stage="output")
-    if dest.is_dir():
-        raise InvalidInput(f"output.path {relative} is a folder on the volume; name a file", stage="output")
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(prefix=".probe-", dir=dest.parent):
-            pass
-    except (NotADirectoryError, FileExistsError):
-        raise InvalidInput(
-            f"output.path {relative}: a part of the folder is a file on the volume", stage="output"
-        ) from None
-    except OSError as exc:  # permissions, a read-only or full volume: a retry meets the same
-        raise UploadFailed(f"cannot write {dest.parent}: {exc.strerror}", retryable=False) from None
-    return dest
-
-
-def check_s3_destination(settings: Settings, client: Any) -> None:
-    """Before generation: the output bucket must exist. Access is not judged here (credentials that may
-    only put objects cannot HEAD a bucket); a refusal at upload time is reported then, not retryable."""
-    bucket = settings.s3.bucket
-    if bucket and not _bucket_exists(client, bucket):
-        raise UploadFailed(
-            f"output bucket {bucket}: no such bucket (MULTITALK_S3_BUCKET)", stage="output", retryable=False
-        )
-
-
-def deliver_volume(video: Path, relative: str, settings: Settings) -> dict[str, object]:
-    """Copy the video to the volume (atomically: temp file then rename). Returns its absolute path."""
-    dest = volume_destination(relative, settings)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".partial-", suffix=".mp4", dir=dest.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(video, tmp_name)
-            os.replace(tmp_name, dest)
-        finally:
-            Path(tmp_name).unlink(missing_ok=True)
-    except OSError as exc:
-        raise UploadFailed(f"cannot write {dest}: {exc.strerror}") from None
-    logger.info("wrote video to %s", dest)
-    return {"delivery": "volume", "path": str(dest)}

@@ -1,7 +1,7 @@
 """The local HTTP API's job queue: bounded, in memory, one job at a time on the resident pipeline.
 
 `JobQueue.submit` records a job and queues it, or raises `QueueFull` when `MULTITALK_QUEUE_SIZE` jobs already
-wait; one thread runs the queued jobs in order through `Worker.run`, with a cancel flag per job and the
+wait; one thread runs the queued jobs in order through `JobService.run`, with a cancel flag per job and the
 worker's progress updates fed to a `ProgressTracker`. A finished job's record and video file are kept for
 `MULTITALK_JOB_TTL_S` seconds after it ends, then deleted. Everything lives in this process: a restart loses
 the queue, the records and the files (docs/api.md says so).
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from multitalk_worker.progress import ProgressTracker
-from multitalk_worker.worker import Worker
+from multitalk_worker.service import JobService
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class JobRecord:
 class JobQueue:
     """Queue and runner. Every public method is thread-safe and returns at once."""
 
-    def __init__(self, worker: Worker, *, capacity: int, ttl_s: float, results: Path) -> None:
+    def __init__(self, worker: JobService, *, capacity: int, ttl_s: float, results: Path) -> None:
         self.worker = worker
         self.capacity = capacity
         self.ttl_s = ttl_s
@@ -82,7 +82,7 @@ class JobQueue:
         self._thread = threading.Thread(target=self._run_forever, name="multitalk-jobs", daemon=True)
 
     @classmethod
-    def for_worker(cls, worker: Worker) -> JobQueue:
+    def for_worker(cls, worker: JobService) -> JobQueue:
         """A queue sized by the worker's settings, its files in a fresh folder under the work dir."""
         settings = worker.settings
         results = Path(tempfile.mkdtemp(prefix="multitalk-results-", dir=settings.work_dir))
