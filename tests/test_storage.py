@@ -9,12 +9,14 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
+from boto3.exceptions import S3UploadFailedError
+from botocore.exceptions import ClientError
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import WorkerError
 from multitalk_worker.io.delivery import base64_size, deliver_base64, deliver_s3, deliver_volume
 from multitalk_worker.io.fetch import InputFetcher, sniff
-from multitalk_worker.io.s3 import make_s3_client
+from multitalk_worker.io.s3 import make_s3_client, s3_reason, s3_retryable, upload_reason
 from multitalk_worker.io.volume import volume_destination
 from multitalk_worker.schema import parse_source
 from multitalk_worker.url_policy import address_problem
@@ -393,3 +395,35 @@ def test_volume_destination_is_checked_before_writing(
     error = expect("INVALID_INPUT", lambda: volume_destination("renders/" + "b" * 260 + ".mp4", settings))
     assert "at most 255 bytes" in error.message
     expect("INVALID_INPUT", lambda: volume_destination("renders", settings))
+
+
+def _raised_in_handling(code: str, http_status: int) -> S3UploadFailedError:
+    """An S3UploadFailedError raised while handling S3's ClientError, as boto3's upload_file raises it."""
+    answer = {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": http_status}}
+    try:
+        try:
+            raise ClientError(answer, "PutObject")  # type: ignore[arg-type]
+        except ClientError:
+            raise S3UploadFailedError("Failed to upload a.mp4 to b/a.mp4: ...") from None
+    except S3UploadFailedError as exc:
+        return exc
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "reason"),
+    [
+        ("AccessDenied", 403, "access denied"),
+        ("NoSuchBucket", 404, "no such bucket"),
+        ("InvalidAccessKeyId", 403, "access denied (unknown access key)"),
+        ("SlowDown", 503, "S3 error SlowDown"),
+    ],
+)
+def test_s3_faults_by_error_code(code: str, status: int, reason: str) -> None:
+    """S3's answers are read from `exc.response["Error"]["Code"]`, through boto3's wrapper too."""
+    wrapped = _raised_in_handling(code, status)
+    assert upload_reason(wrapped) == reason
+    assert s3_reason(wrapped.__context__) == reason  # type: ignore[arg-type]
+    assert s3_retryable(wrapped.__context__) is (status >= 500)  # type: ignore[arg-type]
+    # never by the message: a wrapper that only says AccessDenied in its text has no code to read
+    bare = S3UploadFailedError("Failed to upload: An error occurred (AccessDenied) ... Forbidden 403")
+    assert upload_reason(bare) == "S3 endpoint unreachable or refused (S3UploadFailedError)"

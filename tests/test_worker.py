@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from torch.distributed import DistBackendError
 from runpod.serverless.modules.rp_job import run_job
 
 from multitalk_worker.config import Settings
@@ -136,7 +137,7 @@ def failing_sink(exc: BaseException) -> Callable[[dict[str, Any], dict[str, Any]
             "OUT_OF_MEMORY",
             True,
         ),
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), "GENERATION_FAILED", True),
+        (torch.AcceleratorError("CUDA error: an illegal memory access"), "GENERATION_FAILED", True),
         (ZeroDivisionError("boom"), "GENERATION_FAILED", False),
     ],
 )
@@ -182,6 +183,23 @@ def test_volume_delivery(make_settings: Callable[..., Settings], volume: Path, t
     out = result["output"]
     assert out["video"] == {"delivery": "volume", "path": str((volume / "renders" / "a.mp4").resolve())}
     check_video((volume / "renders" / "a.mp4").read_bytes(), out, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "refresh"),
+    [
+        (torch.OutOfMemoryError("out of memory"), "OUT_OF_MEMORY", True),
+        (torch.AcceleratorError("device-side assert triggered"), "GENERATION_FAILED", True),
+        (DistBackendError("NCCL communicator was aborted"), "GENERATION_FAILED", True),
+        # by type, never by text: a plain RuntimeError that mentions CUDA is this job's internal error
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), "GENERATION_FAILED", False),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), "GENERATION_FAILED", False),
+    ],
+)
+def test_faults_are_told_apart_by_type(exc: Exception, code: str, refresh: bool) -> None:
+    error, refreshed = error_for(exc, "generate")
+    assert (error.code, refreshed) == (code, refresh)
+    assert ("GPU fault" in error.message) is (refresh and code == "GENERATION_FAILED")
 
 
 def test_error_mapping_covers_every_code() -> None:

@@ -64,14 +64,11 @@ def bucket_exists(client: Any, bucket: str) -> bool:
 
 
 def upload_reason(exc: Exception) -> str:
+    """Why an upload failed, from S3's error code: boto3's upload_file raises S3UploadFailedError while
+    handling S3's ClientError, which it leaves as the context. Never read from the message text."""
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, ClientError):
         return s3_reason(cause)
-    text = str(exc)
-    if "AccessDenied" in text or "Forbidden" in text or "403" in text:
-        return "access denied"
-    if "NoSuchBucket" in text:
-        return "no such bucket"
     return f"S3 endpoint unreachable or refused ({type(exc).__name__})"
 
 

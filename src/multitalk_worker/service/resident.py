@@ -112,7 +112,7 @@ class PipelineHolder:
             )
         except WorkerError:
             raise
-        except torch.cuda.OutOfMemoryError:
+        except torch.OutOfMemoryError:
             raise OutOfMemory(
                 "GPU out of memory while loading the model; use a bigger GPU", stage="load"
             ) from None
