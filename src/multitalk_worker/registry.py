@@ -44,6 +44,7 @@ class ModelSpec:
     adapters: tuple[Adapter, ...]
     motion_frames: int  # M: frames of the previous clip that condition the next one
     max_frames: int  # the longest video a job may make, in 25 fps frames
+    duration_setting: str  # the Settings field (a MULTITALK_ variable) by which a worker may lower max_frames
     length_rule: LengthRule
     sources: tuple[SourceKind, ...]  # conditioning inputs it takes
     default_preset: str
@@ -77,6 +78,7 @@ MULTITALK = ModelSpec(
     ),
     motion_frames=25,
     max_frames=1000,
+    duration_setting="max_duration_s",
     length_rule="drop_padding",
     sources=("image",),
     default_preset="default",
@@ -107,6 +109,7 @@ INFINITETALK = ModelSpec(
     # The reference stops at --max_frame_num (1000 frames = 40 s by default); the loop itself has no limit,
     # so we allow 10 minutes (the video streams to the encoder, spec IT 5.5). Cap a job with max_duration_s.
     max_frames=15_000,
+    duration_setting="infinitetalk_max_duration_s",
     length_rule="audio",
     sources=("image", "video"),
     default_preset="default",
