@@ -111,5 +111,6 @@ def test_a_video_needs_infinitetalk(cli: Cli, tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.strip() == (
-        "error [INVALID_INPUT]: model multitalk animates an image; a video source needs model 'infinitetalk'"
+        "error [INVALID_INPUT]: --video: model multitalk animates an image; send model 'infinitetalk' to dub a "
+        "video"
     )

@@ -18,6 +18,7 @@ RESOLUTIONS: tuple[str, ...] = ("480p", "720p")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENGINE_NAMES: tuple[str, ...] = ("reference", "fast")
 MODEL_NAMES: tuple[str, ...] = ("multitalk", "infinitetalk")  # registry.MODELS (checked by a test)
+VIDEO_CRF = 23  # H.264 quality of the output: the reference's final encode
 
 
 class SettingsError(ValueError):
@@ -151,7 +152,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "MULTITALK_VIDEO_CRF",
         "video_crf",
         "int",
-        "23",
+        str(VIDEO_CRF),
         "H.264 quality of the output: 0 lossless (large files) to 51; 23 is the reference's final encode.",
     ),
     EnvVar(
@@ -379,6 +380,7 @@ class Settings:
         for var in ENV_VARS:
             group, _, name = var.attr.rpartition(".")
             (s3 if group == "s3" else top)[name] = _parse(var, env.get(var.name))
+        top.update(torchrun_vars(env))
         settings = cls(s3=S3Settings(**s3), **top)  # type: ignore[arg-type]
         _check_ranges(settings)
         return settings
@@ -397,6 +399,27 @@ class Settings:
     def value_of(self, var: EnvVar) -> object:
         group, _, name = var.attr.rpartition(".")
         return getattr(self.s3 if group == "s3" else self, name)
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def torchrun_vars(env: Mapping[str, str]) -> dict[str, int]:
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them, by Settings field: the one
+    reader of these variables (Settings, and the CLI's launch in distributed.py). A single process
+    (WORLD_SIZE unset or 1) may leave the others unset; several need all four, and they must fit."""
+    declared = {var.name: var for var in ENV_VARS}
+    values = {name: int(str(_parse(declared[name], env.get(name)))) for name in TORCHRUN_VARS}
+    unset = [name for name in TORCHRUN_VARS if not (env.get(name) or "").strip()]
+    if values["WORLD_SIZE"] > 1 and unset:
+        raise SettingsError(f"WORLD_SIZE={values['WORLD_SIZE']} with {', '.join(unset)} unset")
+    rank, world, local_rank, local_world = (values[name] for name in TORCHRUN_VARS)
+    if not (0 <= rank < world and 0 <= local_rank < local_world):
+        raise SettingsError(
+            f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}, "
+            f"LOCAL_WORLD_SIZE={local_world} do not fit; use torchrun"
+        )
+    return {declared[name].attr: values[name] for name in TORCHRUN_VARS}
 
 
 def settings_from_process() -> Settings:
@@ -433,13 +456,6 @@ def _check_ranges(settings: Settings) -> None:
         raise SettingsError(f"MULTITALK_QUEUE_SIZE must be within 0..10000, got {settings.queue_size}")
     if settings.min_gpu_memory_gib is not None and settings.min_gpu_memory_gib < 0:
         raise SettingsError("MULTITALK_MIN_GPU_MEMORY_GIB must be >= 0")
-    if not (
-        0 <= settings.rank < settings.world_size and 0 <= settings.local_rank < settings.local_world_size
-    ):
-        raise SettingsError(
-            f"RANK={settings.rank}, WORLD_SIZE={settings.world_size}, LOCAL_RANK={settings.local_rank}, "
-            f"LOCAL_WORLD_SIZE={settings.local_world_size} do not fit; use torchrun"
-        )
 
 
 _TRUE = ("1", "true", "yes", "on")
