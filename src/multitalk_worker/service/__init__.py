@@ -156,27 +156,25 @@ class JobService:
             request = self._build_request(parsed, fetched)
             # the CLI's checks, bounded; the pipeline takes what they decoded (nothing is decoded twice)
             inputs = prepare_inputs(request, tiny_model=settings.tiny_model)
-            sink = Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf)  # encoded clip by clip
-            try:
-                duration_s = self._check_duration(parsed, inputs.checked())
-                plan = plan_report(parsed, request, inputs, fetched.report, duration_s, delivery.plan)
-                if parsed.validate_only:
-                    from multitalk_worker.preview import plan_details
+            try:  # encoded clip by clip; the file is removed if anything fails (Mp4Sink's exit)
+                with Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf) as sink:
+                    duration_s = self._check_duration(parsed, inputs.checked())
+                    plan = plan_report(parsed, request, inputs, fetched.report, duration_s, delivery.plan)
+                    if parsed.validate_only:
+                        from multitalk_worker.preview import plan_details
 
-                    plan |= plan_details(request, settings, with_image=True, inputs=inputs)
-                    return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
-                stage.name = "load"
-                pipeline, load_s, cold = self.holder.get()
-                timings.update(model_load_s=load_s, cold_start=cold)
-                timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
-                stage.name = "generate"
-                progress = self._progress(job, on_update)
-                result = pipeline(request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs)
-                stage.name = "encode"
-                sink.close()
-            except BaseException:
-                sink.abort()
-                raise
+                        plan |= plan_details(request, settings, with_image=True, inputs=inputs)
+                        return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
+                    stage.name = "load"
+                    pipeline, load_s, cold = self.holder.get()
+                    timings.update(model_load_s=load_s, cold_start=cold)
+                    timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
+                    stage.name = "generate"
+                    progress = self._progress(job, on_update)
+                    result = pipeline(
+                        request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs
+                    )
+                    stage.name = "encode"
             finally:
                 inputs.close()
             timings.update({f"{k}_s" if not k.endswith("_s") else k: v for k, v in result.timings.items()})
