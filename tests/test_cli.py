@@ -27,7 +27,6 @@ from tests.conftest import Cli
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 AAC_FRAME_S = 1024 / 16000
 SPEECH_A_FRAMES = 102  # La of examples/speech_a.wav
-SPEECH_B_FRAMES = 87  # La of examples/speech_b.wav
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -128,18 +127,6 @@ def test_version_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
     schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == set(GenerateInput.model_fields)
     assert schema["$defs"]["AdvancedInput"]["properties"]["steps"]["anyOf"][0]["maximum"] == 100
-
-
-def test_two_people_parallel(tmp_path: Path, cli: Cli) -> None:
-    out = tmp_path / "parallel.mp4"
-    generate(
-        out,
-        "--image", EXAMPLES / "two_people.png",
-        "--audio", EXAMPLES / "speech_a.wav", "--region", "left",
-        "--audio", EXAMPLES / "speech_b.wav", "--region", "0.5,0,1,1",
-        cli=cli,
-    )  # fmt: skip
-    check_video(out, max(SPEECH_A_FRAMES, SPEECH_B_FRAMES) - 3)
 
 
 def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path, cli: Cli) -> None:
