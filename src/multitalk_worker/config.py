@@ -364,10 +364,6 @@ class Settings:
     def max_input_bytes(self) -> int:
         return int(self.max_input_mb * 1_000_000)
 
-    def max_duration_for(self, model: str) -> float:
-        """The longest video a job of `model` may ask for, in seconds."""
-        return self.infinitetalk_max_duration_s if model == "infinitetalk" else self.max_duration_s
-
     @property
     def max_base64_bytes(self) -> int:
         return int(self.max_base64_mb * 1_000_000)
