@@ -19,7 +19,15 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from multitalk_worker.config import ENV_VARS, Settings
 from multitalk_worker.errors import InvalidInput
@@ -128,12 +136,6 @@ class SpeakerInput(_Strict):
         description="where this speaker is: [x0, y0, x1, y1] normalised to the image (0..1, x right, "
         "y down), or left/right/full; unset: the pipeline's default layout",
     )
-
-    @field_validator("audio")
-    @classmethod
-    def _check_audio(cls, value: str) -> str:
-        parse_source(value)
-        return value
 
     @field_validator("region")
     @classmethod
@@ -248,12 +250,24 @@ class GenerateInput(_Strict):
     output: OutputInput = Field(default_factory=OutputInput)
     validate_only: bool = Field(False, description="fetch and check the inputs, return the plan, no GPU work")
 
-    @field_validator("image", "video")
-    @classmethod
-    def _check_image(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_source(value)
-        return value
+    _sources: dict[str, InputSource] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _classify_sources(self) -> GenerateInput:
+        """Each input string classified once, here; the fetcher takes the classified source (`source`)."""
+        texts = {"image": self.image, "video": self.video}
+        texts |= {f"speakers[{i}].audio": speaker.audio for i, speaker in enumerate(self.speakers)}
+        for label, text in texts.items():
+            if text is not None:
+                try:
+                    self._sources[label] = parse_source(text)
+                except ValueError as exc:
+                    raise ValueError(f"{label}: {exc}") from None
+        return self
+
+    def source(self, label: str) -> InputSource:
+        """The classified source of `image`, `video` or `speakers[i].audio`."""
+        return self._sources[label]
 
     @model_validator(mode="after")
     def _check_speakers(self) -> GenerateInput:
@@ -454,8 +468,10 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str
     """One line per problem, naming the field and what is accepted. Never echoes the input values."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False)[:12]:
-        where = ".".join(str(part) for part in error["loc"]) or "input"
-        if error["type"] == "extra_forbidden":
+        where = ".".join(str(part) for part in error["loc"])
+        if not where:  # a rule over several fields: its message names them
+            lines.append(error["msg"].removeprefix("Value error, "))
+        elif error["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown field (accepted: {_accepted_fields(model, error['loc'][:-1])})")
         else:
             lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")

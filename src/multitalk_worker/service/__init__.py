@@ -31,7 +31,7 @@ from multitalk_worker.pipeline.inputs import prepare_inputs
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, GenerationResult, Progress
 from multitalk_worker.pipeline.video import VideoInfo
 from multitalk_worker.pipeline.video import probe_video as probe_source
-from multitalk_worker.schema import GenerateInput, HealthInput, JobLimits, parse_job_input, parse_source
+from multitalk_worker.schema import GenerateInput, HealthInput, JobLimits, parse_job_input
 from multitalk_worker.service.faults import error_for
 from multitalk_worker.service.report import job_result, plan_report
 from multitalk_worker.service.request import build_request
@@ -220,16 +220,14 @@ class JobService:
             image_path = None
         else:
             assert parsed.image is not None  # the schema: exactly one of image and video
-            image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
+            image = self.fetcher.fetch(parsed.source("image"), scratch / "image", "image", "image")
             width, height = image_size(image.path)  # the header only: a huge image is refused undecoded
             report = {"image": {"width": width, "height": height, "bytes": image.size}}
             video, info, image_path = None, None, image.path
         audio_paths = []
-        for index, speaker in enumerate(parsed.speakers):
+        for index in range(len(parsed.speakers)):
             label = f"speakers[{index}].audio"
-            fetched = self.fetcher.fetch(
-                parse_source(speaker.audio), scratch / f"audio{index}", "audio", label
-            )
+            fetched = self.fetcher.fetch(parsed.source(label), scratch / f"audio{index}", "audio", label)
             # the declared length (an estimate for some mp3s: 1 s slack), before decoding any of it
             self.limits.check_length(
                 parsed, media_s=declared_duration_s(fetched.path), what=label, slack_s=1.0
@@ -241,7 +239,7 @@ class JobService:
         """Fetch the source video (size-capped, time-limited, magic bytes), then decode its first frame and
         check its declared length against the model's cap, before any GPU work."""
         assert parsed.video is not None
-        fetched = self.fetcher.fetch(parse_source(parsed.video), scratch / "video", "video", "video")
+        fetched = self.fetcher.fetch(parsed.source("video"), scratch / "video", "video", "video")
         info = probe_source(fetched.path)  # VIDEO_DECODE_FAILED: no video stream, no decodable frame
         # a source video must fit whatever length the job asks for
         self.limits.check_length(
