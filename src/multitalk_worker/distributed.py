@@ -71,7 +71,9 @@ def process_group(launch: Launch, device: str | None) -> Iterator[tuple[torch.de
         torch.cuda.set_device(here)
         dist.init_process_group("nccl", device_id=here)
     try:
-        yield here, SequenceParallel.from_group(dist.group.WORLD)
+        world = dist.group.WORLD
+        assert world is not None  # set by init_process_group
+        yield here, SequenceParallel.from_group(world)
     finally:
         dist.destroy_process_group()
 

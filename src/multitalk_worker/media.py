@@ -16,6 +16,7 @@ from types import TracebackType
 
 import av
 import numpy as np
+from av.error import FFmpegError
 
 from multitalk_worker.config import VIDEO_CRF
 from multitalk_worker.errors import OutputInvalid
@@ -70,13 +71,13 @@ class Mp4Writer:
         self._closed = False
         try:
             self._container = av.open(str(path), mode="w", format="mp4")
-        except (av.FFmpegError, OSError, ValueError) as exc:
+        except (FFmpegError, OSError, ValueError) as exc:
             raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
         try:  # both streams exist before the first packet is muxed
             self._video = self._container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
             self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
             self._sound = self._add_audio_stream() if audio.size > 0 else None
-        except (av.FFmpegError, OSError, ValueError) as exc:
+        except (FFmpegError, OSError, ValueError) as exc:
             self.abort()
             raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
 
@@ -104,7 +105,7 @@ class Mp4Writer:
                 self._mux(self._video.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
             self._frames += len(frames)
             self._write_audio(round(self._frames * self._sample_rate / self.fps))
-        except (av.FFmpegError, OSError, ValueError) as exc:
+        except (FFmpegError, OSError, ValueError) as exc:
             raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
 
     def _mux(self, packets: list[av.Packet]) -> None:
@@ -136,7 +137,7 @@ class Mp4Writer:
                 self._mux(self._sound.encode(None))
             self._closed = True
             self._container.close()
-        except (av.FFmpegError, OSError, ValueError) as exc:
+        except (FFmpegError, OSError, ValueError) as exc:
             self.abort()
             raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
         logger.info(
@@ -154,7 +155,7 @@ class Mp4Writer:
             self._closed = True
             try:
                 self._container.close()
-            except (av.FFmpegError, OSError, ValueError) as exc:
+            except (FFmpegError, OSError, ValueError) as exc:
                 logger.warning("closing the incomplete %s: %s", self.path.name, exc)
         self.path.unlink(missing_ok=True)
 
@@ -247,7 +248,7 @@ def probe_mp4(path: Path) -> Mp4Info:
             width, height = stream.codec_context.width, stream.codec_context.height
             count = sum(1 for _ in container.decode(stream))
         audio_s, has_audio = _decoded_audio_seconds(path)
-    except (av.FFmpegError, OSError, ValueError) as exc:
+    except (FFmpegError, OSError, ValueError) as exc:
         raise OutputInvalid(f"{Path(path).name}: not a decodable video ({exc})") from exc
     if count == 0 or fps <= 0:
         raise OutputInvalid(f"{Path(path).name}: no decodable video frames")
@@ -268,7 +269,7 @@ def read_frames(path: Path) -> np.ndarray:
     try:
         with av.open(str(path)) as container:
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except (av.FFmpegError, OSError, ValueError) as exc:
+    except (FFmpegError, OSError, ValueError) as exc:
         raise OutputInvalid(f"{Path(path).name}: not a decodable video ({exc})") from exc
     if not frames:
         raise OutputInvalid(f"{Path(path).name}: no decodable video frames")

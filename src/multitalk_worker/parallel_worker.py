@@ -60,7 +60,9 @@ class JobChannel:
     @classmethod
     def create(cls) -> JobChannel:
         """Collective: every rank of the default group calls it."""
-        return cls(dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT))
+        group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        assert isinstance(group, dist.ProcessGroup)  # every rank is a member: never NON_GROUP_MEMBER
+        return cls(group)
 
     def send(self, request: GenerationRequest | None) -> None:
         dist.broadcast_object_list([request], group=self.group, group_src=0)

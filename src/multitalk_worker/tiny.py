@@ -166,20 +166,18 @@ def build_tiny_bundle(
     models = empty_models(config)
     with empty_model():
         audio_encoder = build_audio_encoder(config.audio_encoder)
-    for name, network in models.items():
+    for name, network in models.by_name().items():
         tied = dict(T5_TIED) if name == "text_encoder" else None
         randomize(network, generator, device=device, dtype=getattr(dtypes, name), tied=tied)
     randomize(audio_encoder, generator, device=torch.device("cpu"), dtype=dtypes.audio_encoder)
     if chosen.name != DEFAULT_ADAPTER:
-        dit = models["dit"]
-        assert isinstance(dit, MultiTalkTransformer)
-        apply_adapter_state(dit, tiny_adapter_state(seed, chosen.name, config=config))
+        apply_adapter_state(models.dit, tiny_adapter_state(seed, chosen.name, config=config))
     return ModelBundle(
-        dit=models["dit"],
-        text_encoder=models["text_encoder"],
+        dit=models.dit,
+        text_encoder=models.text_encoder,
         tokenizer=build_tiny_tokenizer(max_length=config.text_encoder.text_len),
-        image_encoder=models["image_encoder"],
-        vae=models["vae"],
+        image_encoder=models.image_encoder,
+        vae=models.vae,
         audio_encoder=audio_encoder,
         feature_extractor=build_tiny_feature_extractor(),
         config=config,

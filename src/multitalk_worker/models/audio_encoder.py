@@ -4,11 +4,17 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from transformers.models.wav2vec2.modeling_wav2vec2 import (
+    Wav2Vec2Encoder,
+    Wav2Vec2EncoderStableLayerNorm,
+    Wav2Vec2FeatureEncoder,
+)
 
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.models.configs import AudioEncoderConfig
@@ -122,7 +128,7 @@ def _variance(signal: np.ndarray, mean: np.float32) -> np.float32:
     return np.float32(total / signal.shape[0])
 
 
-def _cnn_features(encoder: torch.nn.Module, values: InputValues, chunk_frames: int) -> torch.Tensor:
+def _cnn_features(encoder: Wav2Vec2FeatureEncoder, values: InputValues, chunk_frames: int) -> torch.Tensor:
     """wav2vec2's CNN (`Wav2Vec2FeatureEncoder`) over `values` -> `[1, C, n_feat]`.
 
     A track of up to `chunk_frames` output frames goes through the module in one call. A longer one runs in
@@ -131,7 +137,7 @@ def _cnn_features(encoder: torch.nn.Module, values: InputValues, chunk_frames: i
     mean and variance come from a first pass over the first convolution's output (float64 sums), so the
     result is the one-call result to float32 rounding (tests/test_encoders.py) at a slice's memory.
     """
-    layers = list(encoder.conv_layers)
+    layers: list[Any] = list(encoder.conv_layers)  # wav2vec2's conv layer classes (ModuleList: Module)
     kernels = [layer.conv.kernel_size[0] for layer in layers]
     strides = [layer.conv.stride[0] for layer in layers]
     lengths = [len(values)]
@@ -143,18 +149,18 @@ def _cnn_features(encoder: torch.nn.Module, values: InputValues, chunk_frames: i
     for kernel, stride in zip(reversed(kernels), reversed(strides), strict=True):
         field = (field - 1) * stride + kernel  # input samples one output frame sees
     first, norm = layers[0], getattr(layers[0], "layer_norm", None)
-    stats = None
+    stats = None  # (norm, mean, var) of the first layer's GroupNorm
     if isinstance(norm, torch.nn.GroupNorm):
         if norm.num_groups != norm.num_channels:
             raise ValueError("wav2vec2's first CNN layer must normalise each channel on its own")
-        stats = _channel_stats(first.conv, values, lengths[1], chunk_frames * hop // strides[0])
+        stats = (norm, *_channel_stats(first.conv, values, lengths[1], chunk_frames * hop // strides[0]))
     out = None  # [1, C, n_feat], written slice by slice (no list of slices to concatenate)
     for begin in range(0, lengths[-1], chunk_frames):
         end = min(begin + chunk_frames, lengths[-1])
         x = values[begin * hop : (end - 1) * hop + field][:, None]  # [1, 1, n]
         rest = layers
         if stats is not None:
-            x = first.activation(_normalise_channels(first.conv(x), norm, *stats))
+            x = first.activation(_normalise_channels(first.conv(x), *stats))
             rest = layers[1:]
         for layer in rest:
             x = layer(x)
@@ -163,6 +169,7 @@ def _cnn_features(encoder: torch.nn.Module, values: InputValues, chunk_frames: i
         if out is None:
             out = x.new_empty(x.shape[0], x.shape[1], lengths[-1])
         out[..., begin:end] = x
+    assert out is not None  # lengths[-1] > chunk_frames >= 1: the loop ran
     return out
 
 
@@ -171,7 +178,7 @@ def _channel_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (biased) variance of `conv` over the whole track, in float64."""
     kernel, stride = conv.kernel_size[0], conv.stride[0]
-    total = squares = 0.0
+    total = squares = torch.zeros(conv.out_channels, dtype=torch.float64, device=conv.weight.device)
     for begin in range(0, frames, chunk):
         end = min(begin + chunk, frames)
         y = conv(values[begin * stride : (end - 1) * stride + kernel][:, None])[0].double()  # [C, n]
@@ -191,7 +198,9 @@ def _normalise_channels(
     return out * norm.weight[None, :, None] + norm.bias[None, :, None] if norm.affine else out
 
 
-def _layer_outputs(encoder: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _layer_outputs(
+    encoder: Wav2Vec2Encoder | Wav2Vec2EncoderStableLayerNorm, hidden: torch.Tensor
+) -> torch.Tensor:
     """Run wav2vec2's transformer on `hidden [1, La, C]`; each layer's output, as it comes, into one
     `[La, layers, C]` float32 tensor (not a tuple of every layer stacked afterwards: half the memory)."""
     layers = list(encoder.layers)

@@ -67,10 +67,10 @@ class FP32LayerNorm(nn.LayerNorm):
     """Affine LayerNorm computed in float32 on float32 copies of its (model-dtype) weights, rounded to the
     input dtype. Hand-written because nn.LayerNorm in bf16 does not promise this rounding point."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # nn.LayerNorm's parameter name
         weight = None if self.weight is None else self.weight.float()
         bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        return F.layer_norm(input.float(), self.normalized_shape, weight, bias, self.eps).to(input.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -28,7 +28,12 @@ def quantize_block_linears_fp8(model: nn.Module) -> int:
     Returns the number of linears converted. Raises RuntimeError when torchao is not installed.
     """
     try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        # torchao is the optional `fp8` extra, in no lock: the checker's environment does not have it
+        from torchao.quantization import (  # pyright: ignore[reportMissingImports]
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            quantize_,
+        )
     except ImportError as exc:
         raise RuntimeError("FP8 linears need the torchao package, which is not installed") from exc
     count = sum(1 for name, module in model.named_modules() if _is_block_linear(module, name))

@@ -58,7 +58,7 @@ def fp8_attention(
     `smooth_k` / `smooth_v` and `query_blocks` (how many Q scales per head) are the accuracy knobs
     described in the module docstring; the defaults are the fp8 tier's.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    softmax_scale = q.shape[-1] ** -0.5 if scale is None else scale
     kf, vf = k.float(), v.float()
     if smooth_k:
         kf = kf - kf.mean(dim=1, keepdim=True)
@@ -70,7 +70,7 @@ def fp8_attention(
     outs = []
     for q_block in q.float().tensor_split(query_blocks, dim=1):
         dq = _descale(q_block)
-        outs.append(kernel(_quantize(q_block, dq), k8, v8, scale, dq, dk, dv))
+        outs.append(kernel(_quantize(q_block, dq), k8, v8, softmax_scale, dq, dk, dv))
     out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
     if v_mean is not None:
         return (out.float() + v_mean).to(q.dtype)

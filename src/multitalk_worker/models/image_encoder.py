@@ -60,7 +60,10 @@ def encode_image(encoder: CLIPVisionModel, image: torch.Tensor) -> torch.Tensor:
     (fp16 weights, fp16 autocast); elsewhere it runs plainly in the weights' dtype.
     """
     weight = encoder.get_input_embeddings().weight
-    pixels = preprocess_image(image.to(weight.device), encoder.config.image_size)
+    assert isinstance(weight, torch.Tensor)  # the patch embedding's (nn.Module attributes are typed loosely)
+    size = encoder.config.image_size
+    assert isinstance(size, int)  # image_encoder_config sets one side
+    pixels = preprocess_image(image.to(weight.device), size)
     use_autocast = weight.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16)
     context = torch.autocast("cuda", dtype=weight.dtype) if use_autocast else contextlib.nullcontext()
     with context:

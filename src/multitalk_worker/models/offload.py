@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -39,11 +41,11 @@ class BlockOffload:
             for tensor, host in zip(tensors, copies, strict=True):
                 tensor.data = host
             self.host.append(list(zip(tensors, copies, strict=True)))
-        self.ready: dict[int, torch.cuda.Event | None] = {}  # block index -> its copy's completion event
+        self.ready: dict[int, torch.Event | None] = {}  # block index -> its copy's completion event
         self.index = {id(block): i for i, block in enumerate(self.blocks)}
         for block in self.blocks:  # outside any compiled graph: copies, streams and events stay eager
-            block.register_forward_pre_hook(torch.compiler.disable(self._before))
-            block.register_forward_hook(torch.compiler.disable(self._after))
+            block.register_forward_pre_hook(_eager(self._before))
+            block.register_forward_hook(_eager(self._after))
         logger.info(
             "offloading %d blocks (%.2f GiB) to host memory; they run on %s",
             len(self.blocks),
@@ -117,6 +119,14 @@ def host_copies(tensors: list[torch.Tensor], *, pin: bool) -> tuple[torch.Tensor
     return buffer, copies
 
 
+_Hook = TypeVar("_Hook", bound=Callable[..., None])
+
+
+def _eager(hook: _Hook) -> _Hook:
+    """`hook` run outside any compiled graph (torch.compiler.disable, whose return type is not annotated)."""
+    return cast(_Hook, torch.compiler.disable(hook))
+
+
 _ALIGN = 64  # bytes: every view starts aligned for any dtype and for vectorised copies
 
 
@@ -124,6 +134,8 @@ def _register(buffer: torch.Tensor) -> None:
     """Page-lock `buffer` for asynchronous copies; unregistered when the buffer object is collected
     (keep it: views of it do not keep the registration alive)."""
     cudart = torch.cuda.cudart()
+    if cudart is None:
+        raise RuntimeError("page-locking host memory needs the CUDA runtime, which torch did not load")
     pointer = buffer.data_ptr()
     error = int(cudart.cudaHostRegister(pointer, buffer.numel(), 0))
     if error != 0:

@@ -148,7 +148,9 @@ def compile_blocks(model: nn.Module, *, exact_casts: bool = True) -> int:
     `exact_casts` keeps every bf16 rounding point of the eager code inside fused kernels (inductor's
     `emulate_precision_casts`); without it fused kernels keep float32 intermediates.
     """
-    blocks = model.blocks  # type: ignore[attr-defined]
+    blocks = model.blocks
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__}.blocks is not an nn.ModuleList of transformer blocks")
     options = {"emulate_precision_casts": exact_casts}
     for block in blocks:
         block.compile(dynamic=False, options=options)

@@ -10,7 +10,7 @@ from multitalk_worker.models.configs import TextEncoderConfig
 
 def text_encoder_config(cfg: TextEncoderConfig) -> UMT5Config:
     """The transformers config of the umT5 encoder: gated tanh-GELU FFN, per-layer relative bias."""
-    return UMT5Config(
+    config = UMT5Config(
         vocab_size=cfg.vocab_size,
         d_model=cfg.d_model,
         d_kv=cfg.d_kv,
@@ -26,10 +26,12 @@ def text_encoder_config(cfg: TextEncoderConfig) -> UMT5Config:
         use_cache=False,
         pad_token_id=0,
         eos_token_id=1,
-        # Eager attention rounds scores and probabilities to bf16 where the reference does; fused SDPA
-        # accumulates in float32 and lands 6e-3 (relative) away in bf16 (tools/parity.py, stage t5_bf16).
-        attn_implementation="eager",
     )
+    # Eager attention rounds scores and probabilities to bf16 where the reference does; fused SDPA
+    # accumulates in float32 and lands 6e-3 (relative) away in bf16 (tools/parity.py, stage t5_bf16).
+    # (The setter the `attn_implementation` keyword goes through; transformers 5's typed __init__ lacks it.)
+    config._attn_implementation = "eager"
+    return config
 
 
 def build_text_encoder(cfg: TextEncoderConfig) -> UMT5EncoderModel:

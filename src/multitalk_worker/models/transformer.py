@@ -47,6 +47,13 @@ def sinusoidal_embedding(timestep: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).float()
 
 
+def _linear_at(stack: nn.Sequential, index: int) -> nn.Linear:
+    """The linear layer at `index` of `stack` (nn.Sequential's indexing is typed as any Module)."""
+    layer = stack[index]
+    assert isinstance(layer, nn.Linear)  # built so in __init__
+    return layer
+
+
 def _linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
     """A linear layer in float32 on float32 copies of its weights (the reference's autocast(float32))."""
     return F.linear(x.float(), layer.weight.float(), layer.bias.float())
@@ -101,8 +108,9 @@ class MultiTalkTransformer(nn.Module):
         weights, so TeaCache's skip pattern can be precomputed from it.
         """
         emb = sinusoidal_embedding(timestep, self.config.freq_dim)
-        e = _linear_fp32(self.time_embedding[2], F.silu(_linear_fp32(self.time_embedding[0], emb)))
-        e0 = _linear_fp32(self.time_projection[1], F.silu(e)).unflatten(1, (6, self.config.dim))
+        first, second = _linear_at(self.time_embedding, 0), _linear_at(self.time_embedding, 2)
+        e = _linear_fp32(second, F.silu(_linear_fp32(first, emb)))
+        e0 = _linear_fp32(_linear_at(self.time_projection, 1), F.silu(e)).unflatten(1, (6, self.config.dim))
         return e, e0
 
     def embed(

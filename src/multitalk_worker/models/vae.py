@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 
 from multitalk_worker.models.configs import VAEConfig
 
@@ -25,9 +25,9 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKLWan:
 
 def _latent_stats(vae: AutoencoderKLWan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and inverse std shaped `[1, z, 1, 1, 1]` (the reference multiplies by 1/std)."""
-    z = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean, dtype=like.dtype, device=like.device).view(1, z, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, dtype=like.dtype, device=like.device).view(1, z, 1, 1, 1)
+    z = vae.config["z_dim"]
+    mean = torch.tensor(vae.config["latents_mean"], dtype=like.dtype, device=like.device).view(1, z, 1, 1, 1)
+    std = torch.tensor(vae.config["latents_std"], dtype=like.dtype, device=like.device).view(1, z, 1, 1, 1)
     return mean, 1.0 / std
 
 
@@ -38,7 +38,7 @@ def vae_encode(vae: AutoencoderKLWan, video: torch.Tensor) -> torch.Tensor:
     Uses the posterior mean (no sampling): `(mu - mean_c) * (1 / std_c)`.
     """
     weight = vae.quant_conv.weight
-    mu = vae.encode(video.to(device=weight.device, dtype=weight.dtype)).latent_dist.mode()
+    mu = vae.encode(video.to(device=weight.device, dtype=weight.dtype), return_dict=False)[0].mode()
     mean, inv_std = _latent_stats(vae, mu)
     return ((mu - mean) * inv_std).float()
 
@@ -49,5 +49,5 @@ def vae_decode(vae: AutoencoderKLWan, latents: torch.Tensor) -> torch.Tensor:
     weight = vae.post_quant_conv.weight
     z = latents.to(device=weight.device, dtype=weight.dtype)
     mean, inv_std = _latent_stats(vae, z)
-    video = vae.decode(z / inv_std + mean).sample
+    video = vae.decode(z / inv_std + mean, return_dict=False)[0]
     return video.float().clamp(-1.0, 1.0)

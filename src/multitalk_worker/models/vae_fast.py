@@ -11,10 +11,11 @@ through them unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
-from diffusers import AutoencoderKLWan
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanResidualBlock
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan, WanResidualBlock
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ FAST_VAE_RUNTIME = VAERuntime(dtype=torch.bfloat16, channels_last=True)
 
 def prepare_vae(vae: AutoencoderKLWan, runtime: VAERuntime) -> AutoencoderKLWan:
     """Cast `vae` in place to the runtime's dtype and memory layout; returns it."""
-    vae.to(dtype=runtime.dtype)
+    cast(nn.Module, vae).to(dtype=runtime.dtype)  # diffusers' `to` override is typed as an unbound function
     if runtime.channels_last:  # Module.to(memory_format=...) would also hit the 4D Conv2d weights
         for param in vae.parameters():
             if param.ndim == 5:

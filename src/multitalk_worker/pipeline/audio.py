@@ -35,6 +35,8 @@ import av
 import numpy as np
 import soxr
 import torch
+from av.container import InputContainer
+from av.error import FFmpegError
 
 from multitalk_worker.errors import AudioDecodeFailed, DurationTooLong, InvalidInput
 from multitalk_worker.pipeline.loudness import BLOCK_S as LOUDNESS_BLOCK_S  # shorter cannot be measured
@@ -111,7 +113,7 @@ def _to_float_planar(frame: av.AudioFrame) -> np.ndarray:
     return data.astype(np.float32)
 
 
-def stream_info(container: av.container.InputContainer, name: str) -> StreamInfo:
+def stream_info(container: InputContainer, name: str) -> StreamInfo:
     """Rate, channels and declared length of the first audio stream; refuses values out of range."""
     if not container.streams.audio:
         raise AudioDecodeFailed(f"{name}: no audio stream found")
@@ -152,7 +154,7 @@ def _downmix(frame: av.AudioFrame, name: str) -> np.ndarray:
     planar = _to_float_planar(frame)
     if not np.isfinite(planar).all():
         raise InvalidInput(f"{name}: the audio holds NaN or infinite samples")
-    return np.mean(planar, axis=0, dtype=np.float32) if planar.shape[0] > 1 else planar[0]
+    return planar.mean(axis=0, dtype=np.float32) if planar.shape[0] > 1 else planar[0]
 
 
 class _Track16k:
@@ -237,7 +239,7 @@ def decode_track(path: Path, budget: AudioBudget | None = None) -> DecodedTrack:
         track = _decode_mono(path, resampler, budget)
     except (AudioDecodeFailed, InvalidInput, DurationTooLong):
         raise
-    except (av.FFmpegError, ValueError, OSError) as exc:
+    except (FFmpegError, ValueError, OSError) as exc:
         raise AudioDecodeFailed(f"{path.name}: not a readable audio or video file ({exc})") from exc
     if track.samples.shape[0] == 0:
         raise AudioDecodeFailed(f"{path.name}: the audio stream holds no samples")
@@ -252,7 +254,7 @@ def decode_audio(path: Path) -> tuple[np.ndarray, int]:
         with av.open(str(path)) as container:
             rate = stream_info(container, path.name).rate
             chunks = [_to_float_planar(f) for f in container.decode(container.streams.audio[0])]
-    except (av.FFmpegError, ValueError, OSError) as exc:
+    except (FFmpegError, ValueError, OSError) as exc:
         raise AudioDecodeFailed(f"{path.name}: not a readable audio or video file ({exc})") from exc
     if not chunks or sum(c.shape[1] for c in chunks) == 0:
         raise AudioDecodeFailed(f"{path.name}: the audio stream holds no samples")

@@ -19,12 +19,12 @@ the draws keep the next clip's noise identical to the reference's (spec IT 5.6).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from torch import Tensor
 from transformers import CLIPVisionModel
 
@@ -101,7 +101,7 @@ class ClipConditioner(Protocol):
     def conditions(self, clip: ClipInputs) -> ClipConditions: ...
 
 
-def known_frames_mask(known: int, latent_hw: tuple[int, int]) -> Tensor:
+def known_frames_mask(known: int, latent_hw: Sequence[int]) -> Tensor:
     """Spec MT 3.4 step 3: ones on the first `known` of F frames, frame 0 repeated 4 times, folded into
     4 channels -> [1, 4, T, h, w] float32."""
     mask = torch.ones(1, FRAMES_PER_CLIP, *latent_hw)

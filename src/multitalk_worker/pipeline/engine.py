@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import nn
 
 from multitalk_worker.errors import InvalidInput, ModelLoadFailed
 from multitalk_worker.models.attention import AttentionBackendUnavailable
@@ -157,6 +159,9 @@ def place_offloaded(bundle: ModelBundle, device: torch.device) -> list[BlockOffl
         for tensor in [*network.parameters(), *network.buffers()]:
             if id(tensor) not in stacked:
                 tensor.data = tensor.data.to(device)
-    bundle.image_encoder.to(device)
-    bundle.vae.to(device)
+    for encoder in (
+        bundle.image_encoder,
+        bundle.vae,
+    ):  # their libraries' `to` is typed as an unbound function
+        cast(nn.Module, encoder).to(device)
     return offloads

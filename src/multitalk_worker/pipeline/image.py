@@ -141,7 +141,7 @@ def prepare_image(image: Image.Image, resolution: str) -> ConditionImage:
     src_h, src_w = image.height, image.width
     bucket = choose_bucket(src_h, src_w, resolution)
     new_h, new_w = _scaled_size(src_h, src_w, bucket)
-    resized = np.asarray(image.resize((new_w, new_h), resample=Image.BILINEAR))
+    resized = np.asarray(image.resize((new_w, new_h), resample=Image.Resampling.BILINEAR))
     pixels = _centre_crop(torch.from_numpy(resized.copy()).permute(2, 0, 1), bucket)  # [3, H, W] uint8
     pixels = pixels[None, :, None].float() / 255
     return ConditionImage(pixels=(pixels - 0.5) * 2, source_size=(src_h, src_w), bucket=bucket)

@@ -15,7 +15,7 @@ from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
 from multitalk_worker.pipeline.presets import default_shift
-from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
+from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, Region
 from multitalk_worker.pipeline.sampling import guidance_passes
 from multitalk_worker.pipeline.video import SourceFrames, VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
@@ -157,7 +157,7 @@ def audio_budget(max_duration_s: float | None, spec: ModelSpec) -> audio_prep.Au
 def person_masks(request: GenerationRequest, first: image_prep.ConditionImage) -> torch.Tensor:
     """The [3, h, w] person masks at latent size, from the regions on frame 0 (spec MT 3.5)."""
     latent_size = (first.bucket[0] // VAE_STRIDE[1], first.bucket[1] // VAE_STRIDE[2])
-    regions = [speaker.region for speaker in request.speakers]
+    regions: list[Region | None] = [speaker.region for speaker in request.speakers]
     boxes = image_prep.person_boxes(regions, *first.source_size)
     masks = image_prep.person_masks(boxes, first.source_size, first.bucket, latent_size)
     image_prep.check_masks_visible(masks, len(regions))

@@ -136,7 +136,8 @@ def apg_direction(
     if norm_threshold > 0:
         norm = diff.norm(p=2, dim=WHOLE_LATENT, keepdim=True)
         diff = diff * torch.minimum(torch.ones_like(diff), norm_threshold / norm)
-    d64, unit = diff.double(), torch.nn.functional.normalize(cond.double(), dim=WHOLE_LATENT)
+    cond64 = cond.double()  # unit: F.normalize's formula (eps 1e-12); its stub refuses a list of dims
+    d64, unit = diff.double(), cond64 / cond64.norm(p=2, dim=WHOLE_LATENT, keepdim=True).clamp_min(1e-12)
     parallel = (d64 * unit).sum(dim=WHOLE_LATENT, keepdim=True) * unit
     orthogonal = d64 - parallel
     return orthogonal.to(diff.dtype) + eta * parallel.to(diff.dtype), running

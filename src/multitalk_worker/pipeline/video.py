@@ -32,10 +32,13 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import av
 import numpy as np
+from av.container import InputContainer
+from av.error import FFmpegError
+from av.sidedata.sidedata import SideDataContainer
 from PIL import Image
 
 from multitalk_worker.errors import InputTooLarge, InvalidInput, VideoDecodeFailed
@@ -53,7 +56,7 @@ ACCEPTED = (
     "accepted: a video file FFmpeg decodes (mp4, mov, mkv, webm, avi, ... with H.264, H.265, VP9, AV1, ...) "
     "with at least one decodable frame"
 )
-_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+_ERRORS = (FFmpegError, OSError, ValueError, EOFError)
 _TRANSPOSE = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
 
 
@@ -132,7 +135,8 @@ def _fail(path: Path, what: str) -> VideoDecodeFailed:
 
 def _rotation(frame: av.VideoFrame, path: Path) -> int:
     """Counter-clockwise degrees of the display matrix; mirrored or oblique matrices are refused."""
-    for data in frame.side_data:
+    # av 18's frame.pyi types `side_data` as one SideData; it is the frame's container of them
+    for data in cast(SideDataContainer, frame.side_data):
         if data.type.name == "DISPLAYMATRIX":
             a, b, _, c, d = np.frombuffer(bytes(data), dtype="<i4")[:5].astype(np.int64)
             if a * d - b * c < 0:
@@ -153,7 +157,7 @@ def _displayed(frame: av.VideoFrame, rotation: int) -> Image.Image:
     return image.transpose(_TRANSPOSE[rotation]) if rotation else image
 
 
-def _declared(stream: av.VideoStream, container: av.container.InputContainer) -> tuple[Fraction, Fraction]:
+def _declared(stream: av.VideoStream, container: InputContainer) -> tuple[Fraction, Fraction]:
     """(frame rate, duration in seconds) as declared; 0 where the container declares nothing."""
     rate = Fraction(stream.average_rate or stream.guessed_rate or 0)
     if stream.duration and stream.time_base:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from torch import nn
 from transformers import (
     AutoTokenizer,
@@ -161,15 +161,34 @@ def component_sources(
     return {"dit": lambda folder: dit(folder, adapter_file), **encoder_sources(layout)}
 
 
-def empty_models(config: MultiTalkConfig) -> dict[str, nn.Module]:
+@dataclass(frozen=True)
+class Networks:
+    """The checkpoint-loaded networks of one model, each by its type; `by_name` for loops over them
+    (the names of `component_sources`)."""
+
+    dit: MultiTalkTransformer
+    text_encoder: UMT5EncoderModel
+    image_encoder: CLIPVisionModel
+    vae: AutoencoderKLWan
+
+    def by_name(self) -> dict[str, nn.Module]:
+        return {
+            "dit": self.dit,
+            "text_encoder": self.text_encoder,
+            "image_encoder": self.image_encoder,
+            "vae": self.vae,
+        }
+
+
+def empty_models(config: MultiTalkConfig) -> Networks:
     """Every checkpoint-loaded network of `config`, built on the meta device."""
     with empty_model():
-        return {
-            "dit": MultiTalkTransformer(config.dit),
-            "text_encoder": build_text_encoder(config.text_encoder),
-            "image_encoder": build_image_encoder(config.image_encoder),
-            "vae": build_vae(config.vae),
-        }
+        return Networks(
+            dit=MultiTalkTransformer(config.dit),
+            text_encoder=build_text_encoder(config.text_encoder),
+            image_encoder=build_image_encoder(config.image_encoder),
+            vae=build_vae(config.vae),
+        )
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
@@ -220,7 +239,7 @@ def load_models(
         for note in component.plan.notes:
             logger.info("%s: %s", root, note)
         try:
-            load_component(component, models[name], device=device, dtype=getattr(dtypes, name))
+            load_component(component, models.by_name()[name], device=device, dtype=getattr(dtypes, name))
         finally:
             component.close()
         logger.info("loaded %s", name)
@@ -229,11 +248,11 @@ def load_models(
     wav2vec_dir = Path(wav2vec_path) if wav2vec_path is not None else root / WAV2VEC_DIR
     audio_encoder, feature_extractor = load_wav2vec(wav2vec_dir, device=torch.device(audio_device))
     return ModelBundle(
-        dit=models["dit"],
-        text_encoder=models["text_encoder"],
+        dit=models.dit,
+        text_encoder=models.text_encoder,
         tokenizer=tokenizer,
-        image_encoder=models["image_encoder"],
-        vae=models["vae"],
+        image_encoder=models.image_encoder,
+        vae=models.vae,
         audio_encoder=audio_encoder,
         feature_extractor=feature_extractor,
         config=config,

@@ -251,7 +251,7 @@ def _check_dit(
 def _check_encoders(root: Path, layout: Layout, config: MultiTalkConfig, report: VerifyReport) -> None:
     models = empty_models(config)
     for name, open_component in encoder_sources(layout).items():
-        expected = expected_shapes(models[name])
+        expected = expected_shapes(models.by_name()[name])
         _check_component(report, name, lambda o=open_component: o(root), expected)
 
 

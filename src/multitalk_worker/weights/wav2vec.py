@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
@@ -85,11 +86,14 @@ def load_wav2vec(folder: Path, *, device: torch.device) -> tuple[Wav2Vec2Model, 
     if not (folder / PREPROCESSOR_FILE).is_file():
         raise ModelMissing(f"missing wav2vec2 file {PREPROCESSOR_FILE} in {folder}")
     raise_first(check_wav2vec(folder))
-    model, info = Wav2Vec2Model.from_pretrained(
+    loaded = Wav2Vec2Model.from_pretrained(
         folder, local_files_only=True, dtype=torch.float32, output_loading_info=True
     )
+    # from_pretrained's annotation omits the (model, info) pair that output_loading_info=True returns
+    model, info = cast(tuple[Wav2Vec2Model, dict[str, list[str]]], loaded)
     if info.get("missing_keys") or info.get("mismatched_keys"):
         key = sorted(info.get("missing_keys") or info["mismatched_keys"])[0]
         raise CheckpointError("transformers could not load every tensor", file=str(folder), key=str(key))
     extractor = Wav2Vec2FeatureExtractor.from_pretrained(folder, local_files_only=True)
-    return model.to(device).eval().requires_grad_(False), extractor
+    cast(torch.nn.Module, model).to(device)  # transformers' `to` is typed as an unbound function
+    return model.eval().requires_grad_(False), extractor
