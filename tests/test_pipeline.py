@@ -18,10 +18,10 @@ from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
 from multitalk_worker.pipeline.request import (
     GenerationRequest,
     GenerationResult,
-    Progress,
     SamplingParams,
     Speaker,
 )
+from multitalk_worker.progress import Progress
 from multitalk_worker.timeline import resolve_max_frames
 from multitalk_worker.tiny import build_tiny_bundle
 

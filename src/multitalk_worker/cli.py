@@ -39,14 +39,14 @@ from multitalk_worker.distributed import Launch, end_process, launch_from_env, p
 from multitalk_worker.errors import InvalidInput, WorkerError
 from multitalk_worker.logs import quiet_model_libraries
 from multitalk_worker.pipeline.presets import PRESETS
-from multitalk_worker.progress import ProgressTracker
+from multitalk_worker.progress import Progress, ProgressTracker, Snapshot
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model
 
 if TYPE_CHECKING:
     import torch
 
     from multitalk_worker.models.sequence_parallel import SequenceParallel
-    from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region
+    from multitalk_worker.pipeline.request import GenerationRequest, Region
 
 logger = logging.getLogger(__name__)
 
@@ -314,12 +314,12 @@ STAGE_TEXT = {
 
 
 class StageReport:
-    """One line per stage on stderr, and a bar over all denoising steps of all clips whose ETA counts the
-    VAE decode of every clip (progress.ProgressTracker)."""
+    """One line per stage on stderr, and a bar of the job's percent with its clip, step and ETA: the
+    snapshot of progress.ProgressTracker, as the RunPod updates and the local API show it."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: ProgressTracker | None = None) -> None:
         self.bar: tqdm | None = None
-        self.tracker = ProgressTracker()
+        self.tracker = tracker or ProgressTracker()
         self.started = time.perf_counter()
         self._last_stage: str | None = None
 
@@ -332,29 +332,41 @@ class StageReport:
 
     def __call__(self, event: Progress) -> None:
         snapshot = self.tracker.update(event)
-        if event.stage == "sample":
-            if self.bar is None:
-                self.bar = tqdm(
-                    total=event.chunks * event.steps,
-                    unit="step",
-                    desc="sampling",
-                    file=sys.stderr,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
-                )
-            eta = "" if snapshot.eta_s is None else f", ETA {snapshot.eta_s:.0f} s with decode"
-            self.bar.set_postfix_str(
-                f"clip {event.chunk}/{event.chunks} step {event.step}/{event.steps}{eta}"
-            )
-            self.bar.update((event.chunk - 1) * event.steps + event.step - self.bar.n)
-        elif event.stage == "decode":
+        if event.stage in ("sample", "decode"):
+            self._show(snapshot)
+        if event.stage == "decode":
             self.line(f"decode: VAE, clip {event.chunk}/{event.chunks}")
         elif event.stage == "condition":
             self.line(
                 f"condition: clip {event.chunk}/{event.chunks} (CLIP and VAE encoding of its known frames)"
             )
-        elif event.stage != self._last_stage:
+        elif event.stage != self._last_stage and event.stage != "sample":
             self.line(STAGE_TEXT.get(event.stage, event.stage))
         self._last_stage = event.stage
+
+    def _show(self, snapshot: Snapshot) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=100,
+                desc="progress",
+                file=sys.stderr,
+                bar_format="{desc}: {n:5.1f}%|{bar}| [{elapsed}{postfix}]",
+            )
+        if snapshot.eta_s == 0.0 and snapshot.percent == 100.0:
+            eta = ", done"
+        else:
+            eta = "" if snapshot.eta_s is None else f", ETA {snapshot.eta_s:.0f} s with decode"
+        self.bar.set_postfix_str(
+            f"clip {snapshot.chunk}/{snapshot.chunks} step {snapshot.step}/{snapshot.steps}{eta}",
+            refresh=False,
+        )
+        self.bar.update((snapshot.percent or 0.0) - self.bar.n)
+
+    def finish(self) -> None:
+        """The job's video is complete: the bar at 100 % with no time left, then closed."""
+        if self.bar is not None:
+            self._show(self.tracker.snapshot().finished())
+        self.close()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -434,6 +446,8 @@ def _generate(
     try:
         with Mp4Sink(args.out, crf=settings.video_crf) if lead else nullcontext(DiscardFrames()) as sink:
             result = pipeline(request, progress=report, cancel=cancel, sink=sink)
+        if report is not None:  # the video is complete: encoded and closed
+            report.finish()
     finally:
         if report is not None:
             report.close()

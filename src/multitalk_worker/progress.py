@@ -1,9 +1,19 @@
-"""Progress of one job as a person reads it: stage, clip i/n, step s/S, percent and an ETA that counts the
-decode. Shared by the CLI's bar and the local HTTP API's `/status/{id}`.
+"""Progress of one job: the one event type (`Progress`) and the one tracker (`ProgressTracker`) that turns
+events into what a person reads (`Snapshot`: stage, clip i/n, step s/S, percent, ETA). Every door shows the
+same snapshot: the RunPod progress updates, the local API's `/status/{id}` and the CLI's bar.
 
-The pipeline reports `Progress(stage, chunk, chunks, step, steps)` events: the preparation stages (audio,
-text), then per clip a `condition` event, one `sample` event after each denoising step and one `decode` event
-when the clip's VAE decode starts. The tracker times them:
+Events. The pipeline reports the preparation stages (`audio`, `text`), then per clip a `condition` event,
+one `sample` event after each denoising step and one `decode` event when the clip's VAE decode starts. The
+job service adds its own stages (`fetch`, `validate`, `load`, `generate`, `encode`, `verify`, `output`) as
+events without clip counts (`chunks` 0): they change the stage shown and keep the clip counts and the ETA.
+
+Percent: the share of the job's work units done, where one unit is one denoising step and each clip's VAE
+decode counts as one more (a clip's decode is done when the next clip starts). So it never goes back, it
+moves with the `step`/`chunk` counters, and it reaches 100 only when the job has finished
+(`Snapshot.finished`): after the last denoising step the last decode is still to come. None before the clip
+loop starts (the number of steps is not known yet).
+
+ETA, timed by the tracker:
 
 * `step_s`: the mean time between two sample events of the same clip (one denoising step, all its passes);
 * `between_s`: the time from the first clip's `decode` event to the next clip's first step, less one step:
@@ -11,23 +21,30 @@ when the clip's VAE decode starts. The tracker times them:
   unknown and the ETA counts it as one step's time (an estimate, marked by `between_measured` False).
 
 ETA = remaining steps × step_s + remaining decodes × between_s. No ETA before two steps are timed, nor while
-a decode runs longer than counted.
+a decode runs longer than counted; 0 once the job has finished.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Protocol
+from typing import Any
+
+CLIP_STAGES = ("condition", "sample", "decode")  # the events that carry clip and step counts
 
 
-class ProgressEvent(Protocol):
+@dataclass(frozen=True)
+class Progress:
+    """One progress event. `chunk` is the 1-based clip, `step` the 1-based denoising step within it (0
+    outside sampling); all four counts are 0 for a stage outside the clip loop."""
+
     stage: str
-    chunk: int
-    chunks: int
-    step: int
-    steps: int
+    chunk: int = 0
+    chunks: int = 0
+    step: int = 0
+    steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -37,7 +54,7 @@ class Snapshot:
     chunks: int
     step: int
     steps: int
-    percent: float | None  # of the sampling and decoding work; None before sampling starts
+    percent: float | None  # of the job's steps and decodes (module docstring); None before the clip loop
     eta_s: float | None  # None until two steps are timed
     step_s: float | None
     between_measured: bool
@@ -50,28 +67,36 @@ class Snapshot:
         return replace(self, percent=100.0, eta_s=0.0)
 
 
+def percent_done(event: Progress) -> float | None:
+    """The share of work units done at `event` (module docstring), floored to 0.1 so that only a finished
+    job shows 100."""
+    if event.stage not in CLIP_STAGES or event.chunks < 1 or event.steps < 1:
+        return None
+    per_clip = event.steps + 1  # its steps and its decode
+    done = (event.chunk - 1) * per_clip + event.step
+    return math.floor(1000 * done / (event.chunks * per_clip)) / 10
+
+
 class ProgressTracker:
-    """Feed it every event (`update`); read `snapshot()` at any time. Not thread-safe: one writer."""
+    """Feed it every event (`update`); read `snapshot()` at any time. Not thread-safe: one writer; a reader
+    in another thread keeps the `Snapshot` that `update` returns (frozen)."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._last: ProgressEvent | None = None
+        self._last: Progress | None = None  # the last event with clip counts
         self._last_at = 0.0
         self._step_total = 0.0
         self._step_count = 0
         self._decode_at: float | None = None
         self._between_s: float | None = None
         self.stage = "queued"
-        self._extra_stage: str | None = None
 
-    def set_stage(self, stage: str) -> None:
-        """A stage outside the pipeline (fetch, load, encode, verify, output): shown, ETA kept."""
-        self._extra_stage = stage
-
-    def update(self, event: ProgressEvent) -> Snapshot:
+    def update(self, event: Progress) -> Snapshot:
+        self.stage = event.stage
+        if event.chunks < 1:  # a stage outside the clip loop: shown, the counts and the ETA kept
+            return self.snapshot()
         now = self._clock()
         last = self._last
-        self._extra_stage = None
         if event.stage == "sample":
             if last is not None and last.stage == "sample" and last.chunk == event.chunk:
                 self._step_total += now - self._last_at
@@ -90,43 +115,31 @@ class ProgressTracker:
 
     def snapshot(self) -> Snapshot:
         event = self._last
-        stage = self._extra_stage or (event.stage if event is not None else self.stage)
         if event is None:
-            return Snapshot(stage, 0, 0, 0, 0, None, None, None, False)
-        percent, eta = self._estimate(event)
+            return Snapshot(self.stage, 0, 0, 0, 0, None, None, None, False)
         return Snapshot(
-            stage,
+            self.stage,
             event.chunk,
             event.chunks,
             event.step,
             event.steps,
-            percent,
-            eta,
+            percent_done(event),
+            self._eta(event),
             self.step_s,
             self._between_s is not None,
         )
 
-    def _estimate(self, event: ProgressEvent) -> tuple[float | None, float | None]:
-        if event.stage not in ("condition", "sample", "decode") or event.chunks < 1 or event.steps < 1:
-            return None, None
-        done_clips = event.chunk - 1  # clips whose decode is over
-        steps_done = event.step  # 0 while the clip's conditioning runs
-        decoding = event.stage == "decode"
-        # work units: one per step, one "decode" per clip weighing between/step steps
+    def _eta(self, event: Progress) -> float | None:
         step = self.step_s
         between = self._between_s if self._between_s is not None else step
-        weight = (between / step) if step and between is not None else 1.0
-        total = event.chunks * (event.steps + weight)
-        done = done_clips * (event.steps + weight) + steps_done
-        percent = round(100.0 * min(done / total, 1.0), 1)
         if step is None or between is None:
-            return percent, None
-        remaining_steps = (event.chunks - event.chunk) * event.steps + (event.steps - steps_done)
-        remaining_decodes = event.chunks - done_clips
-        eta = remaining_steps * step + remaining_decodes * between
-        if decoding and self._decode_at is not None:
+            return None
+        done_clips = event.chunk - 1  # clips whose decode is over
+        remaining_steps = (event.chunks - event.chunk) * event.steps + (event.steps - event.step)
+        eta = remaining_steps * step + (event.chunks - done_clips) * between
+        if event.stage == "decode" and self._decode_at is not None:
             elapsed = self._clock() - self._decode_at
             if elapsed > between:  # this decode runs longer than counted: no honest ETA until it ends
-                return percent, None
+                return None
             eta -= elapsed
-        return percent, round(max(eta, 0.0), 1)
+        return round(max(eta, 0.0), 1)

@@ -50,7 +50,6 @@ from multitalk_worker.pipeline.request import (
     FrameSink,
     GenerationRequest,
     GenerationResult,
-    Progress,
     ProgressCallback,
     VideoSpec,
 )
@@ -62,6 +61,7 @@ from multitalk_worker.pipeline.sampling import (
     sample_clip,
 )
 from multitalk_worker.pipeline.text import DEFAULT_NEGATIVE_PROMPT, tokenize
+from multitalk_worker.progress import Progress
 from multitalk_worker.registry import get_model
 from multitalk_worker.timeline import FPS, FRAMES_PER_CLIP, LATENT_FRAMES, SAMPLE_RATE, VAE_STRIDE
 from multitalk_worker.weights.adapters import apply_adapter_state
@@ -215,6 +215,7 @@ class TalkingVideoPipeline:
             run = self._prepare(request, inputs, timer, progress)
             soundtrack = inputs.audio.soundtrack[: inputs.plan.output_frames * SAMPLE_RATE // FPS]
             height, width = inputs.first.bucket
+            frame_count = inputs.plan.output_frames
             out = sink or collector
             assert out is not None
             out.open(VideoSpec(width, height, inputs.plan.output_frames, FPS, soundtrack, SAMPLE_RATE))
@@ -224,8 +225,8 @@ class TalkingVideoPipeline:
                 inputs.close()
         return GenerationResult(
             frames=None if collector is None else collector.frames(),
-            frame_count=inputs.plan.output_frames,
-            size=inputs.first.bucket,
+            frame_count=frame_count,
+            size=(height, width),
             audio=soundtrack,
             sample_rate=SAMPLE_RATE,
             fps=FPS,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from multitalk_worker.progress import Progress
 from multitalk_worker.registry import ModelName
 
 if TYPE_CHECKING:
@@ -71,15 +72,6 @@ class CheckedInputs:
     bucket: tuple[int, int]  # (H, W)
     source_size: tuple[int, int]  # the image's (H, W)
     frames: int  # frames of the video
-
-
-@dataclass(frozen=True)
-class Progress:
-    stage: str  # "audio", "image", "text", "sample", "decode"
-    chunk: int  # 1-based clip index
-    chunks: int
-    step: int  # 1-based denoising step within the clip (0 outside sampling)
-    steps: int
 
 
 ProgressCallback = Callable[[Progress], None]
