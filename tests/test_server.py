@@ -200,7 +200,9 @@ def test_async_job_cancel_then_next_job_runs_to_its_video(serve: Callable[..., s
     assert sampling, [b["progress"]["stage"] for b in seen]
     assert {p["steps"] for p in sampling} == {12} and {p["chunks"] for p in sampling} == {1}
     timed = [p for p in sampling if p["eta_s"] is not None]
-    assert timed and all(0 <= p["percent"] <= 100 for p in timed)
+    assert timed and all(0 <= p["percent"] < 100 for p in timed)  # 100 only once the job has finished
+    assert [p["percent"] for p in sampling] == sorted(p["percent"] for p in sampling)
+    assert (final["progress"]["percent"], final["progress"]["eta_s"]) == (100.0, 0.0)
     video = final["output"]["video"]
     assert video["delivery"] == "local" and video["url"] == f"/jobs/{second}/video" and "path" not in video
     response = requests.get(api + video["url"], timeout=30)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,6 +33,7 @@ from multitalk_worker.errors import ERROR_CODES, OutputInvalid
 from multitalk_worker.logs import configure_logging
 from multitalk_worker.media import probe_mp4, write_mp4
 from multitalk_worker.pipeline.request import GenerationResult
+from multitalk_worker.progress import Snapshot
 from multitalk_worker.service import JobService
 from multitalk_worker.service.faults import error_for
 from multitalk_worker.service.verify import verify_video
@@ -120,10 +122,10 @@ def test_model_load_failed(make_settings: Callable[..., Settings], tmp_path: Pat
     assert (error["code"], error["stage"]) == ("MODEL_LOAD_FAILED", "load")
 
 
-def failing_sink(exc: BaseException) -> Callable[[dict[str, Any], dict[str, Any]], None]:
+def failing_sink(exc: BaseException) -> Callable[[dict[str, Any], Snapshot], None]:
     """Test double of RunPod's progress queue that raises `exc` on the first update (inside generation)."""
 
-    def sink(job: dict[str, Any], update: dict[str, Any]) -> None:
+    def sink(job: dict[str, Any], update: Snapshot) -> None:
         raise exc
 
     return sink
@@ -403,12 +405,17 @@ def test_twenty_jobs_in_a_row(
     for index in range(20):
         job_id = f"job-{index:02d}"
         if index == 10:
-            worker.progress_sink = lambda job, update: updates.append(update)  # test double of RunPod's queue
+            # test double of RunPod's queue: what worker.runpod_progress sends
+            worker.progress_sink = lambda job, snapshot: updates.append(snapshot.to_dict())
             result = run(worker, job_input(image=image_b64, output={"delivery": "base64"}), job_id)
             worker.progress_sink = None
             check_video(base64.b64decode(result["output"]["video"]["base64"]), result["output"], tmp_path)
             steps = [(u["chunk"], u["step"]) for u in updates if u["stage"] == "sample"]
             assert steps == [(1, 1), (1, 2)], updates  # one clip, two steps
+            # the local API's progress fields; of 2 steps + 1 decode, the decode still to run at 2 steps
+            percents = [u["percent"] for u in updates if u["percent"] is not None]  # None before clip 1
+            assert set(updates[0]) == {f.name for f in dataclasses.fields(Snapshot)}
+            assert percents == sorted(percents) and percents[-1] == 66.6, updates
             outcomes.append(("ok", result["output"]["video"]["delivery"]))
         elif index == 19:
             result = run(worker, job_input(output={"delivery": "s3", "key": "runs/last.mp4"}), job_id)

@@ -264,14 +264,6 @@ def test_large_output_goes_to_s3_in_parts(s3_server: S3Server, volume: Path, tmp
     assert json.loads(head["ETag"]).endswith("-2")  # two parts of 8 MiB and 1 MiB
 
 
-def test_progress_reports_share_done_and_time_left() -> None:
-    from multitalk_worker.pipeline.request import Progress
-    from multitalk_worker.service import progress_eta
-
-    assert progress_eta(Progress("sample", 2, 4, 5, 10), 15.0) == {"percent": 37.5, "eta_s": 25.0}
-    assert progress_eta(Progress("audio", 0, 0, 0, 10), 3.0) == {"percent": 0.0, "eta_s": None}
-
-
 def test_model_rules_of_the_contract(make_settings: Callable[..., Settings]) -> None:
     from multitalk_worker.errors import DurationTooLong, InvalidInput
     from multitalk_worker.schema import JobLimits, parse_job_input

@@ -59,14 +59,14 @@ TINY_NOTE = (
 def parse_region(text: str) -> Region:
     """`left`, `right`, `full` or `x0,y0,x1,y1` (fractions of the image, x to the right, y down)."""
     if text in ("left", "right", "full"):
-        return text  # type: ignore[return-value]
+        return text
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
     if len(values) != 4:
         raise InvalidInput(f"--region {text!r} is not accepted; use left, right, full or x0,y0,x1,y1 in 0..1")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:

@@ -67,6 +67,9 @@ class Snapshot:
         return replace(self, percent=100.0, eta_s=0.0)
 
 
+QUEUED = Snapshot("queued", 0, 0, 0, 0, None, None, None, False)  # a job before its first event
+
+
 def percent_done(event: Progress) -> float | None:
     """The share of work units done at `event` (module docstring), floored to 0.1 so that only a finished
     job shows 100."""
@@ -116,7 +119,7 @@ class ProgressTracker:
     def snapshot(self) -> Snapshot:
         event = self._last
         if event is None:
-            return Snapshot(self.stage, 0, 0, 0, 0, None, None, None, False)
+            return replace(QUEUED, stage=self.stage)
         return Snapshot(
             self.stage,
             event.chunk,

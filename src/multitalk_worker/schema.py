@@ -32,7 +32,7 @@ from pydantic import (
 from multitalk_worker.config import ENV_VARS, Settings
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
-from multitalk_worker.pipeline.request import ColorReference, SourceFps
+from multitalk_worker.pipeline.request import ColorReference, Resolution, SourceFps
 from multitalk_worker.registry import MODELS, MULTITALK, all_adapters, models_taking
 from multitalk_worker.timeline import check_length, duration_limit_s
 from multitalk_worker.url_policy import check_url
@@ -40,15 +40,15 @@ from multitalk_worker.url_policy import check_url
 SCHEMA_VERSION = "1"
 MAX_DURATION_S = duration_limit_s(MULTITALK.max_frames)
 LONGEST_DURATION_S = max(duration_limit_s(spec.max_frames) for spec in MODELS.values())  # any model
-ModelField = Literal[tuple(MODELS)]  # type: ignore[valid-type]
-AdapterField = Literal[tuple(sorted({a.name for a in all_adapters().values()}))]  # type: ignore[valid-type]
+ModelField = Literal[tuple(MODELS)]
+AdapterField = Literal[tuple(sorted({a.name for a in all_adapters().values()}))]
 MAX_SOURCE_CHARS = (
     30_000_000  # larger than any RunPod payload (20 MB); the real cap is the size check on fetch
 )
-TINY_RESOLUTION = "tiny"
+TINY_RESOLUTION: Resolution = "tiny"
 RESOLUTION_ORDER = ("tiny", "480p", "720p")
 
-PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+PresetName = Literal[tuple(PRESETS)]
 SourceKind = Literal["url", "s3", "data", "base64", "path"]
 _BASE64_RE = re.compile(r"[A-Za-z0-9+/\s]+={0,2}\s*")
 _MIN_BARE_BASE64 = 64
@@ -148,33 +148,42 @@ class SpeakerInput(_Strict):
 class AdvancedInput(_Strict):
     """Overrides of the preset. Unset fields take the preset's value."""
 
-    steps: int | None = Field(None, ge=1, le=100, description="denoising steps per clip")
-    text_guidance: float | None = Field(None, ge=0.0, le=20.0, description="text CFG scale (1: no text CFG)")
-    audio_guidance: float | None = Field(None, ge=0.0, le=20.0, description="audio CFG scale")
-    shift: float | None = Field(None, gt=0.0, le=30.0, description="timestep shift of the flow schedule")
+    steps: int | None = Field(default=None, ge=1, le=100, description="denoising steps per clip")
+    text_guidance: float | None = Field(
+        default=None, ge=0.0, le=20.0, description="text CFG scale (1: no text CFG)"
+    )
+    audio_guidance: float | None = Field(default=None, ge=0.0, le=20.0, description="audio CFG scale")
+    shift: float | None = Field(
+        default=None, gt=0.0, le=30.0, description="timestep shift of the flow schedule"
+    )
     seed: int | None = Field(
-        None, ge=0, le=2**32 - 1, description="noise seed; unset: a random seed, reported"
+        default=None, ge=0, le=2**32 - 1, description="noise seed; unset: a random seed, reported"
     )
     teacache_threshold: float | None = Field(
-        None, ge=0.0, le=1.0, description="TeaCache threshold; 0 turns TeaCache off (useful range 0.2-0.5)"
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="TeaCache threshold; 0 turns TeaCache off (useful range 0.2-0.5)",
     )
-    color_correction: float | None = Field(None, ge=0.0, le=1.0, description="colour-correction strength")
-    apg: bool | None = Field(None, description="adaptive projected guidance instead of plain CFG")
+    color_correction: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="colour-correction strength"
+    )
+    apg: bool | None = Field(default=None, description="adaptive projected guidance instead of plain CFG")
 
 
 class OutputInput(_Strict):
     delivery: Literal["auto", "s3", "base64", "volume"] = Field(
-        "auto", description="auto: s3 when the worker has a bucket, else base64"
+        default="auto", description="auto: s3 when the worker has a bucket, else base64"
     )
     key: str | None = Field(
-        None,
+        default=None,
         min_length=1,
         max_length=900,
         pattern=r"^[A-Za-z0-9!_.*'()/-]+\.mp4$",
         description="s3 only: object key under the worker's prefix; unset: <job id>.mp4",
     )
     path: str | None = Field(
-        None,
+        default=None,
         min_length=1,
         max_length=1024,
         pattern=r"^[A-Za-z0-9_./-]+\.mp4$",
@@ -323,7 +332,7 @@ class HealthInput(_Strict):
 JobInput = GenerateInput | HealthInput
 
 
-def default_resolution(tiny_model: bool) -> str:
+def default_resolution(tiny_model: bool) -> Resolution:
     """The bucket family of a request that names none: the worker and the CLI share it."""
     return TINY_RESOLUTION if tiny_model else "480p"
 

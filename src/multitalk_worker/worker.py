@@ -18,6 +18,7 @@ from typing import Any
 
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
 from multitalk_worker.logs import configure_logging
+from multitalk_worker.progress import Snapshot
 from multitalk_worker.redact import RedactingStream
 from multitalk_worker.service import JobOutcome, JobService, safe_id
 from multitalk_worker.service.resident import PipelineHolder
@@ -54,11 +55,12 @@ def make_handler(service: JobService) -> Callable[[dict[str, Any]], Awaitable[di
     return handler
 
 
-def runpod_progress(job: dict[str, Any], update: dict[str, Any]) -> None:
-    """Send one progress update to RunPod's queue (visible in /status while the job runs)."""
+def runpod_progress(job: dict[str, Any], snapshot: Snapshot) -> None:
+    """Send one progress update to RunPod's queue (visible in /status while the job runs): the job's
+    progress snapshot (progress.py), the same fields as the local API's `progress`."""
     import runpod
 
-    runpod.serverless.progress_update(job, update)
+    runpod.serverless.progress_update(job, snapshot.to_dict())
 
 
 def main() -> None:
@@ -86,7 +88,7 @@ def serve(settings: Settings, holder: PipelineHolder | None = None) -> None:
     if settings.on_runpod:
         register_fitness_checks(settings, service.holder)
     else:  # local mode: the SDK prints each job's result at INFO, presigned URLs included
-        sys.stdout = RedactingStream(sys.stdout)  # type: ignore[assignment]
+        sys.stdout = RedactingStream(sys.stdout)
     logger.info("multitalk-worker %s starting (weights: %s)", worker_version(settings), settings.weights)
     from multitalk_worker.weights.download import ensure_weights
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import boto3
+from boto3.session import Session
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -15,7 +15,7 @@ from multitalk_worker.config import Settings
 def make_s3_client(settings: Settings) -> Any:
     """A boto3 S3 client for the configured endpoint and credentials (none: boto3's default chain)."""
     s3 = settings.s3
-    session = boto3.session.Session(
+    session = Session(
         aws_access_key_id=s3.access_key_id,
         aws_secret_access_key=s3.secret_access_key,
         aws_session_token=s3.session_token,

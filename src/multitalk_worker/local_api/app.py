@@ -302,7 +302,7 @@ async def _wait(jobs: JobQueue, record: JobRecord, timeout: float | None) -> Non
 def status_body(jobs: JobQueue, record: JobRecord) -> dict[str, Any]:
     """What /status/{id} answers. A local video appears as its URL, never as a path on this machine."""
     expires = record.finished_at + jobs.ttl_s if record.finished_at is not None else None
-    progress = record.tracker.snapshot()
+    progress = record.progress
     if record.status == "COMPLETED":
         progress = progress.finished()
     output = record.output

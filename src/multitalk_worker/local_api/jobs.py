@@ -1,10 +1,10 @@
 """The local HTTP API's job queue: bounded, in memory, one job at a time on the resident pipeline.
 
 `JobQueue.submit` records a job and queues it, or raises `QueueFull` when `MULTITALK_QUEUE_SIZE` jobs already
-wait; one thread runs the queued jobs in order through `JobService.run`, with a cancel flag per job and the
-worker's progress updates fed to a `ProgressTracker`. A finished job's record and video file are kept for
-`MULTITALK_JOB_TTL_S` seconds after it ends, then deleted. Everything lives in this process: a restart loses
-the queue, the records and the files (docs/api.md says so).
+wait; one thread runs the queued jobs in order through `JobService.run`, with a cancel flag per job; the
+job's latest progress snapshot (progress.py, from the service's tracker) is kept on its record. A finished
+job's record and video file are kept for `MULTITALK_JOB_TTL_S` seconds after it ends, then deleted.
+Everything lives in this process: a restart loses the queue, the records and the files (docs/api.md says so).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from multitalk_worker.progress import ProgressTracker
+from multitalk_worker.progress import QUEUED, Snapshot
 from multitalk_worker.service import JobService
 
 logger = logging.getLogger(__name__)
@@ -33,17 +33,6 @@ PURGE_INTERVAL_S = 5.0  # how often the runner looks for expired jobs while idle
 
 class QueueFull(Exception):
     """No room in the queue; the caller answers 429."""
-
-
-@dataclass(frozen=True)
-class _Event:
-    """A pipeline progress update as the tracker reads it."""
-
-    stage: str
-    chunk: int
-    chunks: int
-    step: int
-    steps: int
 
 
 @dataclass
@@ -58,8 +47,8 @@ class JobRecord:
     error: dict[str, Any] | None = None
     video: Path | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
-    tracker: ProgressTracker = field(default_factory=ProgressTracker)
-    listeners: list[Callable[[], None]] = field(default_factory=list)
+    progress: Snapshot = QUEUED  # replaced, never changed: a reader in another thread sees a whole one
+    listeners: list[Callable[[], object]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -152,7 +141,7 @@ class JobQueue:
             except ValueError:
                 return None
 
-    def on_finish(self, record: JobRecord, listener: Callable[[], None]) -> None:
+    def on_finish(self, record: JobRecord, listener: Callable[[], object]) -> None:
         """Call `listener` (from any thread) once the job has finished; at once when it already has."""
         with self._lock:
             if not record.finished:
@@ -190,7 +179,7 @@ class JobQueue:
             {"id": record.id, "input": record.input},
             record.cancel,
             local_video=video,
-            on_update=lambda update: self._progress(record, update),
+            on_update=lambda snapshot: setattr(record, "progress", snapshot),
         )
         with self._lock:
             self._running = None
@@ -201,14 +190,6 @@ class JobQueue:
                 self._finish(record, "COMPLETED")
             else:
                 self._finish(record, "CANCELLED" if outcome.error["code"] == "CANCELLED" else "FAILED")
-
-    def _progress(self, record: JobRecord, update: dict[str, Any]) -> None:
-        counts = {name: int(update.get(name) or 0) for name in ("chunk", "chunks", "step", "steps")}
-        event = _Event(stage=str(update["stage"]), **counts)
-        if event.chunks:
-            record.tracker.update(event)
-        else:  # a stage before the clip loop or after it: shown, the ETA kept
-            record.tracker.set_stage(event.stage)
 
     def _finish(self, record: JobRecord, status: JobStatus) -> None:
         """Under the lock."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+from av.error import FFmpegError
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import WorkerError
@@ -28,9 +29,10 @@ from multitalk_worker.io.fetch import InputFetcher
 from multitalk_worker.media import Mp4Sink
 from multitalk_worker.pipeline.image import image_size
 from multitalk_worker.pipeline.inputs import prepare_inputs
-from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, GenerationResult, Progress
+from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, GenerationResult
 from multitalk_worker.pipeline.video import VideoInfo
 from multitalk_worker.pipeline.video import probe_video as probe_source
+from multitalk_worker.progress import Progress, ProgressTracker, Snapshot
 from multitalk_worker.schema import GenerateInput, HealthInput, JobLimits, parse_job_input
 from multitalk_worker.service.faults import error_for
 from multitalk_worker.service.report import job_result, plan_report
@@ -42,8 +44,10 @@ from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
 
-ProgressSink = Callable[[dict[str, Any], dict[str, Any]], None]  # (job, update)
-UpdateHook = Callable[[dict[str, Any]], None]  # one job's updates: pipeline progress and the worker's stages
+# (job, snapshot) after each of the pipeline's events: RunPod's progress updates (worker.py)
+ProgressSink = Callable[[dict[str, Any], Snapshot], None]
+# one job's snapshots after every event: the pipeline's and the service's own stages (the local API)
+UpdateHook = Callable[[Snapshot], None]
 
 
 @dataclass
@@ -64,11 +68,12 @@ class _Fetched:
 
 class _Stage:
     """Where the job is, so an unexpected exception is reported with the right stage; each new stage is
-    also reported to the job's update hook (the local API's progress)."""
+    an event of the job's progress tracker, whose snapshot goes to the job's update hook."""
 
     def __init__(self, hook: UpdateHook | None = None) -> None:
         self._hook = hook
         self._name = "validate"
+        self.tracker = ProgressTracker()  # the job's one tracker: its stages and the pipeline's events
 
     @property
     def name(self) -> str:
@@ -77,8 +82,9 @@ class _Stage:
     @name.setter
     def name(self, value: str) -> None:
         self._name = value
+        snapshot = self.tracker.update(Progress(value))
         if self._hook is not None:
-            self._hook({"stage": value, "chunk": 0, "chunks": 0, "step": 0, "steps": 0})
+            self._hook(snapshot)
 
 
 class JobService:
@@ -170,7 +176,7 @@ class JobService:
                     timings.update(model_load_s=load_s, cold_start=cold)
                     timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
                     stage.name = "generate"
-                    progress = self._progress(job, on_update)
+                    progress = self._progress(job, stage.tracker, on_update)
                     result = pipeline(
                         request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs
                     )
@@ -277,24 +283,20 @@ class JobService:
             audio=fetched.audio,
         )
 
-    def _progress(self, job: dict[str, Any], on_update: UpdateHook | None) -> Callable[[Progress], None]:
+    def _progress(
+        self, job: dict[str, Any], tracker: ProgressTracker, on_update: UpdateHook | None
+    ) -> Callable[[Progress], None]:
+        """The pipeline's progress callback: each event through the job's tracker, the snapshot to RunPod's
+        progress updates (`progress_sink`) and to the door's hook."""
         job_id = safe_id(job.get("id"))
-        start = time.monotonic()
 
-        def report(progress: Progress) -> None:
-            update: dict[str, Any] = {
-                "stage": progress.stage,
-                "chunk": progress.chunk,
-                "chunks": progress.chunks,
-                "step": progress.step,
-                "steps": progress.steps,
-                **progress_eta(progress, time.monotonic() - start),
-            }
-            logger.debug("job %s progress %s", job_id, update)
+        def report(event: Progress) -> None:
+            snapshot = tracker.update(event)
+            logger.debug("job %s progress %s", job_id, snapshot)
             if self.progress_sink is not None:
-                self.progress_sink(job, update)
+                self.progress_sink(job, snapshot)
             if on_update is not None:
-                on_update(update)
+                on_update(snapshot)
 
         return report
 
@@ -312,16 +314,6 @@ class JobService:
         return JobOutcome(error=error.to_dict(), refresh_worker=refresh)
 
 
-def progress_eta(progress: Progress, elapsed_s: float) -> dict[str, float | None]:
-    """The share of denoising steps done over all clips, and the time left at the rate so far (None until
-    a step is done)."""
-    total = progress.chunks * progress.steps
-    done = max(progress.chunk - 1, 0) * progress.steps + progress.step if total else 0
-    fraction = done / total if total else 0.0
-    eta = elapsed_s * (1 - fraction) / fraction if fraction > 0 else None
-    return {"percent": round(100 * fraction, 1), "eta_s": None if eta is None else round(eta, 1)}
-
-
 def declared_duration_s(path: Path) -> float | None:
     """The duration a media container declares (no decoding); None when it declares none or cannot be read."""
     try:
@@ -331,7 +323,7 @@ def declared_duration_s(path: Path) -> float | None:
             stream = container.streams.audio[0] if container.streams.audio else None
             if stream is not None and stream.duration is not None and stream.time_base is not None:
                 return float(stream.duration * stream.time_base)
-    except (av.FFmpegError, OSError, ValueError):
+    except (FFmpegError, OSError, ValueError):
         return None  # the decode that follows reports the problem as AUDIO_DECODE_FAILED
     return None
 
