@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 TINY_WEIGHTS = "tiny"
 RESOLUTIONS: tuple[str, ...] = ("480p", "720p")
@@ -371,13 +371,13 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from `env` (pure: reads nothing else). Raises SettingsError naming the variable."""
-        top: dict[str, object] = {}
-        s3: dict[str, object] = {}
+        top: dict[str, Any] = {}  # each value of its variable's type (_parse); the table is the schema
+        s3: dict[str, Any] = {}
         for var in ENV_VARS:
             group, _, name = var.attr.rpartition(".")
             (s3 if group == "s3" else top)[name] = _parse(var, env.get(var.name))
         top.update(torchrun_vars(env))
-        settings = cls(s3=S3Settings(**s3), **top)  # type: ignore[arg-type]
+        settings = cls(s3=S3Settings(**s3), **top)
         _check_ranges(settings)
         return settings
 

@@ -33,7 +33,7 @@ from multitalk_worker.config import ENV_VARS, Settings
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
 from multitalk_worker.pipeline.request import ColorReference, Resolution, SourceFps
-from multitalk_worker.registry import MODELS, MULTITALK, all_adapters, models_taking
+from multitalk_worker.registry import MODELS, MULTITALK, ModelName, all_adapters, models_taking
 from multitalk_worker.timeline import check_length, duration_limit_s
 from multitalk_worker.url_policy import check_url
 
@@ -289,9 +289,9 @@ class GenerateInput(_Strict):
                 raise ValueError(f"{name} applies to a video source; an image is the same in every clip")
         return self
 
-    def model_name(self, default_model: str) -> str:
-        """The job's model: its own, else the worker's default."""
-        return self.model or default_model
+    def model_name(self, default_model: str) -> ModelName:
+        """The job's model: its own, else the worker's default (a registry name)."""
+        return MODELS[self.model or default_model].name
 
     def adapter_name(self, default_model: str) -> str:
         """The job's adapter: its own, else its model's adapter for the number of speakers."""

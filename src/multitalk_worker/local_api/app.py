@@ -138,7 +138,7 @@ def create_app(worker: JobService, queue: JobQueue | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.add_middleware(RequestGuard, settings=worker.settings)
-    app.add_exception_handler(_BadBody, _bad_body)  # type: ignore[arg-type]
+    app.add_exception_handler(_BadBody, _bad_body)
     _add_job_routes(app, worker, jobs)
     _add_info_routes(app, worker, jobs, health)
     _add_page_routes(app)
@@ -266,7 +266,8 @@ async def _json_body(request: Request, limit: int) -> Any:
         raise _BadBody(exc) from None
 
 
-async def _bad_body(request: Request, exc: _BadBody) -> JSONResponse:
+async def _bad_body(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, _BadBody)  # registered for _BadBody only
     return JSONResponse({"error": exc.error.to_dict()}, status_code=HTTP_STATUS[exc.error.code])
 
 

@@ -190,11 +190,12 @@ def person_boxes(regions: list[Region | None], src_h: int, src_w: int) -> list[P
         if regions[0] is not None:
             raise InvalidInput("a region only applies with two speakers; omit it for a single speaker")
         return None
-    if all(r is None for r in regions):
-        regions = ["left", "right"]
-    elif any(r is None for r in regions):
+    given: list[Region] = [r for r in regions if r is not None]
+    if not given:
+        given = ["left", "right"]
+    elif len(given) != len(regions):
         raise InvalidInput("give a region for both speakers or for neither")
-    boxes = [region_to_bbox(r, src_h, src_w) for r in regions]  # type: ignore[arg-type]
+    boxes = [region_to_bbox(r, src_h, src_w) for r in given]
     for person, box in enumerate(boxes, start=1):
         if box[2] <= box[0] or box[3] <= box[1]:
             raise InvalidInput(f"region of speaker {person} covers no pixel of the {src_w}x{src_h} image")

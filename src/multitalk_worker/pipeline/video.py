@@ -354,7 +354,8 @@ class VideoSource:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._current = self._ahead = self._image = None  # type: ignore[assignment]
+            self._ahead = self._image = None
+            del self._current  # its decoded frame goes now, not with the source object
             self._opened.container.close()
 
     def __enter__(self) -> VideoSource:

@@ -23,7 +23,7 @@ def build_request(
 ) -> GenerationRequest:
     """The request for `parsed` with its inputs at the given local paths."""
     return GenerationRequest(
-        model=parsed.model_name(default_model),  # type: ignore[arg-type]
+        model=parsed.model_name(default_model),
         adapter=parsed.adapter_name(default_model),
         image=image,
         video=video,

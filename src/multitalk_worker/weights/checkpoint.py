@@ -78,7 +78,7 @@ class TensorFile:
         if not path.is_file():
             raise ModelMissing(f"missing checkpoint file {name} (looked for {path})")
         self._safetensors = path.suffix == ".safetensors"
-        self._handle: object | None = None
+        self._handle: safe_open | None = None
         self._pth: Mapping[str, torch.Tensor] | None = None
 
     def _open(self) -> None:
@@ -95,14 +95,14 @@ class TensorFile:
     def shapes(self) -> dict[str, Shape]:
         self._open()
         if self._handle is not None:
-            return {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}  # type: ignore[attr-defined]
+            return {k: tuple(self._handle.get_slice(k).get_shape()) for k in self._handle.keys()}
         assert self._pth is not None
         return {k: tuple(v.shape) for k, v in self._pth.items()}
 
     def get(self, key: str) -> torch.Tensor:
         self._open()
         if self._handle is not None:
-            return self._handle.get_tensor(key)  # type: ignore[attr-defined]
+            return self._handle.get_tensor(key)
         assert self._pth is not None
         return self._pth[key]
 

@@ -79,10 +79,12 @@ def _delta(update: LoraDelta, param: Tensor, scale: float, device: torch.device)
     dtype = param.dtype
     if update.full is not None:
         delta = update.full.to(device=device, dtype=dtype) * scale
-    else:
-        up = update.up.to(device=device, dtype=dtype)  # type: ignore[union-attr]
-        down = update.down.to(device=device, dtype=dtype)  # type: ignore[union-attr]
+    elif update.up is not None and update.down is not None:
+        up = update.up.to(device=device, dtype=dtype)
+        down = update.down.to(device=device, dtype=dtype)
         delta = (up.flatten(1) @ down.flatten(1)) * scale  # conv LoRAs: [out, r, 1, ..] @ [r, in, k..]
+    else:
+        raise ValueError(f"the LoRA update of {update.target} has neither a full delta nor an up/down pair")
     if delta.numel() != param.numel():
         raise CheckpointError(
             f"LoRA update of shape {tuple(delta.shape)} does not fit parameter {tuple(param.shape)}",
