@@ -244,7 +244,9 @@ def cli_settings(args: argparse.Namespace) -> Settings:
 def wire_input(args: argparse.Namespace) -> dict[str, object]:
     """The job's wire input (docs/api.md) from the flags: the CLI, the worker and the local API parse the
     same input with the same limits (schema.parse_job_input). Paths stay paths on this machine."""
-    regions = [parse_region(r) for r in args.region] if args.region else [None] * len(args.audio)
+    regions: list[Region | None] = (
+        [parse_region(r) for r in args.region] if args.region else [None] * len(args.audio)
+    )
     if len(regions) != len(args.audio):
         raise InvalidInput(
             f"{len(regions)} --region given for {len(args.audio)} --audio; give one per speaker"

@@ -36,13 +36,16 @@ VOLUME_FILE_MODE = 0o644  # as the CLI's own files (open() under the usual umask
 class Delivery(Protocol):
     """Where a job's video goes. `plan`: what the plan reports (no secrets, no URL)."""
 
-    plan: dict[str, object]
+    @property
+    def plan(self) -> dict[str, object]: ...
 
     def check(self) -> None:
         """Refuse a destination that cannot take the video, before any generation."""
+        ...
 
     def deliver(self, video: Path) -> dict[str, object]:
         """Put `video` there; the result's `video` entry."""
+        ...
 
 
 @dataclass
