@@ -183,7 +183,7 @@ def test_async_job_cancel_then_next_job_runs_to_its_video(serve: Callable[..., s
     assert requests.get(f"{api}/status/{second}", timeout=10).json()["position"] == 1
     assert requests.post(f"{api}/cancel/{first}", timeout=10).json()["id"] == first
     ended = wait_until(api, first, lambda b: b["status"] in FINISHED)
-    assert ended["status"] == "CANCELLED" and ended["error"]["code"] == "CANCELLED"
+    assert ended["status"] == "CANCELLED" and json.loads(ended["error"])["code"] == "CANCELLED"
     assert ended["progress"]["step"] < 100
     seen: list[dict[str, Any]] = []
 

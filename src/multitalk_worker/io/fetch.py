@@ -10,7 +10,6 @@ defeats DNS rebinding).
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from multitalk_worker.errors import (
 from multitalk_worker.io.s3 import bucket_exists, make_s3_client, s3_reason, s3_retryable
 from multitalk_worker.io.volume import check_name_lengths
 from multitalk_worker.schema import InputSource, decode_base64
-from multitalk_worker.url_policy import UrlRefused, address_problem, check_url
+from multitalk_worker.url_policy import UnresolvedHost, UrlRefused, check_url, checked_address
 
 logger = logging.getLogger(__name__)
 
@@ -255,18 +254,11 @@ class InputFetcher:
 
     def _checked_address(self, host: str, port: int, label: str) -> str:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror:
-            raise InputFetchFailed(f"{label}: cannot resolve host {host}") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        for address in addresses:
-            problem = address_problem(address, allow_loopback=self.settings.allow_loopback)
-            if problem is not None:
-                raise InvalidInput(
-                    f"{label}: {host} resolves to {address}, {problem}; only public https URLs are fetched",
-                    stage="fetch",
-                )
-        return addresses[0]
+            return checked_address(host, port, allow_loopback=self.settings.allow_loopback)
+        except UnresolvedHost as exc:
+            raise InputFetchFailed(f"{label}: {exc}") from None
+        except UrlRefused as exc:
+            raise InvalidInput(f"{label}: {exc}; only public https URLs are fetched", stage="fetch") from None
 
     def _check_response(self, response: requests.Response, kind: MediaKind, label: str) -> None:
         status = response.status_code
