@@ -15,6 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ import uvicorn
 
 from multitalk_worker.config import Settings
 from multitalk_worker.local_api.app import create_app
+from multitalk_worker.local_api.jobs import JobQueue
 from multitalk_worker.service import JobService
 from tests.conftest import EXAMPLES, REPO
 from tests.servers import HttpsServer, free_port
@@ -184,3 +186,20 @@ def test_refusals_in_the_documented_shape(api: str) -> None:
     assert "detail" not in nowhere.json()
     wrong_method = requests.get(f"{api}/{ENDPOINT}/run", timeout=10)
     assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
+
+
+def test_a_waiting_job_past_its_ttl_ends_timed_out(tmp_path: Path) -> None:
+    """policy.ttl counts from submission: a job still waiting when it passes ends TIMED_OUT without running
+    (the queue's runner is not started here, so the job can only wait); one without a ttl waits on."""
+    settings = Settings.from_env({"MULTITALK_WEIGHTS": "tiny", "MULTITALK_DEVICE": "cpu"})
+    queue = JobQueue(JobService(settings), capacity=4, ttl_s=60, results=tmp_path)
+    short = queue.submit(JOB, ttl_s=0.2)
+    patient = queue.submit(JOB)
+    time.sleep(0.3)
+    ended = queue.get(short.id)
+    assert ended is not None and ended.status == "TIMED_OUT" and ended.input is None
+    assert ended.error is not None and ended.error["code"] == "TIMED_OUT" and ended.error["stage"] == "queue"
+    assert "policy.ttl (200 ms" in ended.error["message"]
+    waiting = queue.get(patient.id)
+    assert waiting is not None and waiting.status == "IN_QUEUE" and queue.position(patient.id) == 1
+    assert queue.totals()["TIMED_OUT"] == 1

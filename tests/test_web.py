@@ -76,7 +76,9 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{port}"
+    requests.get(f"{base}/health", timeout=300)  # the first report's cold checks, before the page asks
+    yield base
     server.should_exit = True
     thread.join(timeout=300)
 

@@ -103,12 +103,18 @@ class HealthCache:
         self._at = 0.0
         self._lock = threading.Lock()
         self._refreshing = False
+        self._first = threading.Event()  # set once the first report exists
 
     def refresh(self) -> dict[str, Any]:
-        report = health_report(self.worker.settings, self.worker.holder)
-        with self._lock:
-            self._report, self._at, self._refreshing = report, time.monotonic(), False
-        return report
+        try:
+            report = health_report(self.worker.settings, self.worker.holder)
+            with self._lock:
+                self._report, self._at = report, time.monotonic()
+            return report
+        finally:
+            with self._lock:
+                self._refreshing = False
+            self._first.set()
 
     def refresh_in_background(self) -> None:
         with self._lock:
@@ -120,8 +126,13 @@ class HealthCache:
     async def get(self) -> dict[str, Any]:
         with self._lock:
             report, age = self._report, time.monotonic() - self._at
-        if report is None:
-            return await run_in_threadpool(self.refresh)
+        if report is None:  # the first report: wait for the one being made at start, not a second one
+            self.refresh_in_background()
+            await run_in_threadpool(self._first.wait)
+            with self._lock:
+                report, age = self._report, time.monotonic() - self._at
+            if report is None:  # that refresh failed: make one here, its error answered as a 500
+                report, age = await run_in_threadpool(self.refresh), 0.0
         if age > HEALTH_MAX_AGE_S:
             self.refresh_in_background()
         holder = self.worker.holder

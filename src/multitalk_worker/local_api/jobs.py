@@ -67,7 +67,7 @@ class JobRecord:
     timed_out: TimedOut | None = None  # set when a limit passed; the run then stops at its next step
     tracker: ProgressTracker = field(default_factory=ProgressTracker)
     stream: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=STREAM_KEPT))
-    listeners: list[Callable[[], None]] = field(default_factory=list)
+    listeners: list[Callable[[], object]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -199,8 +199,9 @@ class JobQueue:
             except ValueError:
                 return None
 
-    def on_finish(self, record: JobRecord, listener: Callable[[], None]) -> None:
-        """Call `listener` (from any thread) once the job has finished; at once when it already has."""
+    def on_finish(self, record: JobRecord, listener: Callable[[], object]) -> None:
+        """Call `listener` (from any thread) once the job has finished; at once when it already has. What it
+        returns is ignored."""
         with self._lock:
             if not record.finished:
                 record.listeners.append(listener)
