@@ -192,7 +192,7 @@ def _runpod_operations(worker: JobService, jobs: JobQueue, health: HealthCache) 
         )
         if isinstance(record, JSONResponse):
             return record
-        return JSONResponse({"id": record.id, "status": record.status})
+        return JSONResponse({"id": record.id, "status": "IN_QUEUE"})  # as queued (it may have started since)
 
     @router.post("/runsync", openapi_extra=_body("RunRequest"), summary="Queue a job and wait for it")
     async def runsync(request: Request, wait: int | None = None) -> JSONResponse:
