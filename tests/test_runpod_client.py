@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,25 +20,16 @@ from typing import Any
 import pytest
 import requests
 import runpod
-import uvicorn
 
 from multitalk_worker.config import Settings
 from multitalk_worker.local_api.app import create_app
 from multitalk_worker.local_api.jobs import JobQueue
 from multitalk_worker.service import JobService
-from tests.conftest import EXAMPLES, REPO
-from tests.servers import HttpsServer, free_port
+from tests.conftest import EXAMPLES, tiny_settings
+from tests.servers import HttpsServer, serve_app
+from tests.test_server import JOB, LONG_JOB  # 2 steps, 10 frames; 100 steps: past a 5 s timeout
 
 ENDPOINT = "local-endpoint"  # any id: the local API serves one endpoint under every id
-JOB = {
-    "image": "inputs/person.png",
-    "speakers": [{"audio": "inputs/speech_a.wav"}],
-    "prompt": "a person talks",
-    "resolution": "tiny",
-    "max_duration_s": 0.4,
-    "advanced": {"steps": 2, "seed": 5},
-}
-LONG_JOB = JOB | {"advanced": {"steps": 100, "seed": 5}}  # runs well past a 5 s executionTimeout
 POLICY = {"executionTimeout": 600_000, "ttl": 3_600_000}
 
 
@@ -49,32 +39,11 @@ def api(tmp_path_factory: pytest.TempPathFactory, https_server: HttpsServer) -> 
     (root / "inputs").mkdir()
     for name in ("person.png", "speech_a.wav"):
         shutil.copy(EXAMPLES / name, root / "inputs" / name)
-    settings = Settings.from_env(
-        {
-            "MULTITALK_WEIGHTS": "tiny",
-            "MULTITALK_DEVICE": "cpu",
-            "MULTITALK_VOLUME_ROOT": str(root),
-            "MULTITALK_WORK_DIR": str(root),
-            "MULTITALK_ALLOW_LOOPBACK": "true",  # the webhook receiver is on loopback
-            "MULTITALK_CA_BUNDLE": str(https_server.ca_bundle),
-            "MULTITALK_REVISION_FILE": str(root / "REVISION"),
-            "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
-        }
-    )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(JobService(settings)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    requests.get(f"{base}/health", timeout=120)  # the first report's cold checks; the SDK waits 3 s
-    yield base
-    server.should_exit = True
-    thread.join(timeout=300)
+    # loopback is allowed (the webhook receiver is on it); its self-signed certificate is trusted
+    settings = tiny_settings(root, root, MULTITALK_CA_BUNDLE=str(https_server.ca_bundle))
+    with serve_app(create_app(JobService(settings))) as base:
+        requests.get(f"{base}/health", timeout=300)  # the first report's cold checks; the SDK waits 3 s
+        yield base
 
 
 @pytest.fixture

@@ -8,16 +8,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-import uvicorn
 
 from multitalk_worker.config import Settings
 from multitalk_worker.local_api.app import HTTP_STATUS, create_app
@@ -26,7 +25,7 @@ from multitalk_worker.media import probe_mp4
 from multitalk_worker.schema import AdvancedInput, GenerateInput
 from multitalk_worker.service import JobService
 from tests.conftest import REPO
-from tests.servers import free_port
+from tests.servers import free_port, serve_app
 
 JOB = {
     "image": "inputs/person.png",
@@ -45,24 +44,12 @@ FINISHED = ("COMPLETED", "FAILED", "CANCELLED")
 @pytest.fixture
 def serve(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., str]]:
     """serve(**env) -> base URL of the app with those settings, on 127.0.0.1."""
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    with ExitStack() as servers:
 
-    def start(**env: str) -> str:
-        port = free_port()
-        app = create_app(JobService(make_settings(**env)))
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{port}"
+        def start(**env: str) -> str:
+            return servers.enter_context(serve_app(create_app(JobService(make_settings(**env)))))
 
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=300)  # a running job stops at its next step (a tiny clip's VAE work: seconds)
+        yield start
 
 
 @pytest.fixture

@@ -16,21 +16,17 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-import uvicorn
 
-from multitalk_worker.config import Settings
 from multitalk_worker.local_api.app import create_app
 from multitalk_worker.service import JobService
-from tests.conftest import EXAMPLES, REPO
-from tests.servers import free_port
+from tests.conftest import EXAMPLES, tiny_settings
+from tests.servers import serve_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -55,32 +51,11 @@ if importlib.util.find_spec("playwright") is None:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The local API on the tiny model (conftest's make_settings, for the module), on loopback."""
+    """The local API on the tiny model, on loopback, for the module (the page sends its files inline)."""
     tmp = tmp_path_factory.mktemp("web")
-    settings = Settings.from_env(
-        {
-            "MULTITALK_WEIGHTS": "tiny",
-            "MULTITALK_DEVICE": "cpu",
-            "MULTITALK_VOLUME_ROOT": str(tmp),
-            "MULTITALK_WORK_DIR": str(tmp),
-            "MULTITALK_REVISION_FILE": str(tmp / "REVISION"),
-            "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
-        }
-    )
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(JobService(settings)), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    requests.get(f"{base}/health", timeout=300)  # the first report's cold checks, before the page asks
-    yield base
-    server.should_exit = True
-    thread.join(timeout=300)
+    with serve_app(create_app(JobService(tiny_settings(tmp, tmp)))) as base:
+        requests.get(f"{base}/health", timeout=300)  # the first report's cold checks, before the page asks
+        yield base
 
 
 @pytest.fixture(scope="module")

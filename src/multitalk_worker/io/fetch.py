@@ -129,6 +129,18 @@ class Fetched:
     seconds: float
 
 
+def pinned_session(address: str, settings: Settings) -> requests.Session:
+    """A session whose https connections dial `address` (checked by url_policy) while TLS and Host name
+    the URL's host, verified with MULTITALK_CA_BUNDLE or certifi's; no proxy, netrc or CA variables
+    (Settings is the only configuration). Used for input URLs and the local API's webhooks."""
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("https://", PinnedIPAdapter(address))
+    session.verify = str(settings.ca_bundle) if settings.ca_bundle else certifi.where()
+    session.headers["User-Agent"] = "multitalk-worker"
+    return session
+
+
 class InputFetcher:
     """Fetches inputs into a job's scratch folder under the limits of `settings`."""
 
@@ -229,19 +241,15 @@ class InputFetcher:
         except UrlRefused as exc:
             raise InvalidInput(f"{label}: {_safe_url(url)}: {exc}", stage="fetch") from None
         address = self._checked_address(hop.host, hop.port, label)
-        verify = str(self.settings.ca_bundle) if self.settings.ca_bundle else certifi.where()
         remaining = max(deadline - time.monotonic(), 0.01)
-        with requests.Session() as session:
-            session.trust_env = False  # no proxy, netrc or CA variables: Settings is the only configuration
-            session.mount("https://", PinnedIPAdapter(address))
+        with pinned_session(address, self.settings) as session:
             try:
                 response = session.get(
                     url,
                     stream=True,
                     allow_redirects=False,
                     timeout=(min(remaining, 10.0), remaining),
-                    verify=verify,
-                    headers={"Accept-Encoding": "identity", "User-Agent": "multitalk-worker"},
+                    headers={"Accept-Encoding": "identity"},
                 )
             except requests.Timeout:
                 raise self._timed_out(label) from None

@@ -14,12 +14,11 @@ import threading
 import time
 from typing import Any
 
-import certifi
 import requests
-from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import InvalidInput
+from multitalk_worker.io.fetch import pinned_session
 from multitalk_worker.url_policy import UnresolvedHost, UrlRefused, check_url, checked_address
 
 logger = logging.getLogger(__name__)
@@ -71,19 +70,9 @@ def _post_once(url: str, body: dict[str, Any], settings: Settings) -> str | None
         return f"refused: {exc}"
     except UnresolvedHost as exc:
         return str(exc)
-    verify = str(settings.ca_bundle) if settings.ca_bundle else certifi.where()
-    with requests.Session() as session:
-        session.trust_env = False  # Settings is the only configuration
-        session.mount("https://", PinnedIPAdapter(address))
+    with pinned_session(address, settings) as session:
         try:
-            response = session.post(
-                url,
-                json=body,
-                timeout=TIMEOUT_S,
-                verify=verify,
-                allow_redirects=False,
-                headers={"User-Agent": "multitalk-worker"},
-            )
+            response = session.post(url, json=body, timeout=TIMEOUT_S, allow_redirects=False)
         except requests.RequestException as exc:
             return f"{type(exc).__name__}"
     if 200 <= response.status_code < 300:
