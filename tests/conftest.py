@@ -54,24 +54,30 @@ def volume(tmp_path: Path) -> Path:
     return root
 
 
+def tiny_settings(work: Path, volume: Path, **env: str) -> Settings:
+    """Settings for a test: tiny model on the CPU, `volume` as the volume root, loopback allowed (the test
+    servers), scratch and the revision file under `work`; `env` overrides."""
+    base = {
+        "MULTITALK_WEIGHTS": "tiny",
+        "MULTITALK_DEVICE": "cpu",
+        "MULTITALK_VOLUME_ROOT": str(volume),
+        "MULTITALK_WORK_DIR": str(work),
+        "MULTITALK_ALLOW_LOOPBACK": "true",
+        "MULTITALK_FETCH_TIMEOUT_S": "5",
+        "MULTITALK_REVISION_FILE": str(work / "REVISION"),
+        "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
+    }
+    return Settings.from_env({**base, **env})
+
+
 @pytest.fixture
 def make_settings(tmp_path: Path, volume: Path) -> Callable[..., Settings]:
-    """Settings for a test: tiny model, the test volume, loopback allowed, scratch under tmp_path."""
+    """tiny_settings for a test: the test volume, scratch under tmp_path."""
     work = tmp_path / "work"
     work.mkdir()
 
     def build(**env: str) -> Settings:
-        base = {
-            "MULTITALK_WEIGHTS": "tiny",
-            "MULTITALK_DEVICE": "cpu",
-            "MULTITALK_VOLUME_ROOT": str(volume),
-            "MULTITALK_WORK_DIR": str(work),
-            "MULTITALK_ALLOW_LOOPBACK": "true",
-            "MULTITALK_FETCH_TIMEOUT_S": "5",
-            "MULTITALK_REVISION_FILE": str(tmp_path / "REVISION"),
-            "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
-        }
-        return Settings.from_env({**base, **env})
+        return tiny_settings(work, volume, **{"MULTITALK_REVISION_FILE": str(tmp_path / "REVISION"), **env})
 
     return build
 

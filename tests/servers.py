@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +39,25 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve_app(app: Any) -> Iterator[str]:
+    """An ASGI app (the local API) served by uvicorn in a thread of this process on 127.0.0.1; yields its
+    base URL, and on exit stops it and waits for it (a running job stops at its next step)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=LOOPBACK, port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://{LOOPBACK}:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=300)
 
 
 # ----------------------------------------------------------------------------- S3 (moto server)
@@ -193,12 +214,14 @@ def write_self_signed(directory: Path) -> tuple[Path, Path]:
 class HttpsServer:
     """https on 127.0.0.1. `files` maps a path to (body, content type). Special paths:
     /slow (drips a byte every 0.2 s), /stall (headers, then silence), /huge (endless body, no length),
-    /redirect?to=<url, percent-encoded or not> (302), /status/<code>.
+    /redirect?to=<url, percent-encoded or not> (302), /status/<code>. A POST (a webhook) is answered 200 and
+    kept in `posts` as (path, parsed JSON body).
     """
 
     httpd: ThreadingHTTPServer
     ca_bundle: Path
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
+    posts: list[tuple[str, Any]] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -218,17 +241,25 @@ def start_https_server(directory: Path) -> HttpsServer:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     files: dict[str, tuple[bytes, str]] = {}
-    httpd = ThreadingHTTPServer((LOOPBACK, 0), _handler_for(files))
+    posts: list[tuple[str, Any]] = []
+    httpd = ThreadingHTTPServer((LOOPBACK, 0), _handler_for(files, posts))
     httpd.daemon_threads = True
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    return HttpsServer(httpd=httpd, ca_bundle=cert, files=files)
+    return HttpsServer(httpd=httpd, ca_bundle=cert, files=files, posts=posts)
 
 
-def _handler_for(files: dict[str, tuple[bytes, str]]) -> type[BaseHTTPRequestHandler]:
+def _handler_for(
+    files: dict[str, tuple[bytes, str]], posts: list[tuple[str, Any]]
+) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
             return
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            length = int(self.headers.get("Content-Length") or 0)
+            posts.append((self.path, json.loads(self.rfile.read(length) or b"null")))
+            self._send(200, b"ok", "text/plain")
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path, _, query = self.path.partition("?")

@@ -165,7 +165,7 @@ def through_api(api: str, job: dict[str, Any], route: str) -> dict[str, Any]:
         time.sleep(0.2)
         body = requests.get(f"{api}/status/{body['id']}", timeout=30).json()
     if body["status"] != "COMPLETED":
-        return {"error": body["error"]}
+        return {"error": json.loads(body["error"])}  # a job's error is a JSON string, as on RunPod
     output = body["output"]
     if "video" in output:
         data = requests.get(api + output["video"]["url"], timeout=60).content

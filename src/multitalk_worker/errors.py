@@ -119,6 +119,15 @@ class Cancelled(WorkerError):
     default_stage = "generate"
 
 
+class TimedOut(WorkerError):
+    """The job outlived its policy (the local API's `policy.executionTimeout` or `policy.ttl`); the status is
+    TIMED_OUT, as on RunPod. A retry with a longer limit may succeed."""
+
+    code = "TIMED_OUT"
+    default_stage = "generate"
+    retryable_by_default = True
+
+
 ERROR_CODES: tuple[str, ...] = (
     "INVALID_INPUT",
     "INPUT_FETCH_FAILED",
@@ -135,4 +144,5 @@ ERROR_CODES: tuple[str, ...] = (
     "UPLOAD_FAILED",
     "OUTPUT_TOO_LARGE",
     "CANCELLED",
+    "TIMED_OUT",
 )

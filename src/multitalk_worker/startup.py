@@ -30,7 +30,7 @@ import numpy as np
 import multitalk_worker
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
 from multitalk_worker.errors import WorkerError
-from multitalk_worker.registry import Adapter
+from multitalk_worker.registry import MODELS, Adapter
 from multitalk_worker.residency import adapter_model, resident_adapters
 from multitalk_worker.schema import SCHEMA_VERSION
 
@@ -267,8 +267,25 @@ def health_report(settings: Settings, holder: PipelineHolder) -> dict[str, Any]:
             {"model": adapter_model(a.name)[0], "adapter": a.name, "file": a.file}
             for a in _resident_or_empty(settings)
         ],
+        "models": served_models(settings),
         "settings": settings.public_dict(),
     }
+
+
+def served_models(settings: Settings) -> list[dict[str, Any]]:
+    """The models this worker can run (those with a resident adapter): name, the sources each takes, its
+    resident adapters and whether it is MULTITALK_MODEL (a job naming no model runs that one)."""
+    resident = _resident_or_empty(settings)
+    return [
+        {
+            "model": spec.name,
+            "sources": list(spec.sources),
+            "adapters": [a.name for a in spec.adapters if a in resident],
+            "default": spec.name == settings.default_model,
+        }
+        for spec in MODELS.values()
+        if any(a in resident for a in spec.adapters)
+    ]
 
 
 def _resident_or_empty(settings: Settings) -> list[Adapter]:

@@ -10,6 +10,7 @@ link-local 169.254.169.254 and is refused like it. Loopback passes only when the
 from __future__ import annotations
 
 import ipaddress
+import socket
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit
 
@@ -90,3 +91,23 @@ def address_problem(text: str, *, allow_loopback: bool) -> str | None:
     if address.is_multicast or not address.is_global:
         return "not a public address"
     return None
+
+
+class UnresolvedHost(OSError):
+    """The host name does not resolve."""
+
+
+def checked_address(host: str, port: int, *, allow_loopback: bool) -> str:
+    """The address to dial for `host`: the first it resolves to, once every one it resolves to has passed
+    `address_problem` (a host with one private address among public ones is refused). Raises UrlRefused
+    naming the address and the problem, or UnresolvedHost."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise UnresolvedHost(f"cannot resolve host {host}") from None
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:
+        problem = address_problem(address, allow_loopback=allow_loopback)
+        if problem is not None:
+            raise UrlRefused(f"{host} resolves to {address}, {problem}")
+    return addresses[0]

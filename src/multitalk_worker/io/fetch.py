@@ -10,7 +10,6 @@ defeats DNS rebinding).
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -38,7 +37,7 @@ from multitalk_worker.errors import (
 from multitalk_worker.io.s3 import bucket_exists, make_s3_client, s3_reason, s3_retryable
 from multitalk_worker.io.volume import check_name_lengths
 from multitalk_worker.schema import InputSource, decode_base64
-from multitalk_worker.url_policy import UrlRefused, address_problem, check_url
+from multitalk_worker.url_policy import UnresolvedHost, UrlRefused, check_url, checked_address
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +127,18 @@ class Fetched:
     path: Path
     size: int
     seconds: float
+
+
+def pinned_session(address: str, settings: Settings) -> requests.Session:
+    """A session whose https connections dial `address` (checked by url_policy) while TLS and Host name
+    the URL's host, verified with MULTITALK_CA_BUNDLE or certifi's; no proxy, netrc or CA variables
+    (Settings is the only configuration). Used for input URLs and the local API's webhooks."""
+    session = requests.Session()
+    session.trust_env = False
+    session.mount("https://", PinnedIPAdapter(address))
+    session.verify = str(settings.ca_bundle) if settings.ca_bundle else certifi.where()
+    session.headers["User-Agent"] = "multitalk-worker"
+    return session
 
 
 class InputFetcher:
@@ -230,19 +241,15 @@ class InputFetcher:
         except UrlRefused as exc:
             raise InvalidInput(f"{label}: {_safe_url(url)}: {exc}", stage="fetch") from None
         address = self._checked_address(hop.host, hop.port, label)
-        verify = str(self.settings.ca_bundle) if self.settings.ca_bundle else certifi.where()
         remaining = max(deadline - time.monotonic(), 0.01)
-        with requests.Session() as session:
-            session.trust_env = False  # no proxy, netrc or CA variables: Settings is the only configuration
-            session.mount("https://", PinnedIPAdapter(address))
+        with pinned_session(address, self.settings) as session:
             try:
                 response = session.get(
                     url,
                     stream=True,
                     allow_redirects=False,
                     timeout=(min(remaining, 10.0), remaining),
-                    verify=verify,
-                    headers={"Accept-Encoding": "identity", "User-Agent": "multitalk-worker"},
+                    headers={"Accept-Encoding": "identity"},
                 )
             except requests.Timeout:
                 raise self._timed_out(label) from None
@@ -255,18 +262,11 @@ class InputFetcher:
 
     def _checked_address(self, host: str, port: int, label: str) -> str:
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except socket.gaierror:
-            raise InputFetchFailed(f"{label}: cannot resolve host {host}") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        for address in addresses:
-            problem = address_problem(address, allow_loopback=self.settings.allow_loopback)
-            if problem is not None:
-                raise InvalidInput(
-                    f"{label}: {host} resolves to {address}, {problem}; only public https URLs are fetched",
-                    stage="fetch",
-                )
-        return addresses[0]
+            return checked_address(host, port, allow_loopback=self.settings.allow_loopback)
+        except UnresolvedHost as exc:
+            raise InputFetchFailed(f"{label}: {exc}") from None
+        except UrlRefused as exc:
+            raise InvalidInput(f"{label}: {exc}; only public https URLs are fetched", stage="fetch") from None
 
     def _check_response(self, response: requests.Response, kind: MediaKind, label: str) -> None:
         status = response.status_code

@@ -1,14 +1,23 @@
 """Local HTTP API: the worker's job contract over plain HTTP, for a GPU box without RunPod.
 
-    POST /run              body {"input": <job input>}: queue a job, answer {"id", "status"} at once
+    POST /run              body {"input": <job>, "policy"?, "webhook"?}: queue a job, answer {"id", "status"}
     GET  /status/{id}      status, progress (stage, clip i/n, step s/S, percent, ETA), output or error
+    GET  /stream/{id}      the progress updates not read yet: {"status", "stream": [{"output": update}, ...]}
     POST /cancel/{id}      a queued job ends at once, a running one at its next denoising step
+    POST /purge-queue      every waiting job ends CANCELLED: {"removed", "status": "completed"}
     GET  /jobs/{id}/video  the finished mp4, streamed from disk (HTTP range requests work)
-    POST /runsync          body {"input": ...}: queue and wait (for short jobs; same answer as /status)
+    POST /runsync          as /run, then waits (90 s, or ?wait=<ms>) and answers as /status
     POST /generate         body: the job input itself; waits, answers the output or {"error"} with its status
-    GET  /health           the health report (200 when every check passes, else 503); no token needed
+    GET  /health           the health report and RunPod's job counts (200 when every check passes, else 503)
     GET  /status           the queue: running job, jobs waiting, capacity
     GET  /                 a page to try the model in a browser; /docs and /openapi.json: the schema
+
+RunPod's operations (run, runsync, status, stream, cancel, purge-queue, health) answer under an endpoint id
+too, `/{endpoint_id}/run` and so on, as RunPod serves them: the runpod SDK's `Endpoint` works against this
+server with `runpod.endpoint_url_base = "http://127.0.0.1:8000"` (any endpoint id). Statuses are RunPod's
+(IN_QUEUE, IN_PROGRESS, COMPLETED, FAILED, CANCELLED, TIMED_OUT); a failed job's `error` is a JSON string
+as on RunPod; `policy` (executionTimeout, ttl) is enforced by the queue (jobs.py) and `webhook` receives the
+final status (local_api/webhook.py).
 
     MULTITALK_WEIGHTS=tiny python -m multitalk_worker.local_api --port 8000
 
@@ -24,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
 import math
 import sys
@@ -34,14 +44,17 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
 from multitalk_worker.errors import InputTooLarge, InvalidInput, WorkerError
+from multitalk_worker.local_api.envelope import JobRequest, Policy, parse_request
 from multitalk_worker.local_api.guard import RequestGuard, api_error
 from multitalk_worker.local_api.jobs import JobQueue, JobRecord, QueueFull
+from multitalk_worker.local_api.webhook import check_webhook, post_status_in_background
 from multitalk_worker.logs import configure_logging
 from multitalk_worker.schema import parse_job_input, parse_json_body
 from multitalk_worker.service import JobService
@@ -61,6 +74,7 @@ HTTP_STATUS = {
     "MODEL_LOAD_FAILED": 503,
     "OUT_OF_MEMORY": 503,
     "CANCELLED": 409,
+    "TIMED_OUT": 504,
     "GENERATION_FAILED": 500,
     "OUTPUT_INVALID": 500,
 }
@@ -72,6 +86,8 @@ WEB_FILES = {
     "style.css": "text/css",
 }  # the page's files, served from the package
 RUNSYNC_WAIT_S = 90.0  # as RunPod's /runsync: after this, answer the job's current status
+RUNSYNC_WAIT_MS = (1_000, 300_000)  # RunPod's bounds of /runsync?wait=<ms>
+WORKER_ID = "local"  # RunPod's status names the worker that ran the job; here there is one
 
 
 # ----------------------------------------------------------------------------- health, cached
@@ -87,12 +103,18 @@ class HealthCache:
         self._at = 0.0
         self._lock = threading.Lock()
         self._refreshing = False
+        self._first = threading.Event()  # set once the first report exists
 
     def refresh(self) -> dict[str, Any]:
-        report = health_report(self.worker.settings, self.worker.holder)
-        with self._lock:
-            self._report, self._at, self._refreshing = report, time.monotonic(), False
-        return report
+        try:
+            report = health_report(self.worker.settings, self.worker.holder)
+            with self._lock:
+                self._report, self._at = report, time.monotonic()
+            return report
+        finally:
+            with self._lock:
+                self._refreshing = False
+            self._first.set()
 
     def refresh_in_background(self) -> None:
         with self._lock:
@@ -104,8 +126,13 @@ class HealthCache:
     async def get(self) -> dict[str, Any]:
         with self._lock:
             report, age = self._report, time.monotonic() - self._at
-        if report is None:
-            return await run_in_threadpool(self.refresh)
+        if report is None:  # the first report: wait for the one being made at start, not a second one
+            self.refresh_in_background()
+            await run_in_threadpool(self._first.wait)
+            with self._lock:
+                report, age = self._report, time.monotonic() - self._at
+            if report is None:  # that refresh failed: make one here, its error answered as a 500
+                report, age = await run_in_threadpool(self.refresh), 0.0
         if age > HEALTH_MAX_AGE_S:
             self.refresh_in_background()
         holder = self.worker.holder
@@ -139,36 +166,87 @@ def create_app(worker: JobService, queue: JobQueue | None = None) -> FastAPI:
     )
     app.add_middleware(RequestGuard, settings=worker.settings)
     app.add_exception_handler(_BadBody, _bad_body)
+    app.add_exception_handler(HTTPException, _http_error)
     _add_job_routes(app, worker, jobs)
-    _add_info_routes(app, worker, jobs, health)
+    _add_info_routes(app, worker, jobs)
     _add_page_routes(app)
+    operations = _runpod_operations(worker, jobs, health)
+    app.include_router(operations)
+    # RunPod's paths, `/{endpoint_id}/<operation>`: the same routes (any endpoint id), not listed twice
+    app.include_router(operations, prefix="/{endpoint_id}", include_in_schema=False)
     from multitalk_worker.local_api.openapi import install_openapi
 
     install_openapi(app)
     return app
 
 
+def _runpod_operations(worker: JobService, jobs: JobQueue, health: HealthCache) -> APIRouter:
+    """RunPod's queue operations; the app serves them at the root and under `/{endpoint_id}`."""
+    router = APIRouter()
+    body_limit = max_body_bytes(worker.settings)
+
+    @router.post("/run", openapi_extra=_body("RunRequest"), summary="Queue a job; answers its id at once")
+    async def run(request: Request) -> JSONResponse:
+        record = await run_in_threadpool(
+            _submit, jobs, worker, _job_request(await _json_body(request, body_limit))
+        )
+        if isinstance(record, JSONResponse):
+            return record
+        return JSONResponse({"id": record.id, "status": "IN_QUEUE"})  # as queued (it may have started since)
+
+    @router.post("/runsync", openapi_extra=_body("RunRequest"), summary="Queue a job and wait for it")
+    async def runsync(request: Request, wait: int | None = None) -> JSONResponse:
+        if wait is not None and not RUNSYNC_WAIT_MS[0] <= wait <= RUNSYNC_WAIT_MS[1]:
+            raise _BadBody(
+                InvalidInput(f"wait: {wait} ms is outside {RUNSYNC_WAIT_MS[0]}-{RUNSYNC_WAIT_MS[1]}")
+            )
+        record = await run_in_threadpool(
+            _submit, jobs, worker, _job_request(await _json_body(request, body_limit))
+        )
+        if isinstance(record, JSONResponse):
+            return record
+        await _wait(jobs, record, RUNSYNC_WAIT_S if wait is None else wait / 1000)
+        return JSONResponse(status_body(jobs, record))
+
+    @router.get("/status/{job_id}", summary="A job's status, progress and result")
+    async def status(job_id: str) -> JSONResponse:
+        record = jobs.get(job_id)
+        return JSONResponse(status_body(jobs, record)) if record is not None else _unknown(job_id)
+
+    @router.get("/stream/{job_id}", summary="The job's progress updates not read yet")
+    async def stream(job_id: str) -> JSONResponse:
+        record = jobs.get(job_id)
+        if record is None:
+            return _unknown(job_id)
+        updates = [{"output": update} for update in jobs.take_stream(record)]
+        return JSONResponse({"id": record.id, "status": record.status, "stream": updates})
+
+    @router.post("/cancel/{job_id}", summary="Cancel a job (a running one stops at its next step)")
+    async def cancel(job_id: str) -> JSONResponse:
+        record = jobs.cancel(job_id)
+        return JSONResponse(status_body(jobs, record)) if record is not None else _unknown(job_id)
+
+    @router.post("/purge-queue", summary="Cancel every waiting job (the running one goes on)")
+    async def purge_queue() -> JSONResponse:
+        return JSONResponse({"removed": jobs.purge(), "status": "completed"})
+
+    @router.get("/health", summary="Startup checks, pipeline state, settings (secrets masked), job counts")
+    async def get_health() -> JSONResponse:
+        report = {**await health.get(), "queue": jobs.counts(), **runpod_counts(jobs)}
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+
+    return router
+
+
 def _add_job_routes(app: FastAPI, worker: JobService, jobs: JobQueue) -> None:
     body_limit = max_body_bytes(worker.settings)
 
-    @app.post("/run", openapi_extra=_body("RunRequest"), summary="Queue a job; answers its id at once")
-    async def run(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, _job_input(await _json_body(request, body_limit)))
-        if isinstance(record, JSONResponse):
-            return record
-        return JSONResponse({"id": record.id, "status": record.status})
-
-    @app.post("/runsync", openapi_extra=_body("RunRequest"), summary="Queue a job and wait for it")
-    async def runsync(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, _job_input(await _json_body(request, body_limit)))
-        if isinstance(record, JSONResponse):
-            return record
-        await _wait(jobs, record, RUNSYNC_WAIT_S)
-        return JSONResponse(status_body(jobs, record))
-
     @app.post("/generate", openapi_extra=_body("GenerateInput"), summary="Run a job, answer its output")
     async def generate(request: Request) -> JSONResponse:
-        record = _submit(jobs, worker, await _json_body(request, body_limit))
+        raw = await _json_body(request, body_limit)
+        record = await run_in_threadpool(
+            _submit, jobs, worker, JobRequest(input=raw, policy=Policy(), webhook=None)
+        )
         if isinstance(record, JSONResponse):
             return record
         await _wait(jobs, record, None)
@@ -178,16 +256,6 @@ def _add_job_routes(app: FastAPI, worker: JobService, jobs: JobQueue) -> None:
                 {"error": record.error}, status_code=HTTP_STATUS.get(record.error["code"], 500)
             )
         return JSONResponse(body["output"])
-
-    @app.get("/status/{job_id}", summary="A job's status, progress and result")
-    async def status(job_id: str) -> JSONResponse:
-        record = jobs.get(job_id)
-        return JSONResponse(status_body(jobs, record)) if record is not None else _unknown(job_id)
-
-    @app.post("/cancel/{job_id}", summary="Cancel a job (a running one stops at its next step)")
-    async def cancel(job_id: str) -> JSONResponse:
-        record = jobs.cancel(job_id)
-        return JSONResponse(status_body(jobs, record)) if record is not None else _unknown(job_id)
 
     @app.get("/jobs/{job_id}/video", summary="The finished video (mp4)", response_class=FileResponse)
     async def video(job_id: str) -> Response:
@@ -200,15 +268,25 @@ def _add_job_routes(app: FastAPI, worker: JobService, jobs: JobQueue) -> None:
         return FileResponse(record.video, media_type="video/mp4", filename=f"{job_id}.mp4")
 
 
-def _add_info_routes(app: FastAPI, worker: JobService, jobs: JobQueue, health: HealthCache) -> None:
-    @app.get("/health", summary="Startup checks, pipeline state and settings (secrets masked)")
-    async def get_health() -> JSONResponse:
-        report = {**await health.get(), "queue": jobs.counts()}
-        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
-
+def _add_info_routes(app: FastAPI, worker: JobService, jobs: JobQueue) -> None:
     @app.get("/status", summary="The queue: running job, jobs waiting, capacity")
     async def queue_status() -> JSONResponse:
         return JSONResponse({"queue": jobs.counts(), "worker": worker_version(worker.settings)})
+
+
+def runpod_counts(jobs: JobQueue) -> dict[str, Any]:
+    """RunPod's /health counts: jobs by state since start, and this one worker, idle or running."""
+    totals = jobs.totals()
+    return {
+        "jobs": {
+            "completed": totals["COMPLETED"],
+            "failed": totals["FAILED"] + totals["TIMED_OUT"],
+            "inProgress": totals["IN_PROGRESS"],
+            "inQueue": totals["IN_QUEUE"],
+            "retried": 0,
+        },
+        "workers": {"idle": 1 - totals["IN_PROGRESS"], "running": totals["IN_PROGRESS"]},
+    }
 
 
 def _add_page_routes(app: FastAPI) -> None:
@@ -271,23 +349,45 @@ async def _bad_body(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": exc.error.to_dict()}, status_code=HTTP_STATUS[exc.error.code])
 
 
-def _job_input(body: Any) -> Any:
-    """The `input` of a RunPod-shaped body `{"input": {...}}`."""
-    if not isinstance(body, dict) or set(body) != {"input"}:
-        keys = ", ".join(sorted(body)) if isinstance(body, dict) else type(body).__name__
-        raise _BadBody(InvalidInput(f'the body must be {{"input": {{...job...}}}} (got {keys}); see /docs'))
-    return body["input"]
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (no such route, a method the route does not take) in the API's error shape."""
+    assert isinstance(exc, HTTPException)  # registered for HTTPException only
+    if exc.status_code == 405:
+        return api_error(
+            "METHOD_NOT_ALLOWED", f"{request.method} is not served at {request.url.path}; see /docs"
+        )
+    return api_error("NOT_FOUND", f"no route {request.method} {request.url.path}; see /docs for the routes")
 
 
-def _submit(jobs: JobQueue, worker: JobService, raw_input: Any) -> JobRecord | JSONResponse:
-    """Check the input against the schema (no fetching), then queue it; a typed error response if not."""
+def _job_request(body: Any) -> JobRequest:
+    """The job request of a RunPod-shaped body `{"input": {...}, "policy"?, "webhook"?}`."""
     try:
-        parse_job_input(raw_input, worker.limits)  # the worker's own limits: the same rules as every door
-        return jobs.submit(raw_input)
+        return parse_request(body)
+    except InvalidInput as exc:
+        raise _BadBody(exc) from None
+
+
+def _submit(jobs: JobQueue, worker: JobService, request: JobRequest) -> JobRecord | JSONResponse:
+    """Check the input against the schema (no fetching), then queue it; a typed error response if not. A
+    webhook gets the job's final status."""
+    settings = worker.settings
+    try:
+        parse_job_input(request.input, worker.limits)  # the worker's own limits: the same rules as every door
+        if request.webhook is not None:
+            check_webhook(request.webhook, settings)
+        record = jobs.submit(
+            request.input, execution_timeout_s=request.execution_timeout_s, ttl_s=request.ttl_s
+        )
     except WorkerError as exc:
         return JSONResponse({"error": exc.to_dict()}, status_code=HTTP_STATUS.get(exc.code, 500))
     except QueueFull as exc:
         return api_error("QUEUE_FULL", str(exc))
+    webhook = request.webhook
+    if webhook is not None:
+        jobs.on_finish(
+            record, lambda: post_status_in_background(webhook, status_body(jobs, record), settings)
+        )
+    return record
 
 
 async def _wait(jobs: JobQueue, record: JobRecord, timeout: float | None) -> None:
@@ -301,7 +401,10 @@ async def _wait(jobs: JobQueue, record: JobRecord, timeout: float | None) -> Non
 
 
 def status_body(jobs: JobQueue, record: JobRecord) -> dict[str, Any]:
-    """What /status/{id} answers. A local video appears as its URL, never as a path on this machine."""
+    """What /status/{id} answers: RunPod's status (`id`, `status`, `delayTime` and `executionTime` in ms,
+    `workerId`, `output` (the latest progress while running, as RunPod shows a worker's progress updates) or
+    `error` (a JSON string, as RunPod carries a worker's error) and ours (`position`, `progress`, the times).
+    A local video appears as its URL, never as a path on this machine."""
     expires = record.finished_at + jobs.ttl_s if record.finished_at is not None else None
     progress = record.progress
     if record.status == "COMPLETED":
@@ -319,6 +422,9 @@ def status_body(jobs: JobQueue, record: JobRecord) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": record.id,
         "status": record.status,
+        "delayTime": _ms(record.created_at, record.started_at or record.finished_at),
+        "executionTime": _ms(record.started_at, record.finished_at),
+        "workerId": WORKER_ID,
         "position": jobs.position(record.id),
         "progress": progress.to_dict(),
         "created_at": record.created_at,
@@ -328,9 +434,18 @@ def status_body(jobs: JobQueue, record: JobRecord) -> dict[str, Any]:
     }
     if output is not None:
         body["output"] = output
+    elif record.status == "IN_PROGRESS":
+        body["output"] = body["progress"]
     if record.error is not None:
-        body["error"] = record.error
+        body["error"] = json.dumps(record.error)
     return body
+
+
+def _ms(start: float | None, end: float | None) -> int | None:
+    """Milliseconds from `start` to `end` (to now while `end` is None); None before `start`."""
+    if start is None:
+        return None
+    return round(((end if end is not None else time.time()) - start) * 1000)
 
 
 def _unknown(job_id: str) -> JSONResponse:

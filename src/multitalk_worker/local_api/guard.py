@@ -9,6 +9,9 @@
 * With MULTITALK_API_TOKEN set, every request but `GET /health` and the page's own files needs
   `Authorization: Bearer <token>`. Without it, only loopback clients are served.
 
+RunPod's operations are also served under an endpoint id (`/{endpoint_id}/run`, as the runpod SDK calls them);
+the guards judge such a path as the operation's own (`route_path`).
+
 Refusals are JSON `{"error": {code, message, stage: "request", retryable}}` with the status of API_ERRORS.
 """
 
@@ -35,12 +38,23 @@ API_ERRORS: dict[str, tuple[int, bool]] = {
     "UNAUTHORIZED": (401, False),
     "FORBIDDEN": (403, False),
     "NOT_FOUND": (404, False),
+    "METHOD_NOT_ALLOWED": (405, False),
     "NOT_READY": (409, True),
     "UNSUPPORTED_MEDIA_TYPE": (415, False),
     "QUEUE_FULL": (429, True),
 }
 JSON_BODY_PATHS = ("/run", "/runsync", "/generate")  # POSTs that carry a job
 PUBLIC_PATHS = ("/health", "/", "/static/app.js", "/static/style.css", "/openapi.json", "/docs")  # no token
+# RunPod's queue operations: `/{endpoint_id}/<operation>[/<job id>]` is served as `/<operation>[/<job id>]`
+RUNPOD_OPERATIONS = ("run", "runsync", "status", "stream", "cancel", "health", "purge-queue")
+
+
+def route_path(path: str) -> str:
+    """`path` without a leading endpoint id when the rest is a RunPod operation: `/abc/run` -> `/run`."""
+    parts = path.split("/")  # ["", endpoint_id, operation, ...]
+    if len(parts) in (3, 4) and parts[1] and parts[2] in RUNPOD_OPERATIONS:
+        return "/" + "/".join(parts[2:])
+    return path
 
 
 def api_error(code: str, message: str) -> JSONResponse:
@@ -98,7 +112,7 @@ class RequestGuard:
                 f"Host {host_name(host)!r} is not served; allowed: {', '.join(sorted(self.hosts))} "
                 "(MULTITALK_ALLOWED_HOSTS)",
             )
-        path, method = scope["path"], scope["method"]
+        path, method = route_path(scope["path"]), scope["method"]
         if self.token is not None:
             if not (method == "GET" and path in PUBLIC_PATHS) and not self._token_ok(headers):
                 return api_error("UNAUTHORIZED", "send Authorization: Bearer <MULTITALK_API_TOKEN>")

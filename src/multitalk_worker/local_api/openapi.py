@@ -9,21 +9,32 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from multitalk_worker.local_api.envelope import Policy
 from multitalk_worker.schema import GenerateInput
 
 REF = "#/components/schemas/{model}"
 
 
 def job_schemas() -> dict[str, Any]:
-    """Component schemas: GenerateInput, the models it uses, and RunRequest (`{"input": GenerateInput}`)."""
+    """Component schemas: GenerateInput, the models it uses, RunPod's Policy and RunRequest
+    (`{"input": GenerateInput, "policy": Policy, "webhook": URL}`)."""
     schema = GenerateInput.model_json_schema(ref_template=REF)
     components: dict[str, Any] = schema.pop("$defs", {})
     components["GenerateInput"] = schema
+    components["Policy"] = Policy.model_json_schema(ref_template=REF)
     components["RunRequest"] = {
         "title": "RunRequest",
         "type": "object",
         "description": "The RunPod-shaped body of /run and /runsync.",
-        "properties": {"input": {"$ref": REF.format(model="GenerateInput")}},
+        "properties": {
+            "input": {"$ref": REF.format(model="GenerateInput")},
+            "policy": {"$ref": REF.format(model="Policy")},
+            "webhook": {
+                "type": "string",
+                "format": "uri",
+                "description": "https URL that receives the final status as a POST (public addresses only)",
+            },
+        },
         "required": ["input"],
         "additionalProperties": False,
     }

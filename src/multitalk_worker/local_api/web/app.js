@@ -1,11 +1,12 @@
-// The try-it page of the local API: builds a v1 job from the form, previews it (validate_only), runs it
-// (/run, then /status/{id} every half second) and shows the video (/jobs/{id}/video). No framework.
+// The try-it page of the local API: builds a v1 job from the form (an image to animate or a video to dub, the
+// model), previews it (validate_only), runs it (/run, then /status/{id} every half second) and shows the video
+// (/jobs/{id}/video). Regions are drawn with pointer events (mouse, pen or finger). No framework.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const COLOURS = ["rgb(255,140,0)", "rgb(40,120,255)"]; // speaker 1, 2: as preview.py draws them
 const state = { image: null, video: null, picture: null, audio: [null, null], regions: [null, null], drawing: null,
-  job: null };
+  job: null, models: [] };
 
 function readAsDataURI(file) {
   return new Promise((resolve, reject) => {
@@ -27,13 +28,41 @@ async function api(method, path, body) {
   return { status: response.status, data };
 }
 
+// A failed job's `error` is a JSON string, as on RunPod; a refused request's is an object.
+function parseError(error) {
+  if (typeof error !== "string") return error;
+  try { return JSON.parse(error); } catch { return { code: "ERROR", message: error }; }
+}
+
 function showStatus(text, isError) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
 }
 
 function errorText(error) {
-  return error ? `${error.code}: ${error.message}` : "unknown error";
+  const parsed = parseError(error);
+  return parsed ? `${parsed.code}: ${parsed.message}` : "unknown error";
+}
+
+// After a failed check or job nothing of an earlier one stays on screen: no old preview, plan or bar.
+function clearPreview() {
+  $("preview").removeAttribute("src");
+  $("plan").textContent = "";
+}
+
+function clearRun() {
+  $("bar").hidden = true;
+  $("bar").value = 0;
+  $("result").hidden = true;
+  $("result").removeAttribute("src");
+  $("download").hidden = true;
+  $("cancel").hidden = true;
+}
+
+function fail(text) {
+  clearPreview();
+  clearRun();
+  showStatus(text, true);
 }
 
 // ------------------------------------------------------------------ form and job
@@ -44,13 +73,8 @@ async function init() {
     for (const value of schema[field].enum) select.add(new Option(value, value));
     select.value = schema[field].default;
   }
-  // Dubbing hook: once the job schema has a `video` source (InfiniteTalk), the video input turns on and a chosen
-  // video is sent instead of the image (the regions are then drawn on the image picked alongside, if any).
-  if (schema.video) {
-    $("video").disabled = false;
-    $("video").closest("label").classList.remove("later");
-  }
   const health = (await api("GET", "/health")).data;
+  showModels(health.models || []);
   if (health.settings && health.settings.MULTITALK_WEIGHTS === "tiny") {
     $("model-note").hidden = false;
     $("model-note").textContent = "This server runs the built-in tiny model (random weights): its video is noise, " +
@@ -59,8 +83,29 @@ async function init() {
   }
 }
 
+// The models the server holds (from /health): the model choice, and a line naming each one's adapters.
+function showModels(models) {
+  state.models = models;
+  for (const m of models) {
+    const takes = m.sources.join(" or ");
+    $("model").add(new Option(`${m.model} (${takes})`, m.model));
+    if (m.default) $("model").value = m.model;
+  }
+  $("models").textContent = "This server holds: " + models.map((m) =>
+    `${m.model} (adapters ${m.adapters.join(", ")}; takes ${m.sources.join(" or ")})`).join("; ") +
+    (models.length ? "." : " no model (see /health).");
+  $("video").disabled = !models.some((m) => m.sources.includes("video"));
+}
+
+function modelTakes(source) {
+  const chosen = state.models.find((m) => m.model === $("model").value);
+  return chosen !== undefined && chosen.sources.includes(source);
+}
+
 function buildJob(validateOnly) {
-  if (!state.image && !state.video) throw new Error("choose an image");
+  if (!state.image && !state.video) throw new Error("choose an image or a video");
+  const source = state.video ? "video" : "image";
+  if (!modelTakes(source)) throw new Error(`model ${$("model").value} does not take a ${source}`);
   if (!state.audio[0]) throw new Error("choose the audio of speaker 1");
   const two = state.audio[1] !== null;
   const speakers = [{ audio: state.audio[0] }];
@@ -69,7 +114,7 @@ function buildJob(validateOnly) {
     if (!state.regions[0] || !state.regions[1]) throw new Error("draw a box for both speakers, or for neither");
     speakers.forEach((speaker, i) => { speaker.region = state.regions[i].map((v) => Math.round(v * 1000) / 1000); });
   }
-  const job = { speakers, prompt: $("prompt").value, preset: $("preset").value,
+  const job = { model: $("model").value, speakers, prompt: $("prompt").value, preset: $("preset").value,
     resolution: $("resolution").value, validate_only: validateOnly };
   if (state.video) job.video = state.video; else job.image = state.image;
   if (two) job.audio_mode = $("audio_mode").value;
@@ -109,24 +154,41 @@ function pointer(event) {
   return [clamp((event.clientX - rect.left) / rect.width), clamp((event.clientY - rect.top) / rect.height)];
 }
 
+// Pointer events: a mouse drag, a pen or a finger (the canvas has `touch-action: none`, so a finger draws
+// instead of scrolling the page; the pointer is captured, so a drag that leaves the canvas still ends).
 function setUpCanvas() {
   const canvas = $("canvas");
   let start = null;
-  canvas.addEventListener("mousedown", (event) => { if (state.drawing !== null) start = pointer(event); });
-  canvas.addEventListener("mousemove", (event) => {
-    if (start === null) return;
+  canvas.addEventListener("pointerdown", (event) => {
+    if (state.drawing === null || !event.isPrimary) return;
+    start = pointer(event);
+    canvas.setPointerCapture(event.pointerId);
+    event.preventDefault();
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (start === null || !event.isPrimary) return;
     const [x, y] = pointer(event);
     state.regions[state.drawing] = [Math.min(start[0], x), Math.min(start[1], y), Math.max(start[0], x), Math.max(start[1], y)];
     drawCanvas();
   });
-  window.addEventListener("mouseup", () => {
+  const end = () => {
     if (start === null) return;
     const box = state.regions[state.drawing];
     if (box && (box[2] - box[0] < 0.01 || box[3] - box[1] < 0.01)) state.regions[state.drawing] = null;
     start = null;
     selectDrawing(null);
     drawCanvas();
-  });
+  };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+}
+
+function showPicture(picture, width, height) {
+  state.picture = picture;
+  const canvas = $("canvas");
+  canvas.width = 480;
+  canvas.height = picture ? Math.round(480 * height / width) : 360;
+  drawCanvas();
 }
 
 function selectDrawing(index) {
@@ -139,10 +201,10 @@ function selectDrawing(index) {
 
 async function check() {
   let job;
-  try { job = buildJob(true); } catch (error) { showStatus(error.message, true); return; }
+  try { job = buildJob(true); } catch (error) { fail(error.message); return; }
   showStatus("checking the inputs ...");
   const { data } = await api("POST", "/runsync", { input: job });
-  if (data.status !== "COMPLETED") { showStatus(errorText(data.error), true); return; }
+  if (data.status !== "COMPLETED") { fail(errorText(data.error)); return; }
   const plan = data.output.plan;
   $("preview").src = plan.preview_png;
   $("preview").classList.toggle("small", plan.bucket[1] < 480); // tiny buckets: show the pixels, not a blur
@@ -156,11 +218,10 @@ async function check() {
 
 async function submit() {
   let job;
-  try { job = buildJob(false); } catch (error) { showStatus(error.message, true); return; }
-  $("result").hidden = true;
-  $("download").hidden = true;
+  try { job = buildJob(false); } catch (error) { fail(error.message); return; }
+  clearRun();
   const { data } = await api("POST", "/run", { input: job });
-  if (!data.id) { showStatus(errorText(data.error), true); return; }
+  if (!data.id) { fail(errorText(data.error)); return; }
   state.job = data.id;
   $("cancel").hidden = false;
   $("bar").hidden = false;
@@ -196,10 +257,11 @@ async function poll(id) {
     showStatus(`done: ${out.frames} frames, ${out.width}x${out.height}, ${out.duration_s.toFixed(2)} s, seed ${out.seed}`);
     return;
   }
-  if (data.status === "FAILED" || data.status === "CANCELLED") {
+  if (data.status === "FAILED" || data.status === "TIMED_OUT" || data.status === "CANCELLED") {
     state.job = null;
-    $("cancel").hidden = true;
-    showStatus(`${data.status.toLowerCase()}: ${errorText(data.error)}`, data.status === "FAILED");
+    clearPreview();
+    clearRun();
+    showStatus(`${data.status.toLowerCase()}: ${errorText(data.error)}`, data.status !== "CANCELLED");
     return;
   }
   showStatus(describe(data));
@@ -207,24 +269,32 @@ async function poll(id) {
 }
 
 function setUpInputs() {
+  // One source: choosing an image drops the video and the other way round; a video picks a model that dubs.
   $("image").addEventListener("change", async () => {
     const file = $("image").files[0];
     state.image = file ? await readAsDataURI(file) : null;
+    if (file) { state.video = null; $("video").value = ""; }
     state.regions = [null, null];
-    if (!state.image) { state.picture = null; drawCanvas(); return; }
+    if (!state.image) { showPicture(null); return; }
     const picture = new Image();
-    picture.onload = () => {
-      state.picture = picture;
-      const canvas = $("canvas");
-      canvas.width = 480;
-      canvas.height = Math.round(480 * picture.naturalHeight / picture.naturalWidth);
-      drawCanvas();
-    };
+    picture.onload = () => showPicture(picture, picture.naturalWidth, picture.naturalHeight);
     picture.src = state.image;
   });
   $("video").addEventListener("change", async () => {
     const file = $("video").files[0];
     state.video = file ? await readAsDataURI(file) : null;
+    if (file) { state.image = null; $("image").value = ""; }
+    state.regions = [null, null];
+    if (!state.video) { showPicture(null); return; }
+    if (!modelTakes("video")) {
+      const dubber = state.models.find((m) => m.sources.includes("video"));
+      if (dubber) $("model").value = dubber.model;
+    }
+    const first = document.createElement("video"); // its first frame is the picture the regions are drawn on
+    first.muted = true;
+    first.preload = "auto";
+    first.addEventListener("loadeddata", () => showPicture(first, first.videoWidth, first.videoHeight), { once: true });
+    first.src = state.video;
   });
   [1, 2].forEach((n) => $(`audio${n}`).addEventListener("change", async () => {
     const file = $(`audio${n}`).files[0];
