@@ -75,15 +75,38 @@ class Mp4Writer:
         try:  # both streams exist before the first packet is muxed
             self._video = self._container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
             self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
-            self._sound = self._add_audio_stream() if audio.size > 0 else None
+            self._sound = self.add_audio(self._container, sample_rate) if audio.size > 0 else None
         except (av.FFmpegError, OSError, ValueError) as exc:
             self.abort()
             raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
 
-    def _add_audio_stream(self) -> av.AudioStream:
-        stream = self._container.add_stream("aac", rate=self._sample_rate)
+    @staticmethod
+    def add_audio(container: av.container.OutputContainer, sample_rate: int) -> av.AudioStream:
+        """The soundtrack's AAC mono stream in `container` (segments.py's assembly adds the same)."""
+        stream = container.add_stream("aac", rate=sample_rate)
         stream.layout = "mono"
         return stream
+
+    @staticmethod
+    def encode_audio(
+        container: av.container.OutputContainer,
+        stream: av.AudioStream,
+        audio: np.ndarray,
+        sent: int,
+        end: int,
+    ) -> int:
+        """Encode and mux `audio`'s samples [sent, end) (clamped to [-1, 1]); the encoder keeps the rest of a
+        1024-sample frame. Returns the samples sent so far."""
+        end = min(end, audio.size)
+        if end <= sent:
+            return sent
+        span = np.clip(np.asarray(audio[sent:end], np.float32), -1.0, 1.0)
+        frame = av.AudioFrame.from_ndarray(span[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = stream.rate, sent
+        frame.time_base = Fraction(1, stream.rate)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        return end
 
     @property
     def frames_written(self) -> int:
@@ -112,16 +135,8 @@ class Mp4Writer:
             self._container.mux(packet)
 
     def _write_audio(self, end: int) -> None:
-        """Encode the soundtrack's samples [sent, end): the encoder keeps the rest of a 1024-sample frame."""
-        end = min(end, self._audio.size)
-        if self._sound is None or end <= self._samples:
-            return
-        span = np.clip(np.asarray(self._audio[self._samples : end], np.float32), -1.0, 1.0)
-        frame = av.AudioFrame.from_ndarray(span[None], format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = self._sample_rate, self._samples
-        frame.time_base = Fraction(1, self._sample_rate)
-        self._mux(self._sound.encode(frame))
-        self._samples = end
+        if self._sound is not None:
+            self._samples = self.encode_audio(self._container, self._sound, self._audio, self._samples, end)
 
     def close(self) -> int:
         """Flush both encoders and finish the file; returns the number of frames written."""
