@@ -88,8 +88,8 @@ def write_speech(path: Path, seconds: float) -> Path:
 class ClipMeter:
     """Progress hook: at each clip's `condition` event, closes the previous clip's row."""
 
-    def __init__(self, checkpoint: ClipCheckpoint, cuda: bool) -> None:
-        self.checkpoint, self.cuda = checkpoint, cuda
+    def __init__(self, checkpoint: ClipCheckpoint, cuda: bool, log: Path) -> None:
+        self.checkpoint, self.cuda, self.log = checkpoint, cuda, log
         self.rows: list[dict[str, float]] = []
         self._clip = 0
         self._at = time.perf_counter()
@@ -118,6 +118,9 @@ class ClipMeter:
                     "segment_bytes": segments[-1].stat().st_size if segments else 0,
                 }
             )
+            with self.log.open("a") as handle:  # as it goes: a run stopped at its time limit keeps its rows
+                handle.write(json.dumps(self.rows[-1]) + "\n")
+            print(json.dumps(self.rows[-1]), flush=True)
             if self.cuda:
                 torch.cuda.reset_peak_memory_stats()
         self._at, self._save_s, self._encode_s = now, self.checkpoint.save_s, self.checkpoint.sink.encode_s
@@ -158,7 +161,8 @@ def main() -> None:
         sampling=apply_preset(args.preset, resolution, SamplingParams(seed=42)),
     )
     checkpoint = ClipCheckpoint(args.out / "checkpoint", "bench")
-    meter = ClipMeter(checkpoint, cuda)
+    meter = ClipMeter(checkpoint, cuda, args.out / "clips.jsonl")
+    print(f"ready in {ready_s:.1f} s", flush=True)
     host_peak_mib(reset=True)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
