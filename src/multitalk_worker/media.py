@@ -8,7 +8,6 @@ cut to the video's length (N / fps seconds) as the reference's `ffmpeg -t` + `-s
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,7 +18,6 @@ import numpy as np
 
 from multitalk_worker.config import VIDEO_CRF
 from multitalk_worker.errors import OutputInvalid
-from multitalk_worker.pipeline.request import VideoSpec
 from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
@@ -180,56 +178,6 @@ class Mp4Writer:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if kind is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class Mp4Sink:
-    """The pipeline's `FrameSink` into an mp4 at `path`: the file opens when the video's size and soundtrack
-    are known and takes each clip's frames as they come. `encode_s`: the seconds spent encoding."""
-
-    def __init__(self, path: Path, crf: int = VIDEO_CRF) -> None:
-        self.path, self.crf = Path(path), crf
-        self.writer: Mp4Writer | None = None
-        self.encode_s = 0.0
-
-    def open(self, spec: VideoSpec) -> None:
-        self.writer = Mp4Writer(
-            self.path,
-            spec.width,
-            spec.height,
-            audio=spec.audio,
-            sample_rate=spec.sample_rate,
-            fps=spec.fps,
-            crf=self.crf,
-        )
-
-    def write(self, frames: np.ndarray) -> None:
-        assert self.writer is not None, "open() comes first"
-        start = time.perf_counter()
-        self.writer.write(frames)
-        self.encode_s += time.perf_counter() - start
-
-    def close(self) -> int:
-        """Finish the file (frames written); an unopened sink wrote nothing."""
-        if self.writer is None:
-            return 0
-        start = time.perf_counter()
-        frames = self.writer.close()
-        self.encode_s += time.perf_counter() - start
-        return frames
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-    def __enter__(self) -> Mp4Sink:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        """The file is finished when the block ends normally, and removed when it raises (a cancel too)."""
-        if exc_type is None:
             self.close()
         else:
             self.abort()
