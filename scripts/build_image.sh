@@ -15,7 +15,9 @@
 #      the tests' environment; `pip check`; no build leftovers and no build argument in the image;
 #      MULTITALK_FP8=true on this machine (no GPU: the startup checks must refuse with their one line); the
 #      image's size.
+#   6. docker-compose.yml's service command with its environment (a token set, the tiny model): /health answers.
 #   bash scripts/build_image.sh [TAG]            (default multitalk-worker:local)
+#   SKIP_BUILD=1 bash scripts/build_image.sh     (step 5 and 6 only, on the image already built)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag=${1:-multitalk-worker:local}
@@ -118,21 +120,30 @@ links=$(setting find-links)
 sleep 1
 echo "pip configuration for the build stage:"
 printf '%s\n' "$pip_conf" | sed 's/^/  /'
-echo "  CA certificates: ${cert:-none}, $(printf '%s' "$ca_certs" | grep -c 'BEGIN CERTIFICATE' || true) beyond the base's"
+added=$(printf '%s' "$ca_certs" | grep -c 'BEGIN CERTIFICATE' || true)
+echo "  CA certificates: ${cert:-none}, $added beyond the base's"
 
 # 4. Build
+if [ "${SKIP_BUILD:-}" = 1 ]; then
+  build_s="(not built: SKIP_BUILD=1)"
+else
 SECONDS=0
 DOCKER_BUILDKIT=0 docker build --network host -t "$tag" \
   --build-arg GIT_REVISION="$(git rev-parse HEAD 2> /dev/null || true)" \
   --build-arg BUILD_PIP_CONFIG="$pip_conf" \
   --build-arg BUILD_PIP_CONSTRAINTS="$constraints" \
   --build-arg BUILD_CA_CERTS="$ca_certs" \
-  . > "$work/build.log" 2>&1 || { tail -40 "$work/build.log"; echo "build failed: $work/build.log" >&2; exit 1; }
+  . > "$work/build.log" 2>&1 || {
+  tail -40 "$work/build.log"
+  echo "build failed: $work/build.log" >&2
+  exit 1
+}
 build_s=$SECONDS
 cleanup
 servers=()
 docker image prune -f > /dev/null # the build stage's dangling layers
 echo "build: ${build_s} s (log: $work/build.log)"
+fi
 
 # 5. The built image
 failed=0
@@ -147,14 +158,27 @@ check() { # NAME COMMAND...: runs it, prints pass/FAIL and the time
     failed=1
   fi
 }
+hub_tests() { # WHAT [INDEX]: from .runpod/tests.json: count, name INDEX, input INDEX (a job), env (-e lines)
+  python3 -c '
+import json, sys
+hub = json.load(open(".runpod/tests.json"))
+what, index = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
+if what == "count":
+    print(len(hub["tests"]))
+elif what == "name":
+    print(hub["tests"][index]["name"])
+elif what == "input":
+    print(json.dumps({"input": hub["tests"][index]["input"]}))
+else:
+    for item in hub["config"].get("env", []):
+        print("-e")
+        print(item["key"] + "=" + item["value"])
+' "$@"
+}
 hub_test() { # INDEX: one case of .runpod/tests.json, as the Hub runs it; passes when the job's result has no error
   local index=$1 env_args input
-  mapfile -t env_args < <(python3 -c '
-import json
-for item in json.load(open(".runpod/tests.json"))["config"].get("env", []):
-    print("-e")
-    print(item["key"] + "=" + item["value"])')
-  input=$(python3 -c 'import json, sys; print(json.dumps({"input": json.load(open(".runpod/tests.json"))["tests"][int(sys.argv[1])]["input"]}))' "$index")
+  mapfile -t env_args < <(hub_tests env)
+  input=$(hub_tests input "$index")
   docker run --rm "${env_args[@]}" "$tag" python handler.py --test_input "$input" > "$work/hub.log" 2>&1 || {
     cat "$work/hub.log"
     return 1
@@ -162,10 +186,8 @@ for item in json.load(open(".runpod/tests.json"))["config"].get("env", []):
   cat "$work/hub.log"
   grep -q "completed successfully" "$work/hub.log" && ! grep -q "Job result: {'error'" "$work/hub.log"
 }
-count=$(python3 -c 'import json; print(len(json.load(open(".runpod/tests.json"))["tests"]))')
-for index in $(seq 0 $((count - 1))); do
-  name=$(python3 -c 'import json, sys; print(json.load(open(".runpod/tests.json"))["tests"][int(sys.argv[1])]["name"])' "$index")
-  check "tests.json $name" hub_test "$index"
+for index in $(seq 0 $(($(hub_tests count) - 1))); do
+  check "tests.json $(hub_tests name "$index")" hub_test "$index"
 done
 check "pip check" docker run --rm "$tag" pip check
 check "no build leftovers (/app holds only handler.py, requirements.lock, REVISION, examples/)" \
@@ -174,7 +196,7 @@ check "no build leftovers (/app holds only handler.py, requirements.lock, REVISI
     ! ls -d /opt/venv/lib/python3.11/site-packages/*.egg-info /etc/build-pip 2> /dev/null | grep . '
 check "no build argument in the image's history" \
   bash -c "! docker history --no-trunc '$tag' | grep -E 'BEGIN CERTIFICATE|BUILD_CA_CERTS|BUILD_PIP'"
-fp8_refuses() { # the startup checks (RunPod's fitness checks) with the fp8 tier asked for, on a machine without a GPU
+fp8_refuses() { # the startup checks (RunPod's fitness checks) asking for fp8, on a machine without a GPU
   local out rc=0
   out=$(docker run --rm -e MULTITALK_WEIGHTS=tiny -e MULTITALK_FP8=true "$tag" \
     python -m multitalk_worker.startup 2>&1 > /dev/null) || rc=$?
@@ -183,6 +205,24 @@ fp8_refuses() { # the startup checks (RunPod's fitness checks) with the fp8 tier
 }
 check "MULTITALK_FP8=true refused at start without a Hopper GPU (one line)" fp8_refuses
 cat "$work/check.log" | grep 'fp8' | sed 's/^/      /' || true
+compose_health() { # the compose service's command and environment, published on loopback as compose does
+  local name="multitalk-compose-check-$$" port=18790 code="" token
+  token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
+  docker run -d --rm --name "$name" -p "127.0.0.1:$port:8000" -e MULTITALK_API_TOKEN="$token" \
+    -e MULTITALK_WEIGHTS=tiny -e MULTITALK_VOLUME_ROOT=/runpod-volume -e MULTITALK_MAX_RESOLUTION=720p \
+    -v "$work/volume:/runpod-volume" "$tag" python -m multitalk_worker.server --host 0.0.0.0 --port 8000 > /dev/null
+  for _ in $(seq 180); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health" || true)
+    [ "$code" = 200 ] && break
+    sleep 1
+  done
+  docker logs "$name" 2>&1 | tail -5
+  docker stop "$name" > /dev/null
+  echo "GET /health: $code"
+  [ "$code" = 200 ]
+}
+mkdir -p "$work/volume"
+check "docker-compose.yml's server command (0.0.0.0, token set) answers /health on 127.0.0.1" compose_health
 size=$(docker image inspect -f '{{.Size}}' "$tag")
 echo "image $tag: $(python3 -c "print(f'{$size / 1e9:.2f} GB')") ($size bytes), built in ${build_s} s"
 exit "$failed"
