@@ -125,7 +125,7 @@ echo "  CA certificates: ${cert:-none}, $added beyond the base's"
 
 # 4. Build
 if [ "${SKIP_BUILD:-}" = 1 ]; then
-  build_s="(not built: SKIP_BUILD=1)"
+  build_s="not built here (SKIP_BUILD=1)"
 else
 SECONDS=0
 DOCKER_BUILDKIT=0 docker build --network host -t "$tag" \
@@ -138,11 +138,11 @@ DOCKER_BUILDKIT=0 docker build --network host -t "$tag" \
   echo "build failed: $work/build.log" >&2
   exit 1
 }
-build_s=$SECONDS
+build_s="built in ${SECONDS} s"
 cleanup
 servers=()
 docker image prune -f > /dev/null # the build stage's dangling layers
-echo "build: ${build_s} s (log: $work/build.log)"
+echo "build: ${build_s} (log: $work/build.log)"
 fi
 
 # 5. The built image
@@ -224,5 +224,5 @@ compose_health() { # the compose service's command and environment, published on
 mkdir -p "$work/volume"
 check "docker-compose.yml's server command (0.0.0.0, token set) answers /health on 127.0.0.1" compose_health
 size=$(docker image inspect -f '{{.Size}}' "$tag")
-echo "image $tag: $(python3 -c "print(f'{$size / 1e9:.2f} GB')") ($size bytes), built in ${build_s} s"
+echo "image $tag: $(python3 -c "print(f'{$size / 1e9:.2f} GB')") ($size bytes), ${build_s}"
 exit "$failed"
