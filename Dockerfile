@@ -8,21 +8,68 @@
 # given (CI and the release workflow pass the commit), else the commit checked out in the build context's .git,
 # else "unknown" (scripts/image_revision.sh).
 #
-# One install path: exactly requirements.lock (the runtime set) and requirements-cuda.lock (the CUDA 13.0 wheels
-# that torch 2.13.0 needs on Linux), with --no-deps, then `pip check`; requirements-gpu.lock (FlashAttention-3,
-# by hash); then the project with --no-deps. Any failed
-# step fails the build; the last steps check the CUDA line of the installed torch and run the startup checks
-# that need no weights or GPU. CI runs the same install from requirements.lock alone (scripts/check_image.sh).
+# Two stages. `build` (thrown away) installs exactly requirements.lock (the runtime set) and requirements-cuda.lock
+# (the CUDA 13.0 wheels that torch 2.13.0 needs on Linux), with --no-deps, then `pip check`; requirements-gpu.lock
+# (FlashAttention-3 and its metadata's einops and ninja, torchao for the fp8 tier; by hash), `pip check` again;
+# checks the CUDA line of the installed torch; then the project, as a wheel built and installed there. The final
+# stage takes only the virtual environment and the files the worker reads (handler.py, requirements.lock,
+# examples/): no source tree, build folder or egg-info, no pip configuration. Any failed step fails the build;
+# the last step runs the startup checks that need no weights or GPU. CI runs the same install from
+# requirements.lock alone (scripts/check_image.sh).
+#
+# Where the package index is reached only through a local pip configuration or a TLS-intercepting proxy,
+# scripts/build_image.sh passes them to the `build` stage as BUILD_PIP_CONFIG (a pip.conf),
+# BUILD_PIP_CONSTRAINTS and BUILD_CA_CERTS (PEM text, added to the base's CA bundle); they stay in that stage.
+# Without them (the RunPod Hub) pip uses its defaults.
 #
 # Base: Python 3.11 slim (Debian bookworm), the interpreter the locks were resolved for. No CUDA base image:
 # torch's wheels bring the CUDA runtime, cuBLAS, cuDNN and NCCL, so the host needs only an NVIDIA driver that
 # runs CUDA 13.0 (Linux driver 580 or newer). Pinned by tag, not by digest: no image registry could be reached
 # where this file was written, so no digest was verified; pin one when you can.
-FROM python:3.11.14-slim-bookworm
+FROM python:3.11.14-slim-bookworm AS build
 
 # The CUDA line of the torch build pinned in requirements-cuda.lock; .runpod/hub.json allowedCudaVersions and
-# tests/test_image.py follow it.
+# tests/test_hub.py follow it.
 ARG TORCH_CUDA=13.0
+ARG BUILD_PIP_CONFIG=""
+ARG BUILD_PIP_CONSTRAINTS=""
+ARG BUILD_CA_CERTS=""
+
+SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONFIG_FILE=/etc/build-pip/pip.conf
+
+RUN mkdir /etc/build-pip \
+    && if [ -n "${BUILD_PIP_CONFIG}" ]; then printf '%s\n' "${BUILD_PIP_CONFIG}" > /etc/build-pip/pip.conf; fi \
+    && if [ -n "${BUILD_PIP_CONSTRAINTS}" ]; then \
+        printf '%s\n' "${BUILD_PIP_CONSTRAINTS}" > /etc/build-pip/constraints.txt; fi \
+    && if [ -n "${BUILD_CA_CERTS}" ]; then \
+        { cat /etc/ssl/certs/ca-certificates.crt; printf '%s\n' "${BUILD_CA_CERTS}"; } > /etc/build-pip/ca.pem; fi
+
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /build
+
+# GPU-only wheels are pinned by hash in requirements-gpu.lock, never installed here by name. Then: the installed
+# torch is the build the image declares.
+COPY scripts/install_locked.sh scripts/
+COPY requirements.lock requirements-cuda.lock requirements-gpu.lock ./
+RUN bash scripts/install_locked.sh python requirements.lock requirements-cuda.lock \
+    && pip install --no-cache-dir --no-deps --require-hashes -r requirements-gpu.lock \
+    && pip check \
+    && python -c 'import sys, torch; sys.exit(0 if torch.version.cuda == sys.argv[1] else \
+    f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, the image declares {sys.argv[1]}")' \
+    "${TORCH_CUDA}"
+
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /build/wheel . \
+    && pip install --no-cache-dir --no-deps /build/wheel/multitalk_worker-*.whl
+
+
+FROM python:3.11.14-slim-bookworm
+
 ARG GIT_REVISION=""
 
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
@@ -46,25 +93,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
-RUN python -m venv /opt/venv
+COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
-
-# GPU-only wheels are pinned by hash in requirements-gpu.lock (FlashAttention-3, `fa3-fwd`), never installed here
-# by name. Its metadata also asks for einops and ninja, which its interface module does not import, so it goes
-# in after `pip check`, with --no-deps. Then: the installed torch is the build the image declares.
-COPY scripts/install_locked.sh scripts/
-COPY requirements.lock requirements-cuda.lock requirements-gpu.lock ./
-RUN bash scripts/install_locked.sh python requirements.lock requirements-cuda.lock \
-    && pip install --no-cache-dir --no-deps --require-hashes -r requirements-gpu.lock \
-    && python -c 'import sys, torch; sys.exit(0 if torch.version.cuda == sys.argv[1] else \
-    f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, the image declares {sys.argv[1]}")' \
-    "${TORCH_CUDA}"
-
-COPY pyproject.toml README.md handler.py ./
-COPY src ./src
+COPY handler.py requirements.lock ./
 COPY examples ./examples
-RUN pip install --no-cache-dir --no-deps --no-build-isolation .
 
 # The revision the worker reports in every result and in `health`. The .git patterns match nothing when the
 # context has no git folder; the script then writes GIT_REVISION or "unknown".
@@ -78,7 +111,8 @@ ENV MULTITALK_REVISION_FILE=/app/REVISION \
     MULTITALK_WEIGHTS=/runpod-volume/multitalk \
     MULTITALK_VOLUME_ROOT=/runpod-volume
 
-# Every module imports, core versions are the locked ones, PyAV writes and reads back an H.264/AAC mp4.
-RUN python -m multitalk_worker.startup --build > /dev/null
+# The copied environment is consistent (`pip check`); every module imports, core versions are the locked ones,
+# PyAV writes and reads back an H.264/AAC mp4.
+RUN pip check && python -m multitalk_worker.startup --build > /dev/null
 
 CMD ["python", "-m", "multitalk_worker.worker"]

@@ -19,6 +19,20 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 
+@pytest.fixture(autouse=True)
+def restore_root_logging() -> Iterator[None]:
+    """The doors' configure_logging (called in-process by some tests) replaces the root handlers with one on
+    the sys.stderr of that moment, pytest's capture, which is closed after the test. Left in place, a record
+    logged later hits the closed stream: huggingface_hub closes its HTTP client at interpreter exit, and
+    httpcore logs `close.started` and `close.complete` at DEBUG, printed as two "Logging error" tracebacks at
+    the end of the suite. Each test's root handlers and level are put back after it."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     server = start_s3_server()

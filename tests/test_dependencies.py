@@ -33,6 +33,10 @@ GPU_LOCK = REPO / "requirements-gpu.lock"
 # worker runs without them (fp8 refuses with a typed error when absent). FlashAttention-3 is imported by name
 # from attention.FLASH3_MODULES (checked below).
 OPTIONAL_IMPORTS = {"torchao": "fp8"}
+# fa3-fwd 0.0.3's Requires-Dist (its wheel's METADATA; it installs only on the image's Linux GPU stack).
+FA3_REQUIRES = {"torch", "einops", "packaging", "ninja"}
+# einops: in the dev extra for tools/parity.py, and in the image for fa3-fwd's metadata (`pip check`).
+SHARED_DEV_AND_IMAGE = {"einops"}
 # Tools that must never reach the image, whatever pulls them in.
 TEST_AND_LINT_TOOLS = {
     "pytest", "ruff", "hypothesis", "moto", "cfn-lint", "responses", "coverage", "mypy", "pyright", "black",
@@ -145,18 +149,39 @@ def test_dev_lock_adds_exactly_the_dev_closure_on_top_of_the_runtime_lock() -> N
 
 
 def test_no_package_is_pinned_in_two_locks() -> None:
-    """One version per package: a package appears in exactly one file, so the locks cannot disagree."""
-    locks = {path.name: set(locked_versions(path)) for path in (RUNTIME_LOCK, DEV_LOCK, CUDA_LOCK, GPU_LOCK)}
+    """One version per package: a package appears in exactly one file, so the locks cannot disagree; the one
+    exception (SHARED_DEV_AND_IMAGE) is pinned at the same version in both."""
+    locks = {path.name: locked_versions(path) for path in (RUNTIME_LOCK, DEV_LOCK, CUDA_LOCK, GPU_LOCK)}
     names = list(locks)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
-            assert locks[first] & locks[second] == set(), f"pinned in {first} and {second}"
+            both = set(locks[first]) & set(locks[second])
+            shared = {GPU_LOCK.name, DEV_LOCK.name} == {first, second}
+            assert both - (SHARED_DEV_AND_IMAGE if shared else set()) == set(), (
+                f"pinned in {first} and {second}"
+            )
+            assert {locks[first][n] for n in both} == {locks[second][n] for n in both}, (
+                f"{both}: two versions"
+            )
+
+
+def test_the_image_packages_are_pinned_by_hash_and_complete() -> None:
+    """requirements-gpu.lock (installed with --require-hashes): every pin has a hash; the fp8 extra (torchao)
+    is there, so the image runs the fp8 tier; fa3-fwd's metadata requirements are all in the image's locks, so
+    `pip check` passes there."""
+    text = GPU_LOCK.read_text()
+    pins = locked_versions(GPU_LOCK)
+    entries = re.findall(r"^([A-Za-z0-9_.-]+)==\S+ \\\n\s+--hash=sha256:[0-9a-f]{64}$", text, re.MULTILINE)
+    assert sorted(normalise(name) for name in entries) == sorted(pins), "a pin without its hash"
+    assert {normalise(name) for name in pyproject()["optional-dependencies"]["fp8"]} <= set(pins)
+    image = {name for lock in (RUNTIME_LOCK, CUDA_LOCK, GPU_LOCK) for name in locked_versions(lock)}
+    assert FA3_REQUIRES <= image, f"fa3-fwd needs {sorted(FA3_REQUIRES - image)}"
 
 
 def test_the_runtime_set_has_no_test_or_lint_tool() -> None:
     image = {name for lock in (RUNTIME_LOCK, CUDA_LOCK, GPU_LOCK) for name in locked_versions(lock)}
     dev_extra = {normalise(Requirement(text).name) for text in pyproject()["optional-dependencies"]["dev"]}
-    assert image & (TEST_AND_LINT_TOOLS | dev_extra) == set()
+    assert image & (TEST_AND_LINT_TOOLS | (dev_extra - SHARED_DEV_AND_IMAGE)) == set()
     assert not any(name.startswith("pytest") for name in image)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -133,3 +134,24 @@ def test_worker_fetches_missing_weights_at_start_when_asked(
             ensure_weights(on, endpoint=hub.endpoint)
     finally:
         hub.repos[WAN]["Wan2.1_VAE.pth"] = good
+
+
+def test_cli_download_without_a_network_says_so_in_one_line(tmp_path: Path) -> None:
+    """A Hub that cannot be reached (here: a loopback port where nothing listens, so the connection is
+    refused) ends `weights download` with one line naming the endpoint, not the HTTP client's traceback."""
+    with socket.socket() as probe:  # a free port, closed again: connecting to it is refused
+        probe.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "5"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-m", "multitalk_worker.cli", "weights", "download", str(tmp_path / "weights")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("error [") and f"cannot reach {endpoint}" in lines[0]

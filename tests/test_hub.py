@@ -9,12 +9,15 @@ import json
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from multitalk_worker.config import ENV_VARS, Settings
+from multitalk_worker.schema import GenerateInput, parse_job_input
 from multitalk_worker.startup import locked_versions
+from tests import build_context
 from tests.conftest import REPO
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
@@ -48,24 +51,108 @@ def test_the_image_installs_the_runtime_and_cuda_locks_only_and_stays_offline() 
     assert re.search(r'^ARG GIT_REVISION=""$', DOCKERFILE, re.MULTILINE), "the build must need no argument"
 
 
-def test_the_build_context_holds_every_file_the_dockerfile_copies() -> None:
-    """.dockerignore excludes everything but a list; each COPY source (other than the optional .git globs)
-    must be on it, or the build fails where it cannot be tried here."""
-    allowed = [
-        line[1:].rstrip("/")
-        for line in (REPO / ".dockerignore").read_text().splitlines()
-        if line.startswith("!")
-    ]
+def dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's instructions, one list per stage (continuation lines joined, comments dropped)."""
+    text = re.sub(r"\\\n", " ", re.sub(r"^\s*#.*\n", "", DOCKERFILE, flags=re.MULTILINE))
+    stages: list[list[str]] = []
+    for line in text.splitlines():
+        if line.startswith("FROM "):
+            stages.append([])
+        if line.strip() and stages:
+            stages[-1].append(line.strip())
+    return stages
+
+
+def copy_sources(instructions: list[str]) -> list[str]:
+    """The context paths the COPY instructions take (not --from; the optional .git globs left out)."""
     sources = []
-    for line in DOCKERFILE.splitlines():
-        if line.startswith("COPY "):
-            words = line.split()[1:-1]
-            sources += [word for word in words if not word.startswith(("--", ".gi[t]"))]
+    for line in instructions:
+        words = line.split()
+        if words[0] == "COPY" and not any(word.startswith("--from") for word in words):
+            sources += [word for word in words[1:-1] if not word.startswith(("--", ".gi[t]"))]
+    return sources
+
+
+def context_patterns() -> list[build_context.Pattern]:
+    return build_context.read_patterns(REPO / ".dockerignore")
+
+
+def files_under(source: str) -> list[str]:
+    path = REPO / source
+    if path.is_file():
+        return [source]
+    return [
+        p.relative_to(REPO).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    ]
+
+
+def test_dockerignore_follows_dockers_rules(tmp_path: Path) -> None:
+    """The matcher against Docker's documented examples: `*` at the root only, `**` across folders, a parent's
+    match excludes what is below it, the last matching line wins, `!` re-includes."""
+    lines = "*/temp*\n*/*/temp*\ntemp?\n**/*.go\n*.md\n!README*.md\nREADME-secret.md\n/build/\n"
+
+    def excluded(path: str, text: str = lines) -> bool:
+        (tmp_path / ".dockerignore").write_text(text)
+        return not build_context.in_context(path, build_context.read_patterns(tmp_path / ".dockerignore"))
+
+    assert excluded("somedir/temporary.txt") and excluded("somedir/temp")
+    assert excluded("somedir/subdir/temporary.txt") and not excluded("a/b/c/temporary.txt")
+    assert excluded("tempa") and not excluded("tempab")
+    assert excluded("x.go") and excluded("a/b/x.go")
+    assert excluded("notes.md") and not excluded("docs/notes.md")  # no slash: the root only
+    assert not excluded("README.md") and not excluded("README-public.md") and excluded("README-secret.md")
+    assert excluded("build/lib/x.py") and not excluded("src/build/x.py")  # a folder's match covers its files
+    assert not excluded("src/a.py", "*\n!src/\n") and excluded("scripts/a.sh", "*\n!src/\n")
+
+
+def test_the_build_context_holds_every_file_the_dockerfile_copies() -> None:
+    """Each COPY source of every stage (other than the optional .git globs) is sent to the daemon, each file
+    under a copied folder included; the tests and dev lock are not."""
+    patterns = context_patterns()
+    sources = [source for stage in dockerfile_stages() for source in copy_sources(stage)]
     assert sources, "no COPY found"
     for source in sources:
         assert (REPO / source).exists(), f"COPY {source}: no such file"
-        assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} not in the context"
-    assert "requirements-dev.lock" not in allowed and "tests" not in allowed
+        missing = [f for f in files_under(source) if not build_context.in_context(f, patterns)]
+        assert missing == [], f"COPY {source}: not in the build context"
+    for outside in ("requirements-dev.lock", "tests/conftest.py", ".venv/bin/python", "out/tiny.mp4"):
+        assert not build_context.in_context(outside, patterns), outside
+
+
+def named_files(value: object) -> list[str]:
+    """Every string in a job input that names a file of the repository (a relative path that exists)."""
+    if isinstance(value, dict):
+        return [name for item in value.values() for name in named_files(item)]
+    if isinstance(value, list):
+        return [name for item in value for name in named_files(item)]
+    if isinstance(value, str) and "/" in value and (REPO / value).is_file():
+        return [value]
+    return []
+
+
+def test_every_file_the_hub_tests_name_is_in_the_image() -> None:
+    """The Hub runs .runpod/tests.json in the image with MULTITALK_VOLUME_ROOT=/app, the final stage's
+    WORKDIR: every file an input names (and the image examples of docker-compose.yml and the docs, which take
+    examples/tiny_job.json) is in the build context and copied into /app."""
+    final = dockerfile_stages()[-1]
+    assert "WORKDIR /app" in final
+    env = {item["key"]: item["value"] for item in HUB_TESTS["config"]["env"]}
+    assert env["MULTITALK_VOLUME_ROOT"] == "/app"
+    copied = copy_sources(final)
+    patterns = context_patterns()
+    inputs = [test["input"] for test in HUB_TESTS["tests"]]
+    inputs.append(json.loads((REPO / "examples" / "tiny_job.json").read_text())["input"])
+    names = [name for job in inputs for name in named_files(job)]
+    assert "examples/source.mp4" in names and "examples/person.png" in names
+    for name in names:
+        assert build_context.in_context(name, patterns), f"{name}: left out of the build context"
+        assert any(name == c or name.startswith(c.rstrip("/") + "/") for c in copied), f"{name}: not copied"
+    # every path-like string of an input is a file here: a typo is not silently skipped
+    for job in inputs:
+        for value in (job.get("image"), job.get("video"), *(s.get("audio") for s in job.get("speakers", []))):
+            assert value is None or value in names, f"{value}: no such file in the repository"
 
 
 def test_hub_inputs_are_typed_like_the_settings() -> None:
@@ -170,3 +257,39 @@ def test_the_root_handler_starts_the_worker() -> None:
     from multitalk_worker import worker
 
     assert handler.main is worker.main
+
+
+def test_the_root_test_input_is_a_valid_tiny_job(make_settings: Callable[..., Settings]) -> None:
+    """RunPod's `python handler.py` (no --test_input) reads test_input.json in the working directory: the
+    repository root's is a job the worker accepts on the tiny model (README, Quick start), naming only files
+    that exist."""
+    raw = json.loads((REPO / "test_input.json").read_text())
+    assert set(raw) == {"input"}
+    settings = make_settings(MULTITALK_WEIGHTS="tiny", MULTITALK_VOLUME_ROOT=str(REPO))
+    parsed = parse_job_input(
+        raw["input"],
+        tiny_model=settings.tiny_model,
+        max_resolution=settings.max_resolution,
+        max_duration_s=settings.max_duration_s,
+        default_model=settings.default_model,
+        infinitetalk_max_duration_s=settings.infinitetalk_max_duration_s,
+    )
+    assert isinstance(parsed, GenerateInput) and parsed.resolution == "tiny"
+    names = named_files(raw["input"])
+    assert sorted(names) == ["examples/person.png", "examples/speech_a.wav"]
+
+
+def test_the_volume_steps_fetch_every_model_the_listing_offers() -> None:
+    """.runpod/README.md's volume steps fetch and verify the adapter files of every model hub.json offers as
+    MULTITALK_MODEL (InfiniteTalk included), at the paths the registry reads."""
+    from multitalk_worker.registry import get_model
+
+    readme = (REPO / ".runpod" / "README.md").read_text()
+    offered = next(item for item in HUB["config"]["env"] if item["key"] == "MULTITALK_MODEL")
+    models = [option["value"] for option in offered["input"]["options"]]
+    assert "infinitetalk" in models
+    for model in models:
+        for adapter in get_model(model).adapters:
+            assert adapter.file in readme, f"{model}: {adapter.file} is not fetched"
+        if model != "multitalk":
+            assert f'weights verify "$W" --model {model}' in readme

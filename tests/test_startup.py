@@ -3,6 +3,7 @@ fitness checks stopping a worker whose weights are missing."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,12 +13,15 @@ from pathlib import Path
 
 from multitalk_worker.config import Settings
 from multitalk_worker.startup import (
+    PipelineHolder,
+    check_fp8,
     check_gpu,
     check_imports,
     check_media,
     check_versions,
     check_weights,
     gpu_memory_needed_gib,
+    health_report,
     locked_versions,
     worker_version,
 )
@@ -123,3 +127,45 @@ def test_missing_weights_stop_the_runpod_worker(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "check_weights" in out.stdout + out.stderr and "does not exist" in out.stdout + out.stderr
+
+
+def test_fp8_is_checked_at_start_only_when_asked(make_settings: Callable[..., Settings]) -> None:
+    """MULTITALK_FP8=true on a machine that cannot run the tier (here: no CUDA device, and torchao absent
+    outside the image) fails its check with one line naming each missing piece; without fp8 there is no
+    such check."""
+    settings = make_settings(MULTITALK_FP8="true")
+    result = check_fp8(settings)
+    assert not result.ok and "\n" not in result.detail
+    assert "no CUDA device" in result.detail and "unset MULTITALK_FP8" in result.detail
+    torchao = importlib.util.find_spec("torchao") is not None
+    assert ("torchao is not installed" in result.detail) is not torchao
+    assert "fp8" not in {
+        c["name"] for c in health_report(make_settings(), PipelineHolder(make_settings()))["checks"]
+    }
+    assert "fp8" in {c["name"] for c in health_report(settings, PipelineHolder(settings))["checks"]}
+
+
+def test_fp8_that_cannot_run_stops_the_runpod_worker(tmp_path: Path) -> None:
+    """On RunPod the fitness checks run before any job: a worker asked for fp8 without a Hopper GPU ends with
+    status 1 and the check's line."""
+    env = {
+        **os.environ,
+        "MULTITALK_WEIGHTS": "tiny",
+        "MULTITALK_DEVICE": "cpu",
+        "MULTITALK_FP8": "true",
+        "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
+        "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/job-take/$ID",
+        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
+        "RUNPOD_SKIP_GPU_CHECK": "true",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "multitalk_worker.worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1
+    lines = [line for line in (out.stdout + out.stderr).splitlines() if "MULTITALK_FP8=true needs" in line]
+    assert lines and "check_fp8" in out.stdout + out.stderr

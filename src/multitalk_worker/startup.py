@@ -54,9 +54,10 @@ LOCKED_PACKAGES = (
 # three that its dependencies load at run time (scipy, sentencepiece, huggingface_hub): the build check
 # imports each, so a runtime dependency missing from requirements.lock fails the image build.
 THIRD_PARTY_MODULES = (
-    "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "tokenizers",
-    "sentencepiece", "ftfy", "regex", "numpy", "scipy", "soxr", "pyloudnorm", "av", "PIL", "skimage",
-    "pydantic", "boto3", "botocore", "requests", "urllib3", "certifi", "runpod", "fastapi", "uvicorn", "tqdm",
+    "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "httpx2",
+    "tokenizers", "sentencepiece", "ftfy", "regex", "numpy", "scipy", "soxr", "pyloudnorm", "av", "PIL",
+    "skimage", "pydantic", "boto3", "botocore", "requests", "urllib3", "certifi", "runpod", "fastapi",
+    "uvicorn", "tqdm",
 )  # fmt: skip
 # GPU memory the startup check asks for: the measured peak of a clip with every network resident, plus margin.
 # 480p: 58.5 GiB (reference engine, H100, bench/RESULTS.md run F; H200, run I2: 58.5 GiB allocated, 61.6
@@ -99,13 +100,13 @@ def check_imports() -> Check:
 
 def locked_versions(lock_file: Path) -> dict[str, str]:
     """`name==version` pins of a requirements lock file, names normalised (PEP 503: lower case, runs of `-_.`
-    as one -); other lines (comments, `-r other.lock`) are not pins."""
+    as one -); other lines (comments, `-r other.lock`, a pin's `--hash` line) are not pins."""
     pins = {}
     for line in lock_file.read_text().splitlines():
         text = line.split("#", 1)[0].strip()
         if "==" in text:
             name, version = text.split("==", 1)
-            pins[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.split(";")[0].strip()
+            pins[re.sub(r"[-_.]+", "-", name.strip()).lower()] = version.split(";")[0].split()[0]
     return pins
 
 
@@ -209,6 +210,35 @@ def check_gpu(settings: Settings) -> Check:
     return Check("gpu", total >= need, detail)
 
 
+# Float8 matrix units and FA3's fp8 kernels: Hopper (compute capability 9.0) or newer.
+FP8_MIN_CAPABILITY = (9, 0)
+
+
+def check_fp8(settings: Settings) -> Check:
+    """MULTITALK_FP8=true needs torchao (the `fp8` extra, in the image) and a CUDA GPU of compute capability
+    FP8_MIN_CAPABILITY or newer: checked at start, so a worker that cannot run the tier refuses before any
+    job."""
+    import importlib.util
+
+    import torch
+
+    missing = []
+    if importlib.util.find_spec("torchao") is None:  # found, not imported: its import is slow and noisy
+        missing.append("torchao is not installed (the `fp8` extra)")
+    device = resolve_device(settings.device)
+    if device == "cpu" or not torch.cuda.is_available():
+        missing.append(f"no CUDA device (device {device})")
+    else:
+        capability = torch.cuda.get_device_capability(torch.device(device))
+        if capability < FP8_MIN_CAPABILITY:
+            name = torch.cuda.get_device_name(torch.device(device))
+            missing.append(f"{name} is compute capability {capability[0]}.{capability[1]}")
+    need = "MULTITALK_FP8=true needs torchao and a Hopper or newer GPU (compute capability 9.0+)"
+    if missing:
+        return Check("fp8", False, f"{need}: {'; '.join(missing)}; unset MULTITALK_FP8 to run in bf16")
+    return Check("fp8", True, "torchao installed, GPU of compute capability 9.0+")
+
+
 def gpu_memory_needed_gib(settings: Settings) -> float:
     """What the startup check asks of the GPU: MULTITALK_MIN_GPU_MEMORY_GIB, else the measured need of the
     largest accepted resolution in this memory mode."""
@@ -252,6 +282,7 @@ def health_report(settings: Settings, holder: PipelineHolder) -> dict[str, Any]:
         check_media(),
         check_weights(settings, full=False),
         check_gpu(settings),
+        *([check_fp8(settings)] if settings.fp8 else []),
     ]
     return {
         "status": "ok" if all(c.ok for c in checks) else "unhealthy",
@@ -318,6 +349,7 @@ def register_fitness_checks(settings: Settings, holder: PipelineHolder) -> None:
         ("check_media", check_media),
         ("check_weights", lambda: check_weights(settings, full=True)),
         ("check_gpu", lambda: check_gpu(settings)),
+        *([("check_fp8", lambda: check_fp8(settings))] if settings.fp8 else []),
     ):
         runpod.serverless.register_fitness_check(as_fitness(check, name))
     runpod.serverless.register_fitness_check(load_pipeline)

@@ -125,7 +125,8 @@ def _shards(index: Path, name: str) -> list[str]:
 
 def _fetch(root: Path, part: Part, name: str, endpoint: str | None, report: DownloadReport) -> None:
     """Keep a local file of the Hub's size; fetch (again) otherwise. `name` is relative to `part.into`."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+    import httpx2  # huggingface_hub's HTTP client: its transport errors (refused, timeout) pass through
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 
     repo = part.repo_of(name)
@@ -146,6 +147,11 @@ def _fetch(root: Path, part: Part, name: str, endpoint: str | None, report: Down
         raise
     except (HfHubHTTPError, OSError) as exc:
         raise InputFetchFailed(f"fetching {name} from {repo} failed: {type(exc).__name__}: {exc}") from None
+    except httpx2.TransportError as exc:
+        raise InputFetchFailed(
+            f"cannot reach {endpoint or constants.ENDPOINT} for {repo}/{name} ({type(exc).__name__}: {exc}); "
+            "check the network, or set HF_ENDPOINT to a mirror"
+        ) from None
     if size is not None and path.stat().st_size != size:
         raise InputFetchFailed(
             f"{shown} from {repo}: {path.stat().st_size} bytes written, the Hub has {size}"
