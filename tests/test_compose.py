@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from multitalk_worker.server import is_loopback
+
 from tests.conftest import REPO
 
 SERVICE = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["worker"]

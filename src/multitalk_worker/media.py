@@ -15,6 +15,7 @@ from types import TracebackType
 
 import av
 import numpy as np
+from av.container import OutputContainer
 from av.error import FFmpegError
 
 from multitalk_worker.config import VIDEO_CRF
@@ -80,7 +81,7 @@ class Mp4Writer:
             raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
 
     @staticmethod
-    def add_audio(container: av.container.OutputContainer, sample_rate: int) -> av.AudioStream:
+    def add_audio(container: OutputContainer, sample_rate: int) -> av.AudioStream:
         """The soundtrack's AAC mono stream in `container` (segments.py's assembly adds the same)."""
         stream = container.add_stream("aac", rate=sample_rate)
         stream.layout = "mono"
@@ -88,7 +89,7 @@ class Mp4Writer:
 
     @staticmethod
     def encode_audio(
-        container: av.container.OutputContainer,
+        container: OutputContainer,
         stream: av.AudioStream,
         audio: np.ndarray,
         sent: int,

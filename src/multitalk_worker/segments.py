@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -146,11 +145,13 @@ def _remux(path: Path, segments: list[Path], audio: np.ndarray, sample_rate: int
         for segment in segments:
             with av.open(str(segment)) as source:
                 stream = source.streams.video[0]
-                ticks_per_frame = 1 / (Fraction(stream.time_base) * fps)  # exact: time bases are 1/(k*fps)
+                if stream.time_base is None:
+                    raise ValueError(f"segment {segment.name} has no time base")
+                ticks_per_frame = 1 / (stream.time_base * fps)  # exact: time bases are 1/(k*fps)
                 offset = int(frames * ticks_per_frame)
                 count = 0
                 for packet in source.demux(stream):
-                    if packet.dts is None:  # the demuxer's end-of-stream marker
+                    if packet.dts is None or packet.pts is None:  # the demuxer's end-of-stream marker
                         continue
                     packet.pts, packet.dts = packet.pts + offset, packet.dts + offset
                     packet.stream = video

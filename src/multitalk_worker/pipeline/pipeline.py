@@ -233,7 +233,7 @@ class TalkingVideoPipeline:
             run = self._prepare(request, inputs, timer, progress)
             soundtrack = inputs.audio.soundtrack[: inputs.plan.output_frames * SAMPLE_RATE // FPS]
             height, width = inputs.first.bucket
-            frame_count = inputs.plan.output_frames
+            frame_count, clips = inputs.plan.output_frames, len(inputs.plan.starts)
             out = sink or collector
             assert out is not None
             out.open(VideoSpec(width, height, inputs.plan.output_frames, FPS, soundtrack, SAMPLE_RATE))
@@ -242,7 +242,6 @@ class TalkingVideoPipeline:
         finally:
             if inputs is not None:
                 inputs.close()
-        clips = len(inputs.plan.starts)
         resumed_clips = state.clips_done if state is not None else 0
         return GenerationResult(
             frames=None if collector is None else collector.frames(),
