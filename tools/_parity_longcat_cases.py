@@ -1,0 +1,67 @@
+"""LongCat-Video-Avatar DiT parity, the reference side: the checkout's DiT on the cases of
+tools/_parity_longcat_ours.py, loaded from the same tiny published-layout folder (diffusers `from_pretrained`,
+as the demo scripts load it), in float32 on the CPU (tools/_parity_longcat_reference.py says what is
+replaced to run it there)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from _parity_longcat_ours import CASES, VERSIONS, Case, Tensors, case_inputs
+
+from tiny_longcat import write_longcat_dit
+
+
+def build_reference(dit_module: ModuleType, root: Path, folder: str) -> torch.nn.Module:
+    cls = dit_module.LongCatVideoAvatarTransformer3DModel
+    model = cls.from_pretrained(str(root), subfolder=folder, cp_split_hw=[1, 1], torch_dtype=torch.float32)
+    return model.eval()
+
+
+def run_reference(model: torch.nn.Module, case: Case, inputs: Tensors) -> Tensors:
+    """The checkout's DiT on one case, called as its pipeline calls it (spec §3.2, §7.6)."""
+    cond = case.cond
+    text = inputs["text"][:, None]  # [B, 1, L, C]
+    common = {"audio_embs": inputs["audio"], "num_cond_latents": cond.num_cond_latents}
+    if cond.num_ref_latents:
+        common |= {"num_ref_latents": cond.num_ref_latents, "ref_img_index": cond.ref_img_index}
+    with torch.no_grad():
+        cache = {}
+        if case.cached:
+            _, cache = model(
+                hidden_states=inputs["clean"],
+                timestep=torch.zeros(inputs["clean"].shape[0]),
+                encoder_hidden_states=torch.zeros_like(text),
+                return_kv=True,
+                skip_crs_attn=True,
+                **common,
+            )
+        out = model(
+            hidden_states=inputs["latent"],
+            timestep=inputs["timestep"],
+            encoder_hidden_states=text,
+            encoder_attention_mask=inputs["text_mask"],
+            kv_cache_dict=cache,
+            mask_frame_range=cond.mask_frame_range,
+            ref_target_masks=inputs.get("person_masks"),
+            **common,
+        )
+    return {"out": out}
+
+
+def longcat_cases(
+    dit_module: ModuleType, root: Path, model_name: str, seed: int, persons: list[int]
+) -> dict[str, tuple[Tensors, Tensors]]:
+    """Write the seed's tiny DiT under root in the published layout; each case's inputs and reference output."""
+    cfg, folder = VERSIONS[model_name]
+    write_longcat_dit(root / folder, cfg, seed)
+    model = build_reference(dit_module, root, folder)
+    cases = {}
+    for index, (name, case) in enumerate(CASES.items()):
+        if (1 if case.streams == 1 or not case.masks else 2) not in persons:
+            continue
+        inputs = case_inputs(cfg, case, seed * 100 + index)
+        cases[name] = (inputs, run_reference(model, case, inputs))
+    return cases
