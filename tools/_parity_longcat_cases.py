@@ -5,12 +5,14 @@ replaced to run it there)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
 import torch
 from _parity_longcat_ours import CASES, VERSIONS, Case, Tensors, case_inputs
-
 from tiny_longcat import write_longcat_dit
 
 
@@ -54,7 +56,7 @@ def run_reference(model: torch.nn.Module, case: Case, inputs: Tensors) -> Tensor
 def longcat_cases(
     dit_module: ModuleType, root: Path, model_name: str, seed: int, persons: list[int]
 ) -> dict[str, tuple[Tensors, Tensors]]:
-    """Write the seed's tiny DiT under root in the published layout; each case's inputs and reference output."""
+    """Write the seed's tiny DiT under root (published layout); each case's inputs and reference output."""
     cfg, folder = VERSIONS[model_name]
     write_longcat_dit(root / folder, cfg, seed)
     model = build_reference(dit_module, root, folder)
@@ -65,3 +67,43 @@ def longcat_cases(
         inputs = case_inputs(cfg, case, seed * 100 + index)
         cases[name] = (inputs, run_reference(model, case, inputs))
     return cases
+
+
+def run_longcat(
+    checkout: Path, model_name: str, seed: int, persons: list[int], fixtures: Path | None
+) -> tuple[list[str], bool]:
+    """Every case of `model_name` against the checkout; one line per case. With `fixtures`, the DiT folder,
+    cases.safetensors (`<case>/in/<name>`, `<case>/ref/<name>`) and manifest.json are stored there."""
+    from _parity_longcat_ours import TOLERANCE, compare, load_ours, run_ours
+    from _parity_longcat_reference import load_reference_dit
+    from safetensors.torch import save_file
+
+    dit_module = load_reference_dit(checkout)
+    lines, ok_all = [], True
+    with tempfile.TemporaryDirectory(prefix="parity-longcat-") as tmp:
+        root = Path(tmp)
+        cases = longcat_cases(dit_module, root, model_name, seed, persons)
+        ours = load_ours(root, model_name)
+        for name, (inputs, reference) in cases.items():
+            max_abs, rel = compare(run_ours(ours, CASES[name], inputs), reference)
+            ok = rel <= TOLERANCE
+            ok_all &= ok
+            lines.append(
+                f"dit_{name:<20} {max_abs:>11.3e} {rel:>11.3e} {TOLERANCE:>9.0e}  {'ok' if ok else 'FAIL'}"
+            )
+        if fixtures is not None:
+            shutil.rmtree(fixtures, ignore_errors=True)
+            shutil.copytree(root, fixtures)
+            tensors = {f"{c}/{kind}/{k}": v.contiguous() for c, (i, r) in cases.items()
+                       for kind, part in (("in", i), ("ref", r)) for k, v in part.items()}  # fmt: skip
+            save_file(tensors, str(fixtures / "cases.safetensors"))
+            manifest = {
+                "written_by": f"tools/parity.py --model {model_name} --write-fixtures",
+                "reference": "meituan-longcat/LongCat-Video @ 6b3f4b8, imported from a checkout, run on CPU",
+                "seed": seed,
+                "metric": "rel_err = ||ours - ref||_2 / ||ref||_2 of the DiT output, float32",
+                "tolerance": TOLERANCE,
+                "cases": list(cases),
+            }
+            (fixtures / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return lines, ok_all

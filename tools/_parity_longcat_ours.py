@@ -25,9 +25,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
 
+from tiny_longcat import TINY_10, TINY_15  # noqa: E402
+
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer  # noqa: E402
 from multitalk_worker.weights.longcat import load_dit  # noqa: E402
-from tiny_longcat import TINY_10, TINY_15  # noqa: E402
 
 Tensors = dict[str, torch.Tensor]
 # model name -> (tiny config dict, the DiT folder as published)
