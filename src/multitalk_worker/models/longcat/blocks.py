@@ -27,8 +27,10 @@ from multitalk_worker.models.longcat.config import LongCatAvatarConfig
 from multitalk_worker.models.runtime import REFERENCE_RUNTIME, DiTRuntime
 
 
-def linear_fp32(layer: nn.Linear, x: Tensor) -> Tensor:
-    """A linear layer in float32 on float32 copies of its weights."""
+def linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
+    """A linear layer (nn.Linear) in float32 on float32 copies of its weights."""
+    if not isinstance(layer, nn.Linear):
+        raise TypeError(f"expected nn.Linear, got {type(layer).__name__}")
     return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
 
