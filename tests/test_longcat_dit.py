@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_longcat import INDEX_FILE, TINY_10, TINY_15, key_shapes, write_longcat_dit
+from tiny_longcat import INDEX_FILE, TINY_10, TINY_15, key_shapes, write_longcat_dit, write_longcat_int8
 
 from multitalk_worker.errors import CheckpointError, ModelMissing
 from multitalk_worker.models.longcat.config import LONGCAT_AVATAR_15, LongCatAvatarConfig
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer
-from multitalk_worker.weights.longcat import INT8_FOLDER, dit_component, dit_problems, load_dit
+from multitalk_worker.weights.longcat import INT8_FOLDER, dit_problems, load_dit
 
 FOLDER = "base_model"
 
@@ -97,11 +97,6 @@ def test_config_reads_the_published_keys_and_refuses_unknown_ones(tmp_path: Path
     assert LONGCAT_AVATAR_15.ffn_dim == 11008
 
 
-def test_int8_folder_is_refused_with_the_reason(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="per-call dequantizing"):
-        dit_component(tmp_path, INT8_FOLDER)
-
-
 def test_cached_keys_give_the_uncached_continuation() -> None:
     """The continuation with the cache pass's keys equals one call over all latents (spec §3.7; the
     reference's own probe: 7.2e-7)."""
@@ -133,3 +128,31 @@ def test_bad_inputs_are_named() -> None:
             torch.randn(2, 9, 5, 2, 3),
             person_masks=torch.ones(3, 32, 32),
         )
+
+
+def test_int8_folder_loads_its_stored_dtypes_and_matches_the_dequantized_weights(tmp_path: Path) -> None:
+    """base_model_int8/: int8 weights and float32 scales kept as stored; in float32 the forward equals a
+    float model whose linears carry q·s (the reference's QuantizedLinear in a float32 run)."""
+    stored = write_longcat_int8(tmp_path / INT8_FOLDER, TINY_15, seed=2)
+    assert not dit_problems(tmp_path, INT8_FOLDER).problems
+    model = load_dit(tmp_path, INT8_FOLDER, device=torch.device("cpu"), dtype=torch.float32)
+    state = model.state_dict()
+    assert state["blocks.0.attn.qkv.weight_int8"].dtype == torch.int8
+    assert state["blocks.0.attn.qkv.weight_scale"].dtype == torch.float32
+    assert state["x_embedder.proj.weight"].dtype == torch.float32
+    float_model = LongCatAvatarTransformer(LongCatAvatarConfig.from_dict(TINY_15)).eval()
+    dequantized = {}
+    for key, value in stored.items():
+        if key.endswith(".weight_int8"):
+            name = key.removesuffix(".weight_int8")
+            dequantized[f"{name}.weight"] = value.float() * stored[f"{name}.weight_scale"][:, None]
+        elif not key.endswith(".weight_scale"):
+            dequantized[key] = value.float()
+    float_model.load_state_dict(dequantized, strict=True)
+    latent, text, audio = torch.randn(1, 16, 3, 4, 4), torch.randn(1, 12, 32), torch.randn(1, 9, 5, 2, 3)
+    t = torch.tensor([[0.0, 600.0, 600.0]])
+    cond = Conditioning(num_cond_latents=1)
+    with torch.no_grad():
+        got = model(latent, t, text, None, audio, cond=cond)
+        want = float_model(latent, t, text, None, audio, cond=cond)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

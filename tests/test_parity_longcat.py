@@ -53,15 +53,17 @@ def _cases(model: str) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
 @pytest.mark.parametrize("model", MODELS)
 def test_every_case_is_stored(model: str, ours: ModuleType) -> None:
     manifest = json.loads((FIXTURES / model / "manifest.json").read_text())
-    assert manifest["cases"] == list(ours.CASES)
-    assert set(_cases(model)) == set(ours.CASES)
+    assert manifest["cases"] == list(ours.cases_for(model))
+    assert set(_cases(model)) == set(ours.cases_for(model))
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_matches_reference(model: str, ours: ModuleType) -> None:
-    dit = ours.load_ours(FIXTURES / model, model)
+    dits = {int8: ours.load_ours(FIXTURES / model, model, int8=int8) for int8 in (False, True)
+            if not int8 or model in ours.INT8_MODELS}  # fmt: skip
     for name, case in _cases(model).items():
-        max_abs, rel = ours.compare(ours.run_ours(dit, ours.CASES[name], case["in"]), case["ref"])
+        spec = ours.CASES[name]
+        max_abs, rel = ours.compare(ours.run_ours(dits[spec.int8], spec, case["in"]), case["ref"])
         assert rel <= ours.TOLERANCE, f"{model} {name}: rel_err {rel:.3e} (max_abs_err {max_abs:.3e})"
 
 

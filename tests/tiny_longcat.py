@@ -143,3 +143,39 @@ def write_longcat_dit(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return tensors
+
+
+INT8_STEM = "quantized_model"
+INT8_INDEX = "quantized_model.safetensors.index.json"
+
+
+def int8_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The INT8 file's tensors from bf16 ones (spec §2.6): every 2-D `.weight` (a linear) except
+    `final_layer.linear` as `weight_int8` = clamp(round(w / s), −128, 127), `weight_scale` s =
+    max|w_row| (≥ 1e-8) / 127 in float32; its bias and every other tensor as stored (bf16)."""
+    out = {}
+    for key, value in tensors.items():
+        name = key.removesuffix(".weight")
+        if key.endswith(".weight") and value.ndim == 2 and "final_layer.linear" not in key:
+            w = value.float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+            out[f"{name}.weight_int8"] = (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8)
+            out[f"{name}.weight_scale"] = scale
+        else:
+            out[key] = value
+    return out
+
+
+def write_longcat_int8(folder: Path, cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    """`base_model_int8/` as published: config.json, quantization_config.json, one shard and its index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = int8_tensors(random_tensors(cfg, seed))
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    quant = {"quantization_method": "int8_per_channel_symmetric", "skip_patterns": ["final_layer.linear"]}
+    (folder / "quantization_config.json").write_text(json.dumps(quant, indent=2) + "\n")
+    name = f"{INT8_STEM}-00001-of-00001.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict.fromkeys(tensors, name)}
+    (folder / INT8_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return tensors

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from _parity_longcat_ours import CASES, VERSIONS, Case, Tensors, case_inputs
+from _parity_longcat_ours import CASES, INT8_MODELS, VERSIONS, Case, Tensors, case_inputs, cases_for
 from tiny_longcat import write_longcat_dit
 
 
@@ -59,14 +59,30 @@ def longcat_cases(
     """Write the seed's tiny DiT under root (published layout); each case's inputs and reference output."""
     cfg, folder = VERSIONS[model_name]
     write_longcat_dit(root / folder, cfg, seed)
-    model = build_reference(dit_module, root, folder)
+    models = {False: build_reference(dit_module, root, folder)}
+    if model_name in INT8_MODELS:
+        models[True] = build_reference_int8(models[False], root, folder)
     cases = {}
-    for index, (name, case) in enumerate(CASES.items()):
+    for index, (name, case) in enumerate(cases_for(model_name).items()):
         if (1 if case.streams == 1 or not case.masks else 2) not in persons:
             continue
         inputs = case_inputs(cfg, case, seed * 100 + index)
-        cases[name] = (inputs, run_reference(model, case, inputs))
+        cases[name] = (inputs, run_reference(models[case.int8], case, inputs))
     return cases
+
+
+def build_reference_int8(model: torch.nn.Module, root: Path, folder: str) -> torch.nn.Module:
+    """The reference's own INT8 path (spec §11 test 2): `quantize_model` of a copy of the float model,
+    `save_quantized_state_dict` to root/base_model_int8, `load_quantized_dit` from there; then `.float()`
+    (int8 buffers stay int8; its bf16 casts of the other tensors are exact on these bf16-valued weights)."""
+    import copy
+    import importlib
+
+    quantization = importlib.import_module("longcat_video.modules.quantization")
+    quantized = quantization.quantize_model(copy.deepcopy(model))
+    quantization.save_quantized_state_dict(quantized, str(root / "base_model_int8"), str(root / folder))
+    loaded = quantization.load_quantized_dit(str(root), "base_model_int8", cp_split_hw=[1, 1])
+    return loaded.float().eval()
 
 
 def run_longcat(
@@ -83,9 +99,10 @@ def run_longcat(
     with tempfile.TemporaryDirectory(prefix="parity-longcat-") as tmp:
         root = Path(tmp)
         cases = longcat_cases(dit_module, root, model_name, seed, persons)
-        ours = load_ours(root, model_name)
+        ours = {int8: load_ours(root, model_name, int8=int8) for int8 in {c.int8 for c in CASES.values()}
+                if not int8 or model_name in INT8_MODELS}  # fmt: skip
         for name, (inputs, reference) in cases.items():
-            max_abs, rel = compare(run_ours(ours, CASES[name], inputs), reference)
+            max_abs, rel = compare(run_ours(ours[CASES[name].int8], CASES[name], inputs), reference)
             ok = rel <= TOLERANCE
             ok_all &= ok
             lines.append(

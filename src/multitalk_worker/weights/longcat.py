@@ -10,11 +10,10 @@ Keys are the model's own (no renaming): every tensor of the index is read strict
 the same one `dit_problems` (for `weights verify`) checks, so missing, unexpected and wrongly shaped keys are
 named by file and key before anything is read.
 
-INT8 (`base_model_int8/`): the files are plain safetensors (int8 `<linear>.weight_int8`, float32
-`<linear>.weight_scale`, bf16 biases and the rest), so safetensors reads them; using them needs a linear that
-rebuilds its weight per call as cast(q)·cast(scale) in the input's dtype (spec §2.6), which this module does
-not provide yet: `INT8_FOLDER` is refused with that reason rather than dequantized once, which would be a
-different numeric path.
+INT8 (`base_model_int8/`, spec §2.6): plain safetensors (int8 `<linear>.weight_int8`, float32
+`<linear>.weight_scale`, bf16 biases and the other tensors), read with safetensors through the same Plan;
+the quantized linears become `models.longcat.int8.Int8Linear`, whose buffers keep their stored dtypes (the
+weight is rebuilt per call in the input's dtype, as the reference does); every other tensor takes `dtype`.
 """
 
 from __future__ import annotations
@@ -26,25 +25,29 @@ import torch
 
 from multitalk_worker.errors import CheckpointError, ModelMissing
 from multitalk_worker.models.longcat.config import LongCatAvatarConfig
+from multitalk_worker.models.longcat.int8 import Int8Linear, swap_in_int8
 from multitalk_worker.models.longcat.transformer import LongCatAvatarTransformer
 from multitalk_worker.weights.checkpoint import (
     Component,
     Plan,
     Problem,
+    assign_state,
     check_component,
     empty_model,
     identity_keymap,
     load_component,
     open_sharded,
     plan_files,
+    raise_first,
 )
 
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
+INT8_INDEX_FILE = "quantized_model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 INT8_FOLDER = "base_model_int8"
 # The DiT folders of each version, relative to its model folder (spec §2.1).
 DIT_FOLDERS: dict[str, tuple[str, ...]] = {
-    "1.5": ("base_model",),
+    "1.5": ("base_model", INT8_FOLDER),
     "1.0": ("avatar_single", "avatar_multi"),
 }
 
@@ -59,23 +62,21 @@ def read_config(root: Path, folder: str) -> LongCatAvatarConfig:
 
 def dit_component(root: Path, folder: str) -> Component:
     """The DiT tensors of `folder` (sharded safetensors through its index), keys as stored."""
-    if folder == INT8_FOLDER:
-        raise CheckpointError(
-            "the INT8 DiT (base_model_int8/) is readable safetensors but needs a per-call dequantizing "
-            "linear (spec 2.6) that is not implemented; use base_model/",
-            file=folder,
-        )
     plan = Plan()
-    index = f"{folder}/{INDEX_FILE}"
+    index = f"{folder}/{INT8_INDEX_FILE if folder == INT8_FOLDER else INDEX_FILE}"
     files = open_sharded(root, index, plan)
     plan_files(files, identity_keymap, plan)
     return Component("dit", files, plan, lambda _key: index)
 
 
-def build_empty(config: LongCatAvatarConfig) -> LongCatAvatarTransformer:
-    """The DiT with its parameters on the meta device (no memory)."""
+def build_empty(config: LongCatAvatarConfig, *, int8: bool = False) -> LongCatAvatarTransformer:
+    """The DiT with its parameters on the meta device (no memory); with `int8`, its quantized linears as
+    Int8Linear shells (spec §2.6)."""
     with empty_model():
-        return LongCatAvatarTransformer(config)
+        model = LongCatAvatarTransformer(config)
+    if int8:
+        swap_in_int8(model)
+    return model
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ def dit_problems(root: Path, folder: str) -> DiTCheck:
         return DiTCheck(folder, None, [Problem(kind, f"{folder}/{CONFIG_FILE}", None, str(err.message))])
     component = dit_component(root, folder)
     try:
-        return DiTCheck(folder, config, check_component(component, build_empty(config)))
+        model = build_empty(config, int8=folder == INT8_FOLDER)
+        return DiTCheck(folder, config, check_component(component, model))
     finally:
         component.close()
 
@@ -107,10 +109,33 @@ def load_dit(
     """The DiT of `root/folder`, strictly: raises the first problem as ModelMissing/CheckpointError (naming
     file and key) before reading any tensor. `dtype` is the rounding dtype of the run (bf16 as published)."""
     config = read_config(root, folder)
+    int8 = folder == INT8_FOLDER
     component = dit_component(root, folder)
-    model = build_empty(config)
+    model = build_empty(config, int8=int8)
     try:
-        load_component(component, model, device=device, dtype=dtype)
+        if int8:
+            _load_int8(component, model, device=device, dtype=dtype)
+        else:
+            load_component(component, model, device=device, dtype=dtype)
     finally:
         component.close()
     return model
+
+
+def _load_int8(
+    component: Component, model: LongCatAvatarTransformer, *, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Checked like any component; Int8Linear buffers keep their stored dtypes, other tensors take `dtype`."""
+    raise_first(check_component(component, model))
+    stored = {
+        f"{name}.{buffer}"
+        for name, module in model.named_modules()
+        if isinstance(module, Int8Linear)
+        for buffer in ("weight_int8", "weight_scale", "bias")
+    }
+    state = {}
+    for entry in component.plan.entries:
+        tensor = component.files[entry.file].get(entry.source)
+        keep = entry.target in stored or not tensor.is_floating_point()
+        state[entry.target] = tensor.to(device=device, dtype=tensor.dtype if keep else dtype, copy=True)
+    assign_state(model, state, device=device)

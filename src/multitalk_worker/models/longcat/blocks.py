@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,14 +25,20 @@ from multitalk_worker.models.longcat.attention import (
     TextCrossAttention,
 )
 from multitalk_worker.models.longcat.config import LongCatAvatarConfig
+from multitalk_worker.models.longcat.int8 import Int8Linear
 from multitalk_worker.models.runtime import REFERENCE_RUNTIME, DiTRuntime
 
 
 def linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
-    """A linear layer (nn.Linear) in float32 on float32 copies of its weights."""
-    if not isinstance(layer, nn.Linear):
-        raise TypeError(f"expected nn.Linear, got {type(layer).__name__}")
-    return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+    """A linear layer (nn.Linear or Int8Linear) in float32 on float32 copies of its weights."""
+    if isinstance(layer, Int8Linear):
+        weight = layer.weight_in(torch.float32)
+    elif isinstance(layer, nn.Linear):
+        weight = layer.weight.float()
+    else:
+        raise TypeError(f"expected a linear layer, got {type(layer).__name__}")
+    bias = layer.bias
+    return F.linear(x.float(), weight, None if bias is None else bias.float())
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
