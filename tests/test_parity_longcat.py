@@ -59,11 +59,11 @@ def test_every_case_is_stored(model: str, ours: ModuleType) -> None:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_matches_reference(model: str, ours: ModuleType) -> None:
-    dits = {int8: ours.load_ours(FIXTURES / model, model, int8=int8) for int8 in (False, True)
-            if not int8 or model in ours.INT8_MODELS}  # fmt: skip
+    variants = {ours.variant(c) for c in ours.cases_for(model).values()}
+    dits = {v: ours.load_ours(FIXTURES / model, model, v) for v in variants}
     for name, case in _cases(model).items():
         spec = ours.CASES[name]
-        max_abs, rel = ours.compare(ours.run_ours(dits[spec.int8], spec, case["in"]), case["ref"])
+        max_abs, rel = ours.compare(ours.run_ours(dits[ours.variant(spec)], spec, case["in"]), case["ref"])
         assert rel <= ours.TOLERANCE, f"{model} {name}: rel_err {rel:.3e} (max_abs_err {max_abs:.3e})"
 
 

@@ -179,3 +179,37 @@ def write_longcat_int8(folder: Path, cfg: dict[str, Any], seed: int) -> dict[str
     index = {"metadata": {"total_size": total}, "weight_map": dict.fromkeys(tensors, name)}
     (folder / INT8_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return tensors
+
+
+LORA_FILE = "lora/dmd_lora.safetensors"
+LORA_HYPHEN = "___lorahyphen___"
+# module path -> parts its lora_up is split in (0: one `lora_up.weight`), as the DMD file may carry them
+TINY_LORA_TARGETS = {
+    "blocks.0.attn.qkv": 3,
+    "blocks.1.cross_attn.kv_linear": 2,
+    "blocks.0.ffn.w1": 0,
+    "blocks.1.audio_cross_attn.q_linear": 0,
+    "blocks.1.adaLN_modulation.1": 0,
+}
+
+
+def write_dmd_lora(
+    path: Path, cfg: dict[str, Any], seed: int, *, rank: int = 8, alpha_scale: float = 0.375
+) -> dict[str, torch.Tensor]:
+    """A LoRA in the reference's key grammar (spec §2.7), float32 as published, with split ups."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shapes = key_shapes(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for target, parts in TINY_LORA_TARGETS.items():
+        out, inp = shapes[f"{target}.weight"]
+        name = "lora" + LORA_HYPHEN + target.replace(".", LORA_HYPHEN)
+        n = max(parts, 1)
+        tensors[f"{name}.lora_down.weight"] = torch.randn(n * rank, inp, generator=gen) / inp**0.5
+        ups = {f"{name}.lora_up.blocks.{i}.weight": (out // n, rank) for i in range(parts)} or {
+            f"{name}.lora_up.weight": (out, rank)
+        }
+        tensors |= {k: 0.5 * torch.randn(s, generator=gen) / rank**0.5 for k, s in ups.items()}
+        tensors[f"{name}.alpha_scale"] = torch.tensor(alpha_scale)
+    save_file(tensors, str(path))
+    return tensors

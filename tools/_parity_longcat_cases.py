@@ -12,8 +12,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from _parity_longcat_ours import CASES, INT8_MODELS, VERSIONS, Case, Tensors, case_inputs, cases_for
-from tiny_longcat import write_longcat_dit
+from _parity_longcat_ours import CASES, INT8_MODELS, VERSIONS, Case, Tensors, case_inputs, cases_for, variant
+from tiny_longcat import LORA_FILE, write_dmd_lora, write_longcat_dit
 
 
 def build_reference(dit_module: ModuleType, root: Path, folder: str) -> torch.nn.Module:
@@ -59,16 +59,27 @@ def longcat_cases(
     """Write the seed's tiny DiT under root (published layout); each case's inputs and reference output."""
     cfg, folder = VERSIONS[model_name]
     write_longcat_dit(root / folder, cfg, seed)
-    models = {False: build_reference(dit_module, root, folder)}
+    models = {"bf16": build_reference(dit_module, root, folder)}
     if model_name in INT8_MODELS:
-        models[True] = build_reference_int8(models[False], root, folder)
+        models["int8"] = build_reference_int8(models["bf16"], root, folder)
+        write_dmd_lora(root / LORA_FILE, cfg, seed)
+        models["lora"] = build_reference_lora(dit_module, root, folder)
     cases = {}
     for index, (name, case) in enumerate(cases_for(model_name).items()):
         if (1 if case.streams == 1 or not case.masks else 2) not in persons:
             continue
         inputs = case_inputs(cfg, case, seed * 100 + index)
-        cases[name] = (inputs, run_reference(models[case.int8], case, inputs))
+        cases[name] = (inputs, run_reference(models[variant(case)], case, inputs))
     return cases
+
+
+def build_reference_lora(dit_module: ModuleType, root: Path, folder: str) -> torch.nn.Module:
+    """The float DiT with the LoRA file added at run time, as the 1.5 demo does (`load_lora`, rank from the
+    file's shapes as the demo's 128, then `enable_loras`)."""
+    model = build_reference(dit_module, root, folder)
+    model.load_lora(str(root / LORA_FILE), "dmd", multiplier=1.0, lora_network_dim=8, lora_network_alpha=4)
+    model.enable_loras(["dmd"])
+    return model
 
 
 def build_reference_int8(model: torch.nn.Module, root: Path, folder: str) -> torch.nn.Module:
@@ -99,10 +110,11 @@ def run_longcat(
     with tempfile.TemporaryDirectory(prefix="parity-longcat-") as tmp:
         root = Path(tmp)
         cases = longcat_cases(dit_module, root, model_name, seed, persons)
-        ours = {int8: load_ours(root, model_name, int8=int8) for int8 in {c.int8 for c in CASES.values()}
-                if not int8 or model_name in INT8_MODELS}  # fmt: skip
+        ours = {
+            v: load_ours(root, model_name, v) for v in {variant(c) for c in cases_for(model_name).values()}
+        }
         for name, (inputs, reference) in cases.items():
-            max_abs, rel = compare(run_ours(ours[CASES[name].int8], CASES[name], inputs), reference)
+            max_abs, rel = compare(run_ours(ours[variant(CASES[name])], CASES[name], inputs), reference)
             ok = rel <= TOLERANCE
             ok_all &= ok
             lines.append(

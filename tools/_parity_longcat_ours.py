@@ -11,6 +11,8 @@ Each case is one DiT forward on the tiny model (tests/tiny_longcat.py) in float3
 * cont_1p / cont_2p: a continuation: the cache pass on the reference + 4 conditioning latents, then one
   denoising call on the noisy latents with the cached keys, reference at RoPE time 6, masked band ±1.
 * cont_nocache_1p: the same continuation as one call over all latents (clean ones at timestep 0).
+* lora_* (1.5 only): the same cases with a DMD-style LoRA (reference key grammar, split ups on attn.qkv and
+  cross_attn.kv_linear, alpha_scale 0.375): the reference adds it at run time, we merge it once.
 * int8_* (1.5 only): the same cases on `base_model_int8/` as the reference's own `quantize_model` and
   `save_quantized_state_dict` write it from the tiny model, loaded by its `load_quantized_dit` and by ours.
 """
@@ -27,10 +29,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "tests"))
 
-from tiny_longcat import TINY_10, TINY_15  # noqa: E402
+from tiny_longcat import LORA_FILE, TINY_10, TINY_15  # noqa: E402
 
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer  # noqa: E402
 from multitalk_worker.weights.longcat import INT8_FOLDER, load_dit  # noqa: E402
+from multitalk_worker.weights.longcat_lora import merge_lora  # noqa: E402
 
 Tensors = dict[str, torch.Tensor]
 # model name -> (tiny config dict, the DiT folder as published)
@@ -51,6 +54,7 @@ class Case:
     cached: bool = False
     timesteps: tuple[float, ...] = (876.0,)
     int8: bool = False
+    lora: bool = False
 
 
 CONT = Conditioning(num_cond_latents=CACHE_LATENTS, num_ref_latents=1, ref_img_index=6, mask_frame_range=1)
@@ -64,11 +68,17 @@ CASES: dict[str, Case] = {
     "cont_nocache_1p": Case(1, 9, 8, 1, 0, CONT),
 }
 CASES |= {f"int8_{name}": replace(CASES[name], int8=True) for name in ("ai2v_1p", "ai2v_2p", "cont_2p")}
-INT8_MODELS = ("longcat-avatar",)  # only v1.5 publishes an INT8 DiT
+CASES |= {f"lora_{name}": replace(CASES[name], lora=True) for name in ("ai2v_2p", "cont_1p")}
+INT8_MODELS = ("longcat-avatar",)  # only v1.5 publishes an INT8 DiT and the DMD LoRA
 
 
 def cases_for(model_name: str) -> dict[str, Case]:
-    return {n: c for n, c in CASES.items() if not c.int8 or model_name in INT8_MODELS}
+    return {n: c for n, c in CASES.items() if not (c.int8 or c.lora) or model_name in INT8_MODELS}
+
+
+def variant(case: Case) -> str:
+    """Which model a case runs on: "int8", "lora" or "bf16" (the plain published DiT)."""
+    return "int8" if case.int8 else "lora" if case.lora else "bf16"
 
 
 def case_inputs(cfg: dict, case: Case, seed: int) -> Tensors:
@@ -136,10 +146,14 @@ def run_ours(model: LongCatAvatarTransformer, case: Case, inputs: Tensors) -> Te
     return {"out": out}
 
 
-def load_ours(root: Path, model_name: str, *, int8: bool = False) -> LongCatAvatarTransformer:
-    """The tiny DiT folder under root (or its INT8 folder), through our strict loader, in float32."""
-    folder = INT8_FOLDER if int8 else VERSIONS[model_name][1]
-    return load_dit(root, folder, device=torch.device("cpu"), dtype=torch.float32)
+def load_ours(root: Path, model_name: str, which: str = "bf16") -> LongCatAvatarTransformer:
+    """The tiny DiT folder under root (`which`: "bf16", its INT8 folder, or with the LoRA merged), through
+    our strict loader, in float32."""
+    folder = INT8_FOLDER if which == "int8" else VERSIONS[model_name][1]
+    model = load_dit(root, folder, device=torch.device("cpu"), dtype=torch.float32)
+    if which == "lora":
+        merge_lora(model, root / LORA_FILE)
+    return model
 
 
 def compare(ours: Tensors, ref: Tensors) -> tuple[float, float]:
