@@ -13,6 +13,8 @@ Each case is one DiT forward on the tiny model (tests/tiny_longcat.py) in float3
 * cont_nocache_1p: the same continuation as one call over all latents (clean ones at timestep 0).
 * lora_* (1.5 only): the same cases with a DMD-style LoRA (reference key grammar, split ups on attn.qkv and
   cross_attn.kv_linear, alpha_scale 0.375): the reference adds it at run time, we merge it once.
+* bf16_*: cases in bfloat16 (the published weights as they are, the reference's CUDA autocast float32
+  islands emulated on the CPU); tolerance 2e-2, 5e-2 with two speakers (tools/parity.py says why).
 * int8_* (1.5 only): the same cases on `base_model_int8/` as the reference's own `quantize_model` and
   `save_quantized_state_dict` write it from the tiny model, loaded by its `load_quantized_dit` and by ours.
 """
@@ -55,6 +57,7 @@ class Case:
     timesteps: tuple[float, ...] = (876.0,)
     int8: bool = False
     lora: bool = False
+    bf16: bool = False
 
 
 CONT = Conditioning(num_cond_latents=CACHE_LATENTS, num_ref_latents=1, ref_img_index=6, mask_frame_range=1)
@@ -69,6 +72,17 @@ CASES: dict[str, Case] = {
 }
 CASES |= {f"int8_{name}": replace(CASES[name], int8=True) for name in ("ai2v_1p", "ai2v_2p", "cont_2p")}
 CASES |= {f"lora_{name}": replace(CASES[name], lora=True) for name in ("ai2v_2p", "cont_1p")}
+CASES |= {
+    f"bf16_{name}": replace(CASES[name], bf16=True) for name in ("at2v_1p", "ai2v_1p", "ai2v_2p", "cont_2p")
+}
+VARIANT_PREFIXES = ("int8_", "lora_", "bf16_")  # a variant case runs on its base case's inputs
+BF16_TOLERANCE = {1: 2e-2, 2: 5e-2}  # by speakers routed (1: none)
+
+
+def tolerance(case: Case) -> float:
+    return BF16_TOLERANCE[2 if case.masks else 1] if case.bf16 else TOLERANCE
+
+
 INT8_MODELS = ("longcat-avatar",)  # only v1.5 publishes an INT8 DiT and the DMD LoRA
 
 
@@ -77,8 +91,8 @@ def cases_for(model_name: str) -> dict[str, Case]:
 
 
 def variant(case: Case) -> str:
-    """Which model a case runs on: "int8", "lora" or "bf16" (the plain published DiT)."""
-    return "int8" if case.int8 else "lora" if case.lora else "bf16"
+    """Which model a case runs on: "int8", "lora", "bf16" (a bf16 run) or "float" (float32 run)."""
+    return "int8" if case.int8 else "lora" if case.lora else "bf16" if case.bf16 else "float"
 
 
 def case_inputs(cfg: dict, case: Case, seed: int) -> Tensors:
@@ -146,11 +160,11 @@ def run_ours(model: LongCatAvatarTransformer, case: Case, inputs: Tensors) -> Te
     return {"out": out}
 
 
-def load_ours(root: Path, model_name: str, which: str = "bf16") -> LongCatAvatarTransformer:
-    """The tiny DiT folder under root (`which`: "bf16", its INT8 folder, or with the LoRA merged), through
-    our strict loader, in float32."""
+def load_ours(root: Path, model_name: str, which: str = "float") -> LongCatAvatarTransformer:
+    """The tiny DiT folder under root through our strict loader (`which`: see `variant`)."""
     folder = INT8_FOLDER if which == "int8" else VERSIONS[model_name][1]
-    model = load_dit(root, folder, device=torch.device("cpu"), dtype=torch.float32)
+    dtype = torch.bfloat16 if which == "bf16" else torch.float32
+    model = load_dit(root, folder, device=torch.device("cpu"), dtype=dtype)
     if which == "lora":
         merge_lora(model, root / LORA_FILE)
     return model

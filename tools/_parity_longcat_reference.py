@@ -12,9 +12,11 @@ The checkout is never modified; what it needs of a CUDA machine is replaced at r
   ``torch_utils`` for video writing, is an empty module when not installed.
 * ``torch.compile`` is the identity while the checkout is imported: ``calculate_x_ref_attn_map`` runs eagerly
   (spec §3.10 on compiled vs eager); its ``torch_gc`` (CUDA cache calls) is a no-op.
-* ``torch.amp.autocast('cuda', dtype=float32)`` is a no-op on a CPU: in a float32 run that changes nothing.
-
-Only float32 runs are compared on a CPU (the bf16 rounding points are CUDA autocast's).
+* ``torch.amp.autocast('cuda', dtype=float32)``, a no-op on a CPU, is emulated in the two modules that use it
+  (``amp`` there is replaced by a shim whose ``autocast`` is tools/_parity_reference.py's
+  ``CudaAutocastOnCpu``): inside a float32 region the inputs of linears, matrix products and layer norms are
+  cast to float32 as CUDA autocast does, so a bf16 model keeps its float32 islands (adaLN, timestep MLP,
+  final layer) on a CPU too.
 """
 
 from __future__ import annotations
@@ -122,4 +124,17 @@ def load_reference_dit(checkout: Path) -> types.ModuleType:
         dit = importlib.import_module(DIT_MODULE)
         torch_utils = importlib.import_module(f"{PACKAGE}.audio_process.torch_utils")
     torch_utils.torch_gc = lambda: None
+    amp = _module("parity_amp", autocast=_cuda_autocast)
+    for name in (DIT_MODULE, f"{PACKAGE}.modules.blocks"):
+        sys.modules[name].amp = amp
     return dit
+
+
+def _cuda_autocast(
+    device_type: str = "cuda", dtype: torch.dtype = torch.float16, enabled: bool = True
+) -> Any:
+    from _parity_reference import CudaAutocastOnCpu
+
+    if device_type != "cuda":
+        raise RuntimeError(f"parity: autocast on {device_type!r} is not emulated")
+    return CudaAutocastOnCpu(enabled=enabled, dtype=dtype)
