@@ -14,7 +14,7 @@ from tiny_longcat import INDEX_FILE, TINY_10, TINY_15, key_shapes, write_longcat
 from multitalk_worker.errors import CheckpointError, ModelMissing
 from multitalk_worker.models.longcat.config import LONGCAT_AVATAR_15, LongCatAvatarConfig
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer
-from multitalk_worker.weights.longcat import INT8_FOLDER, dit_problems, load_dit
+from multitalk_worker.weights.longcat import INT8_FOLDER, dit_problems, load_dit, verify_dits
 
 FOLDER = "base_model"
 
@@ -179,3 +179,14 @@ def test_blocks_trace_as_one_graph_each() -> None:
             block.compile(backend="eager", fullgraph=True, dynamic=False)
         got = model(noisy, t, text, None, audio, cond=cond, person_masks=masks, kv_cache=cache)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_verify_checks_the_required_folders_and_a_present_int8_one(folder: Path) -> None:
+    assert [(c.folder, c.problems) for c in verify_dits(folder, "1.5")] == [(FOLDER, [])]
+    write_longcat_int8(folder / INT8_FOLDER, TINY_15, seed=2)
+    assert [c.folder for c in verify_dits(folder, "1.5")] == [FOLDER, INT8_FOLDER]
+    missing = verify_dits(folder, "1.0")
+    assert [(c.folder, c.problems[0].kind) for c in missing] == [
+        ("avatar_single", "missing_file"),
+        ("avatar_multi", "missing_file"),
+    ]

@@ -45,11 +45,13 @@ INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
 INT8_INDEX_FILE = "quantized_model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 INT8_FOLDER = "base_model_int8"
-# The DiT folders of each version, relative to its model folder (spec §2.1).
+# The DiT folders of each version, relative to its model folder (spec §2.1): required ones, then optional
+# ones (the 1.5 INT8 DiT is an alternative to base_model/, used with the reference's --use_int8).
 DIT_FOLDERS: dict[str, tuple[str, ...]] = {
-    "1.5": ("base_model", INT8_FOLDER),
+    "1.5": ("base_model",),
     "1.0": ("avatar_single", "avatar_multi"),
 }
+OPTIONAL_DIT_FOLDERS: dict[str, tuple[str, ...]] = {"1.5": (INT8_FOLDER,), "1.0": ()}
 
 
 def read_config(root: Path, folder: str) -> LongCatAvatarConfig:
@@ -101,6 +103,17 @@ def dit_problems(root: Path, folder: str) -> DiTCheck:
         return DiTCheck(folder, config, check_component(component, model))
     finally:
         component.close()
+
+
+def verify_dits(root: Path, version: str) -> list[DiTCheck]:
+    """`weights verify` for the DiTs of one version ("1.5" or "1.0"): each required folder, and each
+    optional folder that is present. Raises ValueError for an unknown version."""
+    if version not in DIT_FOLDERS:
+        raise ValueError(
+            f"unknown LongCat-Video-Avatar version {version!r}; accepted: {', '.join(DIT_FOLDERS)}"
+        )
+    present = [f for f in OPTIONAL_DIT_FOLDERS[version] if (root / f).is_dir()]
+    return [dit_problems(root, folder) for folder in (*DIT_FOLDERS[version], *present)]
 
 
 def load_dit(
