@@ -115,8 +115,12 @@ def write_tiny_whisper(folder: Path, seed: int) -> None:
             if name.endswith("embed_positions.weight"):
                 continue
             param.copy_(torch.randn_like(param) * (0.3 if param.ndim > 1 else 0.1))
-    model.config.torch_dtype = "float16"
-    model.config.save_pretrained(folder)
+    config = model.config.to_dict() | {
+        "architectures": ["WhisperForConditionalGeneration"],
+        "torch_dtype": "float16",  # the published file's key and value
+    }
+    config.pop("dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state = {k: v.half().contiguous() for k, v in model.state_dict().items() if k != "proj_out.weight"}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     WhisperFeatureExtractor(feature_size=128).save_pretrained(folder)
