@@ -40,7 +40,7 @@ from multitalk_worker.media import VIDEO_CRF
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
 from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region, SamplingParams, Speaker
 from multitalk_worker.progress import ProgressTracker
-from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model
+from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model, pipeline_class
 from multitalk_worker.schema import default_resolution
 
 if TYPE_CHECKING:
@@ -125,9 +125,10 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="default",
-        help="sampling recipe: default (40 steps), or fusionx (8) / lightx2v (4) / fast (4), the recipes of "
-        "the distillation LoRAs of those names, which need that LoRA merged (--lora) for good results",
+        default=None,
+        help="sampling recipe (default: the model's, registry.py): default (40 steps), or fusionx (8) / "
+        "lightx2v (4) / fast (4), the recipes of the distillation LoRAs of those names, which need that LoRA "
+        "merged (--lora) for good results; longcat-distill / longcat-1.5 / longcat-1.0 for LongCat",
     )
     gen.add_argument("--steps", type=int, default=None, help="denoising steps per clip (default: preset)")
     gen.add_argument("--text-guidance", type=float, default=None)
@@ -144,6 +145,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="bucket family (default: tiny for --weights tiny, else 480p)",
     )
     gen.add_argument("--max-duration", type=float, default=None, metavar="S", help="cap on the video length")
+    gen.add_argument(
+        "--segment-length",
+        choices=("audio", "whole_segments"),
+        default="audio",
+        help="LongCat-Video-Avatar: trim the video to the audio (default), or keep the reference's whole "
+        "93 + 80*(S-1) frames",
+    )
     gen.add_argument("--weights", required=True, help="model folder, or 'tiny' for the built-in tiny model")
     gen.add_argument(
         "--device",
@@ -188,8 +196,9 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
         raise InvalidInput(
             f"{len(regions)} --region given for {len(args.audio)} --audio; give one per speaker"
         )
+    preset = args.preset or get_model(args.model).default_preset
     sampling = apply_preset(
-        args.preset,
+        preset,
         resolution,
         SamplingParams(
             seed=args.seed,
@@ -219,6 +228,7 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
         resolution=resolution,
         max_duration_s=args.max_duration,
         sampling=sampling,
+        segment_length=args.segment_length,
     )
 
 
@@ -297,15 +307,14 @@ class _StopOnSignal:
 
 
 def run_generate(args: argparse.Namespace, launch: Launch | None = None) -> int:
-    from multitalk_worker.pipeline.inputs import check_inputs
-
     quiet_model_libraries(verbose=args.verbose)
     request = build_request(args)
     if not args.out.parent.is_dir():
         raise InvalidInput(f"output folder {args.out.parent} does not exist")
-    check_inputs(request, tiny_model=args.weights == "tiny")  # before loading any weights
+    # before loading any weights: the model's pipeline class checks its own inputs (registry entry)
+    pipeline_class(request.model).check_inputs(request, tiny_model=args.weights == "tiny")
     lead = launch is None or launch.rank == 0
-    if lead and PRESETS[args.preset].needs_lora:
+    if lead and args.preset is not None and PRESETS[args.preset].needs_lora:
         logger.warning(
             "preset %s is a distillation-LoRA recipe; without that LoRA expect low quality", args.preset
         )
@@ -325,7 +334,7 @@ def _generate(
 ) -> int:
     """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
     from multitalk_worker.media import Mp4Sink
-    from multitalk_worker.pipeline.pipeline import DiscardFrames, TalkingVideoPipeline
+    from multitalk_worker.pipeline.pipeline import DiscardFrames
 
     started = time.perf_counter()
     lead = parallel is None or parallel.rank == 0
@@ -338,14 +347,15 @@ def _generate(
     report = StageReport() if lead else None
     if report is not None:
         report.line(f"load: {args.weights} ({request.model}, {args.engine} engine)")
-    adapter = get_model(request.model).adapter(request.adapter, persons=len(request.speakers))
-    pipeline = TalkingVideoPipeline.from_pretrained(
+    spec = get_model(request.model)
+    adapter = spec.adapter(request.adapter, persons=len(request.speakers)).name if spec.adapters else None
+    pipeline = pipeline_class(request.model).from_pretrained(
         args.weights,
         device=device,
         sequence_parallel=parallel,
         engine=engine,
         model=request.model,
-        adapter=adapter.name,
+        adapter=adapter,
     )
     # frames are encoded as each clip is final; the other ranks of a group leave them to rank 0
     sink = Mp4Sink(args.out, crf=args.crf) if lead else DiscardFrames()
@@ -367,7 +377,8 @@ def _generate(
     processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(
         f"wrote {args.out}: {count} frames ({count / result.fps:.2f} s) at {width}x{height}, "
-        f"{result.resolved['clips']} clip(s), model {request.model} (adapter {pipeline.bundle.adapter}), "
+        f"{result.resolved['clips']} clip(s), model {request.model}"
+        f"{'' if pipeline.bundle.adapter is None else f' (adapter {pipeline.bundle.adapter})'}, "
         f"seed {result.seed}{processes}, "
         f"{time.perf_counter() - started:.1f} s"
     )

@@ -17,7 +17,12 @@ TINY_WEIGHTS = "tiny"
 RESOLUTIONS: tuple[str, ...] = ("480p", "720p")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENGINE_NAMES: tuple[str, ...] = ("reference", "fast")
-MODEL_NAMES: tuple[str, ...] = ("multitalk", "infinitetalk")  # registry.MODELS (checked by a test)
+MODEL_NAMES: tuple[str, ...] = (
+    "multitalk",
+    "infinitetalk",
+    "longcat-avatar",
+    "longcat-avatar-1.0",
+)  # registry.MODELS (checked by a test)
 
 
 class SettingsError(ValueError):

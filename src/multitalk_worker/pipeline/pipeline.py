@@ -43,10 +43,11 @@ from multitalk_worker.pipeline.conditioning import (
     SharedInputs,
 )
 from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle, resolve_engine
-from multitalk_worker.pipeline.inputs import PreparedInputs, check_params, prepare_inputs
+from multitalk_worker.pipeline.inputs import PreparedInputs, check_inputs, check_params, prepare_inputs
 from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import (
     CancelCheck,
+    CheckedInputs,
     FrameSink,
     GenerationRequest,
     GenerationResult,
@@ -187,6 +188,11 @@ class TalkingVideoPipeline:
     @property
     def is_tiny(self) -> bool:
         return self.bundle.config.name == "tiny"
+
+    @staticmethod
+    def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> CheckedInputs:
+        """Every input check of `request` without any model (the registry's entry point for a door)."""
+        return check_inputs(request, tiny_model=tiny_model)
 
     @torch.inference_mode()
     def __call__(
