@@ -5,7 +5,8 @@ test decodes as few segments as it can."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from multitalk_worker.config import Settings
 from multitalk_worker.errors import Cancelled, InvalidInput
 from multitalk_worker.media import probe_mp4
 from multitalk_worker.pipeline.longcat import LongCatPipeline
@@ -25,7 +27,10 @@ from multitalk_worker.pipeline.request import (
     VideoSpec,
 )
 from multitalk_worker.registry import pipeline_class
+from multitalk_worker.service import JobService
 from tests.conftest import EXAMPLES
+from tests.test_server import run as submit
+from tests.test_server import serve, wait_until  # noqa: F401 - serve: the local API fixture
 
 ONE_STEP = SamplingParams(steps=1, text_guidance=1.0, audio_guidance=1.0, seed=3)
 
@@ -166,3 +171,46 @@ def test_cli_door(cli, tmp_path: Path) -> None:  # noqa: ANN001 - conftest's fix
     assert (info.frames, info.fps, info.has_audio) == (15, 25.0, True)
     assert "model longcat-avatar," in proc.stdout
     assert pipeline_class("longcat-avatar") is LongCatPipeline
+
+
+def test_worker_door(make_settings: Callable[..., Settings]) -> None:
+    """A job through the RunPod handler (the SDK's run_job, in-process) on a worker serving longcat-avatar:
+    validate_only's plan, then the video; a job for another model is refused with its typed error."""
+    from tests.test_worker import job_input, run
+
+    service = JobService(make_settings(MULTITALK_MODEL="longcat-avatar"))
+    job = job_input(model="longcat-avatar", max_duration_s=0.6, advanced={"steps": 1, "seed": 3},
+                    output={"delivery": "base64"})  # fmt: skip
+    plan = run(service, job | {"validate_only": True})["output"]["plan"]
+    assert (plan["segments"], plan["frames"], plan["fps"]) == (1, 15, 25)
+    assert plan["resolved"]["preset"] == "longcat-distill" and plan["resolved"]["adapter"] is None
+    output = run(service, job)["output"]
+    assert (output["frames"], output["fps"], output["model"], output["adapter"]) == (
+        15,
+        25,
+        "longcat-avatar",
+        None,
+    )
+    assert output["resolved"]["segments"] == 1 and output["video"]["delivery"] == "base64"
+    error = json.loads(run(service, job | {"model": "multitalk"})["error"])
+    assert error["code"] == "INVALID_INPUT" and "serves model longcat-avatar" in error["message"]
+    error = json.loads(run(service, job | {"adapter": "single"})["error"])
+    assert error["code"] == "INVALID_INPUT" and "no adapter" in error["message"]
+
+
+def test_local_api_door(serve: Callable[..., str]) -> None:  # noqa: F811
+    """The local API serving longcat-avatar: /health lists it (the page's model list), a job runs to an mp4
+    on the loopback server."""
+    import requests
+
+    api = serve(MULTITALK_MODEL="longcat-avatar")
+    models = requests.get(f"{api}/health", timeout=60).json()["models"]
+    assert models == [{"name": "longcat-avatar", "fps": 25, "sources": ["image", "video"],
+                       "presets": ["longcat-distill", "longcat-1.5"], "default_preset": "longcat-distill",
+                       "default": True}]  # fmt: skip
+    job = {"image": "inputs/person.png", "speakers": [{"audio": "inputs/speech_b.wav"}], "prompt": "hi",
+           "model": "longcat-avatar", "resolution": "tiny", "max_duration_s": 0.6,
+           "advanced": {"steps": 1, "seed": 3}}  # fmt: skip
+    body = wait_until(api, submit(api, job), lambda b: b["status"] in ("COMPLETED", "FAILED"))
+    assert body["status"] == "COMPLETED", body
+    assert (body["output"]["frames"], body["output"]["fps"]) == (15, 25)

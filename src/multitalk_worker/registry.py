@@ -43,7 +43,8 @@ class Adapter:
 class LongCatFamily:
     """What a LongCat-Video-Avatar version adds to its entry (spec longcat-avatar-inference.md §1.2, §7)."""
 
-    dit_folder: str  # the DiT's folder in the published model folder
+    dit_folder: str  # the DiT's folder in the published model folder (spec §2.1, §2.11)
+    multi_dit_folder: str  # the DiT for two speakers (1.0 publishes its own; 1.5 uses the same weights)
     audio_folder: str  # its audio encoder's folder
     schedule: Literal["default", "distill", "distill_v1"]  # pipeline/longcat_sampling.py
     shift: float
@@ -155,7 +156,8 @@ LONGCAT_AVATAR = ModelSpec(
     frames_per_clip=93,
     pipeline=LONGCAT_PIPELINE,
     family=LongCatFamily(
-        dit_folder="avatar_single_v1.5",
+        dit_folder="base_model",
+        multi_dit_folder="base_model",
         audio_folder="whisper-large-v3",
         schedule="distill",  # 8 steps without guidance: the DMD LoRA's schedule (spec §2.7, §7.1)
         shift=7.0,
@@ -178,6 +180,7 @@ LONGCAT_AVATAR_10 = ModelSpec(
     pipeline=LONGCAT_PIPELINE,
     family=LongCatFamily(
         dit_folder="avatar_single",
+        multi_dit_folder="avatar_multi",
         audio_folder="chinese-wav2vec2-base",
         schedule="default",  # 50 steps with guidance (spec §7.1)
         shift=12.0,

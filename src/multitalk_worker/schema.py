@@ -27,7 +27,7 @@ from multitalk_worker.url_policy import check_url
 
 SCHEMA_VERSION = "1"
 MAX_DURATION_S = duration_limit_s(MULTITALK.max_frames)
-LONGEST_DURATION_S = max(duration_limit_s(spec.max_frames) for spec in MODELS.values())  # any model
+LONGEST_DURATION_S = max(duration_limit_s(spec.max_frames, spec.fps) for spec in MODELS.values())  # any model
 ModelField = Literal[tuple(MODELS)]  # type: ignore[valid-type]
 AdapterField = Literal[tuple(sorted({a.name for a in all_adapters().values()}))]  # type: ignore[valid-type]
 MAX_SOURCE_CHARS = (
@@ -237,8 +237,16 @@ class GenerateInput(_Strict):
         f"{MAX_DURATION_S:g} s for multitalk and {LONGEST_DURATION_S:g} s for infinitetalk (the worker's "
         "settings may lower both)",
     )
-    preset: PresetName = Field(  # type: ignore[valid-type]
-        "default", description="named sampling settings (steps, guidance, shift); see docs/api.md"
+    preset: PresetName | None = Field(  # type: ignore[valid-type]
+        None,
+        description="named sampling settings (steps, guidance, shift); see docs/api.md. Unset: the model's "
+        "default (default for multitalk and infinitetalk, longcat-distill for longcat-avatar, longcat-1.0 "
+        "for longcat-avatar-1.0)",
+    )
+    segment_length: Literal["audio", "whole_segments"] | None = Field(
+        None,
+        description="longcat models: the video follows the audio (audio, the default) or keeps the "
+        "reference's whole 93 + 80*(S-1) frames (whole_segments)",
     )
     advanced: AdvancedInput = Field(default_factory=AdvancedInput)
     output: OutputInput = Field(default_factory=OutputInput)
@@ -266,10 +274,17 @@ class GenerateInput(_Strict):
         """The job's model: its own, else the worker's default."""
         return self.model or default_model
 
-    def adapter_name(self, default_model: str) -> str:
-        """The job's adapter: its own, else its model's adapter for the number of speakers."""
+    def adapter_name(self, default_model: str) -> str | None:
+        """The job's adapter: its own, else its model's adapter for the number of speakers; None for a model
+        without adapters (LongCat-Video-Avatar), which refuses one."""
         spec = MODELS[self.model_name(default_model)]
+        if not spec.adapters and self.adapter is None:
+            return None
         return spec.adapter(self.adapter, persons=len(self.speakers)).name
+
+    def preset_name(self, default_model: str) -> str:
+        """The job's preset: its own, else its model's default (registry.py)."""
+        return self.preset or MODELS[self.model_name(default_model)].default_preset
 
 
 class HealthInput(_Strict):
@@ -366,7 +381,7 @@ def _check_model_fields(job: GenerateInput, default_model: str) -> str:
             f"video: model {model} animates an image; send model {models_taking('video')} to dub a video"
         )
     job.adapter_name(default_model)  # an adapter of another model lists the accepted ones
-    longest = duration_limit_s(spec.max_frames)
+    longest = duration_limit_s(spec.max_frames, spec.fps)
     if job.max_duration_s is not None and job.max_duration_s > longest:
         raise InvalidInput(f"max_duration_s: model {model} makes videos of at most {longest:g} s")
     return model

@@ -30,7 +30,7 @@ import numpy as np
 import multitalk_worker
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
 from multitalk_worker.errors import WorkerError
-from multitalk_worker.registry import Adapter
+from multitalk_worker.registry import Adapter, get_model
 from multitalk_worker.residency import adapter_model, resident_adapters
 from multitalk_worker.schema import SCHEMA_VERSION
 
@@ -267,8 +267,32 @@ def health_report(settings: Settings, holder: PipelineHolder) -> dict[str, Any]:
             {"model": adapter_model(a.name)[0], "adapter": a.name, "file": a.file}
             for a in _resident_or_empty(settings)
         ],
+        "models": served_models(settings),
         "settings": settings.public_dict(),
     }
+
+
+def served_models(settings: Settings) -> list[dict[str, object]]:
+    """The models a job may name on this worker (the page's model list), from the registry: a family
+    with adapters serves every model whose adapter is resident; a model without adapters (LongCat) is
+    served alone, by a worker whose MULTITALK_MODEL names it."""
+    spec = get_model(settings.default_model)
+    names = (
+        [spec.name]
+        if not spec.adapters
+        else sorted({adapter_model(a.name)[0] for a in _resident_or_empty(settings)})
+    )
+    return [
+        {
+            "name": name,
+            "fps": get_model(name).fps,
+            "sources": list(get_model(name).sources),
+            "presets": list(get_model(name).presets),
+            "default_preset": get_model(name).default_preset,
+            "default": name == settings.default_model,
+        }
+        for name in names or [spec.name]
+    ]
 
 
 def _resident_or_empty(settings: Settings) -> list[Adapter]:

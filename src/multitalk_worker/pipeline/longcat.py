@@ -139,6 +139,13 @@ class LongCatPipeline:
             raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
         return prepare_longcat_inputs(request).checked()
 
+    @staticmethod
+    def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> LongCatInputs:
+        """`request`'s inputs decoded and checked, for `__call__(inputs=...)`."""
+        if request.resolution == "tiny" and not tiny_model:
+            raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
+        return prepare_longcat_inputs(request)
+
     @torch.inference_mode()
     def __call__(
         self,
@@ -185,6 +192,7 @@ class LongCatPipeline:
             timings=timings,
             resolved={
                 "model": request.model,
+                "adapter": None,
                 "weights": self.bundle.weights,
                 "source": {"kind": "image" if request.image is not None else "video"},
                 "resolution": request.resolution,

@@ -36,6 +36,21 @@ class LongCatInputs:
     person_masks: torch.Tensor | None  # [3, H, W] 0/1 at the bucket (two speakers), else None
     plan: SegmentPlan
 
+    def close(self) -> None:
+        """Nothing is held open (the source was read while preparing)."""
+
+    def plan_report(self) -> dict[str, object]:
+        """The segment plan a validate_only answer and the result report."""
+        plan = self.plan
+        return {
+            "clips": len(plan.segments),
+            "segments": len(plan.segments),
+            "frames": plan.output_frames,
+            "rendered_frames": plan.rendered_frames,
+            "fps": self.spec.fps,
+            "source": {"kind": "image" if self.source_frames is None else "video"},
+        }
+
     def checked(self) -> CheckedInputs:
         return CheckedInputs(
             track_s=self.track_s,

@@ -194,6 +194,11 @@ class TalkingVideoPipeline:
         """Every input check of `request` without any model (the registry's entry point for a door)."""
         return check_inputs(request, tiny_model=tiny_model)
 
+    @staticmethod
+    def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> PreparedInputs:
+        """`request`'s inputs decoded and checked, for `__call__(inputs=...)`."""
+        return prepare_inputs(request, tiny_model=tiny_model)
+
     @torch.inference_mode()
     def __call__(
         self,

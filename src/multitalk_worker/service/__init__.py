@@ -30,10 +30,11 @@ from multitalk_worker.io.s3 import check_s3_destination
 from multitalk_worker.io.volume import volume_destination
 from multitalk_worker.media import Mp4Sink
 from multitalk_worker.pipeline.image import image_size
-from multitalk_worker.pipeline.inputs import prepare_inputs
+from multitalk_worker.pipeline.inputs import PreparedInputs
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, GenerationResult, Progress
 from multitalk_worker.pipeline.video import VideoInfo
 from multitalk_worker.pipeline.video import probe_video as probe_source
+from multitalk_worker.registry import pipeline_class
 from multitalk_worker.schema import GenerateInput, HealthInput, parse_job_input, parse_source
 from multitalk_worker.service.faults import error_for
 from multitalk_worker.service.report import plan_report, source_plan
@@ -155,7 +156,8 @@ class JobService:
             stage.name = "validate"
             request = self._build_request(parsed, fetched)
             # the CLI's checks, bounded; the pipeline takes what they decoded (nothing is decoded twice)
-            inputs = prepare_inputs(request, tiny_model=settings.tiny_model)
+            # the model's pipeline class (registry entry) decodes and checks its inputs
+            inputs = pipeline_class(request.model).prepare_inputs(request, tiny_model=settings.tiny_model)
             sink = Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf)  # encoded clip by clip
             try:
                 checked = inputs.checked()
@@ -165,7 +167,8 @@ class JobService:
                 if parsed.validate_only:
                     from multitalk_worker.preview import plan_details
 
-                    plan |= plan_details(request, settings, with_image=True, inputs=inputs)
+                    if isinstance(inputs, PreparedInputs):  # the Wan models' preview (crop, masks, clips)
+                        plan |= plan_details(request, settings, with_image=True, inputs=inputs)
                     return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
                 stage.name = "load"
                 pipeline, load_s, cold = self.holder.get()

@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 from multitalk_worker.pipeline.inputs import PreparedInputs
+from multitalk_worker.pipeline.longcat_inputs import LongCatInputs
 from multitalk_worker.pipeline.presets import PRESETS
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
 from multitalk_worker.pipeline.video import VideoInfo
+from multitalk_worker.registry import get_model
 from multitalk_worker.schema import GenerateInput
 from multitalk_worker.service.request import RANDOM_SEED
 
@@ -23,6 +25,7 @@ def plan_report(
 ) -> dict[str, Any]:
     picture = picture_report.get("image") or picture_report["video"]
     sampling = request.sampling
+    preset = parsed.preset_name(request.model)
     return {
         "image" if "image" in picture_report else "video": picture,
         "bucket": list(checked.bucket),
@@ -34,8 +37,9 @@ def plan_report(
         "resolved": {
             "model": request.model,
             "adapter": request.adapter,
-            "preset": parsed.preset,
-            "preset_needs_lora": PRESETS[parsed.preset].needs_lora,
+            "preset": preset,
+            "preset_needs_lora": PRESETS[preset].needs_lora,
+            "fps": get_model(request.model).fps,
             "resolution": request.resolution,
             "audio_mode": request.audio_mode,
             "speakers": len(request.speakers),
@@ -53,7 +57,7 @@ def plan_report(
     }
 
 
-def source_plan(inputs: PreparedInputs, video: VideoInfo | None) -> dict[str, Any]:
+def source_plan(inputs: PreparedInputs | LongCatInputs, video: VideoInfo | None) -> dict[str, Any]:
     """The clip plan and, for a video source, its frame rate and whether its last frame will be held.
 
     The output follows the speech; each clip is conditioned on the source frame at its start (spec IT 5),
@@ -61,6 +65,8 @@ def source_plan(inputs: PreparedInputs, video: VideoInfo | None) -> dict[str, An
     clip's start and `frames_held` the output frames from there on (what the result's `source` reports
     after the run). `frames_past_end`: output frames after the source's last frame."""
     plan = inputs.plan
+    if not isinstance(inputs, PreparedInputs):  # a LongCat model's inputs report their own segment plan
+        return inputs.plan_report()
     out: dict[str, Any] = {"clips": len(plan.starts), "frames": plan.output_frames}
     if video is None:
         out["source"] = {"kind": "image"}
