@@ -197,6 +197,15 @@ def load_vocal_separator(model_dir: Path, *, providers: list[str] | None = None)
     return VocalSeparator(session)
 
 
+def vocal_stage(
+    model_dir: Path, enabled: bool, *, providers: list[str] | None = None
+) -> VocalSeparator | None:
+    """The stage as a request sets it: on by default for LongCat-Video-Avatar, loaded from the model
+    folder (ModelMissing when its file is absent); None when `enabled` is false (the audio as sent drives
+    the model, as with MultiTalk)."""
+    return load_vocal_separator(model_dir, providers=providers) if enabled else None
+
+
 def separated_vocals(path: Path, separator: VocalSeparator | None) -> np.ndarray | None:
     """The 16 kHz mono vocal of one input file, or None when separation is off (`separator` None)."""
     if separator is None:
