@@ -5,6 +5,7 @@ input name and shape. Parity with audio-separator is in tests/test_parity_longca
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -82,3 +83,16 @@ def test_vocals_at_16k_and_file_reading(tools: ModuleType, tmp_path: Path) -> No
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     with pytest.raises(AudioDecodeFailed):
         vocals.read_stereo_44k(tmp_path / "bad.wav")
+
+
+def test_model_parameters_from_uvr_model_data(tmp_path: Path) -> None:
+    """audio-separator looks the model's parameters up in mdx_model_data.json by its hash; so do we, with
+    Kim_Vocal_2's values when the file is absent or does not list the model."""
+    _identity_model(tmp_path)
+    path = vocals.vocal_model_path(tmp_path)
+    assert vocals.model_params(path) == vocals.MdxParams()
+    entry = {"compensate": 1.02, "mdx_dim_f_set": 2048, "mdx_dim_t_set": 7, "mdx_n_fft_scale_set": 6144}
+    (path.parent / vocals.MODEL_DATA).write_text(json.dumps({vocals.model_hash(path): entry, "other": {}}))
+    params = vocals.model_params(path)
+    assert (params.n_fft, params.dim_f, params.dim_t, params.compensate) == (6144, 2048, 128, 1.02)
+    assert vocals.load_vocal_separator(tmp_path).params == params

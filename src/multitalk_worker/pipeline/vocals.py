@@ -7,8 +7,10 @@ onnx2torch, pydub, resampy, samplerate==0.1.0, a `beartype<0.19` pin, ...) and d
 files from the network when it loads a model; onnxruntime (MIT) adds only flatbuffers to our lock, and the
 separation itself is a short STFT / overlap-add around one ONNX call.
 
-audio-separator's path for an input file, with its defaults and the MDX parameters UVR's model data give
-Kim_Vocal_2 (n_fft 7680, hop 1024, 3072 frequency bins, 256 frames, compensate 1.009):
+audio-separator's path for an input file, with its defaults and the model's MDX parameters (UVR's
+`mdx_model_data.json`, which audio-separator looks up by the model's hash and downloads into the model folder
+when absent; we read it when the folder has it, and otherwise use Kim_Vocal_2's values: n_fft 7680, hop
+1024, 3072 frequency bins, 256 frames, compensate 1.009, as third-party ports state them):
 
 1. the file at 44.1 kHz stereo (librosa: soxr HQ; mono duplicated); scaled down to peak 0.9 if above;
 2. zero-padded (`trim = n_fft/2` in front, to a whole number of `chunk − 2·trim` steps behind) and cut into
@@ -27,6 +29,8 @@ instrumental stem it does not write) is not computed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 VOCAL_DIR = "vocal_separator"
 VOCAL_MODEL = "Kim_Vocal_2.onnx"
+MODEL_DATA = "mdx_model_data.json"  # UVR's MDX parameters by model hash, which audio-separator reads there
+HASHED_BYTES = 10_000 * 1024  # audio-separator hashes the last 10 240 000 bytes of a model file
 SEPARATION_RATE = 44_100
 OUTPUT_RATE = 16_000
 PEAK = 0.9  # audio-separator's normalization_threshold
@@ -178,6 +184,36 @@ def vocal_model_path(model_dir: Path) -> Path:
     return model_dir / VOCAL_DIR / VOCAL_MODEL
 
 
+def model_hash(path: Path) -> str:
+    """audio-separator's model key: the MD5 of the file's last 10 240 000 bytes (of all of a smaller file)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        file.seek(max(0, size - HASHED_BYTES))
+        return hashlib.md5(file.read()).hexdigest()  # noqa: S324 - a lookup key, as audio-separator's
+
+
+def model_params(path: Path) -> MdxParams:
+    """The MDX parameters of the model at `path`: from `mdx_model_data.json` beside it when that file lists
+    the model's hash (audio-separator downloads UVR's file there at load, unless it is already present),
+    else Kim_Vocal_2's (`MdxParams()`)."""
+    data_file = path.parent / MODEL_DATA
+    if not data_file.is_file():
+        return MdxParams()
+    try:
+        entry = json.loads(data_file.read_text()).get(model_hash(path))
+    except (OSError, ValueError) as exc:
+        raise ModelMissing(f"{VOCAL_DIR}/{MODEL_DATA} is not readable JSON ({exc})") from exc
+    if entry is None:
+        logger.info("%s does not list %s; using Kim_Vocal_2's parameters", MODEL_DATA, path.name)
+        return MdxParams()
+    return MdxParams(
+        n_fft=int(entry["mdx_n_fft_scale_set"]),
+        dim_f=int(entry["mdx_dim_f_set"]),
+        dim_t=2 ** int(entry["mdx_dim_t_set"]),
+        compensate=float(entry["compensate"]),
+    )
+
+
 def load_vocal_separator(model_dir: Path, *, providers: list[str] | None = None) -> VocalSeparator:
     """The separator of the model folder; ModelMissing (with the way out) when its file is absent."""
     path = vocal_model_path(model_dir)
@@ -194,7 +230,7 @@ def load_vocal_separator(model_dir: Path, *, providers: list[str] | None = None)
     session = onnxruntime.InferenceSession(
         str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"]
     )
-    return VocalSeparator(session)
+    return VocalSeparator(session, model_params(path))
 
 
 def vocal_stage(
