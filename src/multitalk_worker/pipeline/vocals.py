@@ -34,6 +34,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import av
 import numpy as np
@@ -77,11 +78,17 @@ class MdxParams:
         return self.hop * (self.dim_t - 1)
 
 
+class OnnxSession(Protocol):
+    """What the stage uses of `onnxruntime.InferenceSession`."""
+
+    def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
 class VocalSeparator:
     """One job: a stereo 44.1 kHz mix in, its vocal stem out (steps 2-3 of the module's list)."""
 
-    def __init__(self, session: object, params: MdxParams = MdxParams()) -> None:
-        self.session = session  # an onnxruntime.InferenceSession with an input named "input"
+    def __init__(self, session: OnnxSession, params: MdxParams = MdxParams()) -> None:
+        self.session = session  # the model's graph, with an input named "input"
         self.params = params
         self.window = torch.hann_window(params.n_fft, periodic=True)
 
