@@ -148,22 +148,22 @@ def test_prepare_two_speakers_with_the_v1_encoder() -> None:
     padded to the rendered length and encoded (the tiny wav2vec2 at 32 Hz), the soundtrack from the raw
     tracks; v1.0's noise is reproducible from the seed."""
     model, extractor = load_wav2vec(REPO / "tests/fixtures/parity/wav2vec/chinese-wav2vec2-base", device=CPU)
-    raw = [_speech(4.0, 1), _speech(3.0, 2)]
+    raw = [_speech(2.0, 1), _speech(1.5, 2)]
     vocals = [track * 0.5 for track in raw]
     encode = la.wav2vec_encoder(model, extractor)
     audio = la.prepare_longcat_audio(
         raw, vocals, "sequential", la.AUDIO_V10, encode, max_frames=10_000, others=True, seed=5
     )
-    assert audio.plan.output_frames == 112 and len(audio.plan.segments) == 2  # 7 s at 16 fps
-    samples = math.ceil(la.rendered_seconds(2, 16) * 16000)  # 173 frames: 10.8125 s
+    assert audio.plan.output_frames == 56 and len(audio.plan.segments) == 1  # 3.5 s at 16 fps
+    samples = math.ceil(la.rendered_seconds(1, 16) * 16000)  # 93 frames: 5.8125 s
     assert [f.shape for f in audio.features] == [(la.feature_frames(samples, 32), 2, 16)] * 3
-    assert audio.stride == 2 and audio.soundtrack.shape == (112_000,)
-    assert np.array_equal(audio.soundtrack[:64_000], raw[0])  # the unseparated audio is muxed
+    assert audio.stride == 2 and audio.soundtrack.shape == (56_000,)
+    assert np.array_equal(audio.soundtrack[:32_000], raw[0])  # the unseparated audio is muxed
     again = la.prepare_longcat_audio(
         raw, vocals, "sequential", la.AUDIO_V10, encode, max_frames=10_000, others=True, seed=5
     )
     assert all(torch.equal(a, b) for a, b in zip(audio.features, again.features, strict=True))
-    windows = segment_windows(list(audio.features), audio.plan.segments[1], audio.stride)
+    windows = segment_windows(list(audio.features), audio.plan.segments[0], audio.stride)
     assert windows.shape == (3, 93, 5, 2, 16)
 
 
