@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -20,7 +21,10 @@ from safetensors.torch import load_file, save_file
 from multitalk_worker.errors import CheckpointError, InvalidInput, ModelMissing
 from multitalk_worker.models.whisper_encoder import whisper_features
 from multitalk_worker.pipeline import longcat_audio as la
+from multitalk_worker.pipeline.longcat_segments import segment_windows
 from multitalk_worker.pipeline.loudness import integrated_loudness
+from multitalk_worker.pipeline.vocals import vocal_stage
+from multitalk_worker.weights.wav2vec import load_wav2vec
 from multitalk_worker.weights.whisper import check_whisper, load_whisper
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +141,33 @@ def test_whisper_folder_faults(tools: ModuleType, tmp_path: Path) -> None:
     (folder / "preprocessor_config.json").unlink()
     with pytest.raises(ModelMissing, match="preprocessor_config.json"):
         load_whisper(folder, device=CPU)
+
+
+def test_prepare_two_speakers_with_the_v1_encoder() -> None:
+    """The request-level entry: streams from the vocals, the plan from their frames at 16 fps, each stream
+    padded to the rendered length and encoded (the tiny wav2vec2 at 32 Hz), the soundtrack from the raw
+    tracks; v1.0's noise is reproducible from the seed."""
+    model, extractor = load_wav2vec(REPO / "tests/fixtures/parity/wav2vec/chinese-wav2vec2-base", device=CPU)
+    raw = [_speech(2.0, 1), _speech(1.5, 2)]
+    vocals = [track * 0.5 for track in raw]
+    encode = la.wav2vec_encoder(model, extractor)
+    audio = la.prepare_longcat_audio(
+        raw, vocals, "sequential", la.AUDIO_V10, encode, max_frames=10_000, others=True, seed=5
+    )
+    assert audio.plan.output_frames == 56 and len(audio.plan.segments) == 1  # 3.5 s at 16 fps
+    samples = math.ceil(la.rendered_seconds(1, 16) * 16000)  # 93 frames: 5.8125 s
+    assert [f.shape for f in audio.features] == [(la.feature_frames(samples, 32), 2, 16)] * 3
+    assert audio.stride == 2 and audio.soundtrack.shape == (56_000,)
+    assert np.array_equal(audio.soundtrack[:32_000], raw[0])  # the unseparated audio is muxed
+    again = la.prepare_longcat_audio(
+        raw, vocals, "sequential", la.AUDIO_V10, encode, max_frames=10_000, others=True, seed=5
+    )
+    assert all(torch.equal(a, b) for a, b in zip(audio.features, again.features, strict=True))
+    windows = segment_windows(list(audio.features), audio.plan.segments[0], audio.stride)
+    assert windows.shape == (3, 93, 5, 2, 16)
+
+
+def test_vocal_stage_setting(tmp_path: Path) -> None:
+    assert vocal_stage(tmp_path, enabled=False) is None
+    with pytest.raises(ModelMissing):
+        vocal_stage(tmp_path, enabled=True)

@@ -15,7 +15,8 @@ the float32 features within max |Δ| / max |ref| <= 1e-5. Measured: bitwise for 
 reference under NumPy 2, which applies pyloudnorm's float64 gain in float64, where the reference's pinned
 NumPy 1.26 (which we follow) applies it in float32 (with the float64 gain our side is bitwise, checked by
 hand); wav2vec2 1.6e-6 to 2.7e-6 abs (the reference's forward forces eager attention under transformers 5,
-ours is SDPA).
+ours is SDPA). The vocal stage (audio-separator 0.30.2, run with --audio-separator): stem 1.8e-7 abs, the
+16 kHz vocal 6.2e-6 (within one 16-bit step, its tolerance); bitwise with NumPy 2's peak-limit factor.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def cases() -> dict[str, Case]:
 
 
 def test_every_stage_is_stored(ours: ModuleType, cases: dict[str, Case]) -> None:
-    assert set(cases) == set(ours.AUDIO_STAGES) | set(ours.SCHEDULES) | {"step_guidance"}
+    assert set(cases) == set(ours.AUDIO_STAGES) | set(ours.SCHEDULES) | {"step_guidance", "vocals"}
     assert MANIFEST == {"seed": 0, "tolerance_f32": ours.TOLERANCE_F32}
 
 
@@ -122,3 +123,14 @@ def test_a_one_percent_whisper_error_is_caught(
     save_file(tensors, str(path), metadata={"format": "pt"})
     _, relative = _audio_stage("whisper_3s_padded", ours, cases["whisper_3s_padded"], tmp_path)
     assert relative > 10 * ours.TOLERANCE_F32
+
+
+def test_vocal_separation_matches(ours: ModuleType, cases: dict[str, Case], tmp_path: Path) -> None:
+    """pipeline/vocals.py against audio-separator 0.30.2's MDX computation on the tiny ONNX model (written
+    again here from the seed: the fixture stores only the reference's outputs)."""
+    pytest.importorskip("onnx")
+    ours.write_tiny_mdx(tmp_path / ours.VOCAL_MODEL, MANIFEST["seed"])
+    outputs = ours.run_vocal_stage(tmp_path / "longcat_audio", MANIFEST["seed"])
+    worst, relative, ok = ours.vocal_check(outputs, cases["vocals"]["ref"])
+    print(f"vocals: max_abs_err {worst:.3e} relative {relative:.3e}")
+    assert ok

@@ -321,3 +321,55 @@ def audio_case(ref: LongCatReference, stage: str, fixtures: Path, seed: int) -> 
         if not torch.equal(space["audio_emb"][0], full[0][space["center_indices"]]):
             raise RuntimeError("the reference's windows are not its index table's gather")
     return {"signal_sha256": digest(signals)}, out
+
+
+# --------------------------------------------------------------------------- vocal separation
+from _parity_longcat_audio_ours import VOCAL_SECONDS, VOCAL_THIN  # noqa: E402
+
+
+def _stub(name: str, **attrs: Any) -> None:
+    if name not in sys.modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            sys.modules[name] = types.SimpleNamespace(**attrs)  # type: ignore[assignment]
+
+
+def vocal_case(separator_root: Path, model: Path, seed: int) -> Tensors:
+    """audio-separator 0.30.2's MDX computation on the tiny ONNX model: `MDXSeparator.demix` (with its
+    `run_model`, `initialize_model_settings` and `STFT`) bound to the separator's default settings and
+    Kim_Vocal_2's model data, between the two `spec_utils.normalize` calls of `MDXSeparator.separate` and
+    the one of its WAV writer; then the writer's int16 conversion, a 16-bit WAV and the demo's
+    `librosa.load(vocal, sr=16000)`. Modules its files import but this path never calls (onnx2torch,
+    audioread, pydub) are stubbed when missing."""
+    import logging
+
+    import librosa
+    import onnxruntime
+    from _parity_longcat_audio_ours import vocal_input
+
+    sys.path.insert(0, str(separator_root))
+    for name in ("onnx2torch", "audioread", "pydub"):
+        _stub(name, AudioSegment=None, convert=None)
+    mdx = importlib.import_module("audio_separator.separator.architectures.mdx_separator")
+    spec_utils = importlib.import_module("audio_separator.separator.uvr_lib_v5.spec_utils")
+    session = onnxruntime.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    sep = types.SimpleNamespace(
+        hop_length=1024, segment_size=256, overlap=0.25, batch_size=1, enable_denoise=False,
+        compensate=1.009, dim_f=3072, dim_t=2**8, n_fft=7680, torch_device=torch.device("cpu"),
+        logger=logging.getLogger("mdx"),
+        model_run=lambda spek: session.run(None, {"input": spek.cpu().numpy()})[0],
+    )  # fmt: skip
+    sep.stft = mdx.STFT(sep.logger, sep.n_fft, sep.hop_length, sep.dim_f, sep.torch_device)
+    for method in ("initialize_model_settings", "run_model", "demix"):
+        setattr(sep, method, types.MethodType(getattr(mdx.MDXSeparator, method), sep))
+    mix = spec_utils.normalize(wave=vocal_input(VOCAL_SECONDS, seed), max_peak=0.9, min_peak=0.0)
+    with torch.no_grad():
+        stem = spec_utils.normalize(wave=sep.demix(mix), max_peak=0.9, min_peak=0.0)
+    written = spec_utils.normalize(wave=stem.T.copy(), max_peak=0.9, min_peak=0.0)
+    pcm = (written * 32767).astype(np.int16)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "vocals.wav"
+        soundfile.write(str(path), pcm, 44100, subtype="PCM_16")
+        vocals, _ = librosa.load(str(path), sr=16000)
+    return {"stem": torch.from_numpy(stem[:, ::VOCAL_THIN].copy()), "vocals_16k": torch.from_numpy(vocals)}

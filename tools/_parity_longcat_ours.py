@@ -11,6 +11,8 @@ Each case is one DiT forward on the tiny model (tests/tiny_longcat.py) in float3
 * cont_1p / cont_2p: a continuation: the cache pass on the reference + 4 conditioning latents, then one
   denoising call on the noisy latents with the cached keys, reference at RoPE time 6, masked band ±1.
 * cont_nocache_1p: the same continuation as one call over all latents (clean ones at timestep 0).
+* cont_band_front_1p, cont_far_ref_1p, cont_negative_ref_1p: the band at the window's front edge, and no band
+  (reference at time 30; at −10 with range 3, in one call).
 * lora_* (1.5 only): the same cases with a DMD-style LoRA (reference key grammar, split ups on attn.qkv and
   cross_attn.kv_linear, alpha_scale 0.375): the reference adds it at run time, we merge it once.
 * bf16_*: cases in bfloat16 (the published weights as they are, the reference's CUDA autocast float32
@@ -54,7 +56,7 @@ class Case:
     masks: int  # person-mask classes (0: none)
     cond: Conditioning
     cached: bool = False
-    timesteps: tuple[float, ...] = (876.0,)
+    timesteps: tuple[float, ...] = (937.3,)  # not a bf16 value: the DiT rounds it in a bf16 run
     int8: bool = False
     lora: bool = False
     bf16: bool = False
@@ -62,13 +64,17 @@ class Case:
 
 CONT = Conditioning(num_cond_latents=CACHE_LATENTS, num_ref_latents=1, ref_img_index=6, mask_frame_range=1)
 CASES: dict[str, Case] = {
-    "at2v_1p": Case(2, 3, 3, 2, 0, Conditioning(), timesteps=(1000.0, 876.0)),
-    "ai2v_1p": Case(1, 3, 3, 1, 0, Conditioning(num_cond_latents=1), timesteps=(498.0,)),
+    "at2v_1p": Case(2, 3, 3, 2, 0, Conditioning(), timesteps=(1000.0, 876.2)),
+    "ai2v_1p": Case(1, 3, 3, 1, 0, Conditioning(num_cond_latents=1), timesteps=(498.7,)),
     "ai2v_2p": Case(1, 3, 3, 2, 3, Conditioning(num_cond_latents=1)),
     "ai2v_3p": Case(1, 3, 3, 3, 4, Conditioning(num_cond_latents=1)),
     "cont_1p": Case(1, 4, 8, 1, 0, CONT, cached=True),
     "cont_2p": Case(1, 4, 8, 2, 3, CONT, cached=True),
     "cont_nocache_1p": Case(1, 9, 8, 1, 0, CONT),
+    # the masked band at the window's front (noisy latents 0-2), off (reference beyond / before the window)
+    "cont_band_front_1p": Case(1, 4, 8, 1, 0, replace(CONT, ref_img_index=5), cached=True),
+    "cont_far_ref_1p": Case(1, 4, 8, 1, 0, replace(CONT, ref_img_index=30), cached=True),
+    "cont_negative_ref_1p": Case(1, 9, 8, 1, 0, replace(CONT, ref_img_index=-10, mask_frame_range=3)),
 }
 CASES |= {f"int8_{name}": replace(CASES[name], int8=True) for name in ("ai2v_1p", "ai2v_2p", "cont_2p")}
 CASES |= {f"lora_{name}": replace(CASES[name], lora=True) for name in ("ai2v_2p", "cont_1p")}

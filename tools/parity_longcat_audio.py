@@ -15,6 +15,12 @@ reference is run from the unmodified checkout):
   and 12; `enhance_hf`; v1.0's "distill" table) and the bf16 timesteps the DiT embeds: bitwise.
 * `step_guidance`: scheduler.step on the negated prediction at three positions, and the split guidance
   expression: bitwise.
+* `vocals` (with --audio-separator): audio-separator 0.30.2's MDX computation against pipeline/vocals.py on
+  a tiny ONNX model with Kim_Vocal_2's input name and shape (`write_tiny_mdx`): the 44.1 kHz stem and the
+  16 kHz vocal read back from its 16-bit WAV; the stem within max |Δ| / max |ref| <= 1e-5, the vocal within
+  one 16-bit step. Measured: bitwise when both sides compute audio-separator's peak-limit factor
+  `0.9 / peak` alike; ours follows the reference's pinned NumPy 1.26 (float64, then applied in float32),
+  the tool runs it under NumPy 2 (float32): stem 1.8e-7, vocal 6.2e-6 (< 3.05e-5, one step).
 
 One line per stage: `stage  max_abs_err  rel_err  ok|FAIL`; exit status 1 if any fails. --write-fixtures
 stores the tiny Whisper folder and every stage's inputs and reference outputs under
@@ -33,11 +39,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 import torch  # noqa: E402
-from _parity_longcat_audio_cases import audio_case, load_longcat_reference, schedule_case, step_case  # noqa: E402
+from _parity_longcat_audio_cases import (  # noqa: E402
+    audio_case,
+    load_longcat_reference,
+    schedule_case,
+    step_case,
+    vocal_case,
+)
 from _parity_longcat_audio_ours import (  # noqa: E402
     AUDIO_STAGES,
     SCHEDULES,
     TOLERANCE_F32,
+    VOCAL_MODEL,
     WAV2VEC_DIR,
     WHISPER_DIR,
     compare,
@@ -45,6 +58,9 @@ from _parity_longcat_audio_ours import (  # noqa: E402
     run_audio_stage,
     run_schedule_stage,
     run_step_stage,
+    run_vocal_stage,
+    vocal_check,
+    write_tiny_mdx,
     write_tiny_whisper,
 )
 from safetensors.torch import save_file  # noqa: E402
@@ -60,6 +76,12 @@ def main() -> int:
     )
     parser.add_argument("--reference", type=Path, required=True, help="LongCat-Video checkout")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--audio-separator",
+        type=Path,
+        help="a folder holding the audio_separator package, version 0.30.2 (the reference's pin), e.g. from "
+        "`pip install --no-deps --target DIR audio-separator==0.30.2`; adds the vocal-separation stage",
+    )
     parser.add_argument("--write-fixtures", action="store_true")
     args = parser.parse_args()
     ref = load_longcat_reference(args.reference)
@@ -86,6 +108,13 @@ def main() -> int:
         worst, rel = compare(run_step_stage(inputs), expected)
         rows.append(("step_guidance", worst, rel, worst == 0.0))
         stored |= _keys("step_guidance", inputs, expected)
+        if args.audio_separator is not None:
+            write_tiny_mdx(root / VOCAL_MODEL, args.seed)
+            expected = vocal_case(args.audio_separator, root / VOCAL_MODEL, args.seed)
+            rows.append(
+                ("vocals", *vocal_check(run_vocal_stage(root / "longcat_audio", args.seed), expected))
+            )
+            stored |= _keys("vocals", {}, expected)
         for stage, worst, rel, ok in rows:
             print(f"{stage:28s} {worst:.3e} {rel:.3e} {'ok' if ok else 'FAIL'}")
             failed |= not ok

@@ -30,16 +30,27 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal, Protocol
 
 import numpy as np
 import scipy.signal
 import torch
 from torch import Tensor
+from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model, WhisperFeatureExtractor
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from multitalk_worker.errors import InvalidInput
+from multitalk_worker.models.audio_encoder import audio_features
+from multitalk_worker.models.whisper_encoder import whisper_features
 from multitalk_worker.pipeline.audio import SILENCE_LUFS, TARGET_LUFS, combine_tracks
-from multitalk_worker.pipeline.longcat_segments import ADVANCE, SEGMENT_FRAMES
+from multitalk_worker.pipeline.longcat_segments import (
+    ADVANCE,
+    SEGMENT_FRAMES,
+    SegmentLength,
+    SegmentPlan,
+    plan_segments,
+)
 from multitalk_worker.pipeline.loudness import integrated_loudness
 from multitalk_worker.pipeline.request import AudioMode
 
@@ -190,3 +201,55 @@ def track_features(
 def null_windows(windows: Tensor) -> Tensor:
     """The unconditional branch's audio (§7.3): all-zero feature windows of the same shape."""
     return torch.zeros_like(windows)
+
+
+@dataclass(frozen=True)
+class LongCatAudio:
+    """A request's audio, ready for the segment loop."""
+
+    features: tuple[Tensor, ...]  # per stream [La, groups, C] float32: person 1, person 2, silent others
+    soundtrack: np.ndarray  # what the video is muxed with: the unseparated audio, 16 kHz mono float32
+    plan: SegmentPlan
+    stride: int  # feature frames per video frame, for `segment_windows`
+
+
+def prepare_longcat_audio(
+    raw: Sequence[np.ndarray],
+    vocals: Sequence[np.ndarray] | None,
+    mode: AudioMode,
+    config: LongCatAudioConfig,
+    encode: FeatureEncoder,
+    *,
+    max_frames: int,
+    length: SegmentLength = "audio",
+    others: bool = False,
+    seed: int = 0,
+) -> LongCatAudio:
+    """Streams, segment plan and features of one request (§4.2-4.7).
+
+    `raw`: each person's decoded 16 kHz track (pipeline/audio.read_track, not normalised); `vocals`: the
+    same tracks after vocal separation (pipeline/vocals.py), or None when separation is off (the raw audio
+    then drives the model). The plan follows the driving audio's frames at the model's fps (`length`:
+    trimmed to the audio, or whole segments); every stream is padded to the plan's rendered length and
+    encoded on its own. `seed` seeds v1.0's noise floor."""
+    streams = stream_tracks(vocals if vocals is not None else raw, mode, others)
+    plan = plan_segments(video_frames(streams[0].shape[0], config.fps), max_frames, length)
+    noise = np.random.RandomState(seed) if config.prefilter else None
+    segments = len(plan.segments)
+    features = tuple(track_features(track, segments, config, encode, noise) for track in streams)
+    soundtrack = combine_tracks(raw, mode).soundtrack
+    return LongCatAudio(features=features, soundtrack=soundtrack, plan=plan, stride=config.stride)
+
+
+def whisper_encoder(encoder: WhisperEncoder, extractor: WhisperFeatureExtractor) -> FeatureEncoder:
+    """v1.5's FeatureEncoder: the loaded Whisper encoder and its feature extractor (weights/whisper.py)."""
+    return partial(whisper_features, encoder, extractor)
+
+
+def wav2vec_encoder(model: Wav2Vec2Model, extractor: Wav2Vec2FeatureExtractor) -> FeatureEncoder:
+    """v1.0's FeatureEncoder: chinese-wav2vec2 at the requested frame count (weights/wav2vec.py)."""
+
+    def encode(signal: np.ndarray, frames: int) -> Tensor:
+        return audio_features(model, extractor, signal, frames=frames)
+
+    return encode

@@ -96,9 +96,9 @@ class SelfAttention(nn.Module):
             k, v = torch.cat([cached_k, k], dim=1), torch.cat([cached_v, v], dim=1)
         q = rotate_pairs(q, angles[-q.shape[1] :])
         k = rotate_pairs(k, angles)
-        if cache is not None:
-            out = self._noisy(q, k, v, frame_tokens, cond, q.shape[1] // frame_tokens, backend)
-            noisy_q = q
+        if cache is not None:  # only noisy tokens in this call
+            band = cond.masked_band(q.shape[1] // frame_tokens)
+            out, noisy_q = self._noisy_attention(q, k, v, frame_tokens, band, backend), q
         else:
             out, noisy_q = self._uncached(q, k, v, frame_tokens, cond, backend)
         return self.proj(out.flatten(2)), noisy_q, k, new_kv
@@ -120,11 +120,6 @@ class SelfAttention(nn.Module):
             band = cond.masked_band(num_noisy) if cond.num_cond_latents > 1 else None
             parts.append(self._noisy_attention(noisy_q, k, v, st, band, backend))
         return torch.cat(parts, dim=1), noisy_q
-
-    def _noisy(
-        self, q: Tensor, k: Tensor, v: Tensor, st: int, cond: Conditioning, num_noisy: int, backend: str
-    ) -> Tensor:
-        return self._noisy_attention(q, k, v, st, cond.masked_band(num_noisy), backend)
 
     @staticmethod
     def _noisy_attention(

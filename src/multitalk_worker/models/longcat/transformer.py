@@ -222,9 +222,11 @@ class LongCatAvatarTransformer(nn.Module):
         inputs: BlockInputs,
         kv_cache: list[KVCache] | None = None,
         *,
+        return_kv: bool = False,
         runtime: DiTRuntime = REFERENCE_RUNTIME,
     ) -> tuple[Tensor, list[KVCache]]:
-        """The block stack on x [B, N, C]; returns the stream and each block's own (k, v) before RoPE."""
+        """The block stack on x [B, N, C]; returns the stream and, with `return_kv`, each block's own (k, v)
+        before RoPE (else []: a denoising call keeps no block's keys alive past that block)."""
         if kv_cache is not None and len(kv_cache) != len(self.blocks):
             raise ValueError(f"kv_cache has {len(kv_cache)} entries; the model has {len(self.blocks)} blocks")
         exact = runtime.exact() if runtime.exact_self_attention_blocks else runtime
@@ -232,7 +234,8 @@ class LongCatAvatarTransformer(nn.Module):
         for index, block in enumerate(self.blocks):
             block_runtime = exact if index < runtime.exact_self_attention_blocks else runtime
             x, kv = block(x, inputs, None if kv_cache is None else kv_cache[index], runtime=block_runtime)
-            kvs.append(kv)
+            if return_kv:  # v is a view of the fused qkv output: copy it so that q's memory is freed
+                kvs.append((kv[0].contiguous(), kv[1].contiguous()))
         return x, kvs
 
     def project_out(self, x: Tensor, temb: Tensor, grid: tuple[int, int, int]) -> Tensor:
@@ -295,7 +298,7 @@ class LongCatAvatarTransformer(nn.Module):
             latent, timestep, text, None, audio, cond=cond, person_masks=None, cached=False,
             skip_cross_attn=True,
         )  # fmt: skip
-        _, kvs = self.run_blocks(inputs.tokens, inputs, runtime=runtime)
+        _, kvs = self.run_blocks(inputs.tokens, inputs, return_kv=True, runtime=runtime)
         return kvs
 
     def _check_inputs(
