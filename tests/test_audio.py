@@ -209,7 +209,7 @@ def test_a_budget_cuts_a_capped_track_and_refuses_a_long_uncapped_one(tmp_path: 
     start = track.samples.shape[0] - 1000  # before the resampler's flush at the cut
     np.testing.assert_array_equal(track.samples[:start], whole.samples[:start])  # the same start
     assert not audio.decode_track(path, audio.AudioBudget(10.5, cut=False)).cut
-    with pytest.raises(DurationTooLong, match=r"ten.wav: the audio lasts more than 6.0 s"):
+    with pytest.raises(DurationTooLong, match=r"ten.wav lasts 10.0 s; videos are at most 6 s"):
         audio.decode_track(path, audio.AudioBudget(6.0, cut=False))  # declared: refused undecoded
 
 

@@ -27,7 +27,6 @@ from tests.conftest import Cli
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 AAC_FRAME_S = 1024 / 16000
 SPEECH_A_FRAMES = 102  # La of examples/speech_a.wav
-SPEECH_B_FRAMES = 87  # La of examples/speech_b.wav
 
 
 def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -88,6 +87,35 @@ def test_one_person(tmp_path: Path) -> None:
     assert "clip 2/2 step 2/2, ETA" in proc.stderr and "with decode" in proc.stderr  # the bar's postfix
 
 
+HELP_SCRIPT = """
+import sys, time
+start = time.perf_counter()
+from multitalk_worker.cli import main
+for argv in (["generate", "--help"], ["generate", "--prompt", "x"]):  # the help, then an argument error
+    try:
+        main(argv)
+    except SystemExit as exit:
+        print("exit", exit.code)
+heavy = sorted(m for m in ("torch", "diffusers", "transformers", "av", "numpy") if m in sys.modules)
+print("heavy", heavy, "seconds", round(time.perf_counter() - start, 2))
+"""
+
+
+def test_help_and_argument_errors_import_no_model_library() -> None:
+    """`--help` and a bad command line answer without importing torch, diffusers, transformers, PyAV or numpy
+    (measured here under load: about 1 s, against about 20 s with torch)."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", HELP_SCRIPT], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert "--max-duration S" in done.stdout and "default 42" in done.stdout  # the help was printed
+    assert "exit 0" in done.stdout and "exit 2" in done.stdout and "required" in done.stderr
+    assert "heavy [] " in done.stdout, done.stdout
+
+
 def test_version_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
     from multitalk_worker import __version__
     from multitalk_worker.schema import GenerateInput
@@ -99,18 +127,6 @@ def test_version_and_schema(capsys: pytest.CaptureFixture[str]) -> None:
     schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == set(GenerateInput.model_fields)
     assert schema["$defs"]["AdvancedInput"]["properties"]["steps"]["anyOf"][0]["maximum"] == 100
-
-
-def test_two_people_parallel(tmp_path: Path, cli: Cli) -> None:
-    out = tmp_path / "parallel.mp4"
-    generate(
-        out,
-        "--image", EXAMPLES / "two_people.png",
-        "--audio", EXAMPLES / "speech_a.wav", "--region", "left",
-        "--audio", EXAMPLES / "speech_b.wav", "--region", "0.5,0,1,1",
-        cli=cli,
-    )  # fmt: skip
-    check_video(out, max(SPEECH_A_FRAMES, SPEECH_B_FRAMES) - 3)
 
 
 def test_two_people_sequential_from_mp3_and_stereo_44k(tmp_path: Path, cli: Cli) -> None:
@@ -159,11 +175,16 @@ def _short_wav(tmp_path: Path) -> Path:
             "overlap",
             "error [INVALID_INPUT]: the regions of the two speakers overlap ([0, 0, 0.6, 1] and [0.5,",
         ),
-        ("three", "error [INVALID_INPUT]: 3 speakers given; one or two are accepted"),
+        ("three", "error [INVALID_INPUT]: --audio: List should have at most 2 items after validation, not 3"),
         ("region", "error [INVALID_INPUT]: --region 'middle' is not accepted"),
+        ("missing", "error [INVALID_INPUT]: --audio "),
         ("huge", "error [INVALID_INPUT]: huge.png: 12000x12000 is 144.0 megapixels; images of at most 50"),
         ("1 Hz", "error [INVALID_INPUT]: one_hertz.wav: sample rate 1 Hz is not accepted; use 8000-192000"),
-        ("long", "error [DURATION_TOO_LONG]: long.flac: the audio lasts more than 40.2 s"),
+        (
+            "long",
+            "error [DURATION_TOO_LONG]: long.flac lasts more than 40.2 s; videos are at most that long. "
+            "Set --max-duration",
+        ),
     ],
 )
 def test_bad_inputs_exit_non_zero_with_one_line(tmp_path: Path, cli: Cli, case: str, message: str) -> None:
@@ -178,6 +199,7 @@ def test_bad_inputs_exit_non_zero_with_one_line(tmp_path: Path, cli: Cli, case: 
         "three": ["--image", image, "--audio", speech, "--audio", speech, "--audio", speech],
         "region": ["--image", image, "--audio", speech, "--region", "middle", "--audio", speech,
                    "--region", "right"],
+        "missing": ["--image", image, "--audio", tmp_path / "nowhere.wav"],
         "huge": lambda: ["--image", hostile.huge_png(tmp_path / "huge.png"), "--audio", speech],
         "1 Hz": lambda: ["--image", image, "--audio", hostile.wav_header(tmp_path / "one_hertz.wav", rate=1)],
         "long": lambda: ["--image", image, "--audio", hostile.flac_surround_silence(tmp_path / "long.flac")],
@@ -197,4 +219,5 @@ def test_bad_inputs_exit_non_zero_with_one_line(tmp_path: Path, cli: Cli, case: 
     assert proc.returncode == 1
     err = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith(message), err
+    assert case != "missing" or err[0].endswith("nowhere.wav: no such file"), err
     assert not (tmp_path / "x.mp4").exists()

@@ -101,15 +101,3 @@ def test_bad_videos_end_with_one_line(cli: Cli, tmp_path: Path, kind: str) -> No
     assert proc.returncode == 1 and not out.exists()
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error [VIDEO_DECODE_FAILED]: "), proc.stderr
-
-
-def test_a_video_needs_infinitetalk(cli: Cli, tmp_path: Path) -> None:
-    video = write_video(tmp_path / "source.mp4", 10, 25)
-    proc = cli(
-        "generate", "--prompt", "p", "--weights", "tiny", "--video", video,
-        "--audio", EXAMPLES / "speech_a.wav", "--out", tmp_path / "o.mp4",
-    )  # fmt: skip
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == (
-        "error [INVALID_INPUT]: model multitalk animates an image; a video source needs model 'infinitetalk'"
-    )

@@ -182,7 +182,12 @@ def test_worker_door(make_settings: Callable[..., Settings]) -> None:
     job = job_input(model="longcat-avatar", max_duration_s=0.6, advanced={"steps": 1, "seed": 3},
                     output={"delivery": "base64"})  # fmt: skip
     plan = run(service, job | {"validate_only": True})["output"]["plan"]
-    assert (plan["segments"], plan["frames"], plan["fps"]) == (1, 15, 25)
+    assert (plan["clips"], plan["frames"], plan["resolved"]["fps"], plan["resolved"]["segments"]) == (
+        1,
+        15,
+        25,
+        1,
+    )
     assert plan["resolved"]["preset"] == "longcat-distill" and plan["resolved"]["adapter"] is None
     output = run(service, job)["output"]
     assert (output["frames"], output["fps"], output["model"], output["adapter"]) == (

@@ -10,16 +10,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from multitalk_worker.config import Settings
 from multitalk_worker.errors import WorkerError
 from multitalk_worker.schema import (
     GenerateInput,
     HealthInput,
+    JobLimits,
     job_input_json_schema,
     parse_job_input,
     parse_source,
 )
 
-LIMITS = {"tiny_model": False, "max_resolution": "720p", "max_duration_s": 40.0}
+
+def job_limits(**env: str) -> JobLimits:
+    """This worker's limits as a worker with these settings builds them (the real weights, 720p)."""
+    base = {"MULTITALK_WEIGHTS": "/weights", "MULTITALK_MAX_RESOLUTION": "720p"}
+    return JobLimits.from_settings(Settings.from_env(base | env))
+
+
+LIMITS = job_limits()
 PNG_B64 = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
 
 
@@ -31,15 +40,15 @@ def job(**fields: Any) -> dict[str, Any]:
     } | fields
 
 
-def refuse(raw: object, code: str = "INVALID_INPUT", **limits: Any) -> str:
+def refuse(raw: object, code: str = "INVALID_INPUT", **env: str) -> str:
     with pytest.raises(WorkerError) as info:
-        parse_job_input(raw, **(LIMITS | limits))
+        parse_job_input(raw, job_limits(**env) if env else LIMITS)
     assert info.value.code == code
     return info.value.message
 
 
 def test_minimal_job_and_defaults() -> None:
-    parsed = parse_job_input(job(), **LIMITS)
+    parsed = parse_job_input(job(), LIMITS)
     assert isinstance(parsed, GenerateInput)
     assert (parsed.resolution, parsed.preset, parsed.audio_mode) == ("480p", None, "parallel")
     assert parsed.preset_name("multitalk") == "default"  # unset: the model's default preset
@@ -64,14 +73,14 @@ def test_full_job() -> None:
         output={"delivery": "s3", "key": "runs/x.mp4"},
         validate_only=True,
     )
-    parsed = parse_job_input(raw, **LIMITS)
+    parsed = parse_job_input(raw, LIMITS)
     assert isinstance(parsed, GenerateInput)
     assert parsed.speakers[0].region == [0.0, 0.1, 0.5, 1.0] and parsed.speakers[1].region == "right"
     assert parsed.advanced.seed == 7 and parsed.output.key == "runs/x.mp4"
 
 
 def test_health_action() -> None:
-    assert isinstance(parse_job_input({"action": "health"}, **LIMITS), HealthInput)
+    assert isinstance(parse_job_input({"action": "health"}, LIMITS), HealthInput)
     refuse({"action": "health", "image": "x"})
     refuse({"action": "dance"})
 
@@ -99,7 +108,6 @@ def test_health_action() -> None:
         (job(advanced={"color_correction": 1.5}), "advanced.color_correction"),
         (job(speakers=[{"audio": "a.wav", "region": [0.5, 0, 0.2, 1]}]), "x0 < x1"),
         (job(max_duration_s=0), "max_duration_s"),
-        (job(max_duration_s=41), "max_duration_s"),
         (job(output={"delivery": "ftp"}), "output.delivery"),
         (job(output={"delivery": "base64", "path": "a.mp4"}), "output.path applies to delivery volume"),
         (job(output={"delivery": "volume", "path": "../a.mp4"}), "must be relative"),
@@ -122,9 +130,13 @@ def test_refusals_never_echo_values() -> None:
 
 def test_limits_of_this_worker() -> None:
     assert "MULTITALK_WEIGHTS=tiny" in refuse(job(resolution="tiny"))
-    assert parse_job_input(job(resolution="tiny"), **(LIMITS | {"tiny_model": True}))
-    assert "up to 480p" in refuse(job(resolution="720p"), max_resolution="480p")
-    assert "at most 10" in refuse(job(max_duration_s=20), "DURATION_TOO_LONG", max_duration_s=10.0)
+    assert parse_job_input(job(resolution="tiny"), job_limits(MULTITALK_WEIGHTS="tiny"))
+    assert "up to 480p" in refuse(job(resolution="720p"), MULTITALK_MAX_RESOLUTION="480p")
+    message = refuse(job(max_duration_s=20), "DURATION_TOO_LONG", MULTITALK_MAX_DURATION_S="10")
+    assert "limit of 10 s (MULTITALK_MAX_DURATION_S); ask for at most 10" in message
+    # over the model's own limit (multitalk: 1000 frames) is the same rule with the same code
+    message = refuse(job(max_duration_s=41), "DURATION_TOO_LONG")
+    assert "max_duration_s=41 exceeds the limit of 40 s" in message
 
 
 @pytest.mark.parametrize(
@@ -173,7 +185,7 @@ near_jobs = st.dictionaries(field_names, json_values, max_size=8)
 @given(raw=json_values | near_jobs)
 def test_random_json_gives_a_model_or_a_typed_error(raw: object) -> None:
     try:
-        parsed = parse_job_input(raw, **LIMITS)
+        parsed = parse_job_input(raw, LIMITS)
     except WorkerError as error:
         assert error.code in ("INVALID_INPUT", "DURATION_TOO_LONG")
         assert error.message

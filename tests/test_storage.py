@@ -14,7 +14,7 @@ from botocore.exceptions import ClientError
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import WorkerError
-from multitalk_worker.io.delivery import base64_size, deliver_base64, deliver_s3, deliver_volume
+from multitalk_worker.io.delivery import S3Delivery, base64_size, deliver_base64, deliver_s3, deliver_volume
 from multitalk_worker.io.fetch import InputFetcher, sniff
 from multitalk_worker.io.s3 import make_s3_client, s3_reason, s3_retryable, upload_reason
 from multitalk_worker.io.volume import volume_destination
@@ -356,7 +356,10 @@ def test_deliver_s3_failures(
     )
     expect("UPLOAD_FAILED", lambda: deliver_s3(video, "k.mp4", down, make_s3_client(down)))
     no_bucket = make_settings(**s3_server.env(bucket=None))
-    expect("INVALID_INPUT", lambda: deliver_s3(video, "k.mp4", no_bucket, make_s3_client(no_bucket)))
+    expect("INVALID_INPUT", S3Delivery(no_bucket, "k.mp4", lambda: make_s3_client(no_bucket)).check)
+    missing = make_settings(**s3_server.env(bucket="no-such-bucket"))
+    error = expect("UPLOAD_FAILED", S3Delivery(missing, "k.mp4", lambda: make_s3_client(missing)).check)
+    assert "no such bucket" in error.message and not error.retryable
 
 
 def test_deliver_base64(make_settings: Callable[..., Settings], tmp_path: Path) -> None:
@@ -378,6 +381,7 @@ def test_deliver_volume(make_settings: Callable[..., Settings], volume: Path, tm
     assert Path(str(out["path"])) == (volume / "outputs" / "a" / "b.mp4").resolve()
     assert Path(str(out["path"])).read_bytes() == b"video-bytes"
     assert sorted(p.name for p in (volume / "outputs" / "a").iterdir()) == ["b.mp4"]
+    assert Path(str(out["path"])).stat().st_mode & 0o777 == 0o644  # readable by others, as the CLI's files
     expect("INVALID_INPUT", lambda: deliver_volume(video, "../escape.mp4", make_settings()))
 
 

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from torch.distributed import DistBackendError
 from runpod.serverless.modules.rp_job import run_job
+from torch.distributed import DistBackendError
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import ERROR_CODES, OutputInvalid
@@ -393,7 +393,7 @@ def test_twenty_jobs_in_a_row(
         ({"speakers": [{"audio": "inputs/person.png"}]}, "AUDIO_DECODE_FAILED"),
         ({"image": "inputs/speech_a.wav"}, "IMAGE_DECODE_FAILED"),
         ({"image": f"s3://{OUTPUT_BUCKET}/nope.png"}, "INPUT_FETCH_FAILED"),
-        ({"max_duration_s": 41}, "INVALID_INPUT"),
+        ({"max_duration_s": 41}, "DURATION_TOO_LONG"),
         ({"advanced": {"steps": 0}}, "INVALID_INPUT"),
         ({"resolution": "1080p"}, "INVALID_INPUT"),
         ({"image": "../escape.png"}, "INVALID_INPUT"),
@@ -480,12 +480,12 @@ def test_test_input_with_s3_delivery_prints_no_secret(
         assert secret not in lines, secret
 
 
-def test_example_job_is_valid() -> None:
+def test_example_job_is_valid(make_settings: Callable[..., Settings]) -> None:
     """examples/tiny_job.json parses against the schema and names committed example inputs."""
-    from multitalk_worker.schema import GenerateInput, parse_job_input
+    from multitalk_worker.schema import GenerateInput, JobLimits, parse_job_input
 
     raw = json.loads((REPO / "examples" / "tiny_job.json").read_text())
-    parsed = parse_job_input(raw["input"], tiny_model=True, max_resolution="720p", max_duration_s=40.0)
+    parsed = parse_job_input(raw["input"], JobLimits.from_settings(make_settings()))
     assert isinstance(parsed, GenerateInput)
     assert (REPO / parsed.image).is_file()
     assert all((REPO / s.audio).is_file() for s in parsed.speakers)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -272,24 +272,22 @@ def test_progress_reports_share_done_and_time_left() -> None:
     assert progress_eta(Progress("audio", 0, 0, 0, 10), 3.0) == {"percent": 0.0, "eta_s": None}
 
 
-def test_model_rules_of_the_contract() -> None:
+def test_model_rules_of_the_contract(make_settings: Callable[..., Settings]) -> None:
     from multitalk_worker.errors import DurationTooLong, InvalidInput
-    from multitalk_worker.schema import parse_job_input
+    from multitalk_worker.schema import JobLimits, parse_job_input
 
-    limits = {"tiny_model": True, "max_resolution": "720p", "max_duration_s": 40.0}
+    def limits(**env: str) -> JobLimits:
+        return JobLimits.from_settings(make_settings(MULTITALK_MAX_RESOLUTION="720p", **env))
+
     job = {"video": "inputs/v.mp4", "speakers": [{"audio": "a.wav"}], "prompt": "p", "max_duration_s": 300}
-    parsed = parse_job_input(job, **limits, default_model="infinitetalk", infinitetalk_max_duration_s=600)
+    parsed = parse_job_input(job, limits(MULTITALK_MODEL="infinitetalk"))
     assert parsed.model is None and parsed.adapter_name("infinitetalk") == "single"  # type: ignore[union-attr]
     two = job | {"speakers": [{"audio": "a.wav"}, {"audio": "b.wav"}]}
-    assert (
-        parse_job_input(
-            two | {"model": "infinitetalk"}, **limits, infinitetalk_max_duration_s=600
-        ).adapter_name("multitalk")
-        == "multi"
-    )  # type: ignore[union-attr]
+    parsed = parse_job_input(two | {"model": "infinitetalk"}, limits())
+    assert parsed.adapter_name("multitalk") == "multi"  # type: ignore[union-attr]
     with pytest.raises(InvalidInput, match="send model 'infinitetalk'"):
-        parse_job_input(job, **limits)  # the default model is multitalk
-    with pytest.raises(DurationTooLong, match="at most 120"):
-        parse_job_input(job | {"model": "infinitetalk"}, **limits, infinitetalk_max_duration_s=120)
-    with pytest.raises(InvalidInput, match="at most 40 s"):
-        parse_job_input(job | {"video": None, "image": "i.png", "max_duration_s": 41}, **limits)
+        parse_job_input(job, limits())  # the default model is multitalk
+    with pytest.raises(DurationTooLong, match=r"at most 120 s \(MULTITALK_INFINITETALK_MAX_DURATION_S\)"):
+        parse_job_input(job | {"model": "infinitetalk"}, limits(MULTITALK_INFINITETALK_MAX_DURATION_S="120"))
+    with pytest.raises(DurationTooLong, match="limit of 40 s"):
+        parse_job_input(job | {"video": None, "image": "i.png", "max_duration_s": 41}, limits())

@@ -21,11 +21,12 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from contextlib import nullcontext
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -33,20 +34,19 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 import multitalk_worker
+from multitalk_worker.config import VIDEO_CRF, Settings, SettingsError
 from multitalk_worker.distributed import Launch, end_process, launch_from_env, process_group
 from multitalk_worker.errors import InvalidInput, WorkerError
 from multitalk_worker.logs import quiet_model_libraries
-from multitalk_worker.media import VIDEO_CRF
-from multitalk_worker.pipeline.presets import PRESETS, apply_preset
-from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region, SamplingParams, Speaker
+from multitalk_worker.pipeline.presets import PRESETS
 from multitalk_worker.progress import ProgressTracker
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model, pipeline_class
-from multitalk_worker.schema import default_resolution
 
 if TYPE_CHECKING:
     import torch
 
     from multitalk_worker.models.sequence_parallel import SequenceParallel
+    from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +92,14 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--source-fps",
         choices=("resample", "reference"),
-        default="resample",
+        default=None,
         help="video sources: resample to 25 fps by timestamp (default), or read frame n as output frame n "
         "as the reference does (right for 25 fps sources only)",
     )
     gen.add_argument(
         "--color-reference",
         choices=("first", "clip"),
-        default="first",
+        default=None,
         help="infinitetalk: correct colours towards the source's first frame (the reference) or each "
         "clip's own reference frame (sources whose colours change, e.g. several shots)",
     )
@@ -134,10 +134,16 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--text-guidance", type=float, default=None)
     gen.add_argument("--audio-guidance", type=float, default=None)
     gen.add_argument("--shift", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=42, help="noise seed; negative: random")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        default=42,
+        help="noise seed (default 42, so that a run repeats; the API draws one when a job names none); "
+        "negative: a random seed, printed",
+    )
     gen.add_argument("--teacache", type=float, default=None, metavar="THRESH", help="TeaCache threshold")
     gen.add_argument("--apg", action="store_true", help="adaptive projected guidance")
-    gen.add_argument("--color-correction", type=float, default=1.0, help="strength 0..1 (default 1)")
+    gen.add_argument("--color-correction", type=float, default=None, help="strength 0..1 (default 1)")
     gen.add_argument(
         "--resolution",
         choices=("480p", "720p", "tiny"),
@@ -148,7 +154,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--segment-length",
         choices=("audio", "whole_segments"),
-        default="audio",
+        default=None,
         help="LongCat-Video-Avatar: trim the video to the audio (default), or keep the reference's whole "
         "93 + 80*(S-1) frames",
     )
@@ -179,6 +185,12 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     )
     gen.add_argument("--out", type=Path, required=True, help="output .mp4 path")
     gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print the result as one JSON object: the mp4's path, the seed and every parameter as used "
+        "(the API result's `resolved`)",
+    )
+    gen.add_argument(
         "--crf",
         type=int,
         default=VIDEO_CRF,
@@ -189,46 +201,118 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     gen.set_defaults(func=run_generate)
 
 
-def build_request(args: argparse.Namespace) -> GenerationRequest:
-    resolution = args.resolution or default_resolution(args.weights == "tiny")
+# wire fields (the API's names) as the CLI's flags, for messages; see cli_message
+FIELD_FLAGS = {
+    "max_duration_s": "--max-duration",
+    "segment_length": "--segment-length",
+    "negative_prompt": "--negative-prompt",
+    "audio_mode": "--audio-mode",
+    "source_fps": "--source-fps",
+    "color_reference": "--color-reference",
+    "advanced.steps": "--steps",
+    "advanced.text_guidance": "--text-guidance",
+    "advanced.audio_guidance": "--audio-guidance",
+    "advanced.shift": "--shift",
+    "advanced.seed": "--seed",
+    "advanced.teacache_threshold": "--teacache",
+    "advanced.color_correction": "--color-correction",
+    "advanced.apg": "--apg",
+}
+_SPEAKER_FIELD = re.compile(r"\bspeakers(?:\[\d+\]|\.\d+)?\.(audio|region)\b|(?:^|(?<=; ))speakers(?=:)")
+_PLAIN_FIELD = re.compile(r"(^|; )(prompt|resolution|preset|model|adapter|image|video):")
+
+
+def cli_message(message: str) -> str:
+    """A message of the job contract with its field names as this CLI's flags (`max_duration_s` ->
+    `--max-duration`); the API's messages keep the field names."""
+    for field, flag in FIELD_FLAGS.items():
+        message = re.sub(rf"\b{re.escape(field)}\b", flag, message)
+    message = _SPEAKER_FIELD.sub(lambda m: f"--{m.group(1) or 'audio'}", message)
+    return _PLAIN_FIELD.sub(lambda m: f"{m.group(1)}--{m.group(2)}:", message)
+
+
+def cli_settings(args: argparse.Namespace) -> Settings:
+    """The flags that configure a worker, as the worker's settings: the same limits and engine set-up."""
+    env = {
+        "MULTITALK_WEIGHTS": args.weights,
+        "MULTITALK_MODEL": args.model,
+        "MULTITALK_MAX_RESOLUTION": "720p",
+        "MULTITALK_DEVICE": args.device or "auto",
+        "MULTITALK_ENGINE": args.engine,
+        "MULTITALK_FP8": "true" if args.fp8 else "false",
+        "MULTITALK_OFFLOAD": "true" if args.offload else "false",
+        "MULTITALK_LORAS": ",".join(args.lora),
+        "MULTITALK_VIDEO_CRF": str(args.crf),
+    }
+    try:
+        return Settings.from_env(env)
+    except SettingsError as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def wire_input(args: argparse.Namespace) -> dict[str, object]:
+    """The job's wire input (docs/api.md) from the flags: the CLI, the worker and the local API parse the
+    same input with the same limits (schema.parse_job_input). Paths stay paths on this machine."""
     regions = [parse_region(r) for r in args.region] if args.region else [None] * len(args.audio)
     if len(regions) != len(args.audio):
         raise InvalidInput(
             f"{len(regions)} --region given for {len(args.audio)} --audio; give one per speaker"
         )
-    preset = args.preset or get_model(args.model).default_preset
-    sampling = apply_preset(
-        preset,
-        resolution,
-        SamplingParams(
-            seed=args.seed,
-            teacache_threshold=args.teacache,
-            apg=args.apg,
-            color_correction=args.color_correction,
-        ),
-    )
-    overrides = {
+    speakers = [
+        {"audio": str(audio)} | ({} if region is None else {"region": _wire_region(region)})
+        for audio, region in zip(args.audio, regions, strict=True)
+    ]
+    advanced = {
         "steps": args.steps,
         "text_guidance": args.text_guidance,
         "audio_guidance": args.audio_guidance,
         "shift": args.shift,
+        "seed": args.seed if args.seed >= 0 else None,  # negative: the pipeline draws one
+        "teacache_threshold": args.teacache,
+        "apg": True if args.apg else None,
+        "color_correction": args.color_correction,
     }
-    sampling = replace(sampling, **{k: v for k, v in overrides.items() if v is not None})
-    return GenerationRequest(
-        model=args.model,
+    raw = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "image": None if args.image is None else str(args.image),
+        "video": None if args.video is None else str(args.video),
+        "source_fps": args.source_fps,
+        "color_reference": args.color_reference,
+        "speakers": speakers,
+        "audio_mode": args.audio_mode,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "resolution": args.resolution,
+        "max_duration_s": args.max_duration,
+        "preset": args.preset,
+        "segment_length": args.segment_length,
+        "advanced": {k: v for k, v in advanced.items() if v is not None},
+    }
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+def _wire_region(region: Region) -> object:
+    return list(region) if isinstance(region, tuple) else region
+
+
+def build_request(args: argparse.Namespace, settings: Settings) -> GenerationRequest:
+    """The flags' job, parsed as every door parses it, as the pipeline's request (service/request.py)."""
+    from multitalk_worker.schema import GenerateInput, JobLimits, parse_job_input
+    from multitalk_worker.service.request import build_request as request_for
+
+    for path in [args.image, args.video, *args.audio]:
+        if path is not None and not Path(path).is_file():
+            flag = "--image" if path == args.image else "--video" if path == args.video else "--audio"
+            raise InvalidInput(f"{flag} {path}: no such file")
+    parsed = parse_job_input(wire_input(args), JobLimits.from_settings(settings))
+    assert isinstance(parsed, GenerateInput)  # the wire input has no action: a generate job
+    return request_for(
+        parsed,
+        default_model=settings.default_model,
         image=args.image,
         video=args.video,
-        adapter=args.adapter,
-        source_fps=args.source_fps,
-        color_reference=args.color_reference,
-        speakers=tuple(Speaker(audio=a, region=r) for a, r in zip(args.audio, regions, strict=True)),
-        prompt=args.prompt,
-        audio_mode=args.audio_mode,
-        negative_prompt=args.negative_prompt,
-        resolution=resolution,
-        max_duration_s=args.max_duration,
-        sampling=sampling,
-        segment_length=args.segment_length,
+        audio=list(args.audio),
     )
 
 
@@ -308,26 +392,28 @@ class _StopOnSignal:
 
 def run_generate(args: argparse.Namespace, launch: Launch | None = None) -> int:
     quiet_model_libraries(verbose=args.verbose)
-    request = build_request(args)
+    settings = cli_settings(args)
+    request = build_request(args, settings)
     if not args.out.parent.is_dir():
-        raise InvalidInput(f"output folder {args.out.parent} does not exist")
-    # before loading any weights: the model's pipeline class checks its own inputs (registry entry)
-    pipeline_class(request.model).check_inputs(request, tiny_model=args.weights == "tiny")
+        raise InvalidInput(f"--out: the folder {args.out.parent} does not exist")
+    # before loading any weights: the model's pipeline class (registry entry) checks its own inputs
+    pipeline_class(request.model).check_inputs(request, tiny_model=settings.tiny_model)
     lead = launch is None or launch.rank == 0
     if lead and args.preset is not None and PRESETS[args.preset].needs_lora:
         logger.warning(
             "preset %s is a distillation-LoRA recipe; without that LoRA expect low quality", args.preset
         )
     if lead and args.weights == "tiny":
-        print(TINY_NOTE, flush=True)
+        print(TINY_NOTE, file=sys.stderr if args.json else sys.stdout, flush=True)
     if launch is None:
-        return _generate(args, request, args.device, None)
+        return _generate(args, settings, request, args.device, None)
     with process_group(launch, args.device) as (device, parallel):
-        return _generate(args, request, device, parallel)
+        return _generate(args, settings, request, device, parallel)
 
 
 def _generate(
     args: argparse.Namespace,
+    settings: Settings,
     request: GenerationRequest,
     device: str | torch.device | None,
     parallel: SequenceParallel | None,
@@ -335,15 +421,12 @@ def _generate(
     """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
     from multitalk_worker.media import Mp4Sink
     from multitalk_worker.pipeline.pipeline import DiscardFrames
+    from multitalk_worker.service.resident import engine_from_settings
 
     started = time.perf_counter()
     lead = parallel is None or parallel.rank == 0
     cancel = None if parallel is None else _StopOnSignal()  # consulted on rank 0 only (the pipeline)
-    from multitalk_worker.pipeline.engine import engine_options, parse_lora_arg
-
-    engine = engine_options(
-        args.engine, fp8=args.fp8, loras=tuple(map(parse_lora_arg, args.lora)), offload=args.offload
-    )
+    engine = engine_from_settings(settings)
     report = StageReport() if lead else None
     if report is not None:
         report.line(f"load: {args.weights} ({request.model}, {args.engine} engine)")
@@ -358,21 +441,18 @@ def _generate(
         adapter=adapter,
     )
     # frames are encoded as each clip is final; the other ranks of a group leave them to rank 0
-    sink = Mp4Sink(args.out, crf=args.crf) if lead else DiscardFrames()
     try:
-        result = pipeline(request, progress=report, cancel=cancel, sink=sink)
-        if isinstance(sink, Mp4Sink):
-            sink.close()
-    except BaseException:
-        if isinstance(sink, Mp4Sink):
-            sink.abort()
-        raise
+        with Mp4Sink(args.out, crf=settings.video_crf) if lead else nullcontext(DiscardFrames()) as sink:
+            result = pipeline(request, progress=report, cancel=cancel, sink=sink)
     finally:
         if report is not None:
             report.close()
     if report is None:
         return 0
     report.line(f"encode: H.264 + AAC into {args.out} (each clip as it was final)")
+    if args.json:  # the pipeline's report, as the worker's result carries it under `resolved`
+        print(json.dumps({"out": str(args.out), "seed": result.seed, "resolved": result.resolved}))
+        return 0
     count, (height, width) = result.frame_count, result.size
     processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(
@@ -437,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = int(args.func(args) if launch is None else args.func(args, launch))
     except WorkerError as exc:
         if launch is None or launch.rank == 0:  # the other ranks fail the same way on the same inputs
-            print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
+            print(f"error [{exc.code}]: {cli_message(exc.message)}", file=sys.stderr)
         status = 1
     except KeyboardInterrupt:
         if launch is None or launch.rank == 0:

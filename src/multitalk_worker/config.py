@@ -23,6 +23,7 @@ MODEL_NAMES: tuple[str, ...] = (
     "longcat-avatar",
     "longcat-avatar-1.0",
 )  # registry.MODELS (checked by a test)
+VIDEO_CRF = 23  # H.264 quality of the output: the reference's final encode
 
 
 class SettingsError(ValueError):
@@ -156,7 +157,7 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "MULTITALK_VIDEO_CRF",
         "video_crf",
         "int",
-        "23",
+        str(VIDEO_CRF),
         "H.264 quality of the output: 0 lossless (large files) to 51; 23 is the reference's final encode.",
     ),
     EnvVar(
@@ -189,6 +190,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "600",
         "Longest InfiniteTalk video (and source video) a job may ask for, in seconds (at most 600: "
         "the registry's 15000 frames).",
+    ),
+    EnvVar(
+        "MULTITALK_LONGCAT_MAX_DURATION_S",
+        "longcat_max_duration_s",
+        "float",
+        "600",
+        "Longest LongCat-Video-Avatar video a job may ask for, in seconds (at most 600: the registry's 15000 "
+        "frames at 25 fps for 1.5, 9600 at 16 fps for 1.0).",
     ),
     EnvVar(
         "MULTITALK_MAX_BASE64_MB",
@@ -344,6 +353,7 @@ class Settings:
     default_model: str
     adapters: str
     infinitetalk_max_duration_s: float
+    longcat_max_duration_s: float
     max_base64_mb: float
     s3: S3Settings
     queue_size: int
@@ -368,10 +378,6 @@ class Settings:
     def max_input_bytes(self) -> int:
         return int(self.max_input_mb * 1_000_000)
 
-    def max_duration_for(self, model: str) -> float:
-        """The longest video a job of `model` may ask for, in seconds."""
-        return self.infinitetalk_max_duration_s if model == "infinitetalk" else self.max_duration_s
-
     @property
     def max_base64_bytes(self) -> int:
         return int(self.max_base64_mb * 1_000_000)
@@ -384,6 +390,7 @@ class Settings:
         for var in ENV_VARS:
             group, _, name = var.attr.rpartition(".")
             (s3 if group == "s3" else top)[name] = _parse(var, env.get(var.name))
+        top.update(torchrun_vars(env))
         settings = cls(s3=S3Settings(**s3), **top)  # type: ignore[arg-type]
         _check_ranges(settings)
         return settings
@@ -402,6 +409,27 @@ class Settings:
     def value_of(self, var: EnvVar) -> object:
         group, _, name = var.attr.rpartition(".")
         return getattr(self.s3 if group == "s3" else self, name)
+
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def torchrun_vars(env: Mapping[str, str]) -> dict[str, int]:
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them, by Settings field: the one
+    reader of these variables (Settings, and the CLI's launch in distributed.py). A single process
+    (WORLD_SIZE unset or 1) may leave the others unset; several need all four, and they must fit."""
+    declared = {var.name: var for var in ENV_VARS}
+    values = {name: int(str(_parse(declared[name], env.get(name)))) for name in TORCHRUN_VARS}
+    unset = [name for name in TORCHRUN_VARS if not (env.get(name) or "").strip()]
+    if values["WORLD_SIZE"] > 1 and unset:
+        raise SettingsError(f"WORLD_SIZE={values['WORLD_SIZE']} with {', '.join(unset)} unset")
+    rank, world, local_rank, local_world = (values[name] for name in TORCHRUN_VARS)
+    if not (0 <= rank < world and 0 <= local_rank < local_world):
+        raise SettingsError(
+            f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}, "
+            f"LOCAL_WORLD_SIZE={local_world} do not fit; use torchrun"
+        )
+    return {declared[name].attr: values[name] for name in TORCHRUN_VARS}
 
 
 def settings_from_process() -> Settings:
@@ -425,6 +453,8 @@ def _check_ranges(settings: Settings) -> None:
         raise SettingsError(
             "MULTITALK_INFINITETALK_MAX_DURATION_S must be within (0, 600] (15000 frames at 25 fps)"
         )
+    if not 0 < settings.longcat_max_duration_s <= 600:
+        raise SettingsError("MULTITALK_LONGCAT_MAX_DURATION_S must be within (0, 600] (10 minutes)")
     positive = {
         "MULTITALK_MAX_INPUT_MB": settings.max_input_mb,
         "MULTITALK_FETCH_TIMEOUT_S": settings.fetch_timeout_s,
@@ -438,13 +468,6 @@ def _check_ranges(settings: Settings) -> None:
         raise SettingsError(f"MULTITALK_QUEUE_SIZE must be within 0..10000, got {settings.queue_size}")
     if settings.min_gpu_memory_gib is not None and settings.min_gpu_memory_gib < 0:
         raise SettingsError("MULTITALK_MIN_GPU_MEMORY_GIB must be >= 0")
-    if not (
-        0 <= settings.rank < settings.world_size and 0 <= settings.local_rank < settings.local_world_size
-    ):
-        raise SettingsError(
-            f"RANK={settings.rank}, WORLD_SIZE={settings.world_size}, LOCAL_RANK={settings.local_rank}, "
-            f"LOCAL_WORLD_SIZE={settings.local_world_size} do not fit; use torchrun"
-        )
 
 
 _TRUE = ("1", "true", "yes", "on")

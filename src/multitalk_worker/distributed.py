@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn
 
+from multitalk_worker.config import TORCHRUN_VARS, SettingsError, torchrun_vars
 from multitalk_worker.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -32,18 +33,18 @@ class Launch:
 
 
 def launch_from_env(environ: Mapping[str, str]) -> Launch | None:
-    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as torchrun sets them; None for a single
-    process (WORLD_SIZE unset or 1)."""
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    """This process's place as torchrun describes it (config.torchrun_vars reads the variables, for the
+    worker's Settings too); None for a single process (WORLD_SIZE unset or 1)."""
     try:
-        if int(environ.get("WORLD_SIZE", "1")) <= 1:
-            return None
-        return Launch(*(int(environ[name]) for name in names))
-    except (KeyError, ValueError) as exc:
+        values = torchrun_vars(environ)
+    except SettingsError as exc:
         raise InvalidInput(
-            f"several processes need the integers {', '.join(names)} as torchrun sets them ({exc!r}); "
+            f"{exc}: several processes need the integers {', '.join(TORCHRUN_VARS)} as torchrun sets them; "
             "start them with torchrun"
         ) from None
+    if values["world_size"] <= 1:
+        return None
+    return Launch(**values)
 
 
 @contextmanager

@@ -17,13 +17,12 @@ from types import TracebackType
 import av
 import numpy as np
 
+from multitalk_worker.config import VIDEO_CRF
 from multitalk_worker.errors import OutputInvalid
 from multitalk_worker.pipeline.request import VideoSpec
 from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
-
-VIDEO_CRF = 23
 
 
 @dataclass(frozen=True)
@@ -209,6 +208,16 @@ class Mp4Sink:
     def abort(self) -> None:
         if self.writer is not None:
             self.writer.abort()
+
+    def __enter__(self) -> Mp4Sink:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        """The file is finished when the block ends normally, and removed when it raises (a cancel too)."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def write_mp4(

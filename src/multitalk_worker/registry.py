@@ -60,6 +60,7 @@ class ModelSpec:
     adapters: tuple[Adapter, ...]
     motion_frames: int  # M: frames of the previous clip that condition the next one
     max_frames: int  # the longest video a job may make, in frames of `fps`
+    duration_setting: str  # the Settings field (a MULTITALK_ variable) by which a worker may lower max_frames
     length_rule: LengthRule
     sources: tuple[SourceKind, ...]  # conditioning inputs it takes
     default_preset: str
@@ -99,6 +100,7 @@ MULTITALK = ModelSpec(
     ),
     motion_frames=25,
     max_frames=1000,
+    duration_setting="max_duration_s",
     length_rule="drop_padding",
     sources=("image",),
     default_preset="default",
@@ -129,6 +131,7 @@ INFINITETALK = ModelSpec(
     # The reference stops at --max_frame_num (1000 frames = 40 s by default); the loop itself has no limit,
     # so we allow 10 minutes (the video streams to the encoder, spec IT 5.5). Cap a job with max_duration_s.
     max_frames=15_000,
+    duration_setting="infinitetalk_max_duration_s",
     length_rule="audio",
     sources=("image", "video"),
     default_preset="default",
@@ -148,6 +151,7 @@ LONGCAT_AVATAR = ModelSpec(
     adapters=(),
     motion_frames=13,  # the last 13 frames of a segment condition the next (4 latents)
     max_frames=15_000,  # 10 minutes at 25 fps, as InfiniteTalk
+    duration_setting="longcat_max_duration_s",
     length_rule="audio",
     sources=("image", "video"),
     default_preset="longcat-distill",
@@ -171,6 +175,7 @@ LONGCAT_AVATAR_10 = ModelSpec(
     adapters=(),
     motion_frames=13,
     max_frames=9_600,  # 10 minutes at 16 fps
+    duration_setting="longcat_max_duration_s",
     length_rule="audio",
     sources=("image", "video"),
     default_preset="longcat-1.0",

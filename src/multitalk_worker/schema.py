@@ -2,8 +2,10 @@
 
 One name per field, unknown keys rejected, units and bounds in the schema (`job_input_json_schema()` prints
 it). Input sources are strings; `parse_source` classifies them (https URL, s3:// URI, data URI, bare base64,
-or a path under the volume root). `parse_job_input` is the only way in: it returns a typed model or raises
-InvalidInput / DurationTooLong, never anything else.
+or a path under the volume root). `parse_job_input(raw, limits)` is the only way in, for every door (the
+RunPod worker, the local API, the CLI): it returns a typed model or raises InvalidInput / DurationTooLong,
+never anything else. `limits` is what this worker accepts, built once from the settings and the model
+registry (`JobLimits.from_settings`); there are no defaults a caller could forget.
 """
 
 from __future__ import annotations
@@ -12,17 +14,27 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from multitalk_worker.errors import DurationTooLong, InvalidInput
+from multitalk_worker.config import ENV_VARS, Settings
+from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
 from multitalk_worker.pipeline.request import ColorReference, SourceFps
-from multitalk_worker.registry import INFINITETALK, MODELS, MULTITALK, all_adapters, models_taking
-from multitalk_worker.timeline import duration_limit_s
+from multitalk_worker.registry import MODELS, MULTITALK, all_adapters, models_taking
+from multitalk_worker.timeline import check_length, duration_limit_s
 from multitalk_worker.url_policy import check_url
 
 SCHEMA_VERSION = "1"
@@ -124,12 +136,6 @@ class SpeakerInput(_Strict):
         description="where this speaker is: [x0, y0, x1, y1] normalised to the image (0..1, x right, "
         "y down), or left/right/full; unset: the pipeline's default layout",
     )
-
-    @field_validator("audio")
-    @classmethod
-    def _check_audio(cls, value: str) -> str:
-        parse_source(value)
-        return value
 
     @field_validator("region")
     @classmethod
@@ -252,12 +258,24 @@ class GenerateInput(_Strict):
     output: OutputInput = Field(default_factory=OutputInput)
     validate_only: bool = Field(False, description="fetch and check the inputs, return the plan, no GPU work")
 
-    @field_validator("image", "video")
-    @classmethod
-    def _check_image(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_source(value)
-        return value
+    _sources: dict[str, InputSource] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _classify_sources(self) -> GenerateInput:
+        """Each input string classified once, here; the fetcher takes the classified source (`source`)."""
+        texts = {"image": self.image, "video": self.video}
+        texts |= {f"speakers[{i}].audio": speaker.audio for i, speaker in enumerate(self.speakers)}
+        for label, text in texts.items():
+            if text is not None:
+                try:
+                    self._sources[label] = parse_source(text)
+                except ValueError as exc:
+                    raise ValueError(f"{label}: {exc}") from None
+        return self
+
+    def source(self, label: str) -> InputSource:
+        """The classified source of `image`, `video` or `speakers[i].audio`."""
+        return self._sources[label]
 
     @model_validator(mode="after")
     def _check_speakers(self) -> GenerateInput:
@@ -285,6 +303,32 @@ class GenerateInput(_Strict):
     def preset_name(self, default_model: str) -> str:
         """The job's preset: its own, else its model's default (registry.py)."""
         return self.preset or MODELS[self.model_name(default_model)].default_preset
+
+
+class JobResult(BaseModel):
+    """A finished job's output (docs/api.md, "The result"): the video and where it went, the encoded file as
+    checked, and `resolved`, the pipeline's report of what it made (every parameter as used)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    video: dict[str, object] = Field(
+        description="delivery: s3 (url, key, expiry), volume (path), base64, local"
+    )
+    sha256: str = Field(description="of the mp4's bytes")
+    bytes: int
+    duration_s: float
+    audio_duration_s: float
+    width: int
+    height: int
+    fps: float
+    frames: int
+    seed: int = Field(description="the seed used (drawn when the job named none)")
+    model: str
+    adapter: str | None = Field(description="the audio adapter; null for a model without adapters (LongCat)")
+    source: dict[str, object] = Field(description="the conditioning source: image, or a video and its cover")
+    resolved: dict[str, object] = Field(description="every parameter as the pipeline used it")
+    timings: dict[str, float | bool] = Field(description="seconds per stage; cold_start")
+    worker: dict[str, str] = Field(description="version, revision, schema")
 
 
 class HealthInput(_Strict):
@@ -319,19 +363,67 @@ def parse_json_body(body: bytes | str) -> object:
         raise InvalidInput("body is nested too deeply") from None
 
 
-def parse_job_input(
-    raw: object,
-    *,
-    tiny_model: bool,
-    max_resolution: str,
-    max_duration_s: float,
-    default_model: str = MULTITALK.name,
-    infinitetalk_max_duration_s: float | None = None,
-) -> JobInput:
-    """Validate a job's `input`. Raises InvalidInput (or DurationTooLong) with every problem found.
+@dataclass(frozen=True)
+class JobLimits:
+    """What this worker accepts, the same for every door: built once from the settings and the registry."""
 
-    `max_duration_s` caps multitalk jobs, `infinitetalk_max_duration_s` (default: the same) infinitetalk
-    ones; a job naming no model is a `default_model` job. A string is diagnosed as the JSON text it probably
+    tiny_model: bool  # the built-in tiny model: resolution `tiny` allowed, and the default
+    max_resolution: str  # the largest bucket family served
+    default_model: str  # the model of a job that names none
+    duration_s: Mapping[str, float]  # per model: the longest video, in seconds (check_length's limit)
+    duration_source: Mapping[str, str]  # per model: what sets that limit, for messages
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> JobLimits:
+        """Each model's length limit: its registry entry's frames, lowered by the setting the entry names."""
+        variable = {var.attr: var.name for var in ENV_VARS}
+        return cls(
+            tiny_model=settings.tiny_model,
+            max_resolution=settings.max_resolution,
+            default_model=settings.default_model,
+            duration_s={
+                name: min(
+                    duration_limit_s(spec.max_frames, spec.fps),
+                    float(getattr(settings, spec.duration_setting)),
+                )
+                for name, spec in MODELS.items()
+            },
+            duration_source={name: variable[spec.duration_setting] for name, spec in MODELS.items()},
+        )
+
+    def model(self, job: GenerateInput) -> str:
+        """The job's model: its own, else this worker's default."""
+        return job.model_name(self.default_model)
+
+    def check_length(
+        self,
+        job: GenerateInput,
+        *,
+        media_s: float | None = None,
+        what: str = "the audio",
+        slack_s: float = 0.0,
+        requested: bool = True,
+        remedy: str = "",
+    ) -> None:
+        """timeline.check_length with the job's model's limit; `requested=False` judges `media_s` alone (a
+        source video must fit whatever length the job asks for)."""
+        model = self.model(job)
+        check_length(
+            self.duration_s[model],
+            requested_s=job.max_duration_s if requested else None,
+            media_s=media_s,
+            what=what,
+            slack_s=slack_s,
+            source=self.duration_source[model],
+            remedy=remedy,
+        )
+
+
+def parse_job_input(raw: object, limits: JobLimits) -> JobInput:
+    """Validate a job's `input` against the wire contract and this worker's `limits`. Raises InvalidInput
+    (or DurationTooLong) with every problem found.
+
+    A job naming no model is a `limits.default_model` job. A string is diagnosed as the JSON text it probably
     was (a server handing over a raw body): not UTF-8, not JSON, or JSON inside a string; an object is needed
     either way."""
     if isinstance(raw, str | bytes):
@@ -362,32 +454,24 @@ def parse_job_input(
         raise InvalidInput("job input is nested too deeply") from None
     if isinstance(job, GenerateInput):
         if "resolution" not in raw:
-            job = job.model_copy(update={"resolution": default_resolution(tiny_model)})
-        model_name = _check_model_fields(job, default_model)
-        limit = max_duration_s
-        if model_name == INFINITETALK.name and infinitetalk_max_duration_s is not None:
-            limit = infinitetalk_max_duration_s
-        _check_against_worker(job, tiny_model=tiny_model, max_resolution=max_resolution, max_s=limit)
+            job = job.model_copy(update={"resolution": default_resolution(limits.tiny_model)})
+        _check_model_fields(job, limits.default_model)
+        _check_resolution(job, tiny_model=limits.tiny_model, max_resolution=limits.max_resolution)
+        limits.check_length(job)  # the requested length; the media's are checked where they become known
     return job
 
 
-def _check_model_fields(job: GenerateInput, default_model: str) -> str:
-    """The model's rules: a video needs a model that takes one; the adapter must be one of the model's.
-    Its name."""
+def _check_model_fields(job: GenerateInput, default_model: str) -> None:
+    """The model's rules: a video needs a model that takes one; the adapter must be one of the model's."""
     model = job.model_name(default_model)
-    spec = MODELS[model]
-    if job.video is not None and "video" not in spec.sources:
+    if job.video is not None and "video" not in MODELS[model].sources:
         raise InvalidInput(
             f"video: model {model} animates an image; send model {models_taking('video')} to dub a video"
         )
     job.adapter_name(default_model)  # an adapter of another model lists the accepted ones
-    longest = duration_limit_s(spec.max_frames, spec.fps)
-    if job.max_duration_s is not None and job.max_duration_s > longest:
-        raise InvalidInput(f"max_duration_s: model {model} makes videos of at most {longest:g} s")
-    return model
 
 
-def _check_against_worker(job: GenerateInput, *, tiny_model: bool, max_resolution: str, max_s: float) -> None:
+def _check_resolution(job: GenerateInput, *, tiny_model: bool, max_resolution: str) -> None:
     if job.resolution == TINY_RESOLUTION and not tiny_model:
         raise InvalidInput(
             "resolution 'tiny' needs the built-in tiny model (MULTITALK_WEIGHTS=tiny); use 480p or 720p"
@@ -396,19 +480,16 @@ def _check_against_worker(job: GenerateInput, *, tiny_model: bool, max_resolutio
         max_resolution
     ):
         raise InvalidInput(f"this worker serves resolutions up to {max_resolution}; got {job.resolution}")
-    if job.max_duration_s is not None and job.max_duration_s > max_s:
-        raise DurationTooLong(
-            f"max_duration_s={job.max_duration_s:g} exceeds this worker's limit of {max_s:g} s; "
-            f"ask for at most {max_s:g}"
-        )
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
     """One line per problem, naming the field and what is accepted. Never echoes the input values."""
     lines = []
     for error in exc.errors(include_input=False, include_url=False)[:12]:
-        where = ".".join(str(part) for part in error["loc"]) or "input"
-        if error["type"] == "extra_forbidden":
+        where = ".".join(str(part) for part in error["loc"])
+        if not where:  # a rule over several fields: its message names them
+            lines.append(error["msg"].removeprefix("Value error, "))
+        elif error["type"] == "extra_forbidden":
             lines.append(f"{where}: unknown field (accepted: {_accepted_fields(model, error['loc'][:-1])})")
         else:
             lines.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")

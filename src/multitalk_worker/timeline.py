@@ -47,24 +47,48 @@ def frames_for_duration(max_duration_s: float, fps: int = FPS) -> int:
     return frames
 
 
+def check_length(
+    limit_s: float,
+    *,
+    requested_s: float | None = None,
+    media_s: float | None = None,
+    what: str = "the audio",
+    slack_s: float = 0.0,
+    source: str = "",
+    remedy: str = "",
+) -> None:
+    """The length rule, the one place it lives; `limit_s` is the model's (its registry entry's frames, lowered
+    by the worker's setting: schema.JobLimits). Called wherever a length becomes known: the requested one when
+    a job is parsed, a container's declared one when an input is fetched, the decoded one after decoding.
+
+    A requested length (max_duration_s) must be within the limit; the media may then be longer (its start is
+    used). Without one, the media (`what`, `media_s` seconds) sets the length and must be within the limit:
+    longer media is DurationTooLong, never cut silently. `slack_s`: how far a declared length may be off the
+    decoded one. `source`: where the limit comes from (a setting), named in the message. `remedy`: what to
+    do instead (default: set max_duration_s or send shorter audio).
+    """
+    where = f" ({source})" if source else ""
+    if requested_s is not None:
+        if requested_s > limit_s + 1e-9:
+            raise DurationTooLong(
+                f"max_duration_s={requested_s:g} exceeds the limit of {limit_s:g} s{where}; "
+                f"ask for at most {limit_s:g}"
+            )
+        return
+    if media_s is not None and media_s > limit_s + slack_s + 1e-9:
+        raise DurationTooLong(
+            f"{what} lasts {media_s:.1f} s; videos are at most {limit_s:g} s{where}. "
+            + (remedy or f"Set max_duration_s (<= {limit_s:g}) to use its first part, or send shorter audio")
+        )
+
+
 def resolve_max_frames(
     max_duration_s: float | None, audio_s: float, limit_frames: int, fps: int = FPS
 ) -> int:
-    """The duration rule, the one place it lives: the frames a job may make.
-
-    With `max_duration_s`, its frames (at most `limit_frames`); without it, the whole audio, which must then
-    fit within `limit_frames`: longer audio without a cap is DurationTooLong, never cut silently. `audio_s`
-    is the length of the (prepared, or declared) audio.
+    """The frames a job may make: with `max_duration_s`, its frames (at most `limit_frames`); without it, the
+    whole audio (`audio_s`, prepared or declared), which must then fit within `limit_frames` (check_length).
     """
-    limit_s = duration_limit_s(limit_frames, fps)
+    check_length(duration_limit_s(limit_frames, fps), requested_s=max_duration_s, media_s=audio_s)
     if max_duration_s is None:
-        if audio_s > limit_s + 1e-9:
-            raise DurationTooLong(
-                f"audio is {audio_s:.1f} s; videos are at most {limit_s:g} s. "
-                f"Set max_duration_s (<= {limit_s:g}) to make a video of the first part, "
-                "or send shorter audio"
-            )
         return limit_frames
-    if max_duration_s > limit_s + 1e-9:
-        raise DurationTooLong(f"max_duration_s={max_duration_s:g} exceeds the limit of {limit_s:g} s")
     return frames_for_duration(max_duration_s, fps)

@@ -1,5 +1,10 @@
-"""Deliver the output video to exactly one place: S3 (boto3, any S3-compatible endpoint, presigned URL),
-base64 in the result (capped below RunPod's payload limit), or the volume."""
+"""Deliver the output video to exactly one place, through one protocol: `Delivery.check()` before any
+generation (a destination that cannot take the video refuses the job then, not after the GPU work),
+`Delivery.deliver(video)` after. Implementations: S3 (boto3, any S3-compatible endpoint, presigned URL),
+the volume (a file under MULTITALK_VOLUME_ROOT), base64 in the result (capped below RunPod's payload limit)
+and local (the local API's own folder; it serves the file itself). `choose_delivery` reads the job's
+`output` and the worker's settings; a new delivery is one class here and one branch there.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +13,143 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import InvalidInput, OutputTooLarge, UploadFailed
-from multitalk_worker.io.s3 import s3_reason, s3_retryable, upload_reason
+from multitalk_worker.io.s3 import bucket_exists, s3_reason, s3_retryable, upload_reason
 from multitalk_worker.io.volume import volume_destination
 
 logger = logging.getLogger(__name__)
 
 VIDEO_CONTENT_TYPE = "video/mp4"
+VOLUME_FILE_MODE = 0o644  # as the CLI's own files (open() under the usual umask 022)
+
+
+class Delivery(Protocol):
+    """Where a job's video goes. `plan`: what the plan reports (no secrets, no URL)."""
+
+    plan: dict[str, object]
+
+    def check(self) -> None:
+        """Refuse a destination that cannot take the video, before any generation."""
+
+    def deliver(self, video: Path) -> dict[str, object]:
+        """Put `video` there; the result's `video` entry."""
+
+
+@dataclass
+class S3Delivery:
+    settings: Settings
+    key: str
+    client: Callable[[], Any]  # the job's S3 client, made when first needed
+
+    @property
+    def plan(self) -> dict[str, object]:
+        return {"delivery": "s3", "key": self.key}
+
+    def check(self) -> None:
+        """The bucket is configured and exists. Access is not judged here (credentials that may only put
+        objects cannot HEAD a bucket); a refusal at upload time is reported then, not retryable."""
+        bucket = self.settings.s3.bucket
+        if not bucket:
+            raise InvalidInput("delivery s3 needs MULTITALK_S3_BUCKET on the worker; use base64 or volume")
+        if not bucket_exists(self.client(), bucket):
+            message = f"output bucket {bucket}: no such bucket (MULTITALK_S3_BUCKET)"
+            raise UploadFailed(message, stage="output", retryable=False)
+
+    def deliver(self, video: Path) -> dict[str, object]:
+        return deliver_s3(video, self.key, self.settings, self.client())
+
+
+@dataclass
+class VolumeDelivery:
+    settings: Settings
+    path: str  # relative to the volume root
+
+    @property
+    def plan(self) -> dict[str, object]:
+        return {"delivery": "volume", "path": self.path}
+
+    def check(self) -> None:
+        """The volume is there and the file's folder writable (a probe file is made and removed)."""
+        if not self.settings.volume_root.is_dir():
+            raise InvalidInput(f"delivery volume needs the volume root {self.settings.volume_root} to exist")
+        volume_destination(self.path, self.settings)
+
+    def deliver(self, video: Path) -> dict[str, object]:
+        return deliver_volume(video, self.path, self.settings)
+
+
+@dataclass
+class Base64Delivery:
+    settings: Settings
+
+    @property
+    def plan(self) -> dict[str, object]:
+        return {"delivery": "base64"}
+
+    def check(self) -> None:
+        """Nothing to check before: the video's size is known only once it is encoded."""
+
+    def deliver(self, video: Path) -> dict[str, object]:
+        return deliver_base64(video, self.settings)
+
+
+@dataclass
+class LocalDelivery:
+    path: Path  # the local API's file for this job
+
+    @property
+    def plan(self) -> dict[str, object]:
+        return {"delivery": "local", "path": str(self.path)}
+
+    def check(self) -> None:
+        if not self.path.parent.is_dir():
+            raise UploadFailed(f"the local API's folder {self.path.parent} is gone", retryable=False)
+
+    def deliver(self, video: Path) -> dict[str, object]:
+        shutil.move(video, self.path)
+        return {"delivery": "local", "path": str(self.path)}
+
+
+def choose_delivery(
+    method: str,
+    *,
+    key: str | None,
+    path: str | None,
+    job_id: str,
+    settings: Settings,
+    local_video: Path | None,
+    s3_client: Callable[[], Any],
+) -> Delivery:
+    """The job's delivery (`output.delivery`, `key`, `path`): `auto` is S3 when the worker has a bucket,
+    else the local API's folder when there is one, else base64."""
+    if method == "auto":
+        method = "s3" if settings.s3.bucket else "local" if local_video is not None else "base64"
+    if method == "local":
+        assert local_video is not None
+        return LocalDelivery(local_video)
+    if method == "s3":
+        return S3Delivery(settings, settings.s3.prefix + (key or f"{job_id}.mp4"), s3_client)
+    if key is not None:
+        raise InvalidInput("output.key applies to delivery s3, but this worker has no MULTITALK_S3_BUCKET")
+    if method == "volume":
+        return VolumeDelivery(settings, path or f"{settings.output_dir}/{job_id}.mp4")
+    return Base64Delivery(settings)
 
 
 def deliver_s3(video: Path, key: str, settings: Settings, client: Any) -> dict[str, object]:
     """Upload with content type video/mp4, confirm the stored size, return a presigned URL and its expiry."""
     bucket = settings.s3.bucket
-    if not bucket:
-        raise InvalidInput(
-            "delivery s3 needs MULTITALK_S3_BUCKET on the worker; use base64 or volume", stage="output"
-        )
+    assert bucket, "S3Delivery.check() comes first"
     size = video.stat().st_size
     try:
         client.upload_file(str(video), bucket, key, ExtraArgs={"ContentType": VIDEO_CONTENT_TYPE})
@@ -93,6 +211,7 @@ def deliver_volume(video: Path, relative: str, settings: Settings) -> dict[str, 
         os.close(fd)
         try:
             shutil.copyfile(video, tmp_name)
+            os.chmod(tmp_name, VOLUME_FILE_MODE)  # mkstemp makes it 0600: others on the volume read it too
             os.replace(tmp_name, dest)
         finally:
             Path(tmp_name).unlink(missing_ok=True)

@@ -10,7 +10,6 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from multitalk_worker.config import Settings
-from multitalk_worker.errors import UploadFailed
 
 
 def make_s3_client(settings: Settings) -> Any:
@@ -70,13 +69,3 @@ def upload_reason(exc: Exception) -> str:
     if isinstance(cause, ClientError):
         return s3_reason(cause)
     return f"S3 endpoint unreachable or refused ({type(exc).__name__})"
-
-
-def check_s3_destination(settings: Settings, client: Any) -> None:
-    """Before generation: the output bucket must exist. Access is not judged here (credentials that may
-    only put objects cannot HEAD a bucket); a refusal at upload time is reported then, not retryable."""
-    bucket = settings.s3.bucket
-    if bucket and not bucket_exists(client, bucket):
-        raise UploadFailed(
-            f"output bucket {bucket}: no such bucket (MULTITALK_S3_BUCKET)", stage="output", retryable=False
-        )

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import json
 import logging
 import math
 import sys
@@ -44,7 +43,7 @@ from multitalk_worker.errors import InputTooLarge, InvalidInput, WorkerError
 from multitalk_worker.local_api.guard import RequestGuard, api_error
 from multitalk_worker.local_api.jobs import JobQueue, JobRecord, QueueFull
 from multitalk_worker.logs import configure_logging
-from multitalk_worker.schema import parse_job_input
+from multitalk_worker.schema import parse_job_input, parse_json_body
 from multitalk_worker.service import JobService
 from multitalk_worker.startup import health_report, worker_version
 
@@ -247,7 +246,7 @@ def max_body_bytes(settings: Settings) -> int:
 
 async def _json_body(request: Request, limit: int) -> Any:
     """The parsed body, or a typed error: INPUT_TOO_LARGE past `limit` bytes (read no further than that),
-    INVALID_INPUT when it is not JSON, not UTF-8 or nested too deeply."""
+    INVALID_INPUT when it is not JSON, not UTF-8 or nested too deeply (schema.parse_json_body)."""
     too_large = InputTooLarge(
         f"the request body is over {limit / 1e6:.1f} MB ({INLINE_INPUTS} inline inputs of at most "
         "MULTITALK_MAX_INPUT_MB each as base64, plus 1 MB); send the files as URLs or make them smaller"
@@ -261,17 +260,10 @@ async def _json_body(request: Request, limit: int) -> Any:
         if size > limit:
             raise _BadBody(too_large)
         chunks.append(chunk)
-    raw = b"".join(chunks)
     try:
-        return json.loads(raw)
-    except RecursionError:
-        raise _BadBody(InvalidInput("the request body is JSON nested too deeply; send a flat job")) from None
-    except UnicodeDecodeError:
-        raise _BadBody(InvalidInput("the request body is not UTF-8 text; send a JSON object")) from None
-    except ValueError as exc:
-        raise _BadBody(
-            InvalidInput(f"the request body is not valid JSON ({exc}); send a JSON object")
-        ) from None
+        return parse_json_body(b"".join(chunks))  # the contract's one JSON reader (schema.py)
+    except InvalidInput as exc:
+        raise _BadBody(exc) from None
 
 
 async def _bad_body(request: Request, exc: _BadBody) -> JSONResponse:
@@ -288,14 +280,8 @@ def _job_input(body: Any) -> Any:
 
 def _submit(jobs: JobQueue, worker: JobService, raw_input: Any) -> JobRecord | JSONResponse:
     """Check the input against the schema (no fetching), then queue it; a typed error response if not."""
-    settings = worker.settings
     try:
-        parse_job_input(
-            raw_input,
-            tiny_model=settings.tiny_model,
-            max_resolution=settings.max_resolution,
-            max_duration_s=settings.max_duration_s,
-        )
+        parse_job_input(raw_input, worker.limits)  # the worker's own limits: the same rules as every door
         return jobs.submit(raw_input)
     except WorkerError as exc:
         return JSONResponse({"error": exc.to_dict()}, status_code=HTTP_STATUS.get(exc.code, 500))

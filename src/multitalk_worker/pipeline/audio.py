@@ -40,7 +40,7 @@ from multitalk_worker.errors import AudioDecodeFailed, DurationTooLong, InvalidI
 from multitalk_worker.pipeline.loudness import BLOCK_S as LOUDNESS_BLOCK_S  # shorter cannot be measured
 from multitalk_worker.pipeline.loudness import integrated_loudness
 from multitalk_worker.pipeline.request import AudioMode
-from multitalk_worker.timeline import FPS, SAMPLE_RATE, audio_frames
+from multitalk_worker.timeline import FPS, SAMPLE_RATE, audio_frames, check_length
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +140,10 @@ def check_stream(rate: int, channels: int, name: str) -> None:
 
 
 def _refuse_long(name: str, seconds: float) -> DurationTooLong:
+    """check_length's answer for a track whose decoding stopped at the budget: it lasts more than that."""
     return DurationTooLong(
-        f"{name}: the audio lasts more than {seconds:.1f} s, longer than the longest video; "
-        "set max_duration_s to make a video of its first part, or send shorter audio"
+        f"{name} lasts more than {seconds:.1f} s; videos are at most that long. "
+        f"Set max_duration_s (<= {seconds:.1f}) to make a video of its first part, or send shorter audio"
     )
 
 
@@ -202,8 +203,9 @@ def _decode_mono(path: Path, resampler: av.AudioResampler | None, budget: AudioB
     cut = False
     with av.open(str(path)) as container:
         info = stream_info(container, path.name)
-        if budget is not None and not budget.cut and (info.declared_s or 0.0) > budget.seconds + 1.0:
-            raise _refuse_long(path.name, budget.seconds)  # declared (an estimate for some mp3s: 1 s slack)
+        if budget is not None and not budget.cut:
+            # the declared length (an estimate for some mp3s: 1 s slack), before decoding any of it
+            check_length(budget.seconds, media_s=info.declared_s, what=path.name, slack_s=1.0)
         rate = SAMPLE_RATE if resampler is not None else info.rate
         limit = math.inf if budget is None else math.ceil(budget.seconds * rate)
         expected = [s for s in (info.declared_s, None if budget is None else budget.seconds) if s is not None]

@@ -14,7 +14,9 @@ from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
+from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
+from multitalk_worker.pipeline.sampling import guidance_passes
 from multitalk_worker.pipeline.video import SourceFrames, VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model, models_taking
@@ -35,19 +37,58 @@ class PreparedInputs:
     plan: ClipPlan
 
     def source_report(self) -> dict[str, object]:
-        """What the result says of the source: its kind, and for a video its rate, length and whether (from
-        which output frame on) its last frame was held."""
+        """What the plan and the result say of the source: its kind and, for a video, its rate and length
+        and whether its last frame will be held. Each clip is conditioned on the source frame at its start
+        (spec IT 5), so a clip starting past the source's end takes its last frame, held:
+        `last_frame_held_from` is that clip's start and `frames_held` the output frames from there on;
+        `frames_past_end`: the output frames after the source's last frame."""
         if not isinstance(self.source, VideoSource):
             return {"kind": "image"}
-        info, held = self.source.info, self.source.held_from
+        info, plan = self.source.info, self.plan
+        covered = info.timeline_frames
+        held = next((start for start in plan.starts if start >= covered), None)
         return {
             "kind": "video",
             "fps": float(info.source_fps),
             "frames": info.source_frames,
             "duration_s": info.duration_s,
             "fps_mode": self.source.fps_mode,
+            "last_frame_held": held is not None,
             "last_frame_held_from": held,
-            "frames_held": 0 if held is None else max(0, self.plan.output_frames - held),
+            "frames_held": 0 if held is None else plan.output_frames - held,
+            "frames_past_end": max(0, plan.output_frames - covered),
+        }
+
+    def report(self, request: GenerationRequest) -> dict[str, object]:
+        """The one report of what this request will make, known before any generation: the service's plan
+        (validate_only) and the pipeline's result (which adds the seed drawn and the weights) both are it."""
+        plan, sampling = self.plan, request.sampling
+        return {
+            "model": request.model,
+            "adapter": request.adapter,
+            "source": self.source_report(),
+            "resolution": request.resolution,
+            "bucket": list(self.first.bucket),
+            "persons": len(request.speakers),
+            "audio_mode": request.audio_mode,
+            "audio_s": self.audio.num_samples / SAMPLE_RATE,
+            "audio_padded_s": self.audio.padded_s,
+            "max_duration_s": request.max_duration_s,
+            "mode": "streaming" if plan.streaming else "clip",
+            "max_frames": plan.max_frames,
+            "clips": len(plan.starts),
+            "frames": plan.output_frames,
+            "steps": sampling.steps,
+            "shift": sampling.shift if sampling.shift is not None else default_shift(request.resolution),
+            "text_guidance": sampling.text_guidance,
+            "audio_guidance": sampling.audio_guidance,
+            "passes_per_step": len(guidance_passes(sampling.text_guidance)),
+            "apg": sampling.apg,
+            "teacache_threshold": sampling.teacache_threshold,
+            "color_correction": sampling.color_correction,
+            "color_reference": request.color_reference if request.video is not None else None,
+            "negative_prompt": "default" if request.negative_prompt is None else "custom",
+            "seed": sampling.seed if sampling.seed >= 0 else None,  # None: the pipeline draws one
         }
 
     def checked(self) -> CheckedInputs:

@@ -39,7 +39,7 @@ from multitalk_worker.pipeline.longcat_audio import (
     null_windows,
     track_features,
 )
-from multitalk_worker.pipeline.longcat_inputs import LongCatInputs, prepare_longcat_inputs
+from multitalk_worker.pipeline.longcat_inputs import LongCatInputs, prepare_longcat_inputs, resolve_sampling
 from multitalk_worker.pipeline.longcat_segments import (
     COND_FRAMES,
     COND_LATENTS,
@@ -172,7 +172,9 @@ class LongCatPipeline:
         height, width = inputs.first.bucket
         fps = get_model(self.bundle.model).fps
         out.open(VideoSpec(width, height, inputs.plan.output_frames, fps, inputs.soundtrack, SAMPLE_RATE))
-        steps, mode, shift, text_scale, audio_scale = self._sampling(request)
+        chosen = resolve_sampling(request, inputs.spec)
+        steps, mode, shift = chosen.steps, chosen.mode, chosen.shift
+        text_scale, audio_scale = chosen.text_scale, chosen.audio_scale
         with _stage(timings, "audio"):
             features = self._features(inputs)
         with _stage(timings, "text"):
@@ -190,41 +192,8 @@ class LongCatPipeline:
             fps=fps,
             seed=seed,
             timings=timings,
-            resolved={
-                "model": request.model,
-                "adapter": None,
-                "weights": self.bundle.weights,
-                "source": {"kind": "image" if request.image is not None else "video"},
-                "resolution": request.resolution,
-                "bucket": list(inputs.first.bucket),
-                "persons": len(request.speakers),
-                "audio_mode": request.audio_mode,
-                "fps": fps,
-                "segments": len(inputs.plan.segments),
-                "clips": len(inputs.plan.segments),
-                "segment_length": request.segment_length,
-                "frames": inputs.plan.output_frames,
-                "steps": steps,
-                "schedule": mode,
-                "shift": shift,
-                "text_guidance": text_scale,
-                "audio_guidance": audio_scale,
-                "passes_per_step": len(ls.guidance_passes(text_scale, audio_scale)),
-                "seed": seed,
-            },
+            resolved=inputs.report(request) | {"weights": self.bundle.weights, "seed": seed},
         )
-
-    def _sampling(self, request: GenerationRequest) -> tuple[int, ls.ScheduleMode, float, float, float]:
-        """Steps, schedule, shift and the two guidance scales. The family's distilled schedule serves the
-        request that asks for its 8 steps without guidance (preset longcat-distill); any other takes the
-        reference's non-distilled linear schedule (§7.1)."""
-        params, family = request.sampling, self.family
-        shift = params.shift if params.shift is not None else family.shift
-        scales = (params.text_guidance, params.audio_guidance)
-        mode: ls.ScheduleMode = family.schedule
-        if mode == "distill" and (params.steps != ls.DISTILL_STEPS or ls.guidance_on(*scales)):
-            mode = "default"
-        return params.steps, mode, shift, *scales
 
     def _features(self, inputs: LongCatInputs) -> list[Tensor]:
         segments = len(inputs.plan.segments)

@@ -17,6 +17,7 @@ import torch
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
+from multitalk_worker.pipeline import longcat_sampling as ls
 from multitalk_worker.pipeline.longcat_audio import stream_tracks, video_frames
 from multitalk_worker.pipeline.longcat_segments import COND_FRAMES, SegmentPlan, plan_segments
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
@@ -39,16 +40,34 @@ class LongCatInputs:
     def close(self) -> None:
         """Nothing is held open (the source was read while preparing)."""
 
-    def plan_report(self) -> dict[str, object]:
-        """The segment plan a validate_only answer and the result report."""
+    def report(self, request: GenerationRequest) -> dict[str, object]:
+        """The one report of what this request will make (as PreparedInputs.report): the service's plan and,
+        with the seed drawn and the weights, the pipeline's result."""
         plan = self.plan
+        sampling = resolve_sampling(request, self.spec)
         return {
+            "model": request.model,
+            "adapter": None,
+            "source": {"kind": "image" if self.source_frames is None else "video"},
+            "resolution": request.resolution,
+            "bucket": list(self.first.bucket),
+            "persons": len(request.speakers),
+            "audio_mode": request.audio_mode,
+            "max_duration_s": request.max_duration_s,
+            "fps": self.spec.fps,
             "clips": len(plan.segments),
             "segments": len(plan.segments),
-            "frames": plan.output_frames,
+            "segment_length": request.segment_length,
             "rendered_frames": plan.rendered_frames,
-            "fps": self.spec.fps,
-            "source": {"kind": "image" if self.source_frames is None else "video"},
+            "frames": plan.output_frames,
+            "steps": sampling.steps,
+            "schedule": sampling.mode,
+            "shift": sampling.shift,
+            "text_guidance": sampling.text_scale,
+            "audio_guidance": sampling.audio_scale,
+            "passes_per_step": len(ls.guidance_passes(sampling.text_scale, sampling.audio_scale)),
+            "negative_prompt": "default" if request.negative_prompt is None else "custom",
+            "seed": request.sampling.seed if request.sampling.seed >= 0 else None,
         }
 
     def checked(self) -> CheckedInputs:
@@ -60,6 +79,29 @@ class LongCatInputs:
             source_size=self.first.source_size,
             frames=self.plan.output_frames,
         )
+
+
+@dataclass(frozen=True)
+class LongCatSampling:
+    steps: int
+    mode: ls.ScheduleMode
+    shift: float
+    text_scale: float
+    audio_scale: float
+
+
+def resolve_sampling(request: GenerationRequest, spec: ModelSpec) -> LongCatSampling:
+    """Steps, schedule, shift and the two guidance scales. The family's distilled schedule serves the request
+    that asks for its 8 steps without guidance (preset longcat-distill); any other takes the reference's
+    non-distilled linear schedule (§7.1)."""
+    params, family = request.sampling, spec.family
+    assert family is not None  # a LongCat entry
+    shift = params.shift if params.shift is not None else family.shift
+    scales = (params.text_guidance, params.audio_guidance)
+    mode: ls.ScheduleMode = family.schedule
+    if mode == "distill" and (params.steps != ls.DISTILL_STEPS or ls.guidance_on(*scales)):
+        mode = "default"
+    return LongCatSampling(params.steps, mode, shift, *scales)
 
 
 def check_longcat_params(request: GenerationRequest) -> ModelSpec:

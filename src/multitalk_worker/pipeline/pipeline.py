@@ -59,7 +59,6 @@ from multitalk_worker.pipeline.sampling import (
     LATENT_CHANNELS,
     TEACACHE_COEFFICIENTS,
     GuidanceSettings,
-    guidance_passes,
     initial_noise,
     sample_clip,
 )
@@ -390,34 +389,10 @@ class TalkingVideoPipeline:
         return LATENT_CHANNELS, LATENT_FRAMES, bucket[0] // VAE_STRIDE[1], bucket[1] // VAE_STRIDE[2]
 
     def _resolved(self, request: GenerationRequest, run: _Run, seed: int) -> dict[str, object]:
-        settings, plan, inputs = run.settings, run.inputs.plan, run.inputs
-        return {
-            "model": request.model,
-            "adapter": self.bundle.adapter,
-            "weights": self.bundle.config.name,
-            "source": inputs.source_report(),
-            "resolution": request.resolution,
-            "bucket": list(inputs.first.bucket),
-            "persons": len(request.speakers),
-            "audio_mode": request.audio_mode,
-            "audio_s": inputs.audio.num_samples / SAMPLE_RATE,
-            "audio_padded_s": inputs.audio.padded_s,
-            "mode": "streaming" if plan.streaming else "clip",
-            "max_frames": plan.max_frames,
-            "clips": len(plan.starts),
-            "frames": plan.output_frames,
-            "steps": settings.steps,
-            "shift": settings.shift,
-            "text_guidance": settings.text_scale,
-            "audio_guidance": settings.audio_scale,
-            "passes_per_step": len(guidance_passes(settings.text_scale)),
-            "apg": settings.apg,
-            "teacache_threshold": settings.teacache_threshold,
-            "color_correction": run.color_strength,
-            "color_reference": request.color_reference if request.video is not None else None,
-            "negative_prompt": "default" if request.negative_prompt is None else "custom",
-            "seed": seed,
-        }
+        """The inputs' report (PreparedInputs.report) with what the run learned: the adapter and weights
+        loaded, and the seed (drawn when the request named none)."""
+        report = run.inputs.report(request)
+        return report | {"adapter": self.bundle.adapter, "weights": self.bundle.config.name, "seed": seed}
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from multitalk_worker.registry import ModelName
+
+if TYPE_CHECKING:
+    import numpy as np  # annotations only: the CLI's --help imports this module
 
 # A region is [x0, y0, x1, y1] normalised to the input image (x right, y down, 0..1), or a shorthand:
 # left/right are the reference's default two-person masks, full the whole image. Regions apply to two

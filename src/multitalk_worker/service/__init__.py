@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -23,11 +22,9 @@ from typing import Any
 import av
 
 from multitalk_worker.config import Settings
-from multitalk_worker.errors import DurationTooLong, InvalidInput, WorkerError
-from multitalk_worker.io.delivery import deliver_base64, deliver_s3, deliver_volume
+from multitalk_worker.errors import WorkerError
+from multitalk_worker.io.delivery import Delivery, choose_delivery
 from multitalk_worker.io.fetch import InputFetcher
-from multitalk_worker.io.s3 import check_s3_destination
-from multitalk_worker.io.volume import volume_destination
 from multitalk_worker.media import Mp4Sink
 from multitalk_worker.pipeline.image import image_size
 from multitalk_worker.pipeline.inputs import PreparedInputs
@@ -35,9 +32,9 @@ from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, 
 from multitalk_worker.pipeline.video import VideoInfo
 from multitalk_worker.pipeline.video import probe_video as probe_source
 from multitalk_worker.registry import pipeline_class
-from multitalk_worker.schema import GenerateInput, HealthInput, parse_job_input, parse_source
+from multitalk_worker.schema import GenerateInput, HealthInput, JobLimits, parse_job_input
 from multitalk_worker.service.faults import error_for
-from multitalk_worker.service.report import plan_report, source_plan
+from multitalk_worker.service.report import job_result, plan_report
 from multitalk_worker.service.request import build_request
 from multitalk_worker.service.resident import PipelineHolder
 from multitalk_worker.service.verify import sha256, verify_video
@@ -94,6 +91,7 @@ class JobService:
     ) -> None:
         """`holder`: the pipeline's source (under torchrun: parallel_worker.py's); default: one process."""
         self.settings = settings
+        self.limits = JobLimits.from_settings(settings)  # what every door's jobs are parsed against
         self.fetcher = InputFetcher(settings)
         self.holder = holder or PipelineHolder(settings)
         self.progress_sink = progress_sink
@@ -136,17 +134,19 @@ class JobService:
         on_update: UpdateHook | None,
     ) -> dict[str, Any]:
         settings = self.settings
-        parsed = parse_job_input(
-            job.get("input"),
-            tiny_model=settings.tiny_model,
-            max_resolution=settings.max_resolution,
-            max_duration_s=settings.max_duration_s,
-            default_model=settings.default_model,
-            infinitetalk_max_duration_s=settings.infinitetalk_max_duration_s,
-        )
+        parsed = parse_job_input(job.get("input"), self.limits)
         if isinstance(parsed, HealthInput):
             return health_report(settings, self.holder)
-        delivery = self._resolve_delivery(parsed, job_id, local_video)
+        delivery = choose_delivery(
+            parsed.output.delivery,
+            key=parsed.output.key,
+            path=parsed.output.path,
+            job_id=job_id,
+            settings=settings,
+            local_video=local_video,
+            s3_client=self.fetcher.s3_client,
+        )
+        delivery.check()  # a destination that cannot take the video refuses the job before any work
         timings: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-", dir=settings.work_dir) as scratch:
             stage.name = "fetch"
@@ -158,102 +158,64 @@ class JobService:
             # the CLI's checks, bounded; the pipeline takes what they decoded (nothing is decoded twice)
             # the model's pipeline class (registry entry) decodes and checks its inputs
             inputs = pipeline_class(request.model).prepare_inputs(request, tiny_model=settings.tiny_model)
-            sink = Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf)  # encoded clip by clip
-            try:
-                checked = inputs.checked()
-                duration_s = self._check_duration(parsed, checked)
-                plan = plan_report(parsed, request, fetched.report, checked, duration_s, delivery)
-                plan.update(source_plan(inputs, fetched.video_info))
-                if parsed.validate_only:
-                    from multitalk_worker.preview import plan_details
+            try:  # encoded clip by clip; the file is removed if anything fails (Mp4Sink's exit)
+                with Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf) as sink:
+                    duration_s = self._check_duration(parsed, inputs.checked())
+                    plan = plan_report(parsed, request, inputs, fetched.report, duration_s, delivery.plan)
+                    if parsed.validate_only:
+                        from multitalk_worker.preview import plan_details
 
-                    if isinstance(inputs, PreparedInputs):  # the Wan models' preview (crop, masks, clips)
-                        plan |= plan_details(request, settings, with_image=True, inputs=inputs)
-                    return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
-                stage.name = "load"
-                pipeline, load_s, cold = self.holder.get()
-                timings.update(model_load_s=load_s, cold_start=cold)
-                timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
-                stage.name = "generate"
-                progress = self._progress(job, on_update)
-                result = pipeline(request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs)
-                stage.name = "encode"
-                sink.close()
-            except BaseException:
-                sink.abort()
-                raise
+                        if isinstance(inputs, PreparedInputs):  # the Wan models' preview (crop, masks)
+                            plan |= plan_details(request, settings, with_image=True, inputs=inputs)
+                        return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
+                    stage.name = "load"
+                    pipeline, load_s, cold = self.holder.get()
+                    timings.update(model_load_s=load_s, cold_start=cold)
+                    timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
+                    stage.name = "generate"
+                    progress = self._progress(job, on_update)
+                    result = pipeline(
+                        request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs
+                    )
+                    stage.name = "encode"
             finally:
                 inputs.close()
             timings.update({f"{k}_s" if not k.endswith("_s") else k: v for k, v in result.timings.items()})
             timings["encode_s"] = sink.encode_s
-            return self._finish(result, sink.path, plan, delivery, timings, stage)
+            return self._finish(parsed, result, sink.path, delivery, timings, stage)
 
     def _finish(
         self,
+        parsed: GenerateInput,
         result: GenerationResult,
         video: Path,
-        plan: dict[str, Any],
-        delivery: dict[str, Any],
+        delivery: Delivery,
         timings: dict[str, Any],
         stage: _Stage,
     ) -> dict[str, Any]:
         stage.name = "verify"
         tick = time.monotonic()
         info = verify_video(video, result)
-        digest, size = sha256(video), video.stat().st_size
+        digest = sha256(video)
         timings["verify_s"] = time.monotonic() - tick
         stage.name = "output"
         tick = time.monotonic()
-        delivered = self._deliver(video, delivery)
+        size = video.stat().st_size
+        delivered = delivery.deliver(video)  # the file may move: its size is taken first
         timings["deliver_s"] = time.monotonic() - tick
-        return {
-            "video": delivered,
-            "sha256": digest,
-            "bytes": size,
-            "duration_s": info.duration_s,
-            "audio_duration_s": info.audio_duration_s,
-            "width": info.width,
-            "height": info.height,
-            "fps": info.fps,
-            "frames": info.frames,
-            "seed": result.seed,
-            "model": result.resolved["model"],
-            "adapter": result.resolved["adapter"],
-            "source": {**plan["source"], **result.resolved["source"]},  # type: ignore[dict-item]
-            "resolved": {**plan["resolved"], **result.resolved, "seed": result.seed},
-            "timings": timings,
-            "worker": worker_version(self.settings),
-        }
+        output = job_result(
+            parsed,
+            result,
+            info,
+            size,
+            digest=digest,
+            delivered=delivered,
+            timings=timings,
+            worker=worker_version(self.settings),
+        )
+        return output.model_dump()
 
     # -- steps
-
-    def _resolve_delivery(
-        self, parsed: GenerateInput, job_id: str, local_video: Path | None
-    ) -> dict[str, Any]:
-        settings, wanted = self.settings, parsed.output
-        method = wanted.delivery
-        if method == "auto":
-            method = "s3" if settings.s3.bucket else "local" if local_video is not None else "base64"
-        if method == "local":
-            return {"delivery": "local", "path": str(local_video)}
-        if method == "s3":
-            if not settings.s3.bucket:
-                raise InvalidInput(
-                    "delivery s3 needs MULTITALK_S3_BUCKET on the worker; use base64 or volume"
-                )
-            check_s3_destination(settings, self.fetcher.s3_client())  # before any work
-            return {"delivery": "s3", "key": settings.s3.prefix + (wanted.key or f"{job_id}.mp4")}
-        if wanted.key is not None:
-            raise InvalidInput(
-                "output.key applies to delivery s3, but this worker has no MULTITALK_S3_BUCKET"
-            )
-        if method == "volume":
-            if not settings.volume_root.is_dir():
-                raise InvalidInput(f"delivery volume needs the volume root {settings.volume_root} to exist")
-            path = wanted.path or f"{settings.output_dir}/{job_id}.mp4"
-            volume_destination(path, settings)  # writable, or refused now rather than after generation
-            return {"delivery": "volume", "path": path}
-        return {"delivery": "base64"}
 
     def _fetch_inputs(self, parsed: GenerateInput, scratch: Path) -> _Fetched:
         if parsed.video is not None:
@@ -261,18 +223,18 @@ class JobService:
             image_path = None
         else:
             assert parsed.image is not None  # the schema: exactly one of image and video
-            image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
+            image = self.fetcher.fetch(parsed.source("image"), scratch / "image", "image", "image")
             width, height = image_size(image.path)  # the header only: a huge image is refused undecoded
             report = {"image": {"width": width, "height": height, "bytes": image.size}}
             video, info, image_path = None, None, image.path
         audio_paths = []
-        for index, speaker in enumerate(parsed.speakers):
+        for index in range(len(parsed.speakers)):
             label = f"speakers[{index}].audio"
-            fetched = self.fetcher.fetch(
-                parse_source(speaker.audio), scratch / f"audio{index}", "audio", label
+            fetched = self.fetcher.fetch(parsed.source(label), scratch / f"audio{index}", "audio", label)
+            # the declared length (an estimate for some mp3s: 1 s slack), before decoding any of it
+            self.limits.check_length(
+                parsed, media_s=declared_duration_s(fetched.path), what=label, slack_s=1.0
             )
-            if parsed.max_duration_s is None:  # with a cap, long audio is fine: its first part is used
-                self._check_declared_duration(fetched.path, label, self._limit_s(parsed))
             audio_paths.append(fetched.path)
         return _Fetched(image_path, audio_paths, report, video, info)
 
@@ -280,14 +242,17 @@ class JobService:
         """Fetch the source video (size-capped, time-limited, magic bytes), then decode its first frame and
         check its declared length against the model's cap, before any GPU work."""
         assert parsed.video is not None
-        fetched = self.fetcher.fetch(parse_source(parsed.video), scratch / "video", "video", "video")
+        fetched = self.fetcher.fetch(parsed.source("video"), scratch / "video", "video", "video")
         info = probe_source(fetched.path)  # VIDEO_DECODE_FAILED: no video stream, no decodable frame
-        limit = self._limit_s(parsed)
-        if info.duration_s > limit + 1.0 / FPS:
-            raise DurationTooLong(
-                f"video lasts {info.duration_s:.1f} s; this worker dubs videos of at most {limit:g} s "
-                "(MULTITALK_INFINITETALK_MAX_DURATION_S); send a shorter cut"
-            )
+        # a source video must fit whatever length the job asks for
+        self.limits.check_length(
+            parsed,
+            media_s=info.duration_s,
+            what="video",
+            slack_s=1.0 / FPS,
+            requested=False,
+            remedy="Send a shorter cut",
+        )
         report = {
             "video": {
                 "width": info.width,
@@ -301,28 +266,10 @@ class JobService:
         }
         return fetched.path, info, report
 
-    def _limit_s(self, parsed: GenerateInput) -> float:
-        """The longest video this worker makes for the job's model, in seconds."""
-        return self.settings.max_duration_for(parsed.model_name(self.settings.default_model))
-
-    def _check_declared_duration(self, path: Path, label: str, limit: float) -> None:
-        """Refuse audio whose container declares it too long before decoding all of it into memory."""
-        declared = declared_duration_s(path)
-        if declared is not None and declared > limit + 1.0:
-            raise DurationTooLong(
-                f"{label} lasts {declared:.1f} s; this worker makes videos of at most {limit:g} s. "
-                f"Set max_duration_s (<= {limit:g}) to use the first part, or send shorter audio"
-            )
-
     def _check_duration(self, parsed: GenerateInput, checked: CheckedInputs) -> float:
-        """The worker's own limit for the job's model on uncapped jobs; returns the video's length."""
-        audio_s, limit = checked.audio_s, self._limit_s(parsed)
-        if parsed.max_duration_s is None and audio_s > limit:
-            raise DurationTooLong(
-                f"the audio lasts {audio_s:.1f} s; this worker makes videos of at most {limit:g} s. "
-                f"Set max_duration_s (<= {limit:g}) to use the first part, or send shorter audio"
-            )
-        return min(audio_s, parsed.max_duration_s or audio_s)
+        """The decoded length against the job's limit; returns the video's length."""
+        self.limits.check_length(parsed, media_s=checked.audio_s)
+        return min(checked.audio_s, parsed.max_duration_s or checked.audio_s)
 
     def _build_request(self, parsed: GenerateInput, fetched: _Fetched) -> GenerationRequest:
         return build_request(
@@ -332,16 +279,6 @@ class JobService:
             video=fetched.video,
             audio=fetched.audio,
         )
-
-    def _deliver(self, video: Path, delivery: dict[str, Any]) -> dict[str, object]:
-        if delivery["delivery"] == "s3":
-            return deliver_s3(video, delivery["key"], self.settings, self.fetcher.s3_client())
-        if delivery["delivery"] == "volume":
-            return deliver_volume(video, delivery["path"], self.settings)
-        if delivery["delivery"] == "local":  # the local API's own folder; it serves the file itself
-            shutil.move(video, delivery["path"])
-            return {"delivery": "local", "path": delivery["path"]}
-        return deliver_base64(video, self.settings)
 
     def _progress(self, job: dict[str, Any], on_update: UpdateHook | None) -> Callable[[Progress], None]:
         job_id = safe_id(job.get("id"))

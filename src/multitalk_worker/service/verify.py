@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 from multitalk_worker.errors import OutputInvalid
-from multitalk_worker.media import probe_mp4
+from multitalk_worker.media import Mp4Info, probe_mp4
 from multitalk_worker.pipeline.request import GenerationResult
 
 AUDIO_TOLERANCE_S = (
@@ -15,7 +14,7 @@ AUDIO_TOLERANCE_S = (
 )
 
 
-def verify_video(path: Path, result: GenerationResult) -> Any:
+def verify_video(path: Path, result: GenerationResult) -> Mp4Info:
     """Decode our own mp4 and check frame count, size, fps, duration and soundtrack against what we meant."""
     info = probe_mp4(path)
     count, (height, width) = result.frame_count, result.size

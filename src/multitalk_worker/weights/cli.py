@@ -10,8 +10,7 @@ from pathlib import Path
 
 from multitalk_worker.models.configs import CONFIGS, get_config
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, all_adapters
-from multitalk_worker.weights.download import LAYOUTS, download
-from multitalk_worker.weights.manifest import verify
+from multitalk_worker.weights import LAYOUTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from multitalk_worker.weights.manifest import verify  # torch: only when the command runs
+
     config = get_config(args.preset) if args.preset else None
     report = verify(
         args.dir, config=config, wav2vec_path=args.wav2vec, model=args.model, adapter=args.adapter
@@ -64,6 +65,8 @@ def run_verify(args: argparse.Namespace) -> int:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    from multitalk_worker.weights.download import download  # torch: only when the command runs
+
     report = download(args.dir, model=args.model, layout=args.layout)
     print(report)
     return 0 if report.verify is not None and report.verify.ok else 1

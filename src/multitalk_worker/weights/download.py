@@ -19,12 +19,12 @@ from pathlib import Path
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import InputFetchFailed, InvalidInput, ModelMissing
 from multitalk_worker.registry import DEFAULT_MODEL, get_model
+from multitalk_worker.weights import LAYOUTS
 from multitalk_worker.weights.manifest import WAV2VEC_MANIFEST, RequiredFile, VerifyReport, manifest, verify
 from multitalk_worker.weights.wav2vec import WAV2VEC_DIR
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("original", "diffusers")
 BASE_REPOS = {"original": "Wan-AI/Wan2.1-I2V-14B-480P", "diffusers": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"}
 WAV2VEC_REPO = "TencentGameMate/chinese-wav2vec2-base"
 
