@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 
 from multitalk_worker.config import Settings
-from multitalk_worker.errors import Cancelled, InvalidInput
+from multitalk_worker.errors import Cancelled, InvalidInput, ModelMissing
 from multitalk_worker.media import probe_mp4
 from multitalk_worker.pipeline.longcat import LongCatPipeline
 from multitalk_worker.pipeline.longcat_segments import ADVANCE, SEGMENT_FRAMES
@@ -157,6 +157,12 @@ def test_cancel_between_segments(v15: LongCatPipeline, long_speech: Path) -> Non
 def test_bad_inputs_are_typed(v15: LongCatPipeline, changes: dict[str, object], message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
         v15(request(**changes))
+
+
+def test_vocal_separation_required_without_its_model(v15: LongCatPipeline) -> None:
+    """The tiny model has no vocal_separator/: unset or false runs on the audio as sent; true is refused."""
+    with pytest.raises(ModelMissing, match="vocal_separator/Kim_Vocal_2.onnx"):
+        v15(request(vocal_separation=True))
 
 
 def test_cli_door(cli, tmp_path: Path) -> None:  # noqa: ANN001 - conftest's fixture

@@ -158,6 +158,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="LongCat-Video-Avatar: trim the video to the audio (default), or keep the reference's whole "
         "93 + 80*(S-1) frames",
     )
+    gen.add_argument(
+        "--vocal-separation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LongCat-Video-Avatar: drive the model with the separated vocals (default: when the model "
+        "folder has vocal_separator/Kim_Vocal_2.onnx)",
+    )
     gen.add_argument("--weights", required=True, help="model folder, or 'tiny' for the built-in tiny model")
     gen.add_argument(
         "--device",
@@ -205,6 +212,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 FIELD_FLAGS = {
     "max_duration_s": "--max-duration",
     "segment_length": "--segment-length",
+    "vocal_separation": "--vocal-separation",
     "negative_prompt": "--negative-prompt",
     "audio_mode": "--audio-mode",
     "source_fps": "--source-fps",
@@ -287,6 +295,7 @@ def wire_input(args: argparse.Namespace) -> dict[str, object]:
         "max_duration_s": args.max_duration,
         "preset": args.preset,
         "segment_length": args.segment_length,
+        "vocal_separation": args.vocal_separation,
         "advanced": {k: v for k, v in advanced.items() if v is not None},
     }
     return {k: v for k, v in raw.items() if v is not None}

@@ -249,6 +249,12 @@ class GenerateInput(_Strict):
         "default (default for multitalk and infinitetalk, longcat-distill for longcat-avatar, longcat-1.0 "
         "for longcat-avatar-1.0)",
     )
+    vocal_separation: bool | None = Field(
+        None,
+        description="longcat models: drive the model with the separated vocals (the reference's MDX-Net "
+        "stage). Unset: on when the model folder has vocal_separator/Kim_Vocal_2.onnx; true: required "
+        "(MODEL_MISSING without it); false: the audio as sent",
+    )
     segment_length: Literal["audio", "whole_segments"] | None = Field(
         None,
         description="longcat models: the video follows the audio (audio, the default) or keeps the "

@@ -21,6 +21,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from diffusers import AutoencoderKLWan
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
-from multitalk_worker.errors import Cancelled, InvalidInput
+from multitalk_worker.errors import Cancelled, InvalidInput, ModelMissing
 from multitalk_worker.models.longcat.attention import Conditioning, KVCache
 from multitalk_worker.models.longcat.transformer import LongCatAvatarTransformer
 from multitalk_worker.models.vae import vae_decode, vae_encode
@@ -37,6 +38,7 @@ from multitalk_worker.pipeline.longcat_audio import (
     FeatureEncoder,
     LongCatAudioConfig,
     null_windows,
+    stream_tracks,
     track_features,
 )
 from multitalk_worker.pipeline.longcat_inputs import LongCatInputs, prepare_longcat_inputs, resolve_sampling
@@ -59,6 +61,7 @@ from multitalk_worker.pipeline.request import (
     VideoSpec,
 )
 from multitalk_worker.pipeline.text import tokenize
+from multitalk_worker.pipeline.vocals import VOCAL_DIR, VOCAL_MODEL, VocalSeparator, separated_vocals
 from multitalk_worker.registry import LongCatFamily, get_model
 from multitalk_worker.timeline import SAMPLE_RATE
 
@@ -81,6 +84,7 @@ class LongCatBundle:
     model: str  # registry name
     weights: str  # "tiny" or the folder
     adapter: None = None  # LongCat has no audio adapters (the doors report a model's adapter)
+    vocals: VocalSeparator | None = None  # vocal_separator/ of the model folder, when it is there
 
 
 @dataclass(frozen=True)
@@ -176,7 +180,7 @@ class LongCatPipeline:
         steps, mode, shift = chosen.steps, chosen.mode, chosen.shift
         text_scale, audio_scale = chosen.text_scale, chosen.audio_scale
         with _stage(timings, "audio"):
-            features = self._features(inputs)
+            features = self._features(inputs, request)
         with _stage(timings, "text"):
             text = self._text(request, ls.guidance_on(text_scale, audio_scale))
         run = _Run(
@@ -195,12 +199,26 @@ class LongCatPipeline:
             resolved=inputs.report(request) | {"weights": self.bundle.weights, "seed": seed},
         )
 
-    def _features(self, inputs: LongCatInputs) -> list[Tensor]:
+    def _features(self, inputs: LongCatInputs, request: GenerationRequest) -> list[Tensor]:
+        """Each stream's features; with vocal separation (the reference's first stage, spec §4.1) the streams
+        are made of the separated vocals of each speaker's file (the soundtrack stays the audio as sent)."""
+        streams = inputs.streams
+        if request.vocal_separation is True and self.bundle.vocals is None:
+            raise ModelMissing(
+                f"vocal separation was asked for; the {self.bundle.weights} model has no "
+                f"{VOCAL_DIR}/{VOCAL_MODEL} (set vocal_separation false to drive the model with the audio "
+                "as sent)"
+            )
+        if request.vocal_separation is not False and self.bundle.vocals is not None:
+            vocals = [separated_vocals(Path(s.audio), self.bundle.vocals) for s in request.speakers]
+            streams = tuple(
+                stream_tracks([v for v in vocals if v is not None], request.audio_mode, others=False)
+            )
         segments = len(inputs.plan.segments)
         noise = np.random.RandomState(NOISE_SEED)
         return [
             track_features(stream, segments, self.bundle.audio_config, self.bundle.audio, noise)
-            for stream in inputs.streams
+            for stream in streams
         ]
 
     def _text(self, request: GenerationRequest, guided: bool) -> _Text:

@@ -58,6 +58,7 @@ class LongCatInputs:
             "clips": len(plan.segments),
             "segments": len(plan.segments),
             "segment_length": request.segment_length,
+            "vocal_separation": request.vocal_separation,
             "rendered_frames": plan.rendered_frames,
             "frames": plan.output_frames,
             "steps": sampling.steps,

@@ -63,6 +63,9 @@ class GenerationRequest:
     max_duration_s: float | None = None  # None: as long as the audio (longer than 40 s: DurationTooLong)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     segment_length: SegmentLength = "audio"  # LongCat-Video-Avatar only
+    # LongCat-Video-Avatar: drive the model with the separated vocals (the reference's MDX-Net stage). None:
+    # on when the model folder has vocal_separator/Kim_Vocal_2.onnx; True: required; False: the audio as sent.
+    vocal_separation: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ def build_request(
         max_duration_s=parsed.max_duration_s,
         sampling=resolve_sampling(parsed, default_model),
         segment_length=parsed.segment_length or "audio",
+        vocal_separation=parsed.vocal_separation,
         source_fps=parsed.source_fps or "resample",
         color_reference=parsed.color_reference or "first",
     )
