@@ -125,8 +125,6 @@ class LongCatPipeline:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         if str(path) != "tiny":
-            from multitalk_worker.errors import ModelMissing
-
             raise ModelMissing(f"loading {model} from a folder ({path}) is not implemented yet; use 'tiny'")
         from multitalk_worker.tiny_longcat import build_tiny_longcat_bundle
 
@@ -258,7 +256,8 @@ class _Run:
         cancel: CancelCheck | None,
     ) -> None:
         self.pipe, self.inputs, self.features, self.text = pipe, inputs, features, text
-        self.steps, self.mode, self.shift = steps, mode, shift
+        self.steps, self.shift = steps, shift
+        self.mode: ls.ScheduleMode = mode
         self.text_scale, self.audio_scale = text_scale, audio_scale
         self.progress, self.cancel = progress, cancel
         self.dit, self.vae, self.device = pipe.bundle.dit, pipe.bundle.vae, pipe.device

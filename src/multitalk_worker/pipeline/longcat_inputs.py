@@ -21,6 +21,7 @@ from multitalk_worker.pipeline import longcat_sampling as ls
 from multitalk_worker.pipeline.longcat_audio import stream_tracks, video_frames
 from multitalk_worker.pipeline.longcat_segments import COND_FRAMES, SegmentPlan, plan_segments
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
+from multitalk_worker.pipeline.video import VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model
 from multitalk_worker.timeline import SAMPLE_RATE, resolve_max_frames
@@ -124,7 +125,7 @@ def check_longcat_params(request: GenerationRequest) -> ModelSpec:
 def _source_frames(path: Path, bucket: tuple[int, int], resolution: str) -> tuple[torch.Tensor, int]:
     """A video source's last COND_FRAMES frames at `bucket`, [1, 3, 13, H, W] in [-1, 1], and its frame
     count (read on its own timeline; a shorter video holds its last frame)."""
-    source = open_frames(path, kind="video", fps_mode="reference")
+    source = VideoSource(path, fps_mode="reference")
     try:
         count = max(1, source.info.source_frames)
         first = max(0, count - COND_FRAMES)
