@@ -6,15 +6,31 @@ import pytest
 
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline.conditioning import CONDITIONERS
-from multitalk_worker.registry import INFINITETALK, MODELS, MULTITALK, all_adapters, get_model
-from multitalk_worker.timeline import FRAMES_PER_CLIP, latent_frames
+from multitalk_worker.registry import (
+    INFINITETALK,
+    LONGCAT_AVATAR,
+    LONGCAT_AVATAR_10,
+    MODELS,
+    MULTITALK,
+    all_adapters,
+    get_model,
+    pipeline_class,
+)
+from multitalk_worker.timeline import FRAMES_PER_CLIP, duration_limit_s, latent_frames
 
 
-def test_every_model_has_a_conditioner_and_a_clip_geometry() -> None:
-    assert set(CONDITIONERS) == set(MODELS)
-    for spec in MODELS.values():
-        assert 0 < spec.motion_frames < FRAMES_PER_CLIP and (spec.motion_frames - 1) % 4 == 0
-        assert spec.max_frames > FRAMES_PER_CLIP and "image" in spec.sources
+def test_every_model_has_a_pipeline_and_a_clip_geometry() -> None:
+    wan = {name for name, spec in MODELS.items() if spec.family is None}
+    assert set(CONDITIONERS) == wan  # the Wan pipeline's models: one conditioner each
+    for name, spec in MODELS.items():
+        assert callable(pipeline_class(name).from_pretrained)
+        assert 0 < spec.motion_frames < spec.frames_per_clip and (spec.motion_frames - 1) % 4 == 0
+        assert (spec.frames_per_clip - 1) % 4 == 0
+        assert spec.max_frames > spec.frames_per_clip and "image" in spec.sources
+        assert spec.default_preset in spec.presets
+    assert FRAMES_PER_CLIP == MULTITALK.frames_per_clip == INFINITETALK.frames_per_clip
+    assert (LONGCAT_AVATAR.fps, LONGCAT_AVATAR_10.fps) == (25, 16)  # spec longcat §6.6
+    assert duration_limit_s(LONGCAT_AVATAR_10.max_frames, LONGCAT_AVATAR_10.fps) == 600.0
 
 
 def test_adapter_files_are_distinct_and_chosen_by_speakers() -> None:
@@ -25,8 +41,11 @@ def test_adapter_files_are_distinct_and_chosen_by_speakers() -> None:
     assert INFINITETALK.adapter("multi", persons=1).name == "multi"
     with pytest.raises(InvalidInput, match="accepted: single, multi"):
         INFINITETALK.adapter("double")
-    with pytest.raises(InvalidInput, match="accepted: multitalk, infinitetalk"):
+    with pytest.raises(
+        InvalidInput, match="accepted: multitalk, infinitetalk, longcat-avatar, longcat-avatar-1.0"
+    ):
         get_model("omnitalk")
+    assert LONGCAT_AVATAR.adapters == () and LONGCAT_AVATAR_10.adapters == ()
 
 
 def test_motion_latents_of_the_references() -> None:

@@ -50,7 +50,9 @@ def refuse(raw: object, code: str = "INVALID_INPUT", **env: str) -> str:
 def test_minimal_job_and_defaults() -> None:
     parsed = parse_job_input(job(), LIMITS)
     assert isinstance(parsed, GenerateInput)
-    assert (parsed.resolution, parsed.preset, parsed.audio_mode) == ("480p", "default", "parallel")
+    assert (parsed.resolution, parsed.preset, parsed.audio_mode) == ("480p", None, "parallel")
+    assert parsed.preset_name("multitalk") == "default"  # unset: the model's default preset
+    assert parsed.preset_name("longcat-avatar") == "longcat-distill"
     assert parsed.output.delivery == "auto" and parsed.validate_only is False
     assert parsed.advanced.steps is None and parsed.max_duration_s is None
 

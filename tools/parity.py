@@ -2,6 +2,7 @@
 
     python tools/parity.py --reference /path/to/MultiTalk [--seed N] [--persons 1|2] [--write-fixtures]
     python tools/parity.py --model infinitetalk --reference /path/to/InfiniteTalk [--seed N] [--persons 1|2]
+    python tools/parity.py --model longcat-avatar[-1.0] --reference /path/to/LongCat-Video [--seed N] [...]
 
 Tiny seeded weights are written in the original checkpoint layouts; the reference (imported from the
 checkout, which is not modified; see tools/_parity_reference.py for what is replaced to run it on a CPU)
@@ -48,6 +49,13 @@ frame (each clip's final latent, decoded colour-corrected clip and reference fra
 frame indices and the output length N exactly). Its --write-fixtures writes
 tests/fixtures/parity/infinitetalk/ (tests/test_parity_infinitetalk.py); the T5, CLIP, VAE and wav2vec2
 weights are the MultiTalk fixtures', which must have been written with the same seed.
+
+--model longcat-avatar (v1.5) and longcat-avatar-1.0 (tools/_parity_longcat_cases.py against a LongCat-Video
+checkout, tools/_parity_longcat_ours.py) write a tiny DiT in the published folder layout (config.json, two
+bf16 shards and their index) and compare one DiT forward per case in float32 on the CPU (text-to-video with a
+CFG batch, image-to-video with 1, 2 and 3 audio streams, a continuation with and without the cached keys);
+tolerance 1e-5. Its --write-fixtures writes tests/fixtures/parity/longcat/<model>/, which
+tests/test_parity_longcat.py checks our code against without the reference.
 """
 
 from __future__ import annotations
@@ -84,6 +92,7 @@ from _parity_infinitetalk_ours import (  # noqa: E402
     it_stored_form,
     run_it_stage,
 )
+from _parity_longcat_cases import run_longcat  # noqa: E402
 from _parity_ours import (  # noqa: E402
     CLIP_DIR,
     DIT_DIR,
@@ -281,12 +290,34 @@ def write_infinitetalk_fixtures(cases: dict[str, Case], root: Path, seed: int) -
     (IT_FIXTURES / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
 
 
+# --------------------------------------------------------------------------- LongCat-Video-Avatar
+
+LONGCAT_MODELS = ("longcat-avatar", "longcat-avatar-1.0")
+LONGCAT_FIXTURES = FIXTURES / "longcat"
+
+
+def main_longcat(args: argparse.Namespace, persons: list[int]) -> int:
+    fixtures = LONGCAT_FIXTURES / args.model if args.write_fixtures else None
+    lines, ok = run_longcat(args.reference, args.model, args.seed, persons, fixtures)
+    print(
+        f"{args.model}, seed {args.seed}, persons {persons}, float32 on CPU; rel_err = ||ours-ref|| / ||ref||"
+    )
+    print(f"{'stage':<24} {'max_abs_err':>11} {'rel_err':>11} {'tolerance':>9}  result")
+    print("\n".join(lines))
+    if fixtures is not None:
+        size = sum(f.stat().st_size for f in fixtures.rglob("*") if f.is_file())
+        print(f"fixtures written to {fixtures.relative_to(REPO)} ({size / 1e6:.2f} MB)")
+    return 0 if ok else 1
+
+
 # --------------------------------------------------------------------------- command line
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("multitalk", "infinitetalk"), default="multitalk")
+    parser.add_argument(
+        "--model", choices=("multitalk", "infinitetalk", *LONGCAT_MODELS), default="multitalk"
+    )
     parser.add_argument("--reference", type=Path, required=True, help="the model's checkout (read only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--persons", type=int, choices=(1, 2), help="stages for this person count only")
@@ -295,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     persons = [1, 2] if args.persons is None or args.write_fixtures else [args.persons]
     torch.manual_seed(args.seed)
+    if args.model in LONGCAT_MODELS:
+        return main_longcat(args, persons)
     ref = load_reference(args.reference, args.model)
     with tempfile.TemporaryDirectory(prefix="parity-") as tmp:
         root = Path(tmp)

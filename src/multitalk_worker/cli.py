@@ -40,7 +40,7 @@ from multitalk_worker.errors import InvalidInput, WorkerError
 from multitalk_worker.logs import quiet_model_libraries
 from multitalk_worker.pipeline.presets import PRESETS
 from multitalk_worker.progress import Progress, ProgressTracker, Snapshot
-from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model
+from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model, pipeline_class
 
 if TYPE_CHECKING:
     import torch
@@ -125,9 +125,10 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        default="default",
-        help="sampling recipe: default (40 steps), or fusionx (8) / lightx2v (4) / fast (4), the recipes of "
-        "the distillation LoRAs of those names, which need that LoRA merged (--lora) for good results",
+        default=None,
+        help="sampling recipe (default: the model's, registry.py): default (40 steps), or fusionx (8) / "
+        "lightx2v (4) / fast (4), the recipes of the distillation LoRAs of those names, which need that LoRA "
+        "merged (--lora) for good results; longcat-distill / longcat-1.5 / longcat-1.0 for LongCat",
     )
     gen.add_argument("--steps", type=int, default=None, help="denoising steps per clip (default: preset)")
     gen.add_argument("--text-guidance", type=float, default=None)
@@ -150,6 +151,20 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="bucket family (default: tiny for --weights tiny, else 480p)",
     )
     gen.add_argument("--max-duration", type=float, default=None, metavar="S", help="cap on the video length")
+    gen.add_argument(
+        "--segment-length",
+        choices=("audio", "whole_segments"),
+        default=None,
+        help="LongCat-Video-Avatar: trim the video to the audio (default), or keep the reference's whole "
+        "93 + 80*(S-1) frames",
+    )
+    gen.add_argument(
+        "--vocal-separation",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LongCat-Video-Avatar: drive the model with the separated vocals (default: when the model "
+        "folder has vocal_separator/Kim_Vocal_2.onnx)",
+    )
     gen.add_argument("--weights", required=True, help="model folder, or 'tiny' for the built-in tiny model")
     gen.add_argument(
         "--device",
@@ -196,6 +211,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
 # wire fields (the API's names) as the CLI's flags, for messages; see cli_message
 FIELD_FLAGS = {
     "max_duration_s": "--max-duration",
+    "segment_length": "--segment-length",
+    "vocal_separation": "--vocal-separation",
     "negative_prompt": "--negative-prompt",
     "audio_mode": "--audio-mode",
     "source_fps": "--source-fps",
@@ -279,6 +296,8 @@ def wire_input(args: argparse.Namespace) -> dict[str, object]:
         "resolution": args.resolution,
         "max_duration_s": args.max_duration,
         "preset": args.preset,
+        "segment_length": args.segment_length,
+        "vocal_separation": args.vocal_separation,
         "advanced": {k: v for k, v in advanced.items() if v is not None},
     }
     return {k: v for k, v in raw.items() if v is not None}
@@ -395,16 +414,15 @@ class _StopOnSignal:
 
 
 def run_generate(args: argparse.Namespace, launch: Launch | None = None) -> int:
-    from multitalk_worker.pipeline.inputs import check_inputs
-
     quiet_model_libraries(verbose=args.verbose)
     settings = cli_settings(args)
     request = build_request(args, settings)
     if not args.out.parent.is_dir():
         raise InvalidInput(f"--out: the folder {args.out.parent} does not exist")
-    check_inputs(request, tiny_model=settings.tiny_model)  # before loading any weights
+    # before loading any weights: the model's pipeline class (registry entry) checks its own inputs
+    pipeline_class(request.model).check_inputs(request, tiny_model=settings.tiny_model)
     lead = launch is None or launch.rank == 0
-    if lead and PRESETS[args.preset].needs_lora:
+    if lead and args.preset is not None and PRESETS[args.preset].needs_lora:
         logger.warning(
             "preset %s is a distillation-LoRA recipe; without that LoRA expect low quality", args.preset
         )
@@ -424,7 +442,7 @@ def _generate(
     parallel: SequenceParallel | None,
 ) -> int:
     """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
-    from multitalk_worker.pipeline.pipeline import DiscardFrames, TalkingVideoPipeline
+    from multitalk_worker.pipeline.pipeline import DiscardFrames
     from multitalk_worker.segments import ClipSegments
     from multitalk_worker.service.resident import engine_from_settings
 
@@ -435,14 +453,15 @@ def _generate(
     report = StageReport() if lead else None
     if report is not None:
         report.line(f"load: {args.weights} ({request.model}, {args.engine} engine)")
-    adapter = get_model(request.model).adapter(request.adapter, persons=len(request.speakers))
-    pipeline = TalkingVideoPipeline.from_pretrained(
+    spec = get_model(request.model)
+    adapter = spec.adapter(request.adapter, persons=len(request.speakers)).name if spec.adapters else None
+    pipeline = pipeline_class(request.model).from_pretrained(
         args.weights,
         device=device,
         sequence_parallel=parallel,
         engine=engine,
         model=request.model,
-        adapter=adapter.name,
+        adapter=adapter,
     )
     # frames are encoded as each clip is final (segments.py, as the worker does: the same bytes); the
     # other ranks of a group leave them to rank 0
@@ -467,7 +486,8 @@ def _generate(
     processes = "" if parallel is None else f", {parallel.world_size} processes"
     print(
         f"wrote {args.out}: {count} frames ({count / result.fps:.2f} s) at {width}x{height}, "
-        f"{result.resolved['clips']} clip(s), model {request.model} (adapter {pipeline.bundle.adapter}), "
+        f"{result.resolved['clips']} clip(s), model {request.model}"
+        f"{'' if pipeline.bundle.adapter is None else f' (adapter {pipeline.bundle.adapter})'}, "
         f"seed {result.seed}{processes}, "
         f"{time.perf_counter() - started:.1f} s"
     )

@@ -17,7 +17,12 @@ TINY_WEIGHTS = "tiny"
 RESOLUTIONS: tuple[str, ...] = ("480p", "720p")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR")
 ENGINE_NAMES: tuple[str, ...] = ("reference", "fast")
-MODEL_NAMES: tuple[str, ...] = ("multitalk", "infinitetalk")  # registry.MODELS (checked by a test)
+MODEL_NAMES: tuple[str, ...] = (
+    "multitalk",
+    "infinitetalk",
+    "longcat-avatar",
+    "longcat-avatar-1.0",
+)  # registry.MODELS (checked by a test)
 VIDEO_CRF = 23  # H.264 quality of the output: the reference's final encode
 
 
@@ -211,6 +216,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "the registry's 15000 frames).",
     ),
     EnvVar(
+        "MULTITALK_LONGCAT_MAX_DURATION_S",
+        "longcat_max_duration_s",
+        "float",
+        "600",
+        "Longest LongCat-Video-Avatar video a job may ask for, in seconds (at most 600: the registry's 15000 "
+        "frames at 25 fps for 1.5, 9600 at 16 fps for 1.0).",
+    ),
+    EnvVar(
         "MULTITALK_MAX_BASE64_MB",
         "max_base64_mb",
         "float",
@@ -367,6 +380,7 @@ class Settings:
     default_model: str
     adapters: str
     infinitetalk_max_duration_s: float
+    longcat_max_duration_s: float
     max_base64_mb: float
     s3: S3Settings
     queue_size: int
@@ -468,6 +482,8 @@ def _check_ranges(settings: Settings) -> None:
         raise SettingsError(
             "MULTITALK_INFINITETALK_MAX_DURATION_S must be within (0, 600] (15000 frames at 25 fps)"
         )
+    if not 0 < settings.longcat_max_duration_s <= 600:
+        raise SettingsError("MULTITALK_LONGCAT_MAX_DURATION_S must be within (0, 600] (10 minutes)")
     positive = {
         "MULTITALK_MAX_INPUT_MB": settings.max_input_mb,
         "MULTITALK_FETCH_TIMEOUT_S": settings.fetch_timeout_s,

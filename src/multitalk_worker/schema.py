@@ -39,7 +39,7 @@ from multitalk_worker.url_policy import check_url
 
 SCHEMA_VERSION = "1"
 MAX_DURATION_S = duration_limit_s(MULTITALK.max_frames)
-LONGEST_DURATION_S = max(duration_limit_s(spec.max_frames) for spec in MODELS.values())  # any model
+LONGEST_DURATION_S = max(duration_limit_s(spec.max_frames, spec.fps) for spec in MODELS.values())  # any model
 ModelField = Literal[tuple(MODELS)]
 AdapterField = Literal[tuple(sorted({a.name for a in all_adapters().values()}))]
 MAX_SOURCE_CHARS = (
@@ -252,8 +252,22 @@ class GenerateInput(_Strict):
         f"{MAX_DURATION_S:g} s for multitalk and {LONGEST_DURATION_S:g} s for infinitetalk (the worker's "
         "settings may lower both)",
     )
-    preset: PresetName = Field(  # type: ignore[valid-type]
-        "default", description="named sampling settings (steps, guidance, shift); see docs/api.md"
+    preset: PresetName | None = Field(  # type: ignore[valid-type]
+        None,
+        description="named sampling settings (steps, guidance, shift); see docs/api.md. Unset: the model's "
+        "default (default for multitalk and infinitetalk, longcat-distill for longcat-avatar, longcat-1.0 "
+        "for longcat-avatar-1.0)",
+    )
+    vocal_separation: bool | None = Field(
+        None,
+        description="longcat models: drive the model with the separated vocals (the reference's MDX-Net "
+        "stage). Unset: on when the model folder has vocal_separator/Kim_Vocal_2.onnx; true: required "
+        "(MODEL_MISSING without it); false: the audio as sent",
+    )
+    segment_length: Literal["audio", "whole_segments"] | None = Field(
+        None,
+        description="longcat models: the video follows the audio (audio, the default) or keeps the "
+        "reference's whole 93 + 80*(S-1) frames (whole_segments)",
     )
     advanced: AdvancedInput = Field(default_factory=AdvancedInput)
     output: OutputInput = Field(default_factory=OutputInput)
@@ -293,10 +307,17 @@ class GenerateInput(_Strict):
         """The job's model: its own, else the worker's default (a registry name)."""
         return MODELS[self.model or default_model].name
 
-    def adapter_name(self, default_model: str) -> str:
-        """The job's adapter: its own, else its model's adapter for the number of speakers."""
+    def adapter_name(self, default_model: str) -> str | None:
+        """The job's adapter: its own, else its model's adapter for the number of speakers; None for a model
+        without adapters (LongCat-Video-Avatar), which refuses one."""
         spec = MODELS[self.model_name(default_model)]
+        if not spec.adapters and self.adapter is None:
+            return None
         return spec.adapter(self.adapter, persons=len(self.speakers)).name
+
+    def preset_name(self, default_model: str) -> str:
+        """The job's preset: its own, else its model's default (registry.py)."""
+        return self.preset or MODELS[self.model_name(default_model)].default_preset
 
 
 class ClipCounts(BaseModel):
@@ -330,7 +351,7 @@ class JobResult(BaseModel):
     frames: int
     seed: int = Field(description="the seed used (drawn when the job named none)")
     model: str
-    adapter: str
+    adapter: str | None = Field(description="the audio adapter; null for a model without adapters (LongCat)")
     source: dict[str, object] = Field(description="the conditioning source: image, or a video and its cover")
     resolved: dict[str, object] = Field(description="every parameter as the pipeline used it")
     timings: dict[str, float | bool] = Field(description="seconds per stage; cold_start")
@@ -389,7 +410,10 @@ class JobLimits:
             max_resolution=settings.max_resolution,
             default_model=settings.default_model,
             duration_s={
-                name: min(duration_limit_s(spec.max_frames), float(getattr(settings, spec.duration_setting)))
+                name: min(
+                    duration_limit_s(spec.max_frames, spec.fps),
+                    float(getattr(settings, spec.duration_setting)),
+                )
                 for name, spec in MODELS.items()
             },
             duration_source={name: variable[spec.duration_setting] for name, spec in MODELS.items()},

@@ -30,7 +30,7 @@ import numpy as np
 import multitalk_worker
 from multitalk_worker.config import Settings, SettingsError, settings_from_process
 from multitalk_worker.errors import WorkerError
-from multitalk_worker.registry import MODELS, Adapter
+from multitalk_worker.registry import MODELS, Adapter, get_model
 from multitalk_worker.residency import adapter_model, resident_adapters
 from multitalk_worker.schema import SCHEMA_VERSION
 
@@ -57,7 +57,7 @@ THIRD_PARTY_MODULES = (
     "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "httpx2",
     "tokenizers", "sentencepiece", "ftfy", "regex", "numpy", "scipy", "soxr", "pyloudnorm", "av", "PIL",
     "skimage", "pydantic", "boto3", "botocore", "requests", "urllib3", "certifi", "runpod", "fastapi",
-    "uvicorn", "tqdm",
+    "uvicorn", "tqdm", "onnxruntime",
 )  # fmt: skip
 # GPU memory the startup check asks for: the measured peak of a clip with every network resident, plus margin.
 # 480p: 58.5 GiB (reference engine, H100, bench/RESULTS.md run F; H200, run I2: 58.5 GiB allocated, 61.6
@@ -304,18 +304,28 @@ def health_report(settings: Settings, holder: PipelineHolder) -> dict[str, Any]:
 
 
 def served_models(settings: Settings) -> list[dict[str, Any]]:
-    """The models this worker can run (those with a resident adapter): name, the sources each takes, its
-    resident adapters and whether it is MULTITALK_MODEL (a job naming no model runs that one)."""
-    resident = _resident_or_empty(settings)
+    """The models a job may name on this worker (the page's model list): a family with adapters, each model
+    with a resident adapter; a model without adapters (LongCat-Video-Avatar) alone, on a worker whose
+    MULTITALK_MODEL names it. Name, the sources it takes, its resident adapters, frame rate, presets and
+    whether it is MULTITALK_MODEL (a job naming no model runs that one)."""
+    default = get_model(settings.default_model)
+    resident = _resident_or_empty(settings) if default.adapters else []
+    specs = (
+        [default]
+        if not default.adapters
+        else [spec for spec in MODELS.values() if any(a in resident for a in spec.adapters)]
+    )
     return [
         {
             "model": spec.name,
             "sources": list(spec.sources),
             "adapters": [a.name for a in spec.adapters if a in resident],
+            "fps": spec.fps,
+            "presets": list(spec.presets),
+            "default_preset": spec.default_preset,
             "default": spec.name == settings.default_model,
         }
-        for spec in MODELS.values()
-        if any(a in resident for a in spec.adapters)
+        for spec in specs
     ]
 
 

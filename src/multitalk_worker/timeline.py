@@ -1,8 +1,10 @@
 """The one definition of the video timeline and its rules: frame rate, audio rate, clip geometry, lengths.
 
-Every model of the registry works on the same timeline: 25 fps video driven by 16 kHz audio, 81-frame
+The Wan-based models of the registry work on this timeline: 25 fps video driven by 16 kHz audio, 81-frame
 clips (F = 4n + 1, 21 latent frames after the VAE's 4x temporal stride). How far a clip advances and how
-much of each clip is kept depend on the model's motion frames (registry.ModelSpec.motion_frames).
+much of each clip is kept depend on the model's motion frames (registry.ModelSpec.motion_frames). A model
+with its own frame rate (registry.ModelSpec.fps: LongCat-Video-Avatar 1.0 runs at 16 fps) passes it to the
+length functions (`fps`; the default is the Wan timeline's).
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ def min_audio_s() -> float:
     return (FRAMES_PER_CLIP + 1) / FPS
 
 
-def duration_limit_s(max_frames: int) -> float:
-    return max_frames / FPS
+def duration_limit_s(max_frames: int, fps: int = FPS) -> float:
+    return max_frames / fps
 
 
-def frames_for_duration(max_duration_s: float) -> int:
-    """Whole 25 fps frames within `max_duration_s` (a hair of float slack, so 3.24 s is 81 frames)."""
-    frames = int(max_duration_s * FPS + 1e-6)
+def frames_for_duration(max_duration_s: float, fps: int = FPS) -> int:
+    """Whole frames of `fps` within `max_duration_s` (a hair of float slack, so 3.24 s is 81 frames)."""
+    frames = int(max_duration_s * fps + 1e-6)
     if frames < 1:
-        raise InvalidInput(f"max_duration_s={max_duration_s:g} is shorter than one frame ({1 / FPS:g} s)")
+        raise InvalidInput(f"max_duration_s={max_duration_s:g} is shorter than one frame ({1 / fps:g} s)")
     return frames
 
 
@@ -80,11 +82,13 @@ def check_length(
         )
 
 
-def resolve_max_frames(max_duration_s: float | None, audio_s: float, limit_frames: int) -> int:
+def resolve_max_frames(
+    max_duration_s: float | None, audio_s: float, limit_frames: int, fps: int = FPS
+) -> int:
     """The frames a job may make: with `max_duration_s`, its frames (at most `limit_frames`); without it, the
     whole audio (`audio_s`, prepared or declared), which must then fit within `limit_frames` (check_length).
     """
-    check_length(duration_limit_s(limit_frames), requested_s=max_duration_s, media_s=audio_s)
+    check_length(duration_limit_s(limit_frames, fps), requested_s=max_duration_s, media_s=audio_s)
     if max_duration_s is None:
         return limit_frames
-    return frames_for_duration(max_duration_s)
+    return frames_for_duration(max_duration_s, fps)

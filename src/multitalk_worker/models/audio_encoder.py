@@ -54,18 +54,21 @@ def audio_features(
     feature_extractor: Wav2Vec2FeatureExtractor,
     signal_16k: np.ndarray,
     chunk_frames: int = CNN_CHUNK_FRAMES,
+    frames: int | None = None,
 ) -> torch.Tensor:
     """Mono 16 kHz signal -> per-video-frame features `[La, layers, C]` float32 (spec 2.4).
 
-    The CNN features are resampled to 25 fps (linear, align_corners=True) before the feature projection,
-    so the transformer runs at 25 Hz; the output stacks the outputs of every transformer layer. Memory: the
+    The CNN features are resampled to `frames` (default: the 25 fps frames `La`; LongCat-Video-Avatar 1.0
+    asks for 32 Hz, `int(n / 16000 · 32)`) by linear interpolation with align_corners=True before the
+    feature projection, so the transformer runs at that rate; the output stacks the outputs of every
+    transformer layer. Memory: the
     normalised input and the CNN run `chunk_frames` CNN frames at a time (`_cnn_features`), so a long track
     is never held again at the CNN's width; the transformer sees the whole track, as in the reference.
     """
     signal = np.asarray(signal_16k, dtype=np.float32)
     if signal.ndim != 1:
         raise InvalidInput(f"audio signal must be mono 1-D, got shape {signal.shape}")
-    frames = audio_frames(signal.shape[0])
+    frames = audio_frames(signal.shape[0]) if frames is None else frames
     if frames < 1:
         raise InvalidInput(
             f"audio of {signal.shape[0]} samples is shorter than one 25 fps frame "

@@ -26,23 +26,25 @@ CHUNK = 1 << 16  # samples filtered at a time
 
 
 class _Biquad:
-    """One pyloudnorm `IIRfilter` stage applied chunk by chunk."""
+    """One pyloudnorm `IIRfilter` stage applied chunk by chunk; its output stored in `store` (the dtype of
+    pyloudnorm's copy of the input)."""
 
-    def __init__(self, stage: pyloudnorm.IIRfilter) -> None:
+    def __init__(self, stage: pyloudnorm.IIRfilter, store: type[np.floating]) -> None:
         self.b, self.a = stage.generate_coefficients()
         self.gain = stage.passband_gain
         self.state = np.zeros(max(len(self.a), len(self.b)) - 1)
+        self.store = store
 
     def __call__(self, chunk: np.ndarray) -> np.ndarray:
         out, self.state = scipy.signal.lfilter(self.b, self.a, chunk, zi=self.state)
-        return (self.gain * out).astype(np.float32)
+        return (self.gain * out).astype(self.store, copy=False)
 
 
-def _k_weighting(rate: int) -> list[_Biquad]:
+def _k_weighting(rate: int, store: type[np.floating]) -> list[_Biquad]:
     """pyloudnorm's K-weighting filter class: the high shelf, then the high pass."""
     return [
-        _Biquad(pyloudnorm.IIRfilter(4.0, 1 / np.sqrt(2), 1500.0, rate, "high_shelf")),
-        _Biquad(pyloudnorm.IIRfilter(0.0, 0.5, 38.0, rate, "high_pass")),
+        _Biquad(pyloudnorm.IIRfilter(4.0, 1 / np.sqrt(2), 1500.0, rate, "high_shelf"), store),
+        _Biquad(pyloudnorm.IIRfilter(0.0, 0.5, 38.0, rate, "high_pass"), store),
     ]
 
 
@@ -52,13 +54,13 @@ def _block_bounds(index: int, rate: int) -> tuple[int, int]:
     return int(BLOCK_S * (index * step) * rate), int(BLOCK_S * (index * step + 1) * rate)
 
 
-def _block_powers(signal: np.ndarray, rate: int) -> np.ndarray:
+def _block_powers(signal: np.ndarray, rate: int, store: type[np.floating]) -> np.ndarray:
     """The mean square of the K-weighted signal in each gating block (BS.1770 eq. 1), streamed."""
     n = signal.shape[0]
     blocks = int(np.round((n / rate - BLOCK_S) / (BLOCK_S * (1.0 - OVERLAP)))) + 1
-    stages = _k_weighting(rate)
+    stages = _k_weighting(rate, store)
     powers = np.zeros(blocks)
-    window, start, block = np.zeros(0, np.float32), 0, 0  # window: filtered samples [start, start + len)
+    window, start, block = np.zeros(0, store), 0, 0  # window: filtered samples [start, start + len)
     for offset in range(0, n, CHUNK):
         filtered = signal[offset : offset + CHUNK]
         for stage in stages:
@@ -77,14 +79,16 @@ def _block_powers(signal: np.ndarray, rate: int) -> np.ndarray:
     return powers
 
 
-def integrated_loudness(signal: np.ndarray, rate: int) -> float:
+def integrated_loudness(signal: np.ndarray, rate: int, store: type[np.floating] = np.float32) -> float:
     """Gated loudness in LUFS of a float32 mono `signal` of at least one block (BS.1770-4 eqs. 2-7, as
-    pyloudnorm's `Meter(rate).integrated_loudness`); -inf for digital silence."""
+    pyloudnorm's `Meter(rate).integrated_loudness`); -inf for digital silence. `store=np.float64` gives
+    pyloudnorm's value for the same samples held as float64 (it keeps the filtered copy in the input's
+    dtype): LongCat's reference measures its zero-padded tracks so."""
     if signal.dtype != np.float32 or signal.ndim != 1:
         raise TypeError(f"a float32 mono signal is measured, got {signal.dtype} {signal.shape}")
     if signal.shape[0] < BLOCK_S * rate:
         raise ValueError(f"the signal is shorter than one {BLOCK_S} s gating block")
-    powers = _block_powers(signal, rate)
+    powers = _block_powers(signal, rate, store)
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # no block above a gate: the mean of nothing
         block_lufs = np.array([-0.691 + 10.0 * np.log10(power) for power in powers])  # scalar log10s

@@ -44,10 +44,11 @@ from multitalk_worker.pipeline.conditioning import (
     SharedInputs,
 )
 from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, prepare_bundle, resolve_engine
-from multitalk_worker.pipeline.inputs import PreparedInputs, check_params, prepare_inputs
+from multitalk_worker.pipeline.inputs import PreparedInputs, check_inputs, check_params, prepare_inputs
 from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import (
     CancelCheck,
+    CheckedInputs,
     FrameSink,
     GenerationRequest,
     GenerationResult,
@@ -145,6 +146,8 @@ class TalkingVideoPipeline:
     request on each); None runs in this process alone.
     """
 
+    resumable = True  # a checkpoint after every clip (pipeline/checkpoint.py)
+
     def __init__(
         self,
         bundle: ModelBundle,
@@ -196,6 +199,16 @@ class TalkingVideoPipeline:
     @property
     def is_tiny(self) -> bool:
         return self.bundle.config.name == "tiny"
+
+    @staticmethod
+    def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> CheckedInputs:
+        """Every input check of `request` without any model (the registry's entry point for a door)."""
+        return check_inputs(request, tiny_model=tiny_model)
+
+    @staticmethod
+    def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> PreparedInputs:
+        """`request`'s inputs decoded and checked, for `__call__(inputs=...)`."""
+        return prepare_inputs(request, tiny_model=tiny_model)
 
     @torch.inference_mode()
     def __call__(

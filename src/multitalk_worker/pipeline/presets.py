@@ -63,6 +63,12 @@ PRESETS: dict[str, Preset] = {
         # The service's few-step choice: lightx2v's 4-step recipe (8 DiT passes per clip); pair it with
         # MULTITALK_LORAS=<lightx2v file> and MULTITALK_ENGINE=fast (bench/RESULTS.md has its clip time).
         replace(_LIGHTX2V, name="fast"),
+        # LongCat-Video-Avatar (spec longcat-avatar-inference.md §1.4, §7.1): 1.5's DMD-distilled 8 steps
+        # without guidance (the reference forces both scales to 1), and the reference's 50 guided steps at
+        # each version's shift.
+        Preset("longcat-distill", 8, 1.0, 1.0, 7.0, 7.0, needs_lora=False),
+        Preset("longcat-1.5", 50, 4.0, 4.0, 7.0, 7.0, needs_lora=False),
+        Preset("longcat-1.0", 50, 4.0, 4.0, 12.0, 12.0, needs_lora=False),
     )
 }
 

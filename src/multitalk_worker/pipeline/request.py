@@ -23,6 +23,9 @@ Resolution = Literal["480p", "720p", "tiny"]  # "tiny": 32-64 px buckets, for th
 # default, a deliberate deviation), "reference" frame n = the n-th decoded frame (the reference's reading,
 # exact for 25 fps sources only; spec IT 4.4).
 SourceFps = Literal["resample", "reference"]
+# LongCat-Video-Avatar's length: "audio" trims the video to the audio (ours, as the other models);
+# "whole_segments" keeps every frame of the last 93 + 80·(S − 1) (the reference's output).
+SegmentLength = Literal["audio", "whole_segments"]
 # InfiniteTalk's colour reference: source frame 0 (the reference), or each clip's own reference frame.
 ColorReference = Literal["first", "clip"]
 
@@ -60,6 +63,10 @@ class GenerationRequest:
     resolution: Resolution = "480p"
     max_duration_s: float | None = None  # None: as long as the audio (longer than 40 s: DurationTooLong)
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    segment_length: SegmentLength = "audio"  # LongCat-Video-Avatar only
+    # LongCat-Video-Avatar: drive the model with the separated vocals (the reference's MDX-Net stage). None:
+    # on when the model folder has vocal_separator/Kim_Vocal_2.onnx; True: required; False: the audio as sent.
+    vocal_separation: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,12 @@ from multitalk_worker.io.delivery import Delivery, choose_delivery
 from multitalk_worker.io.fetch import InputFetcher
 from multitalk_worker.pipeline.checkpoint import ClipCheckpoint
 from multitalk_worker.pipeline.image import image_size
-from multitalk_worker.pipeline.inputs import prepare_inputs
+from multitalk_worker.pipeline.inputs import PreparedInputs
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, GenerationResult
 from multitalk_worker.pipeline.video import VideoInfo
 from multitalk_worker.pipeline.video import probe_video as probe_source
 from multitalk_worker.progress import Progress, ProgressTracker, Snapshot
+from multitalk_worker.registry import pipeline_class
 from multitalk_worker.schema import GenerateInput, HealthInput, JobLimits, parse_job_input
 from multitalk_worker.segments import ClipSegments
 from multitalk_worker.service.checkpoints import open_checkpoint
@@ -163,18 +164,21 @@ class JobService:
             stage.name = "validate"
             request = self._build_request(parsed, fetched)
             # the CLI's checks, bounded; the pipeline takes what they decoded (nothing is decoded twice)
-            inputs = prepare_inputs(request, tiny_model=settings.tiny_model)
+            # the model's pipeline class (registry entry) decodes and checks its inputs
+            pipeline_type = pipeline_class(request.model)
+            inputs = pipeline_type.prepare_inputs(request, tiny_model=settings.tiny_model)
             try:
                 duration_s = self._check_duration(parsed, inputs.checked())
                 plan = plan_report(parsed, request, inputs, fetched.report, duration_s, delivery.plan)
                 if parsed.validate_only:
                     from multitalk_worker.preview import plan_details
 
-                    plan |= plan_details(request, settings, with_image=True, inputs=inputs)
+                    if isinstance(inputs, PreparedInputs):  # the Wan models' preview (crop, masks)
+                        plan |= plan_details(request, settings, with_image=True, inputs=inputs)
                     return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
                 # each clip is encoded as it is final: into the job's checkpoint (resumable after a lost
-                # worker), or with checkpoints off into scratch segments
-                checkpoint = open_checkpoint(settings, job_id, request)
+                # worker) where the model's pipeline resumes, else into scratch segments
+                checkpoint = open_checkpoint(settings, job_id, request) if pipeline_type.resumable else None
                 segments = ClipSegments(Path(scratch) / "segments", settings.video_crf)
                 stage.name = "load"
                 pipeline, load_s, cold = self.holder.get()

@@ -9,20 +9,22 @@ from typing import Any
 
 from multitalk_worker.media import Mp4Info
 from multitalk_worker.pipeline.inputs import PreparedInputs
+from multitalk_worker.pipeline.longcat_inputs import LongCatInputs
 from multitalk_worker.pipeline.presets import PRESETS
 from multitalk_worker.pipeline.request import GenerationRequest, GenerationResult
 from multitalk_worker.schema import ClipCounts, GenerateInput, JobResult
 
 
-def job_fields(parsed: GenerateInput) -> dict[str, object]:
-    """What the job asked for that the pipeline does not see: its preset's name."""
-    return {"preset": parsed.preset, "preset_needs_lora": PRESETS[parsed.preset].needs_lora}
+def job_fields(parsed: GenerateInput, model: str) -> dict[str, object]:
+    """What the job asked for that the pipeline does not see: its preset's name (unset: `model`'s)."""
+    preset = parsed.preset_name(model)
+    return {"preset": preset, "preset_needs_lora": PRESETS[preset].needs_lora}
 
 
 def plan_report(
     parsed: GenerateInput,
     request: GenerationRequest,
-    inputs: PreparedInputs,
+    inputs: PreparedInputs | LongCatInputs,
     picture: dict[str, Any],
     duration_s: float,
     delivery: dict[str, object],
@@ -40,7 +42,7 @@ def plan_report(
         "clips": report["clips"],
         "delivery": delivery,
         "source": report["source"],
-        "resolved": job_fields(parsed) | report,
+        "resolved": job_fields(parsed, request.model) | report,
     }
 
 
@@ -57,7 +59,7 @@ def job_result(
     checkpoint_bytes: int = 0,
 ) -> JobResult:
     """The result: the encoded file as checked, and the pipeline's report of what it made."""
-    resolved = job_fields(parsed) | result.resolved
+    resolved = job_fields(parsed, str(result.resolved["model"])) | result.resolved
     source = resolved["source"]
     assert isinstance(source, dict)  # PreparedInputs.source_report
     return JobResult(
@@ -72,7 +74,7 @@ def job_result(
         frames=info.frames,
         seed=result.seed,
         model=str(resolved["model"]),
-        adapter=str(resolved["adapter"]),
+        adapter=None if resolved["adapter"] is None else str(resolved["adapter"]),
         source=source,
         resolved=resolved,
         timings=timings,

@@ -35,13 +35,15 @@ def build_request(
         negative_prompt=parsed.negative_prompt,
         resolution=parsed.resolution,
         max_duration_s=parsed.max_duration_s,
-        sampling=resolve_sampling(parsed),
+        sampling=resolve_sampling(parsed, default_model),
+        segment_length=parsed.segment_length or "audio",
+        vocal_separation=parsed.vocal_separation,
         source_fps=parsed.source_fps or "resample",
         color_reference=parsed.color_reference or "first",
     )
 
 
-def resolve_sampling(parsed: GenerateInput) -> SamplingParams:
+def resolve_sampling(parsed: GenerateInput, default_model: str) -> SamplingParams:
     """Preset values for the resolution, then the `advanced` overrides. No seed: the pipeline draws one."""
     adv = parsed.advanced
     base = SamplingParams(
@@ -52,7 +54,7 @@ def resolve_sampling(parsed: GenerateInput) -> SamplingParams:
         if adv.color_correction is not None
         else SamplingParams.color_correction,
     )
-    sampling = apply_preset(parsed.preset, parsed.resolution, base)
+    sampling = apply_preset(parsed.preset_name(default_model), parsed.resolution, base)
     overrides = {
         name: getattr(adv, name)
         for name in ("steps", "text_guidance", "audio_guidance", "shift")

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from multitalk_worker.config import Settings
-from multitalk_worker.errors import ModelLoadFailed, ModelMissing, OutOfMemory, WorkerError
+from multitalk_worker.errors import InvalidInput, ModelLoadFailed, ModelMissing, OutOfMemory, WorkerError
+from multitalk_worker.registry import get_model, pipeline_class
 from multitalk_worker.residency import (
     AdapterSet,
     adapter_model,
@@ -90,7 +91,14 @@ class PipelineHolder:
                 "or set MULTITALK_WEIGHTS=tiny for the built-in test model"
             )
         start = time.monotonic()
+        spec = get_model(self.settings.default_model)
         try:
+            if not spec.adapters:  # a model family with its own pipeline and no adapters (LongCat)
+                self.pipeline = pipeline_class(spec.name).from_pretrained(
+                    weights, device=self.device or resolve_device(self.settings.device), model=spec.name
+                )
+                self.load_s = time.monotonic() - start
+                return
             engine = engine_from_settings(self.settings)
             first = first_adapter(self.settings)
             check_swappable(
@@ -125,7 +133,12 @@ class PipelineHolder:
         """Make the resident pipeline serve `model`/`adapter` (loading it first if needed): the seconds the
         adapter copy took, 0.0 when the DiT already holds it. InvalidInput when it is not resident."""
         self.load()
-        assert self.adapters is not None
+        if self.adapters is None:  # a pipeline without adapters serves its one model
+            if model != self.pipeline.bundle.model:
+                raise InvalidInput(
+                    f"this worker serves model {self.pipeline.bundle.model}; the job asks for {model}"
+                )
+            return 0.0
         wanted = self.adapters.get(model, adapter)
         if self.adapters.current == adapter:
             return 0.0

@@ -1,0 +1,227 @@
+"""LongCat-Video-Avatar end to end on the built-in tiny models (CPU): one speaker from an image, two speakers
+with regions (1.0, guided), a continuation of a video, a long generation of 3 segments, the CLI door, and
+bad inputs with their typed errors. Few steps; every segment is the model's 93 frames (its window), so each
+test decodes as few segments as it can."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from multitalk_worker.config import Settings
+from multitalk_worker.errors import Cancelled, InvalidInput, ModelMissing
+from multitalk_worker.media import probe_mp4
+from multitalk_worker.pipeline.longcat import LongCatPipeline
+from multitalk_worker.pipeline.longcat_segments import ADVANCE, SEGMENT_FRAMES
+from multitalk_worker.pipeline.request import (
+    GenerationRequest,
+    Progress,
+    SamplingParams,
+    Speaker,
+    VideoSpec,
+)
+from multitalk_worker.registry import pipeline_class
+from multitalk_worker.service import JobService
+from tests.conftest import EXAMPLES
+from tests.test_server import run as submit
+from tests.test_server import serve, wait_until  # noqa: F401 - serve: the local API fixture
+
+ONE_STEP = SamplingParams(steps=1, text_guidance=1.0, audio_guidance=1.0, seed=3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny VAE's 93-frame decode is 12x slower with 2 threads than with 1 on a shared 2-core machine
+    (7.7 s against 93 s, measured): tiny convolutions only pay the threads' synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def v15() -> LongCatPipeline:
+    return LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar")
+
+
+@pytest.fixture(scope="module")
+def v10() -> LongCatPipeline:
+    return LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar-1.0")
+
+
+@pytest.fixture(scope="module")
+def long_speech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """speech_a then speech_b: 7.58 s, 189 frames at 25 fps (3 segments)."""
+    a, rate = sf.read(EXAMPLES / "speech_a.wav", dtype="float32")
+    b, _ = sf.read(EXAMPLES / "speech_b.wav", dtype="float32")
+    path = tmp_path_factory.mktemp("audio") / "long.wav"
+    sf.write(path, np.concatenate([a, b]), rate)
+    return path
+
+
+class Recorder:
+    """A FrameSink that keeps what it is given, chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.spec: VideoSpec | None = None
+        self.chunks: list[np.ndarray] = []
+
+    def open(self, spec: VideoSpec) -> None:
+        self.spec = spec
+
+    def write(self, frames: np.ndarray) -> None:
+        self.chunks.append(frames)
+
+
+def request(model: str = "longcat-avatar", **changes: object) -> GenerationRequest:
+    fields: dict[str, object] = {
+        "speakers": (Speaker(EXAMPLES / "speech_a.wav"),),
+        "prompt": "a person talks",
+        "model": model,
+        "image": EXAMPLES / "person.png",
+        "resolution": "tiny",
+        "max_duration_s": 1.0,
+        "sampling": ONE_STEP,
+    }
+    return GenerationRequest(**(fields | changes))  # type: ignore[arg-type]
+
+
+def test_one_speaker_from_an_image_is_trimmed_to_the_audio(v15: LongCatPipeline) -> None:
+    events: list[Progress] = []
+    sink = Recorder()
+    result = v15(request(sampling=SamplingParams(seed=3, steps=8, text_guidance=1.0, audio_guidance=1.0)),
+                 sink=sink, progress=events.append)  # fmt: skip
+    assert result.frames is None and result.fps == 25 and result.frame_count == 25  # 1 s at 25 fps
+    assert sink.spec is not None and sink.spec.fps == 25 and sink.spec.frames == 25
+    assert sink.spec.audio.shape[0] == 16_000  # the soundtrack follows the video
+    (frames,) = sink.chunks
+    assert frames.shape == (25, *result.size, 3) and frames.dtype == np.uint8
+    assert frames.std() > 1.0  # a real decode, not a constant
+    assert result.resolved["schedule"] == "distill" and result.resolved["passes_per_step"] == 1
+    assert [e.step for e in events if e.stage == "sample"] == list(range(1, 9))
+
+
+def test_long_generation_carries_segments(v15: LongCatPipeline, long_speech: Path) -> None:
+    sink = Recorder()
+    events: list[Progress] = []
+    result = v15(request(speakers=(Speaker(long_speech),), max_duration_s=None), sink=sink,
+                 progress=events.append)  # fmt: skip
+    frames = int(7.5764375 * 25)
+    assert result.resolved["segments"] == 3 and result.frame_count == frames
+    assert [c.shape[0] for c in sink.chunks] == [SEGMENT_FRAMES, ADVANCE, frames - SEGMENT_FRAMES - ADVANCE]
+    assert {e.chunks for e in events} == {3}
+    assert not np.array_equal(sink.chunks[1], sink.chunks[0][-ADVANCE:])  # new frames, not a copy
+
+
+def test_two_speakers_with_regions_guided_v10(v10: LongCatPipeline) -> None:
+    speakers = (
+        Speaker(EXAMPLES / "speech_a.wav", region=(0.0, 0.0, 0.5, 1.0)),
+        Speaker(EXAMPLES / "speech_b.wav", region=(0.5, 0.0, 1.0, 1.0)),
+    )
+    guided = SamplingParams(steps=1, text_guidance=2.0, audio_guidance=3.0, seed=3)
+    result = v10(request("longcat-avatar-1.0", speakers=speakers, image=EXAMPLES / "two_people.png",
+                         sampling=guided))  # fmt: skip
+    assert result.fps == 16 and result.frame_count == 16
+    assert result.frames is not None and result.frames.shape[0] == 16
+    assert result.resolved["passes_per_step"] == 3 and result.resolved["persons"] == 2
+
+
+def test_continuation_of_a_video(v15: LongCatPipeline) -> None:
+    result = v15(request(image=None, video=EXAMPLES / "source.mp4"))
+    assert result.frame_count == 25 and result.resolved["source"] == {"kind": "video"}
+    assert result.frames is not None and result.frames.shape[0] == 25 - 13  # the video's 13 frames dropped
+
+
+def test_cancel_between_segments(v15: LongCatPipeline, long_speech: Path) -> None:
+    asked = iter([False, True])
+    with pytest.raises(Cancelled, match="segment 2"):
+        v15(request(speakers=(Speaker(long_speech),), max_duration_s=4.0), cancel=lambda: next(asked))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"adapter": "single"}, "no audio adapters"),
+        ({"prompt": " "}, "prompt is empty"),
+        ({"image": None}, "exactly one of image and video"),
+        ({"model": "longcat-avatar-1.0"}, "serves model longcat-avatar"),
+        ({"segment_length": "most"}, "segment length 'most' is not known"),
+    ],
+)
+def test_bad_inputs_are_typed(v15: LongCatPipeline, changes: dict[str, object], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        v15(request(**changes))
+
+
+def test_vocal_separation_required_without_its_model(v15: LongCatPipeline) -> None:
+    """The tiny model has no vocal_separator/: unset or false runs on the audio as sent; true is refused."""
+    with pytest.raises(ModelMissing, match="vocal_separator/Kim_Vocal_2.onnx"):
+        v15(request(vocal_separation=True))
+
+
+def test_cli_door(cli, tmp_path: Path) -> None:  # noqa: ANN001 - conftest's fixture
+    out = tmp_path / "out.mp4"
+    proc = cli(
+        "generate", "--model", "longcat-avatar", "--weights", "tiny", "--device", "cpu",
+        "--image", EXAMPLES / "person.png", "--audio", EXAMPLES / "speech_b.wav", "--prompt", "hello",
+        "--max-duration", "0.6", "--steps", "1", "--out", out,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    info = probe_mp4(out)
+    assert (info.frames, info.fps, info.has_audio) == (15, 25.0, True)
+    assert "model longcat-avatar," in proc.stdout
+    assert pipeline_class("longcat-avatar") is LongCatPipeline
+
+
+def test_worker_door(make_settings: Callable[..., Settings]) -> None:
+    """A job through the RunPod handler (the SDK's run_job, in-process) on a worker serving longcat-avatar:
+    validate_only's plan, then the video; a job for another model is refused with its typed error."""
+    from tests.test_worker import job_input, run
+
+    service = JobService(make_settings(MULTITALK_MODEL="longcat-avatar"))
+    job = job_input(model="longcat-avatar", max_duration_s=0.6, advanced={"steps": 1, "seed": 3},
+                    output={"delivery": "base64"})  # fmt: skip
+    plan = run(service, job | {"validate_only": True})["output"]["plan"]
+    assert (plan["clips"], plan["frames"], plan["resolved"]["fps"], plan["resolved"]["segments"]) == (
+        1,
+        15,
+        25,
+        1,
+    )
+    assert plan["resolved"]["preset"] == "longcat-distill" and plan["resolved"]["adapter"] is None
+    output = run(service, job)["output"]
+    assert (output["frames"], output["fps"], output["model"], output["adapter"]) == (
+        15,
+        25,
+        "longcat-avatar",
+        None,
+    )
+    assert output["resolved"]["segments"] == 1 and output["video"]["delivery"] == "base64"
+    error = json.loads(run(service, job | {"model": "multitalk"})["error"])
+    assert error["code"] == "INVALID_INPUT" and "serves model longcat-avatar" in error["message"]
+    error = json.loads(run(service, job | {"adapter": "single"})["error"])
+    assert error["code"] == "INVALID_INPUT" and "no adapter" in error["message"]
+
+
+def test_local_api_door(serve: Callable[..., str]) -> None:  # noqa: F811
+    """The local API serving longcat-avatar: /health lists it (the page's model list), a job runs to an mp4
+    on the loopback server."""
+    import requests
+
+    api = serve(MULTITALK_MODEL="longcat-avatar")
+    models = requests.get(f"{api}/health", timeout=60).json()["models"]
+    assert models == [{"name": "longcat-avatar", "fps": 25, "sources": ["image", "video"],
+                       "presets": ["longcat-distill", "longcat-1.5"], "default_preset": "longcat-distill",
+                       "default": True}]  # fmt: skip
+    job = {"image": "inputs/person.png", "speakers": [{"audio": "inputs/speech_b.wav"}], "prompt": "hi",
+           "model": "longcat-avatar", "resolution": "tiny", "max_duration_s": 0.6,
+           "advanced": {"steps": 1, "seed": 3}}  # fmt: skip
+    body = wait_until(api, submit(api, job), lambda b: b["status"] in ("COMPLETED", "FAILED"))
+    assert body["status"] == "COMPLETED", body
+    assert (body["output"]["frames"], body["output"]["fps"]) == (15, 25)
