@@ -2,8 +2,8 @@
 reference code's own DiT, in one process, on the same random weights and inputs (issue #20).
 
     python bench/bench_longcat_dit.py --out DIR --reference LONGCAT_VIDEO_CHECKOUT [--version 1.5|1.0]
-        [--persons 1|2] [--parts ours-ref,reference,ours-fast,ours-fp8] [--reference-attention auto]
-        [--reps 3] [--tiny]
+        [--persons 1|2] [--task ai2v|continuation] [--parts ours-ref,reference,ours-fast,ours-fp8]
+        [--reference-attention auto|flash_attn|flash3|sdpa] [--reps 3] [--fp8-adaln] [--no-compile] [--tiny]
 
 The full-size DiT (v1.5 `base_model/config.json`: 48 blocks of width 4096, 15 852 916 800 parameters) is built
 on the meta device and materialised on the GPU in bf16 with random weights (no float32 copy, no checkpoint
@@ -11,6 +11,10 @@ read). Inputs are the default avatar task's first-segment call (image-to-video, 
 480x832 bucket, one 93-frame segment = 24 latents [1, 16, 24, 60, 104] with latent 0 clean (timestep 0) and
 23 noisy ones at t = 920, 24 x 1560 = 37 440 tokens; 512 umT5 positions [1, 512, 4096] (120 valid); per-frame
 audio windows [P, 93, 5, 5, 1280] (v1.0: 12 x 768); with --persons 2 two audio streams and person masks.
+`--task continuation` times the call most segments of a long video make instead (spec §7.6): the 20 noisy
+latents (31 200 queries) over the cached keys of the reference and 4 conditioning latents (39 000 keys),
+reference at RoPE time 10, masked band 3; each model's cache pass runs once beforehand, untimed (ours on
+the reference path, shared by our parts).
 
 Parts (run in this order whatever the order given):
   ours-ref   our DiT, reference path (eager, "sdpa"): the output every other part is compared with
@@ -82,7 +86,12 @@ PARTS = ("ours-ref", "reference", "ours-fast", "ours-fp8")
 SEGMENT_FRAMES = 93  # one segment (spec §6.6): 24 latents
 TIMESTEP = 920.0  # a distilled step's timestep as the DiT sees it (bf16-exact, spec §7.2)
 TEXT_VALID = 120  # valid umT5 tokens of the prompt (all 512 positions are keys with text_tokens_zero_pad)
-AI2V = Conditioning(num_cond_latents=1)  # the image latent clean (spec §3.7)
+# Conditioning of the benchmarked call (spec §3.7, §7.6): ai2v's clean image latent; a continuation's cache of
+# the reference latent (at RoPE time 10) and 4 conditioning latents, masked band ±3 (the demos' defaults).
+TASKS = {
+    "ai2v": Conditioning(num_cond_latents=1),
+    "continuation": Conditioning(num_cond_latents=5, num_ref_latents=1, ref_img_index=10, mask_frame_range=3),
+}
 
 
 @dataclass
@@ -144,23 +153,25 @@ def build_ours(cfg: LongCatAvatarConfig, device: torch.device) -> LongCatAvatarT
     return model.eval().requires_grad_(False)
 
 
-def make_inputs(cfg: LongCatAvatarConfig, hw: tuple[int, int], persons: int, device: torch.device) -> dict:
-    """Seeded inputs of the first-segment ai2v call at `hw` pixels (latent = pixels / 8)."""
+def make_inputs(
+    cfg: LongCatAvatarConfig, hw: tuple[int, int], persons: int, task: str, device: torch.device
+) -> dict:
+    """Seeded inputs of one call at `hw` pixels (latent = pixels / 8). ai2v: the first segment's 24 latents,
+    latent 0 clean; continuation: the 20 noisy latents, and the 5 clean ones (reference + 4 conditioning)
+    that the untimed cache pass turns into keys and values (spec §7.6)."""
     g = torch.Generator(device=device).manual_seed(1)
     h, w = hw[0] // 8, hw[1] // 8
     latents = (SEGMENT_FRAMES - 1) // cfg.vae_scale + 1
+    cond = TASKS[task]
 
     def rnd(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(*shape, generator=g, device=device) * scale
 
-    timestep = torch.full((1, latents), TIMESTEP, device=device)
-    timestep[:, : AI2V.num_cond_latents] = 0.0
     text_len = cfg.model_max_length
     mask = torch.zeros(1, text_len, dtype=torch.int64, device=device)
     mask[:, : min(TEXT_VALID, text_len - 2)] = 1
     inputs = {
-        "latent": rnd(1, cfg.in_channels, latents, h, w),
-        "timestep": timestep,
+        "cond": cond,
         "text": rnd(1, text_len, cfg.caption_channels, scale=0.2).bfloat16(),
         "text_mask": mask,
         "audio": rnd(
@@ -168,6 +179,15 @@ def make_inputs(cfg: LongCatAvatarConfig, hw: tuple[int, int], persons: int, dev
         ).bfloat16(),
         "person_masks": None,
     }
+    if task == "ai2v":
+        inputs["latent"] = rnd(1, cfg.in_channels, latents, h, w)
+        inputs["timestep"] = torch.full((1, latents), TIMESTEP, device=device)
+        inputs["timestep"][:, : cond.num_cond_latents] = 0.0
+    else:  # the noisy latents of the segment after the 4 conditioning ones
+        noisy = latents - (cond.num_cond_latents - cond.num_ref_latents)
+        inputs["latent"] = rnd(1, cfg.in_channels, noisy, h, w)
+        inputs["timestep"] = torch.full((1, noisy), TIMESTEP, device=device)
+        inputs["clean"] = rnd(1, cfg.in_channels, cond.num_cond_latents, h, w)
     if persons == 2:  # person 1 left, person 2 right, background the rest (pixels)
         masks = torch.zeros(3, hw[0], hw[1], device=device)
         masks[0, hw[0] // 8 :, : hw[1] // 2 - hw[1] // 16] = 1
@@ -177,6 +197,15 @@ def make_inputs(cfg: LongCatAvatarConfig, hw: tuple[int, int], persons: int, dev
     return inputs
 
 
+@torch.no_grad()
+def our_cache(model: LongCatAvatarTransformer, inputs: dict) -> list | None:
+    """A continuation's cache pass on the clean latents (reference path; untimed), or None for ai2v."""
+    if "clean" not in inputs:
+        return None
+    text = torch.zeros_like(inputs["text"])
+    return model.clean_cache(inputs["clean"], text, inputs["audio"], cond=inputs["cond"])
+
+
 def run_ours(model: LongCatAvatarTransformer, inputs: dict, runtime: DiTRuntime) -> torch.Tensor:
     return model(
         inputs["latent"],
@@ -184,22 +213,49 @@ def run_ours(model: LongCatAvatarTransformer, inputs: dict, runtime: DiTRuntime)
         inputs["text"],
         inputs["text_mask"],
         inputs["audio"],
-        cond=AI2V,
+        cond=inputs["cond"],
         person_masks=inputs["person_masks"],
+        kv_cache=inputs.get("kv_cache"),
         runtime=runtime,
     )
 
 
-def run_reference(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """The checkout's DiT called as its pipeline calls it for ai2v (spec §3.2; as the parity tool does)."""
+def reference_conditioning(cond: Conditioning) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_cond_latents": cond.num_cond_latents}
+    if cond.num_ref_latents:
+        kwargs |= {"num_ref_latents": cond.num_ref_latents, "ref_img_index": cond.ref_img_index}
+    return kwargs
+
+
+@torch.no_grad()
+def reference_cache(model: torch.nn.Module, inputs: dict) -> dict:
+    """The reference's own cache pass (return_kv, skip_crs_attn, zero text), as its pipeline runs it."""
+    if "clean" not in inputs:
+        return {}
+    _, cache = model(
+        hidden_states=inputs["clean"],
+        timestep=torch.zeros(1, device=inputs["clean"].device),
+        encoder_hidden_states=torch.zeros_like(inputs["text"][:, None]),
+        return_kv=True,
+        skip_crs_attn=True,
+        audio_embs=inputs["audio"],
+        **reference_conditioning(inputs["cond"]),
+    )
+    return cache
+
+
+def run_reference(model: torch.nn.Module, inputs: dict, cache: dict) -> torch.Tensor:
+    """The checkout's DiT called as its pipeline calls it (spec §3.2, §7.6; as the parity tool does)."""
     return model(
         hidden_states=inputs["latent"],
         timestep=inputs["timestep"],
         encoder_hidden_states=inputs["text"][:, None],
         encoder_attention_mask=inputs["text_mask"],
         audio_embs=inputs["audio"],
-        num_cond_latents=AI2V.num_cond_latents,
+        kv_cache_dict=cache,
+        mask_frame_range=inputs["cond"].mask_frame_range,
         ref_target_masks=inputs["person_masks"],
+        **reference_conditioning(inputs["cond"]),
     )
 
 
@@ -382,8 +438,9 @@ def part_reference(
     reference = build_reference(dit, model.config, model)
     ours = {p.data_ptr() for p in model.parameters()}
     shared = sum(p.data_ptr() in ours for p in reference.parameters())
+    cache = reference_cache(reference, inputs)
     measure(
-        bench, "reference", lambda: run_reference(reference, inputs), args.reps, label,
+        bench, "reference", lambda: run_reference(reference, inputs, cache), args.reps, label,
         weights_shared=f"{shared} of {len(ours)} tensors", checkout=str(args.reference),
     )  # fmt: skip
 
@@ -412,17 +469,19 @@ def block0_fp8(bench: Bench, model: LongCatAvatarTransformer, inputs: dict, runt
     with torch.no_grad():
         embedded = model.embed(
             inputs["latent"], inputs["timestep"], inputs["text"], inputs["text_mask"], inputs["audio"],
-            cond=AI2V, person_masks=inputs["person_masks"], cached=False, skip_cross_attn=False,
+            cond=inputs["cond"], person_masks=inputs["person_masks"], cached="kv_cache" in inputs,
+            skip_cross_attn=False,
         )  # fmt: skip
+        cache = inputs["kv_cache"][0] if "kv_cache" in inputs else None
         block = eager_copy(model.blocks[0])
-        ref = block(embedded.tokens, embedded, runtime=runtime.exact())[0].float()
+        ref = block(embedded.tokens, embedded, cache, runtime=runtime.exact())[0].float()
         for tag, keep in (("adaln-kept", FP32_LINEARS), ("adaln-fp8", ())):
             holder = torch.nn.Module()
             holder.blocks = torch.nn.ModuleList([copy.deepcopy(block)])
             converted = quantize_block_linears_fp8(holder, keep=keep)
 
             def run(holder: torch.nn.Module = holder) -> torch.Tensor:
-                return holder.blocks[0](embedded.tokens, embedded, runtime=runtime)[0].float()
+                return holder.blocks[0](embedded.tokens, embedded, cache, runtime=runtime)[0].float()
 
             def case(tag: str = tag, converted: int = converted, run: Callable = run) -> None:
                 d = run().double() - ref.double()
@@ -485,6 +544,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reference", type=Path, required=True, help="a LongCat-Video checkout (read only)")
     parser.add_argument("--version", choices=("1.5", "1.0"), default="1.5")
     parser.add_argument("--persons", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--task", choices=tuple(TASKS), default="ai2v", help="the benchmarked call")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated of: {', '.join(PARTS)}")
     parser.add_argument(
         "--reference-attention", choices=("auto", "flash_attn", "flash3", "sdpa"), default="auto",
@@ -515,21 +575,28 @@ def main() -> None:
         cfg, hw = tiny_config(args.version), (64, 64)
     else:
         cfg, hw = (LONGCAT_AVATAR_15 if args.version == "1.5" else LONGCAT_AVATAR_10), (480, 832)
-    latents = (SEGMENT_FRAMES - 1) // cfg.vae_scale + 1
-    tokens = latents * (hw[0] // 16) * (hw[1] // 16)
+    inputs = make_inputs(cfg, hw, args.persons, args.task, device)
+    frame_tokens = (hw[0] // 16) * (hw[1] // 16)
+    queries = inputs["latent"].shape[2] * frame_tokens
+    keys = queries + (inputs["clean"].shape[2] * frame_tokens if "clean" in inputs else 0)
     meta: dict[str, Any] = {
         "argv": sys.argv,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": versions(),
         "config": cfg.to_dict(),
         "input": {
-            "task": "ai2v first segment (latent 0 clean at timestep 0)",
+            "task": {
+                "ai2v": "ai2v first segment: 24 latents, latent 0 clean at timestep 0",
+                "continuation": "continuation: 20 noisy latents over a cache of 5 clean ones (untimed cache "
+                "pass), reference at RoPE time 10, masked band 3",
+            }[args.task],
             "pixels": list(hw),
-            "latent": [1, cfg.in_channels, latents, hw[0] // 8, hw[1] // 8],
-            "tokens": tokens,
+            "latent": list(inputs["latent"].shape),
+            "tokens": queries,
+            "self_attention_keys": keys,
             "timestep": TIMESTEP,
             "text": [1, cfg.model_max_length, cfg.caption_channels],
-            "audio": [args.persons, SEGMENT_FRAMES, cfg.audio_window, cfg.audio_block, cfg.audio_channel],
+            "audio": list(inputs["audio"].shape),
             "persons": args.persons,
         },
     }
@@ -541,9 +608,11 @@ def main() -> None:
     bench.record(
         "startup", parameters=params, build_and_init_s=round(time.perf_counter() - t0, 2),
         weights_gib=round(torch.cuda.memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        tokens=tokens, note="random bf16 weights on the device; no checkpoint read",
+        tokens=queries, note="random bf16 weights on the device; no checkpoint read",
     )  # fmt: skip
-    inputs = make_inputs(cfg, hw, args.persons, device)
+    cache = our_cache(model, inputs)
+    if cache is not None:
+        inputs["kv_cache"] = cache
     compiled = False  # the blocks are compiled (ours-fast ran)
     for part in parts:
         runs: dict[str, Callable[[], None]] = {
