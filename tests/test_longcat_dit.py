@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from tiny_longcat import INDEX_FILE, TINY_10, TINY_15, key_shapes, write_longcat_dit, write_longcat_int8
 
 from multitalk_worker.errors import CheckpointError, ModelMissing
+from multitalk_worker.models.fp8 import fp8_linear_names
 from multitalk_worker.models.longcat.config import LONGCAT_AVATAR_15, LongCatAvatarConfig
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer
 from multitalk_worker.weights.longcat import INT8_FOLDER, dit_problems, load_dit, verify_dits
@@ -179,6 +180,27 @@ def test_blocks_trace_as_one_graph_each() -> None:
             block.compile(backend="eager", fullgraph=True, dynamic=False)
         got = model(noisy, t, text, None, audio, cond=cond, person_masks=masks, kv_cache=cache)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fp8_tier_keeps_the_float32_adaln_linears() -> None:
+    """The fp8 tier converts the bf16 linears of every block (attention projections, FFN) and leaves the
+    adaLN modulations, which run in float32 on float32 weights (blocks.linear_fp32), as they are."""
+    with torch.device("meta"):
+        model = LongCatAvatarTransformer(LongCatAvatarConfig.from_dict(TINY_15))
+    names = fp8_linear_names(model)
+    per_block = {name.split(".", 2)[2] for name in names}
+    assert per_block == {
+        "attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear", "cross_attn.proj",
+        "audio_cross_attn.q_linear", "audio_cross_attn.kv_linear", "audio_cross_attn.proj",
+        "ffn.w1", "ffn.w2", "ffn.w3",
+    }  # fmt: skip
+    assert len(names) == 11 * len(model.blocks)
+    everything = fp8_linear_names(model, keep=())
+    assert sorted(set(everything) - set(names)) == [
+        f"blocks.{i}.{kind}.1"
+        for i in range(len(model.blocks))
+        for kind in ("adaLN_modulation", "audio_adaLN_modulation")
+    ]
 
 
 def test_verify_checks_the_required_folders_and_a_present_int8_one(folder: Path) -> None:
