@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 

@@ -31,7 +31,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import scipy.signal
@@ -153,7 +153,10 @@ def prefilter_track(track: PaddedTrack, noise: np.random.RandomState) -> np.ndar
     low-pass (float64, zero initial state), rounded to float32 over `track.samples`."""
     gain = loudness_gain(track)
     amplitude = 10 ** (NOISE_FLOOR_DB / 20)
-    b, a = scipy.signal.butter(LOWPASS_ORDER, LOWPASS_HZ / (SAMPLE_RATE / 2))
+    # output="ba" returns the (b, a) pair; scipy's stubs give the union of every output form
+    b, a = cast(
+        tuple[np.ndarray, np.ndarray], scipy.signal.butter(LOWPASS_ORDER, LOWPASS_HZ / (SAMPLE_RATE / 2))
+    )
     state = np.zeros(max(len(a), len(b)) - 1)
     samples = track.samples
     for start in range(0, samples.shape[0], CHUNK):

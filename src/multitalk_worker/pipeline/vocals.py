@@ -32,14 +32,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import av
 import numpy as np
 import soxr
 import torch
+from av.error import FFmpegError
 
 from multitalk_worker.errors import AudioDecodeFailed, ModelMissing
 from multitalk_worker.pipeline.audio import check_stream
@@ -81,7 +83,7 @@ class MdxParams:
 class OnnxSession(Protocol):
     """What the stage uses of `onnxruntime.InferenceSession`."""
 
-    def run(self, output_names: list[str] | None, input_feed: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+    def run(self, output_names: Any, input_feed: Any) -> Sequence[Any]: ...
 
 
 class VocalSeparator:
@@ -167,7 +169,7 @@ def read_stereo_44k(path: Path) -> np.ndarray:
             rate = int(stream.codec_context.sample_rate or 0)
             check_stream(rate, int(stream.codec_context.channels or 0), path.name)
             frames = [_planar(frame) for frame in container.decode(stream)]
-    except (av.FFmpegError, ValueError, OSError) as exc:
+    except (FFmpegError, ValueError, OSError) as exc:
         raise AudioDecodeFailed(f"{path.name}: not a readable audio or video file ({exc})") from exc
     if not frames:
         raise AudioDecodeFailed(f"{path.name}: the audio stream holds no samples")
