@@ -38,7 +38,16 @@ from multitalk_worker.errors import InvalidInput, WorkerError
 from multitalk_worker.logs import quiet_model_libraries
 from multitalk_worker.media import VIDEO_CRF
 from multitalk_worker.pipeline.presets import PRESETS, apply_preset
-from multitalk_worker.pipeline.request import GenerationRequest, Progress, Region, SamplingParams, Speaker
+from multitalk_worker.pipeline.request import (
+    ACCEPTED_IMAGES,
+    DEFAULT_BACKGROUND,
+    IMAGE_ORIENTATIONS,
+    GenerationRequest,
+    Progress,
+    Region,
+    SamplingParams,
+    Speaker,
+)
 from multitalk_worker.progress import ProgressTracker
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model
 from multitalk_worker.schema import default_resolution
@@ -80,7 +89,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="multitalk (image to video) or infinitetalk (image to video of any length, or dubbing a video)",
     )
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", type=Path, help="reference image (any PIL-readable file)")
+    source.add_argument("--image", type=Path, help=f"reference image ({ACCEPTED_IMAGES})")
     source.add_argument(
         "--video", type=Path, help="video to dub to the speech (--model infinitetalk; any container/codec)"
     )
@@ -102,6 +111,19 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         default="first",
         help="infinitetalk: correct colours towards the source's first frame (the reference) or each "
         "clip's own reference frame (sources whose colours change, e.g. several shots)",
+    )
+    gen.add_argument(
+        "--image-orientation",
+        choices=IMAGE_ORIENTATIONS,
+        default="exif",
+        help="--image: exif (as a viewer shows it, EXIF Orientation applied; default) or stored (the stored "
+        "pixels, EXIF ignored, as the reference does)",
+    )
+    gen.add_argument(
+        "--image-background",
+        default=DEFAULT_BACKGROUND,
+        metavar="#RRGGBB",
+        help=f"--image: the colour transparent pixels are put on (default {DEFAULT_BACKGROUND}, white)",
     )
     gen.add_argument(
         "--audio", type=Path, action="append", required=True, help="speech of one speaker (repeat for two)"
@@ -212,6 +234,8 @@ def build_request(args: argparse.Namespace) -> GenerationRequest:
         adapter=args.adapter,
         source_fps=args.source_fps,
         color_reference=args.color_reference,
+        image_orientation=args.image_orientation,
+        image_background=args.image_background,
         speakers=tuple(Speaker(audio=a, region=r) for a, r in zip(args.audio, regions, strict=True)),
         prompt=args.prompt,
         audio_mode=args.audio_mode,

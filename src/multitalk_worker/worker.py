@@ -297,7 +297,8 @@ class Worker:
         else:
             assert parsed.image is not None  # the schema: exactly one of image and video
             image = self.fetcher.fetch(parse_source(parsed.image), scratch / "image", "image", "image")
-            width, height = image_size(image.path)  # the header only: a huge image is refused undecoded
+            # the header only (a huge image is refused undecoded); the size as shown
+            width, height = image_size(image.path, parsed.image_orientation)
             report = {"image": {"width": width, "height": height, "bytes": image.size}}
             video, info, image_path = None, None, image.path
         audio_paths = []
@@ -313,14 +314,16 @@ class Worker:
 
     def _fetch_video(self, parsed: GenerateInput, scratch: Path) -> tuple[Path, VideoInfo, dict[str, Any]]:
         """Fetch the source video (size-capped, time-limited, magic bytes), then decode its first frame and
-        check its declared length against the model's cap, before any GPU work."""
+        check its length as it decodes against the model's cap, before any GPU work."""
         assert parsed.video is not None
         fetched = self.fetcher.fetch(parse_source(parsed.video), scratch / "video", "video", "video")
-        info = probe_source(fetched.path)  # VIDEO_DECODE_FAILED: no video stream, no decodable frame
         limit = self._limit_s(parsed)
+        # VIDEO_DECODE_FAILED: no video stream, no decodable frame; the length is what decodes
+        info = probe_source(fetched.path, max_seconds=limit)
         if info.duration_s > limit + 1.0 / FPS:
+            least = "" if info.complete else "at least "
             raise DurationTooLong(
-                f"video lasts {info.duration_s:.1f} s; this worker dubs videos of at most {limit:g} s "
+                f"video lasts {least}{info.duration_s:.1f} s; this worker dubs videos of at most {limit:g} s "
                 "(MULTITALK_INFINITETALK_MAX_DURATION_S); send a shorter cut"
             )
         report = {
@@ -378,6 +381,8 @@ class Worker:
             sampling=resolve_sampling(parsed),
             source_fps=parsed.source_fps or "resample",
             color_reference=parsed.color_reference or "first",
+            image_orientation=parsed.image_orientation,
+            image_background=parsed.image_background,
         )
 
     def _deliver(self, video: Path, delivery: dict[str, Any]) -> dict[str, object]:
@@ -548,7 +553,7 @@ def source_plan(inputs: PreparedInputs, video: VideoInfo | None) -> dict[str, An
     plan = inputs.plan
     out: dict[str, Any] = {"clips": len(plan.starts), "frames": plan.output_frames}
     if video is None:
-        out["source"] = {"kind": "image"}
+        out["source"] = inputs.source_report()  # kind, mode, orientation, background
         return out
     covered = video.timeline_frames
     held_from = next((start for start in plan.starts if start >= covered), None)

@@ -15,7 +15,7 @@ from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
-from multitalk_worker.pipeline.video import SourceFrames, VideoSource
+from multitalk_worker.pipeline.video import ImageSource, SourceFrames, VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model, models_taking
 from multitalk_worker.timeline import FPS, FRAMES_PER_CLIP, SAMPLE_RATE, VAE_STRIDE, resolve_max_frames
@@ -37,6 +37,8 @@ class PreparedInputs:
     def source_report(self) -> dict[str, object]:
         """What the result says of the source: its kind, and for a video its rate, length and whether (from
         which output frame on) its last frame was held."""
+        if isinstance(self.source, ImageSource):
+            return {"kind": "image", **self.source.report}
         if not isinstance(self.source, VideoSource):
             return {"kind": "image"}
         info, held = self.source.info, self.source.held_from
@@ -45,6 +47,7 @@ class PreparedInputs:
             "fps": float(info.source_fps),
             "frames": info.source_frames,
             "duration_s": info.duration_s,
+            "counted_by": info.counted_by,
             "fps_mode": self.source.fps_mode,
             "last_frame_held_from": held,
             "frames_held": 0 if held is None else max(0, self.plan.output_frames - held),
@@ -89,13 +92,20 @@ def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
         raise InvalidInput("prompt is empty; describe the scene")
     if request.adapter is not None:
         spec.adapter(request.adapter)  # an unknown name lists the accepted ones
+    image_prep.check_orientation(request.image_orientation)
+    image_prep.parse_background(request.image_background)
     return spec
 
 
 def open_source(request: GenerationRequest) -> SourceFrames:
     """The conditioning source: the image, or the video read forward on the 25 fps timeline."""
     if request.image is not None:
-        return open_frames(Path(request.image), kind="image")
+        return open_frames(
+            Path(request.image),
+            kind="image",
+            orientation=request.image_orientation,
+            background=request.image_background,
+        )
     assert request.video is not None  # check_params
     return open_frames(Path(request.video), kind="video", fps_mode=request.source_fps)
 
