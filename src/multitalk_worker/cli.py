@@ -395,7 +395,30 @@ def _generate(
         f"seed {result.seed}{processes}, "
         f"{time.perf_counter() - started:.1f} s"
     )
+    source = describe_source(result.resolved.get("source"))
+    if source:
+        print(source)
     return 0
+
+
+def describe_source(report: object) -> str | None:
+    """One line on how the source was read, where there is something to say: a video's length as it decodes;
+    an image turned by its EXIF orientation or with transparent pixels put on a background."""
+    if not isinstance(report, dict):
+        return None
+    if report.get("kind") == "video":
+        return (
+            f"source: {report['frames']} frames, {report['duration_s']:.2f} s as decoded "
+            f"({report['fps']:g} fps, counted by {report['counted_by']})"
+        )
+    notes = []
+    if report.get("rotated"):
+        notes.append(
+            f"turned by its EXIF orientation {report['exif_orientation']} (--image-orientation stored)"
+        )
+    if report.get("background"):
+        notes.append(f"transparent pixels on {report['background']} (--image-background)")
+    return f"source: image ({report.get('mode')}), " + ", ".join(notes) if notes else None
 
 
 def build_parser() -> argparse.ArgumentParser:
