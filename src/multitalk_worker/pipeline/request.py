@@ -22,6 +22,15 @@ Resolution = Literal["480p", "720p", "tiny"]  # "tiny": 32-64 px buckets, for th
 # default, a deliberate deviation), "reference" frame n = the n-th decoded frame (the reference's reading,
 # exact for 25 fps sources only; spec IT 4.4).
 SourceFps = Literal["resample", "reference"]
+# An image source: "exif" shows it as a viewer does (EXIF Orientation applied), "stored" takes the stored
+# pixels and ignores EXIF, as the reference does (for parity). See pipeline/image.py.
+ImageOrientation = Literal["exif", "stored"]
+IMAGE_ORIENTATIONS: tuple[ImageOrientation, ...] = ("exif", "stored")
+DEFAULT_BACKGROUND = (
+    "#ffffff"  # transparent pixels of an image source: on white, as a cut-out on a light page
+)
+# The one list of image formats a job may send (the fetch's magic bytes, the decode's messages, the docs).
+ACCEPTED_IMAGES = "PNG, JPEG, WebP, BMP, GIF, TIFF, HEIC/HEIF or AVIF"
 # InfiniteTalk's colour reference: source frame 0 (the reference), or each clip's own reference frame.
 ColorReference = Literal["first", "clip"]
 
@@ -54,6 +63,8 @@ class GenerationRequest:
     adapter: str | None = None  # None: the model's adapter for the number of speakers
     source_fps: SourceFps = "resample"
     color_reference: ColorReference = "first"
+    image_orientation: ImageOrientation = "exif"  # image sources: EXIF applied, or "stored" (the reference)
+    image_background: str = DEFAULT_BACKGROUND  # image sources: #rrggbb under transparent pixels
     audio_mode: AudioMode = "parallel"  # two speakers: parallel pads the shorter track with silence
     negative_prompt: str | None = None  # None: the reference's default negative prompt
     resolution: Resolution = "480p"

@@ -38,6 +38,8 @@ def build_request(
         sampling=resolve_sampling(parsed),
         source_fps=parsed.source_fps or "resample",
         color_reference=parsed.color_reference or "first",
+        image_orientation=parsed.image_orientation,
+        image_background=parsed.image_background,
     )
 
 
