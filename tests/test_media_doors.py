@@ -1,8 +1,22 @@
-"""Media as people send them, through the CLI and the worker on the tiny model (issue 21): a phone photo
-with EXIF Orientation 6 comes out portrait (landscape with `stored`, the reference's reading), a 16-bit grey
-PNG keeps its grey, an RGBA cut-out gets the chosen background, a HEIC photo works, and a browser-recorded
-WebM and a stream-copy cut report the frames and seconds that decode. The worker's checks use validate_only
-(its preview is the image as the model sees it) and three finished jobs; the CLI generates (1 step)."""
+"""Media as people send them, through the worker's service and the CLI on the tiny model (issue 21).
+
+Five tiny generations (there were nine): each photo or source is generated once, through one door; the other
+door proves the same reading through validate_only's plan, whose `source` is the one report
+(`PreparedInputs.report`) that the result repeats, and its preview, the prepared frame as the model sees it.
+
+- Phone photo, EXIF Orientation 6. CLI: the video is portrait (48x64), and the CLI says it turned it.
+  Worker plan: the portrait bucket with `exif`, the landscape one (64x48 out) with `stored` (the
+  reference's reading); the preview shows where the stored corner went. `--image-orientation` and
+  `--image-background` reach the same wire input (no generation).
+- 16-bit grey PNG. CLI: the video keeps its grey (colour correction pulls to it). Worker plan: mode I;16, and
+  the preview's level (the clipped reading gave white).
+- RGBA cut-out. CLI: the video is on the `--image-background` green. Worker plan: mode and background, the
+  preview green, and white by default.
+- HEIC. Worker: the plan's preview has the photo's colours, and a finished job is 64x48. CLI: an unreadable
+  one is refused with the accepted list.
+- Browser WebM and stream-copy cut. Worker plan: the frames and seconds that decode. CLI: the cut is dubbed
+  and its length as decoded printed from the result's `source`.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +30,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from multitalk_worker.cli import build_parser
+from multitalk_worker.cli import build_request as cli_request
+from multitalk_worker.errors import InvalidInput
 from multitalk_worker.media import probe_mp4, read_frames
 from multitalk_worker.service import JobService
 from tests.conftest import EXAMPLES, Cli
@@ -75,7 +92,7 @@ def planned(worker: JobService, job: dict[str, Any]) -> tuple[dict[str, Any], np
 # ----------------------------------------------------------------------------- the worker
 
 
-def test_worker_turns_a_phone_photo_as_shown(worker: JobService) -> None:
+def test_worker_plans_a_phone_photo_as_shown_or_as_stored(worker: JobService) -> None:
     plan, preview = planned(worker, image_job("phone.jpg"))
     assert (plan["image"]["width"], plan["image"]["height"], plan["bucket"]) == (400, 600, [64, 48])
     assert plan["source"] | {} == {
@@ -88,15 +105,7 @@ def test_worker_turns_a_phone_photo_as_shown(worker: JobService) -> None:
     assert preview[:8, :8].mean() > 240
 
 
-def test_worker_finished_job_of_a_phone_photo_is_portrait(worker: JobService, tmp_path: Path) -> None:
-    output = output_of(run(worker, image_job("phone.jpg")))
-    assert (output["width"], output["height"]) == (48, 64)
-    assert output["source"]["rotated"] is True and output["source"]["exif_orientation"] == 6
-    frames, _ = decoded(base64_video(output), tmp_path, "phone.mp4")
-    assert frames.shape[1:] == (64, 48, 3)
-
-
-def test_worker_keeps_sixteen_bit_grey_and_puts_a_cutout_on_its_background(
+def test_worker_plans_sixteen_bit_grey_and_a_cutout_on_its_background(
     worker: JobService, volume: dict[str, Any]
 ) -> None:
     plan, preview = planned(worker, image_job("grey16.png"))
@@ -109,10 +118,14 @@ def test_worker_keeps_sixteen_bit_grey_and_puts_a_cutout_on_its_background(
     assert preview[0, 0].tolist() == [255, 255, 255]  # white by default
 
 
-def test_worker_reads_heic(worker: JobService) -> None:
+def test_worker_makes_a_video_of_a_heic_photo(worker: JobService, tmp_path: Path) -> None:
     plan, preview = planned(worker, image_job("photo.heic"))
     assert (plan["image"]["width"], plan["image"]["height"], plan["bucket"]) == (64, 48, [48, 64])
     assert abs(preview[24, 8] - [200, 40, 40]).max() < 10 and abs(preview[24, 56] - [40, 60, 200]).max() < 10
+    output = output_of(run(worker, image_job("photo.heic")))
+    assert (output["width"], output["height"], output["source"]["mode"]) == (64, 48, "RGB")
+    frames, _ = decoded(base64_video(output), tmp_path, "heic.mp4")
+    assert frames.shape == (10, 48, 64, 3)
 
 
 def test_worker_refuses_image_options_with_a_video_and_bad_colours(worker: JobService) -> None:
@@ -129,22 +142,17 @@ def test_worker_refuses_a_text_file_as_image_with_the_accepted_list(worker: JobS
 
 
 @pytest.mark.parametrize(("video", "frames", "seconds"), [("rec.webm", 90, 3.0), ("cut.mp4", 63, 2.1)])
-def test_worker_reports_the_length_that_decodes(
-    worker: JobService, tmp_path: Path, video: str, frames: int, seconds: float
+def test_worker_plans_the_length_that_decodes(
+    worker: JobService, video: str, frames: int, seconds: float
 ) -> None:
     """A MediaRecorder WebM declares no length (was reported as 0 frames, 0 s); a `-ss 0.9 -c copy` cut
-    declares the 90 frames its edit list hides 27 of (was reported as 90)."""
+    declares the 90 frames its edit list hides 27 of (was reported as 90). The result's `source` is this
+    report (the CLI's dub of the cut, below, prints it)."""
     plan = output_of(run(worker, dub_job(video, validate_only=True)))["plan"]
     source = plan["source"]
     assert (source["frames"], source["duration_s"], source["fps"]) == (frames, pytest.approx(seconds), 30.0)
-    assert plan["video"]["frames"] == frames and source["frames_past_end"] == 0
-    assert source["last_frame_held"] is False
-    output = output_of(run(worker, dub_job(video)))
-    reported = output["source"]
-    assert (reported["frames"], reported["duration_s"], reported["counted_by"]) == (
-        frames, pytest.approx(seconds), "demux",
-    )  # fmt: skip
-    assert reported["frames_held"] == 0 and output["frames"] == 10
+    assert source["counted_by"] == "demux" and plan["video"]["frames"] == frames
+    assert source["frames_past_end"] == 0 and source["last_frame_held"] is False
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -160,16 +168,31 @@ def cli_generate(cli: Cli, out: Path, *args: str | Path) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize(("orientation", "size"), [("exif", (48, 64)), ("stored", (64, 48))])
-def test_cli_turns_a_phone_photo_as_shown(
-    cli: Cli, volume: dict[str, Any], tmp_path: Path, orientation: str, size: tuple[int, int]
-) -> None:
+def test_cli_flags_build_the_image_fields_of_the_wire_input(volume: dict[str, Any], tmp_path: Path) -> None:
+    """The flags are fields of the wire input every door parses (no generation: the worker's plans above
+    show what the fields do); with a video they are the schema's refusal, as for the worker."""
+    settings = settings_for(volume["root"], tmp_path)
+    common = ["generate", "--prompt", "x", "--weights", "tiny", "--out", str(tmp_path / "x.mp4")]
+    common += ["--audio", str(EXAMPLES / "speech_a.wav")]
+    photo = ["--image", str(volume["inputs"] / "phone.jpg")]
+    args = build_parser().parse_args(
+        [*common, *photo, "--image-orientation", "stored", "--image-background", GREEN]
+    )
+    request = cli_request(args, settings)
+    assert (request.image_orientation, request.image_background) == ("stored", GREEN)
+    request = cli_request(build_parser().parse_args([*common, *photo]), settings)
+    assert (request.image_orientation, request.image_background) == ("exif", "#ffffff")
+    video = ["--model", "infinitetalk", "--video", str(volume["inputs"] / "cut.mp4")]
+    with pytest.raises(InvalidInput, match="image_orientation applies to an image"):
+        cli_request(build_parser().parse_args([*common, *video, "--image-orientation", "exif"]), settings)
+
+
+def test_cli_turns_a_phone_photo_as_shown(cli: Cli, volume: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "phone.mp4"
-    args = ["--image", volume["inputs"] / "phone.jpg", "--image-orientation", orientation]
-    stdout = cli_generate(cli, out, *(args if orientation == "stored" else args[:2]))
+    stdout = cli_generate(cli, out, "--image", volume["inputs"] / "phone.jpg")
     info = probe_mp4(out)
-    assert (info.width, info.height) == size
-    assert ("turned by its EXIF orientation 6" in stdout) == (orientation == "exif")
+    assert (info.width, info.height) == (48, 64)  # portrait; `stored` is landscape: the worker's plan above
+    assert "turned by its EXIF orientation 6" in stdout
 
 
 def test_cli_keeps_sixteen_bit_grey(cli: Cli, volume: dict[str, Any], tmp_path: Path) -> None:
@@ -190,10 +213,7 @@ def test_cli_puts_a_cutout_on_the_chosen_background(cli: Cli, volume: dict[str, 
     assert green > red + 40 and green > blue + 40  # the green background dominates
 
 
-def test_cli_reads_heic_and_refuses_unreadable_images_with_the_list(cli: Cli, tmp_path: Path) -> None:
-    out = tmp_path / "heic.mp4"
-    cli_generate(cli, out, "--image", FIXTURES / "photo.heic")
-    assert (probe_mp4(out).width, probe_mp4(out).height) == (64, 48)
+def test_cli_refuses_an_unreadable_heic_with_the_list(cli: Cli, tmp_path: Path) -> None:
     bad = tmp_path / "photo2.heic"
     bad.write_bytes(b"\x00\x00\x00\x1cftypheic" + bytes(64))
     proc = cli(
@@ -205,7 +225,7 @@ def test_cli_reads_heic_and_refuses_unreadable_images_with_the_list(cli: Cli, tm
 
 
 def test_cli_reports_the_length_that_decodes(cli: Cli, volume: dict[str, Any], tmp_path: Path) -> None:
-    """The stream-copy cut (the browser WebM's report is the worker's, above: one source report)."""
+    """The stream-copy cut (the browser WebM's report is the worker's plan, above: one source report)."""
     out = tmp_path / "dub.mp4"
     stdout = cli_generate(cli, out, "--model", "infinitetalk", "--video", volume["inputs"] / "cut.mp4")
     assert "source: 63 frames, 2.10 s as decoded (30 fps, counted by demux)" in stdout
