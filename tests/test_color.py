@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from skimage import color
 
 from multitalk_worker.errors import InvalidInput
-from multitalk_worker.pipeline.color import ColorMethod, lab_to_rgb, match_colors, rgb_to_lab
+from multitalk_worker.pipeline.color import ColorMethod, _transfer, lab_to_rgb, match_colors, rgb_to_lab
 
 
 def _lab_stats(frame_m1_1: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -157,4 +159,24 @@ def test_cuda_clips_take_the_torch_path_on_the_device() -> None:
     )
     torch.testing.assert_close(
         out.cpu(), match_colors(video, reference, 1.0), atol=SKIMAGE_FLOAT32_ATOL, rtol=0
+    )
+
+
+def test_out_of_gamut_lab_is_clipped_in_both_paths_without_a_warning_per_frame() -> None:
+    """A warm face on a dark background as the reference: the transfer gives dark pixels a strong b, whose
+    Z < 0 scikit-image clips (and warns of); the skimage path clips silently, equal to the torch path."""
+    gen = torch.Generator().manual_seed(8)
+    reference = torch.full((3, 24, 32), -0.85)
+    reference[:, 6:18, 8:24] = torch.tensor([0.72, 0.33, -0.06])[:, None, None]  # skin tone
+    video = torch.rand(3, 4, 24, 32, generator=gen, dtype=torch.float64) * 0.6 - 0.3
+    frame_lab = color.rgb2lab(((video[:, 0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1))
+    ref_lab = color.rgb2lab(((reference.double().permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1))
+    with pytest.warns(UserWarning, match="negative Z values"):  # the condition the reference meets
+        color.lab2rgb(_transfer(frame_lab, ref_lab))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = match_colors(video, reference.double(), 1.0, method="skimage")
+    assert [str(w.message) for w in caught] == []
+    torch.testing.assert_close(
+        out, match_colors(video, reference.double(), 1.0, method="torch"), atol=1e-9, rtol=0
     )

@@ -11,8 +11,10 @@ from PIL import Image
 
 from multitalk_worker.errors import ImageDecodeFailed, InvalidInput
 from multitalk_worker.pipeline import image
+from tests.media_files import cutout_png, exif_photo, grey16_png
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def test_bucket_tables_are_the_reference_tables() -> None:
@@ -71,8 +73,8 @@ def test_resize_scale_and_crop_offsets_for_16_9() -> None:
 
 
 def test_example_image_loads_and_bad_bytes_fail(tmp_path: Path) -> None:
-    img = image.load_image(EXAMPLES / "person.png")
-    assert img.mode == "RGB"
+    loaded = image.load_image(EXAMPLES / "person.png")
+    assert loaded.image.mode == loaded.mode == "RGB" and loaded.background is None
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 50)
     with pytest.raises(ImageDecodeFailed, match="bad.png"):
@@ -188,3 +190,142 @@ def test_oversized_image_is_refused_from_its_header(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="megapixels"):
         image.load_image(path)
     image.check_pixels(8000, 6000, "photo")  # a 48 MP photo is accepted
+
+
+# ----------------------------------------------------------------------------- images as a viewer shows them
+
+WHITE = (255, 255, 255)
+
+
+def test_exif_orientation_is_applied_by_default_and_stored_keeps_the_pixels(tmp_path: Path) -> None:
+    path = exif_photo(tmp_path / "phone.jpg", orientation=6)
+    shown = image.load_image(path)
+    assert shown.image.size == (400, 600) and image.image_size(path) == (400, 600)  # portrait, as shown
+    assert shown.report() == {
+        "mode": "RGB", "orientation": "exif", "exif_orientation": 6, "rotated": True, "background": None,
+    }  # fmt: skip
+    pixels = np.asarray(shown.image.convert("L"))
+    assert pixels[:50, -50:].mean() > 240 and pixels[:50, :50].mean() < 120  # the block is top-right
+    stored = image.load_image(path, orientation="stored")
+    assert stored.image.size == (600, 400) and image.image_size(path, "stored") == (600, 400)
+    assert stored.report()["rotated"] is False
+    assert np.asarray(stored.image.convert("L"))[:50, :50].mean() > 240  # the block where it is stored
+
+
+@pytest.mark.parametrize(("orientation", "size"), [(1, (600, 400)), (3, (600, 400)), (8, (400, 600))])
+def test_every_exif_orientation_turns_as_a_viewer(tmp_path: Path, orientation: int, size: tuple) -> None:
+    assert image.load_image(exif_photo(tmp_path / "p.jpg", orientation)).image.size == size
+
+
+def test_options_are_checked() -> None:
+    with pytest.raises(InvalidInput, match=r"use one of \['exif', 'stored'\]"):
+        image.check_orientation("sideways")
+    with pytest.raises(InvalidInput, match="#rrggbb"):
+        image.parse_background("white")
+    assert image.parse_background("#00FF80") == (0, 255, 128)
+
+
+def grey_of(picture: Image.Image) -> np.ndarray:
+    assert picture.mode == "RGB"
+    rgb = np.asarray(picture).astype(int)
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+    return rgb[..., 0]
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
+def test_wide_grey_keeps_its_level(mode: str) -> None:
+    values = np.array([[0, 257, 32896, 65535]], np.uint16)
+    if mode == "I;16B":
+        source = Image.frombytes("I;16B", (4, 1), values.astype(">u2").tobytes())
+    elif mode == "I":
+        source = Image.fromarray(values.astype(np.int32))
+    else:
+        source = Image.fromarray(values)
+    assert source.mode == mode
+    assert grey_of(image.to_rgb(source, WHITE)).tolist() == [[0, 1, 128, 255]]
+
+
+def test_sixteen_bit_png_keeps_its_grey(tmp_path: Path) -> None:
+    path, mean = grey16_png(tmp_path / "g16.png")
+    loaded = image.load_image(path)
+    assert loaded.mode == "I;16" and abs(grey_of(loaded.image).mean() - mean) < 1.0
+
+
+def test_float_grey_in_unit_and_byte_scales() -> None:
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32))
+    byte = Image.fromarray(np.array([[0.0, 128.0, 255.0]], np.float32))
+    assert unit.mode == byte.mode == "F"
+    assert grey_of(image.to_rgb(unit, WHITE)).tolist() == [[0, 128, 255]]
+    assert grey_of(image.to_rgb(byte, WHITE)).tolist() == [[0, 128, 255]]
+
+
+def test_one_bit_l_cmyk_and_rgb() -> None:
+    bits = Image.fromarray(np.array([[0, 1]], bool))
+    assert bits.mode == "1" and grey_of(image.to_rgb(bits, WHITE)).tolist() == [[0, 255]]
+    grey = Image.new("L", (2, 1), 77)
+    assert grey_of(image.to_rgb(grey, WHITE)).tolist() == [[77, 77]]
+    cmyk = Image.new("CMYK", (1, 1), (0, 255, 255, 0))  # full magenta and yellow: red
+    assert image.to_rgb(cmyk, WHITE).getpixel((0, 0)) == (255, 0, 0)
+    rgb = Image.new("RGB", (1, 1), (1, 2, 3))
+    assert image.to_rgb(rgb, WHITE) is rgb
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "PA", "RGBa"])
+def test_transparency_is_put_on_the_background(mode: str) -> None:
+    rgba = Image.new("RGBA", (3, 1))
+    rgba.putdata([(200, 200, 200, 255), (0, 0, 0, 0), (0, 0, 0, 128)])  # opaque, clear, half black
+    if mode == "PA":  # palette index and alpha: index 0 light grey, index 1 black
+        source = Image.frombytes("PA", (3, 1), bytes([0, 255, 1, 0, 1, 128]))
+        source.putpalette([200, 200, 200, 0, 0, 0])
+    else:
+        source = rgba.convert(mode)
+    assert source.mode == mode
+    out = np.asarray(image.to_rgb(source, (0, 255, 0))).astype(int)
+    assert abs(out[0, 0] - 200).max() <= 2 and out[0, 1].tolist() == [0, 255, 0]
+    assert abs(out[0, 2] - [0, 127, 0]).max() <= 2  # half black over green
+
+
+def test_palette_with_and_without_a_transparent_index(tmp_path: Path) -> None:
+    palette = Image.new("P", (2, 1))
+    palette.putpalette([255, 0, 0, 0, 0, 255])
+    palette.putdata([0, 1])
+    assert image.to_rgb(palette, WHITE).getpixel((1, 0)) == (0, 0, 255)
+    palette.info["transparency"] = 1  # index 1 is transparent, as in a GIF
+    out = image.to_rgb(palette, (0, 255, 0))
+    assert (out.getpixel((0, 0)), out.getpixel((1, 0))) == ((255, 0, 0), (0, 255, 0))
+    palette.save(tmp_path / "p.png")
+    loaded = image.load_image(tmp_path / "p.png", background="#00ff00")
+    assert loaded.mode == "P" and loaded.background == "#00ff00"
+    assert loaded.image.getpixel((1, 0)) == (0, 255, 0)
+
+
+def test_cutout_default_background_is_white(tmp_path: Path) -> None:
+    loaded = image.load_image(cutout_png(tmp_path / "cut.png"))
+    assert loaded.mode == "RGBA" and loaded.background == image.DEFAULT_BACKGROUND == "#ffffff"
+    assert loaded.image.getpixel((0, 0)) == WHITE and loaded.image.getpixel((32, 24)) == (128, 128, 128)
+
+
+def test_heic_photo_decodes(tmp_path: Path) -> None:
+    """tests/fixtures/photo.heic (615 bytes): 64x48, red left half, blue right half, a white corner."""
+    loaded = image.load_image(FIXTURES / "photo.heic")
+    assert loaded.image.size == (64, 48) and image.image_size(FIXTURES / "photo.heic") == (64, 48)
+    pixels = np.asarray(loaded.image).astype(int)
+    assert abs(pixels[24, 8] - [200, 40, 40]).max() < 8 and abs(pixels[24, 56] - [40, 60, 200]).max() < 8
+    assert (pixels[4, 4] > 240).all()
+
+
+def test_avif_photo_decodes(tmp_path: Path) -> None:
+    path = tmp_path / "photo.avif"
+    Image.new("RGB", (64, 48), (30, 160, 90)).save(path, quality=90)
+    loaded = image.load_image(path)
+    assert loaded.image.size == (64, 48)
+    assert abs(np.asarray(loaded.image).astype(int).reshape(-1, 3).mean(0) - [30, 160, 90]).max() < 6
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "missing.png"])
+def test_unreadable_image_lists_the_accepted_formats(tmp_path: Path, name: str) -> None:
+    if name == "notes.txt":
+        (tmp_path / name).write_text("not a picture")
+    for call in (image.load_image, image.image_size):
+        with pytest.raises(ImageDecodeFailed, match=f"{name}: .*accepted: PNG, JPEG, .* HEIC/HEIF or AVIF"):
+            call(tmp_path / name)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multitalk_worker.config import Settings
-from multitalk_worker.errors import WorkerError
+from multitalk_worker.errors import DurationTooLong, WorkerError
 from multitalk_worker.schema import (
     GenerateInput,
     HealthInput,
@@ -20,6 +20,7 @@ from multitalk_worker.schema import (
     parse_job_input,
     parse_source,
 )
+from multitalk_worker.timeline import check_length
 
 
 def job_limits(**env: str) -> JobLimits:
@@ -207,3 +208,13 @@ def test_api_doc_lists_every_field() -> None:
     for preset in PRESETS.values():
         row = f"| `{preset.name}` | {preset.steps} | {preset.text_guidance} | {preset.audio_guidance} |"
         assert row in text, preset.name
+
+
+def test_a_length_counted_up_to_the_limit_is_a_lower_bound() -> None:
+    """A decode that stops counting just past the limit (pipeline.video.count_length's max_seconds) knows
+    only that the source is at least that long: the one length rule says so, and refuses it the same."""
+    with pytest.raises(DurationTooLong, match=r"^video lasts at least 10\.1 s; videos are at most 10 s\. "):
+        check_length(10.0, media_s=10.1, what="video", complete=False)
+    with pytest.raises(DurationTooLong, match=r"^video lasts 10\.1 s"):
+        check_length(10.0, media_s=10.1, what="video")
+    check_length(10.0, media_s=10.0, what="video", complete=False)  # within the limit: no refusal

@@ -47,6 +47,12 @@ def expect(code: str, call: Callable[[], object]) -> WorkerError:
         (PNG[:16], "image", "png"),
         (b"\xff\xd8\xff\xe0" + bytes(12), "image", "jpeg"),
         (b"RIFF\x00\x00\x00\x00WEBPVP8 ", "image", "webp"),
+        (b"\x00\x00\x00\x1cftypheic\x00\x00\x00\x00", "image", "heif"),  # an iPhone photo
+        (b"\x00\x00\x00\x1cftypmif1\x00\x00\x00\x00", "image", "heif"),
+        (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00", "image", "avif"),
+        (b"II*\x00" + bytes(12), "image", "tiff"),
+        (b"MM\x00*" + bytes(12), "image", "tiff"),
+        (b"\x00\x00\x00\x1cftypisom\x00\x00\x00\x00", "image", None),  # an mp4 is no image
         (WAV[:16], "audio", "wav"),
         (b"ID3\x04" + bytes(12), "audio", "mp3"),
         (b"\x00\x00\x00\x20ftypM4A " + bytes(4), "audio", "mp4"),

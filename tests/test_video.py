@@ -3,6 +3,7 @@ AV1, typed errors and flat memory, on videos written here with PyAV whose frame 
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -17,7 +18,14 @@ from multitalk_worker.pipeline.video import (
     open_source,
     probe_video,
 )
-from tests.media_files import audio_only_file, number_picture, read_number, write_video
+from tests.media_files import (
+    audio_only_file,
+    browser_webm,
+    number_picture,
+    read_number,
+    stream_copy_cut,
+    write_video,
+)
 from tests.memory import run_for_peaks
 
 
@@ -235,6 +243,7 @@ def test_frame_size_is_refused_before_decoding(videos: dict[str, Path]) -> None:
 
 PEAK_RSS = """
 import sys
+from fractions import Fraction
 from pathlib import Path
 from multitalk_worker.pipeline.video import VideoSource
 def read(mode, frames):
@@ -257,3 +266,43 @@ def test_memory_does_not_grow_with_the_video(tmp_path: Path) -> None:
     long = write_video(tmp_path / "long.mp4", 3000, 25)
     short_kb, long_kb = run_for_peaks(PEAK_RSS, str(long))
     assert long_kb - short_kb < 4096, (short_kb, long_kb)
+
+
+def decoded_frames(path: Path) -> list[int]:
+    with av.open(str(path)) as container:
+        return [read_number(frame.to_image()) for frame in container.decode(video=0)]
+
+
+def test_a_browser_webm_reports_what_decodes(tmp_path: Path) -> None:
+    """MediaRecorder declares no duration: the length comes from the packets (90 frames, 3.0 s)."""
+    path = browser_webm(tmp_path / "rec.webm", 90, 30)
+    info = probe_video(path)
+    assert (info.declared_frames, info.declared_duration_s) == (0, 0.0)  # what the container says
+    assert (info.source_frames, info.duration_s, info.counted_by) == (90, pytest.approx(3.0), "demux")
+    assert len(decoded_frames(path)) == 90
+    assert info.source_fps == pytest.approx(30.0) and info.timeline_frames == 75
+    with VideoSource(path) as source:
+        assert source.info == info
+        assert read_number(source.frame(74)) == 74 * 30 // 25 and source.held_from is None
+
+
+def test_a_stream_copy_cut_reports_the_frames_its_edit_list_shows(tmp_path: Path) -> None:
+    """`-ss 0.9 -c copy` of 90 frames at 30 fps: 90 samples in the file, 63 shown (the decoder drops 27)."""
+    source = write_video(tmp_path / "src.mp4", 90, 30)
+    path = stream_copy_cut(source, tmp_path / "cut.mp4", Fraction(9, 10))
+    info = probe_video(path)
+    assert info.declared_frames == 90  # what the container says
+    shown = decoded_frames(path)
+    assert shown == list(range(27, 90))
+    assert (info.source_frames, info.duration_s, info.counted_by) == (63, pytest.approx(2.1), "demux")
+    assert info.timeline_frames == 53  # ceil(2.1 * 25)
+    with VideoSource(path) as source:
+        assert read_number(source.frame(0)) == 27 and read_number(source.frame(52)) == 27 + 52 * 30 // 25
+
+
+def test_other_containers_are_counted_by_decoding_up_to_the_limit(tmp_path: Path) -> None:
+    path = write_video(tmp_path / "v.avi", 50, 25)
+    info = probe_video(path)
+    assert (info.source_frames, info.duration_s, info.counted_by, info.complete) == (50, 2.0, "decode", True)
+    capped = probe_video(path, max_seconds=1.0)  # stops at the first frame past 1 s + one frame
+    assert not capped.complete and capped.duration_s > 1.0 and capped.source_frames < 50

@@ -459,6 +459,7 @@ def run_generate(root: Path, work: Path, run: ItRun, seed: int) -> Tensors:
         audio_mode="parallel",
         negative_prompt=NEGATIVE_PROMPT,
         resolution="tiny",
+        image_orientation="stored",  # the reference ignores EXIF
         max_duration_s=run.max_duration_s,
         sampling=SamplingParams(
             steps=run.steps,

@@ -212,6 +212,7 @@ def run_generate(root: Path, work: Path, run: GenerateRun, seed: int) -> tuple[T
         audio_mode=run.case.mode,  # type: ignore[arg-type]
         negative_prompt=NEGATIVE_PROMPT,
         resolution="tiny",
+        image_orientation="stored",  # the reference ignores EXIF
         sampling=SamplingParams(
             steps=run.steps,
             text_guidance=run.text_scale,

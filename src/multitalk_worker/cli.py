@@ -39,6 +39,7 @@ from multitalk_worker.distributed import Launch, end_process, launch_from_env, p
 from multitalk_worker.errors import InvalidInput, WorkerError
 from multitalk_worker.logs import quiet_model_libraries
 from multitalk_worker.pipeline.presets import PRESETS
+from multitalk_worker.pipeline.request import ACCEPTED_IMAGES, DEFAULT_BACKGROUND, IMAGE_ORIENTATIONS
 from multitalk_worker.progress import Progress, ProgressTracker, Snapshot
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, get_model, pipeline_class
 
@@ -80,7 +81,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         help="multitalk (image to video) or infinitetalk (image to video of any length, or dubbing a video)",
     )
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", type=Path, help="reference image (any PIL-readable file)")
+    source.add_argument("--image", type=Path, help=f"reference image ({ACCEPTED_IMAGES})")
     source.add_argument(
         "--video", type=Path, help="video to dub to the speech (--model infinitetalk; any container/codec)"
     )
@@ -102,6 +103,17 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="infinitetalk: correct colours towards the source's first frame (the reference) or each "
         "clip's own reference frame (sources whose colours change, e.g. several shots)",
+    )
+    gen.add_argument(
+        "--image-orientation",
+        choices=IMAGE_ORIENTATIONS,
+        help="--image: exif (as a viewer shows it, EXIF Orientation applied; default) or stored (the stored "
+        "pixels, EXIF ignored, as the reference does)",
+    )
+    gen.add_argument(
+        "--image-background",
+        metavar="#RRGGBB",
+        help=f"--image: the colour transparent pixels are put on (default {DEFAULT_BACKGROUND}, white)",
     )
     gen.add_argument(
         "--audio", type=Path, action="append", required=True, help="speech of one speaker (repeat for two)"
@@ -289,6 +301,8 @@ def wire_input(args: argparse.Namespace) -> dict[str, object]:
         "video": None if args.video is None else str(args.video),
         "source_fps": args.source_fps,
         "color_reference": args.color_reference,
+        "image_orientation": args.image_orientation,
+        "image_background": args.image_background,
         "speakers": speakers,
         "audio_mode": args.audio_mode,
         "prompt": args.prompt,
@@ -491,7 +505,30 @@ def _generate(
         f"seed {result.seed}{processes}, "
         f"{time.perf_counter() - started:.1f} s"
     )
+    source = describe_source(result.resolved.get("source"))
+    if source:
+        print(source)
     return 0
+
+
+def describe_source(report: object) -> str | None:
+    """One line on how the source was read, where there is something to say: a video's length as it decodes;
+    an image turned by its EXIF orientation or with transparent pixels put on a background."""
+    if not isinstance(report, dict):
+        return None
+    if report.get("kind") == "video":
+        return (
+            f"source: {report['frames']} frames, {report['duration_s']:.2f} s as decoded "
+            f"({report['fps']:g} fps, counted by {report['counted_by']})"
+        )
+    notes = []
+    if report.get("rotated"):
+        notes.append(
+            f"turned by its EXIF orientation {report['exif_orientation']} (--image-orientation stored)"
+        )
+    if report.get("background"):
+        notes.append(f"transparent pixels on {report['background']} (--image-background)")
+    return f"source: image ({report.get('mode')}), " + ", ".join(notes) if notes else None
 
 
 def build_parser() -> argparse.ArgumentParser:

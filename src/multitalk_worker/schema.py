@@ -32,7 +32,14 @@ from pydantic import (
 from multitalk_worker.config import ENV_VARS, Settings
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline.presets import PRESETS
-from multitalk_worker.pipeline.request import ColorReference, Resolution, SourceFps
+from multitalk_worker.pipeline.request import (
+    ACCEPTED_IMAGES,
+    DEFAULT_BACKGROUND,
+    ColorReference,
+    ImageOrientation,
+    Resolution,
+    SourceFps,
+)
 from multitalk_worker.registry import MODELS, MULTITALK, ModelName, all_adapters, models_taking
 from multitalk_worker.timeline import check_length, duration_limit_s
 from multitalk_worker.url_policy import check_url
@@ -205,7 +212,17 @@ class OutputInput(_Strict):
 
 class GenerateInput(_Strict):
     action: Literal["generate"] = "generate"
-    image: Source | None = Field(None, description="reference image (PNG, JPEG, WebP, BMP or GIF)")
+    image: Source | None = Field(None, description=f"reference image ({ACCEPTED_IMAGES})")
+    image_orientation: ImageOrientation = Field(
+        "exif",
+        description="image only: exif (shown as a viewer shows it, EXIF Orientation applied) or stored (the "
+        "stored pixels, EXIF ignored, as the reference does)",
+    )
+    image_background: str = Field(
+        DEFAULT_BACKGROUND,
+        pattern=r"^#[0-9a-fA-F]{6}$",
+        description="image only: the colour (#rrggbb) transparent pixels are put on",
+    )
     video: Source | None = Field(
         None,
         description="source video to dub (MP4/MOV, WebM/MKV, AVI, ...; model infinitetalk); give exactly "
@@ -301,6 +318,9 @@ class GenerateInput(_Strict):
         for name in ("source_fps", "color_reference"):
             if self.video is None and getattr(self, name) is not None:
                 raise ValueError(f"{name} applies to a video source; an image is the same in every clip")
+        for name in ("image_orientation", "image_background"):
+            if self.video is not None and name in self.model_fields_set:
+                raise ValueError(f"{name} applies to an image source; a video is read as it plays")
         return self
 
     def model_name(self, default_model: str) -> ModelName:
@@ -432,6 +452,7 @@ class JobLimits:
         slack_s: float = 0.0,
         requested: bool = True,
         remedy: str = "",
+        complete: bool = True,
     ) -> None:
         """timeline.check_length with the job's model's limit; `requested=False` judges `media_s` alone (a
         source video must fit whatever length the job asks for)."""
@@ -444,6 +465,7 @@ class JobLimits:
             slack_s=slack_s,
             source=self.duration_source[model],
             remedy=remedy,
+            complete=complete,
         )
 
 

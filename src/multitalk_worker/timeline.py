@@ -56,6 +56,7 @@ def check_length(
     slack_s: float = 0.0,
     source: str = "",
     remedy: str = "",
+    complete: bool = True,
 ) -> None:
     """The length rule, the one place it lives; `limit_s` is the model's (its registry entry's frames, lowered
     by the worker's setting: schema.JobLimits). Called wherever a length becomes known: the requested one when
@@ -65,7 +66,8 @@ def check_length(
     used). Without one, the media (`what`, `media_s` seconds) sets the length and must be within the limit:
     longer media is DurationTooLong, never cut silently. `slack_s`: how far a declared length may be off the
     decoded one. `source`: where the limit comes from (a setting), named in the message. `remedy`: what to
-    do instead (default: set max_duration_s or send shorter audio).
+    do instead (default: set max_duration_s or send shorter audio). `complete=False`: `media_s` is a lower
+    bound (a decode counted frames up to just past the limit and stopped; the message says "at least").
     """
     where = f" ({source})" if source else ""
     if requested_s is not None:
@@ -76,8 +78,9 @@ def check_length(
             )
         return
     if media_s is not None and media_s > limit_s + slack_s + 1e-9:
+        least = "" if complete else "at least "
         raise DurationTooLong(
-            f"{what} lasts {media_s:.1f} s; videos are at most {limit_s:g} s{where}. "
+            f"{what} lasts {least}{media_s:.1f} s; videos are at most {limit_s:g} s{where}. "
             + (remedy or f"Set max_duration_s (<= {limit_s:g}) to use its first part, or send shorter audio")
         )
 

@@ -36,6 +36,7 @@ from multitalk_worker.errors import (
 )
 from multitalk_worker.io.s3 import bucket_exists, make_s3_client, s3_reason, s3_retryable
 from multitalk_worker.io.volume import check_name_lengths
+from multitalk_worker.pipeline.request import ACCEPTED_IMAGES
 from multitalk_worker.schema import InputSource, decode_base64
 from multitalk_worker.url_policy import UnresolvedHost, UrlRefused, check_url, checked_address
 
@@ -47,7 +48,7 @@ MAX_REDIRECTS = 3
 _ACCEPTED_TYPES = {"image": ("image/",), "audio": ("audio/", "video/"), "video": ("video/",)}
 _NEUTRAL_TYPES = ("application/octet-stream", "binary/octet-stream", "application/ogg", "application/mp4")
 _FORMATS = {
-    "image": "PNG, JPEG, WebP, BMP or GIF",
+    "image": ACCEPTED_IMAGES,
     "audio": "WAV, MP3, FLAC, OGG, M4A/MP4/MOV, WebM/MKV or AAC",
     "video": "MP4/MOV, WebM/MKV, AVI, MPEG-TS, MPEG-PS or Ogg",
 }
@@ -57,6 +58,8 @@ _DECODE_ERRORS: dict[MediaKind, type[ImageDecodeFailed | AudioDecodeFailed | Vid
     "video": VideoDecodeFailed,
 }
 _MPEG_TS_PACKET = 188
+# Major brands of HEIF files (ISO/IEC 23008-12): HEIC stills and sequences, generic HEIF, AVIF.
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1", b"avif", b"avis")
 
 
 # ----------------------------------------------------------------------------- magic bytes
@@ -73,9 +76,13 @@ def sniff(head: bytes, kind: MediaKind) -> str | None:
             b"GIF87a": "gif",
             b"GIF89a": "gif",
             b"BM": "bmp",
+            b"II*\x00": "tiff",
+            b"MM\x00*": "tiff",
         }
         if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
             return "webp"
+        if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+            return "avif" if head[8:12] in (b"avif", b"avis") else "heif"
     else:
         signatures = {b"fLaC": "flac", b"OggS": "ogg", b"ID3": "mp3", b"\x1a\x45\xdf\xa3": "matroska"}
         if head[:4] == b"RIFF" and head[8:12] == b"WAVE":

@@ -1,5 +1,10 @@
 """Reference image in, bucket-sized conditioning image and person masks out (spec 3.1, 3.2, 3.5).
 
+The picture is read as a viewer shows it (`load_image`): EXIF orientation applied (orientation `exif`, our
+default; `stored` keeps the stored pixels and ignores EXIF, as the reference does), every Pillow mode mapped
+to 8-bit RGB at its own scale (16-bit grey divided by 257, not clipped), and transparent pixels composited on
+a background colour (default white) instead of showing whatever colour the file stores under them.
+
 Regions. Our requests give a person's region as `[x0, y0, x1, y1]` normalised to the input image:
 x runs left to right, y top to bottom, both 0..1 (or the shorthands `left`, `right`, `full`). The
 reference's JSON `bbox` is different and a frequent trap: `[r0, c0, r1, c1]` in source pixels with the
@@ -9,7 +14,9 @@ shorthands `left`/`right` are exactly the reference's default two-person masks (
 
 from __future__ import annotations
 
+import functools
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,10 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from multitalk_worker.errors import ImageDecodeFailed, InvalidInput
-from multitalk_worker.pipeline.request import Region
+from multitalk_worker.pipeline.request import (
+    ACCEPTED_IMAGES,
+    DEFAULT_BACKGROUND,
+    IMAGE_ORIENTATIONS,
+    ImageOrientation,
+    Region,
+)
 
 # Keys are height/width ratios as the reference writes them; values are (H, W) in pixels.
 BUCKETS_480P: dict[str, tuple[int, int]] = {
@@ -48,6 +61,9 @@ BUCKET_TABLES: dict[str, dict[str, tuple[int, int]]] = {
     "720p": BUCKETS_720P,
     "tiny": BUCKETS_TINY,
 }
+_HEX_COLOUR = re.compile(r"#[0-9a-fA-F]{6}")
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit full scale (Pillow's 16-bit PNG/TIFF modes)
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa")  # no decoder opens a file as "La"
 MAX_IMAGE_PIXELS = 50_000_000  # a 48 MP phone photo fits; checked from the header, before decoding
 FACE_MARGIN = 0.05  # the reference's `face_scale`: margin of the default two-person masks
 PixelBox = tuple[int, int, int, int]  # (r0, c0, r1, c1): rows r0:r1, columns c0:c1
@@ -70,6 +86,90 @@ def check_pixels(width: int, height: int, name: str, limit: int = MAX_IMAGE_PIXE
         )
 
 
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded picture as RGB, and what was done to get there (the result's `source` report)."""
+
+    image: Image.Image  # RGB, displayed orientation
+    mode: str  # the file's Pillow mode, e.g. "RGB", "I;16", "RGBA", "P", "CMYK"
+    orientation: ImageOrientation  # what the job asked
+    exif_orientation: int  # the file's EXIF Orientation tag, 1 (upright) when it has none
+    background: str | None  # the colour transparent pixels were put on; None: the picture has none
+
+    def report(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "orientation": self.orientation,
+            "exif_orientation": self.exif_orientation,
+            "rotated": self.orientation == "exif" and self.exif_orientation != 1,
+            "background": self.background,
+        }
+
+
+def parse_background(colour: str) -> tuple[int, int, int]:
+    """`#rrggbb` -> (r, g, b)."""
+    if not isinstance(colour, str) or not _HEX_COLOUR.fullmatch(colour):
+        raise InvalidInput(
+            f"image background {colour!r} is not accepted; use a colour as #rrggbb, e.g. #ffffff"
+        )
+    return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
+
+
+def check_orientation(orientation: str) -> ImageOrientation:
+    if orientation not in IMAGE_ORIENTATIONS:
+        raise InvalidInput(
+            f"image orientation {orientation!r} is not accepted; use one of {list(IMAGE_ORIENTATIONS)}"
+        )
+    return orientation  # type: ignore[return-value]
+
+
+@functools.cache
+def register_image_plugins() -> None:
+    """HEIC/HEIF (the iPhone's default) through pi-heif: the decode-only build of pillow-heif, whose wheels
+    bundle only libheif and libde265 (LGPL-3.0, no encoder, no GPL x265). AVIF is Pillow's own plugin."""
+    from pi_heif import register_heif_opener
+
+    register_heif_opener()
+
+
+def _unreadable(path: Path, exc: BaseException) -> ImageDecodeFailed:
+    return ImageDecodeFailed(f"{Path(path).name}: not a readable image ({exc}); accepted: {ACCEPTED_IMAGES}")
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF Orientation tag (1..8), 1 when absent or out of range."""
+    value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    """float grey on the 0..255 scale -> RGB, rounded and clipped."""
+    levels = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.repeat(levels[..., None], 3, axis=2))
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in _ALPHA_MODES or (image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB at its own scale: 16-bit grey (I;16*, I) / 257; float grey F in 0..1
+    (0..255 when its values exceed 1, Pillow's own scale); transparency (alpha, a palette's or a key colour)
+    composited on `background`; every other mode (1, L, P, CMYK, YCbCr, LAB, HSV) by Pillow's conversion."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in _WIDE_GREY:
+        return _grey_to_rgb(np.asarray(image, dtype=np.float64) / 257.0)
+    if image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        return _grey_to_rgb(values * 255.0 if values.max(initial=0.0) <= 1.0 else values)
+    if _has_alpha(image):
+        rgba = image.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
 @contextmanager
 def _quiet_bomb_check() -> Iterator[None]:
     """PIL warns of pictures over 89 MP at open; `check_pixels` refuses them itself, with our message."""
@@ -78,35 +178,45 @@ def _quiet_bomb_check() -> Iterator[None]:
         yield
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the header alone, checked against MAX_IMAGE_PIXELS."""
+def image_size(path: Path, orientation: ImageOrientation = "exif") -> tuple[int, int]:
+    """(width, height) as shown (`orientation`), from the header alone, checked against MAX_IMAGE_PIXELS."""
+    register_image_plugins()
     try:
         with _quiet_bomb_check(), Image.open(path) as img:
-            size = img.size
+            width, height = img.size
+            turned = check_orientation(orientation) == "exif" and exif_orientation(img) >= 5
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeFailed(f"{Path(path).name}: not a readable image ({exc})") from exc
-    check_pixels(*size, Path(path).name)
-    return size
+        raise _unreadable(path, exc) from exc
+    check_pixels(width, height, Path(path).name)
+    return (height, width) if turned else (width, height)
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open any PIL-readable image as RGB (alpha dropped, no EXIF rotation, as the reference). The size in
-    the header is checked first (`check_pixels`), so no array of an oversized picture is ever made."""
+def load_image(
+    path: Path, *, orientation: ImageOrientation = "exif", background: str = DEFAULT_BACKGROUND
+) -> LoadedImage:
+    """Open an image (ACCEPTED_IMAGES) as RGB as a viewer shows it (module docstring); `orientation`
+    "stored" ignores EXIF as the reference does. The size in the header is checked first (`check_pixels`),
+    so no array of an oversized picture is ever made."""
+    check_orientation(orientation)
+    colour = parse_background(background)
+    register_image_plugins()
     try:
         with _quiet_bomb_check():
             img = Image.open(path)
         try:
             check_pixels(img.width, img.height, Path(path).name)
             img.load()  # a single-frame file is closed once loaded
+            tag, mode, alpha = exif_orientation(img), img.mode, _has_alpha(img)
+            shown = ImageOps.exif_transpose(img) if orientation == "exif" and tag != 1 else img
+            rgb = to_rgb(shown, colour)
         except BaseException:
             img.close()
             raise
-        if img.mode == "RGB":
-            return img  # no converted copy: one full-size array, not two
-        with img:
-            return img.convert("RGB")
+        if rgb is not img:  # an upright RGB file is used as it is: one full-size array, not two
+            img.close()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageDecodeFailed(f"{Path(path).name}: not a readable image ({exc})") from exc
+        raise _unreadable(path, exc) from exc
+    return LoadedImage(rgb, mode, orientation, tag, background.lower() if alpha else None)
 
 
 def choose_bucket(src_h: int, src_w: int, resolution: str) -> tuple[int, int]:

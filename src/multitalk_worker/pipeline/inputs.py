@@ -17,7 +17,7 @@ from multitalk_worker.pipeline.plan import ClipPlan, plan_clips
 from multitalk_worker.pipeline.presets import default_shift
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, Region
 from multitalk_worker.pipeline.sampling import guidance_passes
-from multitalk_worker.pipeline.video import SourceFrames, VideoSource
+from multitalk_worker.pipeline.video import ImageSource, SourceFrames, VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model, models_taking
 from multitalk_worker.timeline import FPS, FRAMES_PER_CLIP, SAMPLE_RATE, VAE_STRIDE, resolve_max_frames
@@ -42,6 +42,8 @@ class PreparedInputs:
         (spec IT 5), so a clip starting past the source's end takes its last frame, held:
         `last_frame_held_from` is that clip's start and `frames_held` the output frames from there on;
         `frames_past_end`: the output frames after the source's last frame."""
+        if isinstance(self.source, ImageSource):
+            return {"kind": "image", **self.source.report}
         if not isinstance(self.source, VideoSource):
             return {"kind": "image"}
         info, plan = self.source.info, self.plan
@@ -52,6 +54,7 @@ class PreparedInputs:
             "fps": float(info.source_fps),
             "frames": info.source_frames,
             "duration_s": info.duration_s,
+            "counted_by": info.counted_by,
             "fps_mode": self.source.fps_mode,
             "last_frame_held": held is not None,
             "last_frame_held_from": held,
@@ -130,13 +133,20 @@ def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
         raise InvalidInput("prompt is empty; describe the scene")
     if request.adapter is not None:
         spec.adapter(request.adapter)  # an unknown name lists the accepted ones
+    image_prep.check_orientation(request.image_orientation)
+    image_prep.parse_background(request.image_background)
     return spec
 
 
 def open_source(request: GenerationRequest) -> SourceFrames:
     """The conditioning source: the image, or the video read forward on the 25 fps timeline."""
     if request.image is not None:
-        return open_frames(Path(request.image), kind="image")
+        return open_frames(
+            Path(request.image),
+            kind="image",
+            orientation=request.image_orientation,
+            background=request.image_background,
+        )
     assert request.video is not None  # check_params
     return open_frames(Path(request.video), kind="video", fps_mode=request.source_fps)
 

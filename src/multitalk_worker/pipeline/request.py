@@ -26,6 +26,15 @@ SourceFps = Literal["resample", "reference"]
 # LongCat-Video-Avatar's length: "audio" trims the video to the audio (ours, as the other models);
 # "whole_segments" keeps every frame of the last 93 + 80·(S − 1) (the reference's output).
 SegmentLength = Literal["audio", "whole_segments"]
+# An image source: "exif" shows it as a viewer does (EXIF Orientation applied), "stored" takes the stored
+# pixels and ignores EXIF, as the reference does (for parity). See pipeline/image.py.
+ImageOrientation = Literal["exif", "stored"]
+IMAGE_ORIENTATIONS: tuple[ImageOrientation, ...] = ("exif", "stored")
+DEFAULT_BACKGROUND = (
+    "#ffffff"  # transparent pixels of an image source: on white, as a cut-out on a light page
+)
+# The one list of image formats a job may send (the fetch's magic bytes, the decode's messages, the docs).
+ACCEPTED_IMAGES = "PNG, JPEG, WebP, BMP, GIF, TIFF, HEIC/HEIF or AVIF"
 # InfiniteTalk's colour reference: source frame 0 (the reference), or each clip's own reference frame.
 ColorReference = Literal["first", "clip"]
 
@@ -58,6 +67,8 @@ class GenerationRequest:
     adapter: str | None = None  # None: the model's adapter for the number of speakers
     source_fps: SourceFps = "resample"
     color_reference: ColorReference = "first"
+    image_orientation: ImageOrientation = "exif"  # image sources: EXIF applied, or "stored" (the reference)
+    image_background: str = DEFAULT_BACKGROUND  # image sources: #rrggbb under transparent pixels
     audio_mode: AudioMode = "parallel"  # two speakers: parallel pads the shorter track with silence
     negative_prompt: str | None = None  # None: the reference's default negative prompt
     resolution: Resolution = "480p"

@@ -17,6 +17,14 @@ Two ways to map a timeline index `n` to a source frame (`FpsMode`):
 * `reference`: `n` is the n-th decoded frame, exactly as the reference reads frame indices with decord. Use
   it for parity with the reference on 25 fps sources, where both modes pick the same frames.
 
+A source's length (`VideoInfo.source_frames`, `duration_s`) is what decodes, not what the container declares:
+a browser's MediaRecorder WebM declares no duration, and a stream-copy cut (`ffmpeg -ss 0.9 -c copy`) keeps
+the frames before the cut behind an edit list, declared in the frame count but never shown. For MP4/MOV and
+Matroska/WebM the count is read from the packets without decoding (one packet a frame; packets the edit list
+hides are flagged discard, as the decoder drops them): one pass over the file's packets, no decoding (see
+`count_length`). Other containers (AVI, MPEG-TS/PS, Ogg), whose packets need not be whole frames, are decoded
+to count, up to the length a caller asks (the worker's limit) and no further.
+
 Past the source's end, the last frame is returned (held), as the reference does, and `held_from` records the
 first timeline index that was past the end so the result can say so. Rotation metadata (the display matrix)
 is applied: `size` and every frame are as displayed. An image is a one-frame source that is never "past the
@@ -43,11 +51,15 @@ from PIL import Image
 
 from multitalk_worker.errors import InputTooLarge, InvalidInput, VideoDecodeFailed
 from multitalk_worker.pipeline.image import load_image
+from multitalk_worker.pipeline.request import DEFAULT_BACKGROUND, ImageOrientation
 from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
 
 FpsMode = Literal["resample", "reference"]
+CountMethod = Literal["demux", "decode"]
+# FFmpeg demuxers whose packets are whole coded frames, the edit list applied as discard flags (count_length).
+PACKET_EXACT_FORMATS = frozenset({"mov", "mp4", "m4a", "3gp", "3g2", "mj2", "matroska", "webm"})
 FPS_MODES: tuple[FpsMode, ...] = ("resample", "reference")
 # Largest declared frame (width x height) a source video may have: 4096x2160 (DCI 4K). A frame is decoded
 # and converted to RGB at full size before any resize, so this bounds the memory of one decoded frame.
@@ -78,27 +90,44 @@ class SourceFrames(Protocol):
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What a video declares, and its first frame's displayed size. Counts come from the container."""
+    """A video's rate, its length as it decodes, and its first frame's displayed size."""
 
-    source_fps: float  # the stream's average (else guessed) frame rate
-    source_frames: int  # declared by the container, else duration x fps rounded
-    duration_s: float  # declared duration of the video stream (else of the container)
+    source_fps: float  # the stream's average (else guessed) frame rate; else frames / duration
+    source_frames: int  # frames that decode (the edit list applied); see `count_length`
+    duration_s: float  # first frame's start to the last frame's end, as decoded
     width: int  # displayed width of frame 0 (rotation applied)
     height: int  # displayed height of frame 0 (rotation applied)
     rotation: int  # counter-clockwise degrees applied to the coded picture: 0, 90, 180 or 270
     codec: str  # FFmpeg decoder name, e.g. "h264", "libdav1d"
     timeline_frames: int  # frames of the 25 fps timeline the source covers before it is held
+    counted_by: CountMethod = "demux"  # how the length was found: packets read, or frames decoded
+    declared_frames: int = 0  # the container's own count (0: none declared)
+    declared_duration_s: float = 0.0  # the container's own duration (0: none declared)
+    complete: bool = True  # False: counting stopped past `max_seconds`; the source is at least this long
+
+
+@dataclass(frozen=True)
+class Length:
+    """A video stream's length as it decodes: whole frames, and the span from the first frame's start to
+    the last frame's end."""
+
+    frames: int
+    duration: Fraction
+    counted_by: CountMethod
+    complete: bool  # False: counting stopped past the caller's `max_seconds`
 
 
 class ImageSource:
     """An image as a one-frame source: every index gives the image, never held past the end. `close()`
-    drops the full-size image (prepare_inputs does, once frame 0 is prepared: no clip reads it again)."""
+    drops the full-size image (prepare_inputs does, once frame 0 is prepared: no clip reads it again).
+    `report`: how the file was read (pipeline/image.py `LoadedImage.report`)."""
 
     still = True
 
-    def __init__(self, image: Image.Image) -> None:
+    def __init__(self, image: Image.Image, report: dict[str, object] | None = None) -> None:
         self._image: Image.Image | None = image if image.mode == "RGB" else image.convert("RGB")  # no copy
         self._size = (self._image.height, self._image.width)
+        self.report = report or {}
 
     @property
     def size(self) -> tuple[int, int]:
@@ -171,6 +200,63 @@ def _declared(stream: av.VideoStream, container: InputContainer) -> tuple[Fracti
     return rate, duration
 
 
+def _span(
+    start: Fraction | None,
+    end: Fraction | None,
+    pts: int | None,
+    duration: int | None,
+    time_base: Fraction,
+    step: Fraction,
+) -> tuple[Fraction | None, Fraction | None]:
+    """Widen (start, end) by a frame at `pts` lasting `duration` (else `step`); no pts: no time added."""
+    if pts is None:
+        return start, end
+    time = Fraction(pts) * time_base
+    frame_end = time + (Fraction(duration) * time_base if duration else step)
+    return (time if start is None else min(start, time)), (frame_end if end is None else max(end, frame_end))
+
+
+def _count_packets(container: av.container.InputContainer, stream: av.VideoStream, step: Fraction) -> Length:
+    """Frames and span from the packets alone: each non-empty packet not flagged discard is one frame."""
+    frames, start, end = 0, None, None
+    for packet in container.demux(stream):
+        if not packet.size or packet.is_discard:
+            continue  # the flush packet; a frame the edit list hides (the decoder drops it too)
+        frames += 1
+        start, end = _span(start, end, packet.pts, packet.duration, stream.time_base, step)
+    return Length(frames, (end - start) if start is not None else frames * step, "demux", True)
+
+
+def _count_decoded(
+    container: av.container.InputContainer, stream: av.VideoStream, step: Fraction, max_seconds: float | None
+) -> Length:
+    """Frames and span by decoding, stopping at the first frame that starts past `max_seconds`."""
+    frames, start, end = 0, None, None
+    try:
+        for frame in container.decode(stream):
+            frames += 1
+            start, end = _span(start, end, frame.pts, frame.duration, stream.time_base, step)
+            if max_seconds is not None and start is not None and end - start > max_seconds + step:
+                return Length(frames, end - start, "decode", False)
+    except _ERRORS as exc:  # as `_Opened.next`: a stream that breaks off ends there
+        logger.warning("counting frames: decoding stopped after %d frames: %s", frames, exc)
+    return Length(frames, (end - start) if start is not None else frames * step, "decode", True)
+
+
+def count_length(path: Path, *, rate: Fraction = Fraction(0), max_seconds: float | None = None) -> Length:
+    """The first video stream's length as it decodes (module docstring). `rate` (declared; 0: none) gives a
+    frame that states no duration its length, else 1/25 s. Cost: for PACKET_EXACT_FORMATS one read of the
+    file's packets, nothing decoded, whatever `max_seconds`; else a decode up to `max_seconds` (None: all)."""
+    step = Fraction(1) / rate if rate else Fraction(1, FPS)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        formats = set(container.format.name.split(","))
+        if formats & PACKET_EXACT_FORMATS:
+            return _count_packets(container, stream, step)
+        return _count_decoded(container, stream, step, max_seconds)
+
+
 class _Opened:
     """An open container positioned after its first decoded frame; the shared start of probe and source."""
 
@@ -238,30 +324,40 @@ class _Opened:
         self.decoded += 1
         return self._last
 
-    def info(self) -> VideoInfo:
-        rate, duration = self.rate, self.duration
-        frames = self.stream.frames or (round(duration * rate) if rate else 0)
-        timeline = math.ceil(duration * FPS) if duration else frames
+    def info(self, max_seconds: float | None = None) -> VideoInfo:
+        """Rate, size and the length as it decodes (`count_length`, on a second handle of the file)."""
+        try:
+            length = count_length(self.path, rate=self.rate, max_seconds=max_seconds)
+        except _ERRORS as exc:
+            raise _fail(self.path, f"its frames cannot be counted ({exc})") from exc
+        rate = self.rate or (length.frames / length.duration if length.duration else Fraction(0))
         width, height = self.first.frame.width, self.first.frame.height
         if self.rotation in (90, 270):
             width, height = height, width
         return VideoInfo(
             source_fps=float(rate),
-            source_frames=frames,
-            duration_s=float(duration),
+            source_frames=length.frames,
+            duration_s=float(length.duration),
             width=width,
             height=height,
             rotation=self.rotation,
             codec=self.stream.codec_context.name,
-            timeline_frames=timeline,
+            timeline_frames=math.ceil(length.duration * FPS),
+            counted_by=length.counted_by,
+            declared_frames=self.stream.frames,
+            declared_duration_s=float(self.duration),
+            complete=length.complete,
         )
 
 
-def probe_video(path: Path, *, max_pixels: int = MAX_VIDEO_PIXELS) -> VideoInfo:
-    """Open `path`, check it declares a video stream of an accepted size, decode its first frame only."""
+def probe_video(
+    path: Path, *, max_pixels: int = MAX_VIDEO_PIXELS, max_seconds: float | None = None
+) -> VideoInfo:
+    """Open `path`, check it has a video stream of an accepted size, decode its first frame, and count its
+    length as it decodes (`count_length`; a decoded count stops past `max_seconds`)."""
     opened = _Opened(Path(path), max_pixels)
     try:
-        return opened.info()
+        return opened.info(max_seconds)
     finally:
         opened.container.close()
 
@@ -373,10 +469,14 @@ def open_source(
     kind: Literal["image", "video"],
     fps_mode: FpsMode = "resample",
     max_pixels: int = MAX_VIDEO_PIXELS,
+    orientation: ImageOrientation = "exif",
+    background: str = DEFAULT_BACKGROUND,
 ) -> SourceFrames:
-    """The conditioning source of a job: an image (`ImageSource`) or a video (`VideoSource`)."""
+    """The conditioning source of a job: an image (`ImageSource`; `orientation` and `background` as
+    `load_image`) or a video (`VideoSource`)."""
     if kind == "image":
-        return ImageSource(load_image(path))
+        loaded = load_image(path, orientation=orientation, background=background)
+        return ImageSource(loaded.image, loaded.report())
     if kind == "video":
         return VideoSource(path, fps_mode=fps_mode, max_pixels=max_pixels)
     raise InvalidInput(f"source kind {kind!r} is not accepted; use 'image' or 'video'")

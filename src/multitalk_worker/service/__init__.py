@@ -251,7 +251,8 @@ class JobService:
         else:
             assert parsed.image is not None  # the schema: exactly one of image and video
             image = self.fetcher.fetch(parsed.source("image"), scratch / "image", "image", "image")
-            width, height = image_size(image.path)  # the header only: a huge image is refused undecoded
+            # the header only (a huge image is refused undecoded); the size as shown
+            width, height = image_size(image.path, parsed.image_orientation)
             report = {"image": {"width": width, "height": height, "bytes": image.size}}
             video, info, image_path = None, None, image.path
         audio_paths = []
@@ -267,14 +268,18 @@ class JobService:
 
     def _fetch_video(self, parsed: GenerateInput, scratch: Path) -> tuple[Path, VideoInfo, dict[str, Any]]:
         """Fetch the source video (size-capped, time-limited, magic bytes), then decode its first frame and
-        check its declared length against the model's cap, before any GPU work."""
+        check its length as it decodes against the model's cap, before any GPU work."""
         assert parsed.video is not None
         fetched = self.fetcher.fetch(parsed.source("video"), scratch / "video", "video", "video")
-        info = probe_source(fetched.path)  # VIDEO_DECODE_FAILED: no video stream, no decodable frame
+        # VIDEO_DECODE_FAILED: no video stream, no decodable frame; the length is what decodes, counted
+        # up to just past the model's limit (a longer source is refused without decoding all of it)
+        limit_s = self.limits.duration_s[self.limits.model(parsed)]
+        info = probe_source(fetched.path, max_seconds=limit_s)
         # a source video must fit whatever length the job asks for
         self.limits.check_length(
             parsed,
             media_s=info.duration_s,
+            complete=info.complete,
             what="video",
             slack_s=1.0 / FPS,
             requested=False,

@@ -40,6 +40,8 @@ def build_request(
         vocal_separation=parsed.vocal_separation,
         source_fps=parsed.source_fps or "resample",
         color_reference=parsed.color_reference or "first",
+        image_orientation=parsed.image_orientation,
+        image_background=parsed.image_background,
     )
 
 
