@@ -24,9 +24,9 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -410,8 +410,8 @@ def _generate(
     parallel: SequenceParallel | None,
 ) -> int:
     """Load, generate, and (rank 0 or a single process) write the mp4 and say so."""
-    from multitalk_worker.media import Mp4Sink
     from multitalk_worker.pipeline.pipeline import DiscardFrames, TalkingVideoPipeline
+    from multitalk_worker.segments import ClipSegments
     from multitalk_worker.service.resident import engine_from_settings
 
     started = time.perf_counter()
@@ -430,10 +430,14 @@ def _generate(
         model=request.model,
         adapter=adapter.name,
     )
-    # frames are encoded as each clip is final; the other ranks of a group leave them to rank 0
+    # frames are encoded as each clip is final (segments.py, as the worker does: the same bytes); the
+    # other ranks of a group leave them to rank 0
     try:
-        with Mp4Sink(args.out, crf=settings.video_crf) if lead else nullcontext(DiscardFrames()) as sink:
+        with tempfile.TemporaryDirectory(prefix=".multitalk-", dir=args.out.parent) as scratch:
+            sink = ClipSegments(Path(scratch), settings.video_crf) if lead else DiscardFrames()
             result = pipeline(request, progress=report, cancel=cancel, sink=sink)
+            if isinstance(sink, ClipSegments):
+                sink.assemble(args.out)
     finally:
         if report is not None:
             report.close()

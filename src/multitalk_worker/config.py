@@ -121,6 +121,30 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Where per-job scratch folders are made; unset: the system temp dir.",
     ),
     EnvVar(
+        "MULTITALK_CHECKPOINTS",
+        "checkpoints",
+        "bool",
+        "true",
+        "Write a checkpoint after every clip, so that a job sent again with the same id and inputs continues "
+        "from its last finished clip (after a lost worker or a restart).",
+    ),
+    EnvVar(
+        "MULTITALK_CHECKPOINT_DIR",
+        "checkpoint_dir",
+        "path",
+        None,
+        "Where job checkpoints live (one folder per job id); unset: `.multitalk/checkpoints` under the "
+        "volume root when it exists (a retry on another RunPod worker finds it), else under the scratch dir.",
+    ),
+    EnvVar(
+        "MULTITALK_CHECKPOINT_TTL_S",
+        "checkpoint_ttl_s",
+        "float",
+        "86400",
+        "Seconds an unfinished job's checkpoint is kept after its last clip; a finished job's is removed "
+        "at once.",
+    ),
+    EnvVar(
         "MULTITALK_MAX_INPUT_MB",
         "max_input_mb",
         "float",
@@ -331,6 +355,9 @@ class Settings:
     volume_root: Path
     output_dir: str
     work_dir: Path | None
+    checkpoints: bool
+    checkpoint_dir: Path | None
+    checkpoint_ttl_s: float
     max_input_mb: float
     fetch_timeout_s: float
     allow_loopback: bool
@@ -424,6 +451,8 @@ def settings_from_process() -> Settings:
 
 
 def _check_ranges(settings: Settings) -> None:
+    if settings.checkpoint_ttl_s <= 0:
+        raise SettingsError("MULTITALK_CHECKPOINT_TTL_S must be > 0")
     s3 = settings.s3
     if (s3.access_key_id is None) != (s3.secret_access_key is None):
         raise SettingsError(

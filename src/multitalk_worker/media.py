@@ -8,7 +8,6 @@ cut to the video's length (N / fps seconds) as the reference's `ffmpeg -t` + `-s
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,7 +18,6 @@ import numpy as np
 
 from multitalk_worker.config import VIDEO_CRF
 from multitalk_worker.errors import OutputInvalid
-from multitalk_worker.pipeline.request import VideoSpec
 from multitalk_worker.timeline import FPS
 
 logger = logging.getLogger(__name__)
@@ -75,15 +73,38 @@ class Mp4Writer:
         try:  # both streams exist before the first packet is muxed
             self._video = self._container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
             self._video.width, self._video.height, self._video.pix_fmt = width, height, "yuv420p"
-            self._sound = self._add_audio_stream() if audio.size > 0 else None
+            self._sound = self.add_audio(self._container, sample_rate) if audio.size > 0 else None
         except (av.FFmpegError, OSError, ValueError) as exc:
             self.abort()
             raise OutputInvalid(f"could not write {self.path.name}: {exc}") from exc
 
-    def _add_audio_stream(self) -> av.AudioStream:
-        stream = self._container.add_stream("aac", rate=self._sample_rate)
+    @staticmethod
+    def add_audio(container: av.container.OutputContainer, sample_rate: int) -> av.AudioStream:
+        """The soundtrack's AAC mono stream in `container` (segments.py's assembly adds the same)."""
+        stream = container.add_stream("aac", rate=sample_rate)
         stream.layout = "mono"
         return stream
+
+    @staticmethod
+    def encode_audio(
+        container: av.container.OutputContainer,
+        stream: av.AudioStream,
+        audio: np.ndarray,
+        sent: int,
+        end: int,
+    ) -> int:
+        """Encode and mux `audio`'s samples [sent, end) (clamped to [-1, 1]); the encoder keeps the rest of a
+        1024-sample frame. Returns the samples sent so far."""
+        end = min(end, audio.size)
+        if end <= sent:
+            return sent
+        span = np.clip(np.asarray(audio[sent:end], np.float32), -1.0, 1.0)
+        frame = av.AudioFrame.from_ndarray(span[None], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = stream.rate, sent
+        frame.time_base = Fraction(1, stream.rate)
+        for packet in stream.encode(frame):
+            container.mux(packet)
+        return end
 
     @property
     def frames_written(self) -> int:
@@ -112,16 +133,8 @@ class Mp4Writer:
             self._container.mux(packet)
 
     def _write_audio(self, end: int) -> None:
-        """Encode the soundtrack's samples [sent, end): the encoder keeps the rest of a 1024-sample frame."""
-        end = min(end, self._audio.size)
-        if self._sound is None or end <= self._samples:
-            return
-        span = np.clip(np.asarray(self._audio[self._samples : end], np.float32), -1.0, 1.0)
-        frame = av.AudioFrame.from_ndarray(span[None], format="fltp", layout="mono")
-        frame.sample_rate, frame.pts = self._sample_rate, self._samples
-        frame.time_base = Fraction(1, self._sample_rate)
-        self._mux(self._sound.encode(frame))
-        self._samples = end
+        if self._sound is not None:
+            self._samples = self.encode_audio(self._container, self._sound, self._audio, self._samples, end)
 
     def close(self) -> int:
         """Flush both encoders and finish the file; returns the number of frames written."""
@@ -165,56 +178,6 @@ class Mp4Writer:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if kind is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class Mp4Sink:
-    """The pipeline's `FrameSink` into an mp4 at `path`: the file opens when the video's size and soundtrack
-    are known and takes each clip's frames as they come. `encode_s`: the seconds spent encoding."""
-
-    def __init__(self, path: Path, crf: int = VIDEO_CRF) -> None:
-        self.path, self.crf = Path(path), crf
-        self.writer: Mp4Writer | None = None
-        self.encode_s = 0.0
-
-    def open(self, spec: VideoSpec) -> None:
-        self.writer = Mp4Writer(
-            self.path,
-            spec.width,
-            spec.height,
-            audio=spec.audio,
-            sample_rate=spec.sample_rate,
-            fps=spec.fps,
-            crf=self.crf,
-        )
-
-    def write(self, frames: np.ndarray) -> None:
-        assert self.writer is not None, "open() comes first"
-        start = time.perf_counter()
-        self.writer.write(frames)
-        self.encode_s += time.perf_counter() - start
-
-    def close(self) -> int:
-        """Finish the file (frames written); an unopened sink wrote nothing."""
-        if self.writer is None:
-            return 0
-        start = time.perf_counter()
-        frames = self.writer.close()
-        self.encode_s += time.perf_counter() - start
-        return frames
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-    def __enter__(self) -> Mp4Sink:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        """The file is finished when the block ends normally, and removed when it raises (a cancel too)."""
-        if exc_type is None:
             self.close()
         else:
             self.abort()

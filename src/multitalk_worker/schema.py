@@ -290,6 +290,18 @@ class GenerateInput(_Strict):
         return spec.adapter(self.adapter, persons=len(self.speakers)).name
 
 
+class ClipCounts(BaseModel):
+    """How the job's clips were made: `generated` by this run, `resumed` from the checkpoint an earlier run
+    of the same job id and inputs left (`resume`: what opening it found; None with checkpoints off)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    generated: int
+    resumed: int
+    resume: str | None
+    checkpoint_bytes: int = Field(description="size of the last saved loop state (0 with checkpoints off)")
+
+
 class JobResult(BaseModel):
     """A finished job's output (docs/api.md, "The result"): the video and where it went, the encoded file as
     checked, and `resolved`, the pipeline's report of what it made (every parameter as used)."""
@@ -313,6 +325,7 @@ class JobResult(BaseModel):
     source: dict[str, object] = Field(description="the conditioning source: image, or a video and its cover")
     resolved: dict[str, object] = Field(description="every parameter as the pipeline used it")
     timings: dict[str, float | bool] = Field(description="seconds per stage; cold_start")
+    clips: ClipCounts = Field(description="clips made by this run and clips resumed from a checkpoint")
     worker: dict[str, str] = Field(description="version, revision, schema")
 
 

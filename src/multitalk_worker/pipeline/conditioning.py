@@ -100,6 +100,12 @@ class ClipConditioner(Protocol):
 
     def conditions(self, clip: ClipInputs) -> ClipConditions: ...
 
+    def state(self) -> dict[str, Tensor]:
+        """What a resumed job's conditioner needs from the clips before (pipeline/checkpoint.py)."""
+        ...
+
+    def restore(self, state: dict[str, Tensor]) -> None: ...
+
 
 def known_frames_mask(known: int, latent_hw: tuple[int, int]) -> Tensor:
     """Spec MT 3.4 step 3: ones on the first `known` of F frames, frame 0 repeated 4 times, folded into
@@ -131,6 +137,12 @@ class MultiTalkConditioner:
 
     def color_reference(self, clip: ClipInputs) -> Tensor:
         return self.image[0, :, 0]
+
+    def state(self) -> dict[str, Tensor]:
+        return {}  # the image and the previous clip's frames (the loop's) are all it needs
+
+    def restore(self, state: dict[str, Tensor]) -> None:
+        pass
 
     def conditions(self, clip: ClipInputs) -> ClipConditions:
         if clip.previous is None:
@@ -181,6 +193,14 @@ class InfiniteTalkConditioner:
         if self._first is None:
             self._first = self.reference_pixels(0)[0, :, 0]
         return self._first
+
+    def state(self) -> dict[str, Tensor]:
+        """Source frame 0, the colour reference: a resumed clip cannot read back to it from a video."""
+        return {} if self._first is None else {"first": self._first}
+
+    def restore(self, state: dict[str, Tensor]) -> None:
+        if "first" in state:
+            self._first = state["first"].to(self.encoders.device)
 
     def _reference(self, start: int) -> tuple[Tensor, Tensor, Tensor]:
         """Pixels, `y` latent part and CLIP tokens of the clip's reference frame; computed again only when

@@ -33,6 +33,7 @@ from multitalk_worker.models.sequence_parallel import SequenceParallel
 from multitalk_worker.models.text_encoder import encode_text
 from multitalk_worker.models.vae import vae_decode
 from multitalk_worker.pipeline import audio as audio_prep
+from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, ClipState
 from multitalk_worker.pipeline.color import match_colors
 from multitalk_worker.pipeline.conditioning import (
     CONDITIONERS,
@@ -128,6 +129,15 @@ class _Run:
     color_strength: float
 
 
+@dataclass(frozen=True)
+class _Loop:
+    """Where the clip loop starts: its seed, the state of an earlier run of the job, and where to save."""
+
+    seed: int
+    state: ClipState | None
+    checkpoint: ClipCheckpoint | None
+
+
 class TalkingVideoPipeline:
     """Holds the loaded networks of one model (the bundle's); each call makes one video.
 
@@ -196,16 +206,24 @@ class TalkingVideoPipeline:
         cancel: CancelCheck | None = None,
         sink: FrameSink | None = None,
         inputs: PreparedInputs | None = None,
+        checkpoint: ClipCheckpoint | None = None,
     ) -> GenerationResult:
         """Make the video of `request`; frames go to `sink` as each clip is final (default: returned).
-        `inputs`: `prepare_inputs(request)` already done by the caller (it is closed here)."""
+        `inputs`: `prepare_inputs(request)` already done by the caller (it is closed here).
+        `checkpoint`: continue after its last finished clip when it has one for this job, and save one after
+        every clip; the frames then go to its segments (`checkpoint.sink`), not to `sink`."""
         timer = _Timer(self.device)
         check_params(request, tiny_model=self.is_tiny)
         self._check_model(request)
+        resumed = checkpoint.open() if checkpoint is not None else None
+        state = resumed.state if resumed is not None else None
         seed = request.sampling.seed if request.sampling.seed >= 0 else random.randint(0, MAX_SEED)
+        seed = state.seed if state is not None else seed  # a drawn seed is kept across resumes
         if self.sequence_parallel is not None:  # the ranks must draw the same noise and stop together
             seed = _from_rank0(seed, self.sequence_parallel, self.device)
             cancel = _cancel_of_rank0(cancel, self.sequence_parallel, self.device)
+        if checkpoint is not None:
+            sink = checkpoint.sink
         collector = FrameCollector() if sink is None else None
         try:
             if inputs is None:
@@ -218,10 +236,13 @@ class TalkingVideoPipeline:
             out = sink or collector
             assert out is not None
             out.open(VideoSpec(width, height, inputs.plan.output_frames, FPS, soundtrack, SAMPLE_RATE))
-            self._generate(run, seed, timer, progress, cancel, out)
+            loop = _Loop(seed, state, checkpoint if self._saves else None)
+            self._generate(run, loop, timer, progress, cancel, out)
         finally:
             if inputs is not None:
                 inputs.close()
+        clips = len(inputs.plan.starts)
+        resumed_clips = state.clips_done if state is not None else 0
         return GenerationResult(
             frames=None if collector is None else collector.frames(),
             frame_count=inputs.plan.output_frames,
@@ -232,7 +253,15 @@ class TalkingVideoPipeline:
             seed=seed,
             timings=timer.seconds,
             resolved=self._resolved(request, run, seed),
+            clips_generated=clips - resumed_clips,
+            clips_resumed=resumed_clips,
+            resume_reason=None if resumed is None else resumed.reason,
         )
+
+    @property
+    def _saves(self) -> bool:
+        """Rank 0 alone writes checkpoints (every rank reads the same folder to resume)."""
+        return self.sequence_parallel is None or self.sequence_parallel.rank == 0
 
     @torch.no_grad()
     def use_adapter(self, model: str, adapter: str, state: Mapping[str, torch.Tensor]) -> float:
@@ -328,18 +357,30 @@ class TalkingVideoPipeline:
     def _generate(
         self,
         run: _Run,
-        seed: int,
+        loop: _Loop,
         timer: _Timer,
         progress: ProgressCallback | None,
         cancel: CancelCheck | None,
         sink: FrameSink,
     ) -> None:
-        """The clip loop (spec MT 6.6, IT 5.2-5.6); each clip's kept frames go to `sink`."""
+        """The clip loop (spec MT 6.6, IT 5.2-5.6); each clip's kept frames go to `sink`; after each clip
+        the loop's state goes to the checkpoint, and a resumed loop starts from the saved one."""
         plan, settings, clips = run.inputs.plan, run.settings, len(run.inputs.plan.starts)
-        generator = torch.Generator(self.device).manual_seed(seed)  # seeded once, drawn in reference order
+        generator = torch.Generator(self.device).manual_seed(
+            loop.seed
+        )  # seeded once, drawn in reference order
         embeddings = list(run.embeddings)
         previous: torch.Tensor | None = None
+        first_clip = 0
+        if loop.state is not None:  # the clips before were made by an earlier run of this job
+            generator.set_state(loop.state.rng)
+            previous = None if loop.state.motion is None else loop.state.motion.to(self.device)
+            run.conditioner.restore(loop.state.conditioner)
+            first_clip = loop.state.clips_done
+            _report(progress, Progress("resume", first_clip, clips, 0, settings.steps))
         for index, start in enumerate(plan.starts):
+            if index < first_clip:
+                continue
             if cancel is not None and cancel():
                 raise Cancelled(f"cancelled before clip {index + 1} of {clips}")
             if index == clips - 1 and index > 0:  # the last clip may run past the audio: reflect (MT 6.6)
@@ -373,6 +414,11 @@ class TalkingVideoPipeline:
                 first, last = plan.kept(index)
                 sink.write(to_uint8(video[:, first:last]))
             previous = video
+            if loop.checkpoint is not None:  # after the last clip too: a retry then only assembles
+                with timer.stage("checkpoint"):
+                    motion = video[:, -run.conditioner.motion_frames :].clone()
+                    state = ClipState(index + 1, loop.seed, generator.get_state(), motion)
+                    loop.checkpoint.save(replace(state, conditioner=run.conditioner.state()))
 
     def _latent_shape(self, bucket: tuple[int, int]) -> tuple[int, int, int, int]:
         return LATENT_CHANNELS, LATENT_FRAMES, bucket[0] // VAE_STRIDE[1], bucket[1] // VAE_STRIDE[2]

@@ -118,3 +118,6 @@ class GenerationResult:
     seed: int
     timings: dict[str, float]  # seconds per stage
     resolved: dict[str, object]  # the parameters actually used (steps, shift, bucket, clips, ...)
+    clips_generated: int = 0  # clips made by this call
+    clips_resumed: int = 0  # clips an earlier run of the job made (read from its checkpoint)
+    resume_reason: str | None = None  # with a checkpoint: what opening it found

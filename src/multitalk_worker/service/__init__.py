@@ -25,13 +25,15 @@ from multitalk_worker.config import Settings
 from multitalk_worker.errors import WorkerError
 from multitalk_worker.io.delivery import Delivery, choose_delivery
 from multitalk_worker.io.fetch import InputFetcher
-from multitalk_worker.media import Mp4Sink
+from multitalk_worker.pipeline.checkpoint import ClipCheckpoint
 from multitalk_worker.pipeline.image import image_size
 from multitalk_worker.pipeline.inputs import prepare_inputs
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, GenerationResult, Progress
 from multitalk_worker.pipeline.video import VideoInfo
 from multitalk_worker.pipeline.video import probe_video as probe_source
 from multitalk_worker.schema import GenerateInput, HealthInput, JobLimits, parse_job_input
+from multitalk_worker.segments import ClipSegments
+from multitalk_worker.service.checkpoints import open_checkpoint
 from multitalk_worker.service.faults import error_for
 from multitalk_worker.service.report import job_result, plan_report
 from multitalk_worker.service.request import build_request
@@ -156,30 +158,46 @@ class JobService:
             request = self._build_request(parsed, fetched)
             # the CLI's checks, bounded; the pipeline takes what they decoded (nothing is decoded twice)
             inputs = prepare_inputs(request, tiny_model=settings.tiny_model)
-            try:  # encoded clip by clip; the file is removed if anything fails (Mp4Sink's exit)
-                with Mp4Sink(Path(scratch) / f"{job_id}.mp4", crf=settings.video_crf) as sink:
-                    duration_s = self._check_duration(parsed, inputs.checked())
-                    plan = plan_report(parsed, request, inputs, fetched.report, duration_s, delivery.plan)
-                    if parsed.validate_only:
-                        from multitalk_worker.preview import plan_details
+            try:
+                duration_s = self._check_duration(parsed, inputs.checked())
+                plan = plan_report(parsed, request, inputs, fetched.report, duration_s, delivery.plan)
+                if parsed.validate_only:
+                    from multitalk_worker.preview import plan_details
 
-                        plan |= plan_details(request, settings, with_image=True, inputs=inputs)
-                        return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
-                    stage.name = "load"
-                    pipeline, load_s, cold = self.holder.get()
-                    timings.update(model_load_s=load_s, cold_start=cold)
-                    timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
-                    stage.name = "generate"
-                    progress = self._progress(job, on_update)
-                    result = pipeline(
-                        request, progress=progress, cancel=cancel.is_set, sink=sink, inputs=inputs
-                    )
-                    stage.name = "encode"
+                    plan |= plan_details(request, settings, with_image=True, inputs=inputs)
+                    return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
+                # each clip is encoded as it is final: into the job's checkpoint (resumable after a lost
+                # worker), or with checkpoints off into scratch segments
+                checkpoint = open_checkpoint(settings, job_id, request)
+                segments = ClipSegments(Path(scratch) / "segments", settings.video_crf)
+                stage.name = "load"
+                pipeline, load_s, cold = self.holder.get()
+                timings.update(model_load_s=load_s, cold_start=cold)
+                timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
+                stage.name = "generate"
+                progress = self._progress(job, on_update)
+                result = pipeline(
+                    request,
+                    progress=progress,
+                    cancel=cancel.is_set,
+                    sink=segments,
+                    inputs=inputs,
+                    checkpoint=checkpoint,
+                )
             finally:
                 inputs.close()
+            stage.name = "encode"
+            sink = checkpoint.sink if checkpoint is not None else segments
+            video = Path(scratch) / f"{job_id}.mp4"
+            sink.assemble(video)
             timings.update({f"{k}_s" if not k.endswith("_s") else k: v for k, v in result.timings.items()})
             timings["encode_s"] = sink.encode_s
-            return self._finish(parsed, result, sink.path, delivery, timings, stage)
+            if checkpoint is not None:
+                timings["checkpoint_save_s"] = checkpoint.save_s
+            output = self._finish(parsed, result, video, delivery, timings, stage, checkpoint)
+            if checkpoint is not None:  # delivered: nothing is left to resume
+                checkpoint.remove()
+            return output
 
     def _finish(
         self,
@@ -189,6 +207,7 @@ class JobService:
         delivery: Delivery,
         timings: dict[str, Any],
         stage: _Stage,
+        checkpoint: ClipCheckpoint | None,
     ) -> dict[str, Any]:
         stage.name = "verify"
         tick = time.monotonic()
@@ -209,6 +228,7 @@ class JobService:
             delivered=delivered,
             timings=timings,
             worker=worker_version(self.settings),
+            checkpoint_bytes=checkpoint.saved_bytes if checkpoint is not None else 0,
         )
         return output.model_dump()
 

@@ -11,7 +11,7 @@ from multitalk_worker.media import Mp4Info
 from multitalk_worker.pipeline.inputs import PreparedInputs
 from multitalk_worker.pipeline.presets import PRESETS
 from multitalk_worker.pipeline.request import GenerationRequest, GenerationResult
-from multitalk_worker.schema import GenerateInput, JobResult
+from multitalk_worker.schema import ClipCounts, GenerateInput, JobResult
 
 
 def job_fields(parsed: GenerateInput) -> dict[str, object]:
@@ -54,6 +54,7 @@ def job_result(
     delivered: dict[str, object],
     timings: dict[str, Any],
     worker: dict[str, str],
+    checkpoint_bytes: int = 0,
 ) -> JobResult:
     """The result: the encoded file as checked, and the pipeline's report of what it made."""
     resolved = job_fields(parsed) | result.resolved
@@ -75,5 +76,11 @@ def job_result(
         source=source,
         resolved=resolved,
         timings=timings,
+        clips=ClipCounts(
+            generated=result.clips_generated,
+            resumed=result.clips_resumed,
+            resume=result.resume_reason,
+            checkpoint_bytes=checkpoint_bytes,
+        ),
         worker=worker,
     )
