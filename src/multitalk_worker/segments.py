@@ -167,14 +167,15 @@ def load_spec(folder: Path) -> VideoSpec:
     return spec
 
 
-def assemble_part(folder: Path, path: Path) -> tuple[int, int]:
-    """The part made so far from a segment folder alone (any process, while the job runs): the complete
-    segments and the soundtrack up to their end, as one mp4 at `path`. Returns (segments, frames)."""
+def assemble_part(folder: Path, path: Path, segments: int | None = None) -> tuple[int, int]:
+    """The part made so far from a segment folder alone (any process, while the job runs): the first
+    `segments` complete segments (default: all) and the soundtrack up to their end, as one mp4 at `path`.
+    Returns (segments, frames)."""
     sink = ClipSegments(folder)
     if sink.spec is None:
         raise OutputInvalid(f"{folder}: no {SPEC_NAME}; the segment sink was never opened there")
-    segments = len(sink.frame_counts)
-    return segments, sink.assemble(path, segments)
+    count = len(sink.frame_counts) if segments is None else min(segments, len(sink.frame_counts))
+    return count, sink.assemble(path, count)
 
 
 def segment_count(folder: Path) -> int:

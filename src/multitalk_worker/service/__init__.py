@@ -175,7 +175,9 @@ class JobService:
                 timings.update(model_load_s=load_s, cold_start=cold)
                 timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
                 stage.name = "generate"
-                progress = self._progress(job, on_update)
+                progress = self._progress(
+                    job, on_update, lambda: checkpoint.sink if checkpoint is not None else segments
+                )
                 result = pipeline(
                     request,
                     progress=progress,
@@ -297,7 +299,14 @@ class JobService:
             audio=fetched.audio,
         )
 
-    def _progress(self, job: dict[str, Any], on_update: UpdateHook | None) -> Callable[[Progress], None]:
+    def _progress(
+        self,
+        job: dict[str, Any],
+        on_update: UpdateHook | None,
+        sink: Callable[[], ClipSegments] | None = None,
+    ) -> Callable[[Progress], None]:
+        """Each update carries the stage and counts, the ETA, and what is finished: `clips_done` (segments
+        encoded, a resumed job's included) and `ready_s` (their seconds of video)."""
         job_id = safe_id(job.get("id"))
         start = time.monotonic()
 
@@ -310,6 +319,8 @@ class JobService:
                 "steps": progress.steps,
                 **progress_eta(progress, time.monotonic() - start),
             }
+            if sink is not None:
+                update |= ready(sink())
             logger.debug("job %s progress %s", job_id, update)
             if self.progress_sink is not None:
                 self.progress_sink(job, update)
@@ -359,3 +370,10 @@ def declared_duration_s(path: Path) -> float | None:
 def safe_id(raw: object) -> str:
     text = re.sub(r"[^A-Za-z0-9_-]", "_", str(raw or "job"))[:64]
     return text or "job"
+
+
+def ready(sink: ClipSegments) -> dict[str, Any]:
+    """What a sink holds finished: `clips_done` and `ready_s` (seconds of video, 0 before it opens)."""
+    fps = sink.spec.fps if sink.spec is not None else 0
+    seconds = sink.frames_written / fps if fps else 0.0
+    return {"clips_done": len(sink.frame_counts), "ready_s": round(seconds, 3)}
