@@ -71,6 +71,7 @@ class _Stage:
     def __init__(self, hook: UpdateHook | None = None) -> None:
         self._hook = hook
         self._name = "validate"
+        self.sink: Callable[[], ClipSegments] | None = None  # once the clips have one: what is finished
 
     @property
     def name(self) -> str:
@@ -80,7 +81,8 @@ class _Stage:
     def name(self, value: str) -> None:
         self._name = value
         if self._hook is not None:
-            self._hook({"stage": value, "chunk": 0, "chunks": 0, "step": 0, "steps": 0})
+            update: dict[str, Any] = {"stage": value, "chunk": 0, "chunks": 0, "step": 0, "steps": 0}
+            self._hook(update | ready(self.sink()) if self.sink is not None else update)
 
 
 class JobService:
@@ -175,9 +177,8 @@ class JobService:
                 timings.update(model_load_s=load_s, cold_start=cold)
                 timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
                 stage.name = "generate"
-                progress = self._progress(
-                    job, on_update, lambda: checkpoint.sink if checkpoint is not None else segments
-                )
+                stage.sink = lambda: checkpoint.sink if checkpoint is not None else segments
+                progress = self._progress(job, on_update, stage.sink)
                 result = pipeline(
                     request,
                     progress=progress,
