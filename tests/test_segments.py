@@ -12,7 +12,15 @@ import pytest
 from multitalk_worker.errors import OutputInvalid
 from multitalk_worker.media import probe_mp4, read_frames
 from multitalk_worker.pipeline.request import VideoSpec
-from multitalk_worker.segments import ClipSegments, segment_path
+from multitalk_worker.segments import (
+    SOUNDTRACK_NAME,
+    SPEC_NAME,
+    ClipSegments,
+    assemble_part,
+    load_spec,
+    segment_count,
+    segment_path,
+)
 
 FPS, RATE = 25, 16_000
 CLIPS = ((0, 81), (81, 153), (153, 180))
@@ -69,8 +77,7 @@ def test_a_sink_reopened_on_its_folder_writes_the_same_bytes(tmp_path: Path) -> 
     assert resumed.frame_counts == [81, 72, 27]
     resumed.keep(2)
     assert resumed.frames_written == 153 and not segment_path(tmp_path / "b", 2).exists()
-    resumed.open(spec())
-    resumed.write(FRAMES[153:180])
+    resumed.write(FRAMES[153:180])  # not opened again: the spec and soundtrack come from the folder
     resumed.assemble(tmp_path / "b.mp4")
     assert sha(tmp_path / "a.mp4") == sha(tmp_path / "b.mp4")
 
@@ -98,3 +105,42 @@ def test_bad_frames_and_missing_segments_are_refused(tmp_path: Path) -> None:
         sink.keep(2)
     with pytest.raises(OutputInvalid, match="crf"):
         ClipSegments(tmp_path / "x", crf=52)
+
+
+def test_the_part_so_far_from_the_folder_alone(tmp_path: Path) -> None:
+    """Another process (the local API's /video) assembles the finished segments with their soundtrack from
+    what the sink left in its folder: the same bytes the writing sink assembles."""
+    sink = ClipSegments(tmp_path / "seg")
+    sink.open(spec())
+    assert segment_count(tmp_path / "seg") == 0 and segment_count(tmp_path / "none") == 0
+    sink.write(FRAMES[0:81])
+    sink.write(FRAMES[81:153])
+    assert segment_count(tmp_path / "seg") == 2
+    assert assemble_part(tmp_path / "seg", tmp_path / "part.mp4") == (2, 153)
+    sink.assemble(tmp_path / "own.mp4")
+    assert sha(tmp_path / "part.mp4") == sha(tmp_path / "own.mp4")
+    info = probe_mp4(tmp_path / "part.mp4")
+    assert info.frames == 153 and info.has_audio and abs(info.audio_duration_s - 153 / FPS) < 0.07
+    loaded = load_spec(tmp_path / "seg")
+    assert (loaded.width, loaded.height, loaded.frames, loaded.fps, loaded.sample_rate) == (
+        64,
+        48,
+        180,
+        FPS,
+        RATE,
+    )
+    assert np.array_equal(loaded.audio, AUDIO)
+
+
+def test_a_damaged_or_missing_spec_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OutputInvalid, match="never opened"):
+        assemble_part(tmp_path / "seg", tmp_path / "part.mp4")
+    sink = ClipSegments(tmp_path / "seg")
+    sink.open(spec())
+    sink.write(FRAMES[0:81])
+    (tmp_path / "seg" / SOUNDTRACK_NAME).write_bytes(b"\0" * 8)
+    with pytest.raises(OutputInvalid, match="2 samples"):
+        assemble_part(tmp_path / "seg", tmp_path / "part.mp4")
+    (tmp_path / "seg" / SPEC_NAME).write_text("{")
+    with pytest.raises(OutputInvalid, match="no readable video spec"):
+        load_spec(tmp_path / "seg")

@@ -102,8 +102,12 @@ def _drag(page: Any, box: dict[str, float], start: tuple[float, float], end: tup
 
 
 def _wait_for_playable_result(page: Any) -> float:
-    """Waits for the finished video and its metadata; returns its duration as the <video> element reads it."""
-    page.wait_for_function("!document.getElementById('result').hidden", timeout=600_000)
+    """Waits for the finished video and its metadata; returns its duration as the <video> element reads it.
+    (While the job runs the element may already play the part so far: the job's end is waited for first.)"""
+    page.wait_for_function(
+        "!document.getElementById('result').hidden && !document.getElementById('download').hidden",
+        timeout=600_000,
+    )
     page.wait_for_function("document.getElementById('result').readyState >= 1", timeout=60_000)
     return float(page.evaluate("document.getElementById('result').duration"))
 

@@ -279,6 +279,15 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Local HTTP API: seconds a finished job's status and video are kept, then deleted.",
     ),
     EnvVar(
+        "MULTITALK_API_DATA_DIR",
+        "api_data_dir",
+        "path",
+        None,
+        "Local HTTP API: the folder of its job database (`jobs.db`), finished videos (`results/`) and, when "
+        "MULTITALK_CHECKPOINT_DIR is unset, checkpoints (`checkpoints/`): jobs survive a restart; unset: "
+        "`$XDG_DATA_HOME/multitalk-worker` (default `~/.local/share/multitalk-worker`).",
+    ),
+    EnvVar(
         "MULTITALK_ALLOWED_HOSTS",
         "allowed_hosts",
         "str",
@@ -385,6 +394,7 @@ class Settings:
     s3: S3Settings
     queue_size: int
     job_ttl_s: float
+    api_data_dir: Path | None
     allowed_hosts: str
     api_token: str | None = field(repr=False)
     fetch_weights: bool

@@ -58,6 +58,8 @@ class Snapshot:
     eta_s: float | None  # None until two steps are timed
     step_s: float | None
     between_measured: bool
+    clips_done: int = 0  # clips finished and encoded, a resumed job's included (the job service sets it)
+    ready_s: float = 0.0  # their seconds of video: the part so far
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,6 +14,7 @@ n − 3, the next segment's first at n − 2), so the muxer takes them as they a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -30,6 +31,8 @@ from multitalk_worker.pipeline.request import VideoSpec
 logger = logging.getLogger(__name__)
 
 SEGMENT_SUFFIX = ".mp4"
+SOUNDTRACK_NAME = "soundtrack.f32"  # the job's soundtrack, raw float32 mono, written when the sink opens
+SPEC_NAME = "spec.json"  # the video's size, length, fps and sample rate, written after the soundtrack
 
 
 def segment_path(folder: Path, index: int) -> Path:
@@ -64,7 +67,8 @@ class ClipSegments:
             raise OutputInvalid(f"crf {crf} is out of range; accepted: 0 (lossless) to 51")
         self.folder, self.crf = Path(folder), crf
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.spec: VideoSpec | None = None
+        # a folder that a sink opened before (a resumed job's, or another process's) has its spec on disk
+        self.spec: VideoSpec | None = load_spec(self.folder) if (self.folder / SPEC_NAME).exists() else None
         self.encode_s = 0.0
         self.frame_counts: list[int] = [_segment_frames(p) for p in self.paths()]
 
@@ -89,8 +93,11 @@ class ClipSegments:
         self.frame_counts = self.frame_counts[:count]
 
     def open(self, spec: VideoSpec) -> None:
+        """Take the video's spec and keep it, soundtrack included, in the folder (`save_spec`), so that any
+        process can assemble the finished segments with their audio (`assemble_part`)."""
         if spec.height % 2 or spec.width % 2:
             raise OutputInvalid(f"frame size {spec.width}x{spec.height} must be even for yuv420p")
+        save_spec(self.folder, spec)
         self.spec = spec
 
     def write(self, frames: np.ndarray) -> None:
@@ -118,6 +125,71 @@ class ClipSegments:
         if self.spec is None:
             raise OutputInvalid("the segment sink was not opened")
         return self.spec
+
+
+def save_spec(folder: Path, spec: VideoSpec) -> None:
+    """Write `spec` to `folder`: the soundtrack as raw float32 (`soundtrack.f32`), then the rest as
+    `spec.json`; each under a temporary name, renamed when complete, the json last, so that a folder with
+    a `spec.json` always has its whole soundtrack."""
+    audio = np.ascontiguousarray(spec.audio, dtype="<f4")
+    fields = {
+        "width": spec.width,
+        "height": spec.height,
+        "frames": spec.frames,
+        "fps": spec.fps,
+        "sample_rate": spec.sample_rate,
+        "samples": int(audio.size),
+    }
+    _write_atomic(folder / SOUNDTRACK_NAME, audio.tobytes())
+    _write_atomic(folder / SPEC_NAME, json.dumps(fields).encode())
+
+
+def load_spec(folder: Path) -> VideoSpec:
+    """The spec `save_spec` wrote to `folder`; `OutputInvalid` when it is missing or damaged."""
+    try:
+        fields = json.loads((Path(folder) / SPEC_NAME).read_text())
+        audio = np.fromfile(Path(folder) / SOUNDTRACK_NAME, dtype="<f4")
+        spec = VideoSpec(
+            int(fields["width"]),
+            int(fields["height"]),
+            int(fields["frames"]),
+            int(fields["fps"]),
+            audio.astype(np.float32),
+            int(fields["sample_rate"]),
+        )
+        samples = int(fields["samples"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise OutputInvalid(
+            f"{folder}: no readable video spec ({SPEC_NAME}, {SOUNDTRACK_NAME}): {exc}"
+        ) from exc
+    if audio.size != samples:
+        raise OutputInvalid(f"{folder}: soundtrack has {audio.size} samples, {SPEC_NAME} says {samples}")
+    return spec
+
+
+def assemble_part(folder: Path, path: Path, segments: int | None = None) -> tuple[int, int]:
+    """The part made so far from a segment folder alone (any process, while the job runs): the first
+    `segments` complete segments (default: all) and the soundtrack up to their end, as one mp4 at `path`.
+    Returns (segments, frames)."""
+    sink = ClipSegments(folder)
+    if sink.spec is None:
+        raise OutputInvalid(f"{folder}: no {SPEC_NAME}; the segment sink was never opened there")
+    count = len(sink.frame_counts) if segments is None else min(segments, len(sink.frame_counts))
+    return count, sink.assemble(path, count)
+
+
+def segment_count(folder: Path) -> int:
+    """How many complete segments `folder` holds (0 when it does not exist); cheap: names only."""
+    if not Path(folder).is_dir():
+        return 0
+    found = sorted(Path(folder).glob(f"*{SEGMENT_SUFFIX}"))
+    return sum(1 for i, p in enumerate(found) if p == segment_path(Path(folder), i))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
 
 
 def assemble(path: Path, segments: list[Path], audio: np.ndarray, sample_rate: int, fps: int) -> int:

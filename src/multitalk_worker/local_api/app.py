@@ -32,16 +32,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import ipaddress
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -54,6 +57,7 @@ from multitalk_worker.errors import InputTooLarge, InvalidInput, WorkerError
 from multitalk_worker.local_api.envelope import JobRequest, Policy, parse_request
 from multitalk_worker.local_api.guard import RequestGuard, api_error
 from multitalk_worker.local_api.jobs import JobQueue, JobRecord, QueueFull
+from multitalk_worker.local_api.part import PartSoFar
 from multitalk_worker.local_api.webhook import check_webhook, post_status_in_background
 from multitalk_worker.logs import configure_logging
 from multitalk_worker.schema import parse_job_input, parse_json_body
@@ -257,11 +261,21 @@ def _add_job_routes(app: FastAPI, worker: JobService, jobs: JobQueue) -> None:
             )
         return JSONResponse(body["output"])
 
-    @app.get("/jobs/{job_id}/video", summary="The finished video (mp4)", response_class=FileResponse)
+    parts = PartSoFar(worker.settings, jobs.results)
+
+    @app.get(
+        "/jobs/{job_id}/video",
+        summary="The finished video (mp4); while the job runs, the part so far",
+        response_class=FileResponse,
+    )
     async def video(job_id: str) -> Response:
         record = jobs.get(job_id)
         if record is None:
             return _unknown(job_id)
+        if record.status == "IN_PROGRESS":
+            part = await run_in_threadpool(parts.video, job_id)
+            if part is not None:
+                return FileResponse(part, media_type="video/mp4", headers={"Cache-Control": "no-store"})
         if record.video is None or not record.video.is_file():
             detail = "has no video file (it was delivered elsewhere)" if record.finished else "is not done"
             return api_error("NOT_READY", f"job {job_id} {detail}; see GET /status/{job_id}")
@@ -427,6 +441,8 @@ def status_body(jobs: JobQueue, record: JobRecord) -> dict[str, Any]:
         "workerId": WORKER_ID,
         "position": jobs.position(record.id),
         "progress": progress.to_dict(),
+        "clips_done": record.progress.clips_done,
+        "ready_s": record.progress.ready_s,
         "created_at": record.created_at,
         "started_at": record.started_at,
         "finished_at": record.finished_at,
@@ -471,6 +487,16 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def with_data_dir(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """The served API's settings: its data folder (MULTITALK_API_DATA_DIR, else the per-user
+    `$XDG_DATA_HOME/multitalk-worker`), and its checkpoints under it when MULTITALK_CHECKPOINT_DIR is unset,
+    so that a restarted server finds the running job's checkpoint."""
+    home = Path(environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    data = settings.api_data_dir or home / "multitalk-worker"
+    checkpoints = settings.checkpoint_dir or data / "checkpoints"
+    return dataclasses.replace(settings, api_data_dir=data, checkpoint_dir=checkpoints)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m multitalk_worker.local_api",
@@ -481,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     try:
-        settings = settings_from_process()
+        settings = with_data_dir(settings_from_process(), os.environ)
     except SettingsError as exc:
         sys.stderr.write(f"multitalk-worker: bad setting: {exc}\n")
         return 2

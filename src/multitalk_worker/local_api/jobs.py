@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from multitalk_worker.errors import Cancelled, TimedOut
+from multitalk_worker.local_api.store import JobStore, StoredJob
 from multitalk_worker.progress import QUEUED, Snapshot
 from multitalk_worker.service import JobService
 
@@ -58,6 +59,7 @@ class JobRecord:
     progress: Snapshot = QUEUED  # replaced, never changed: a reader in another thread sees a whole one
     stream: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=STREAM_KEPT))
     listeners: list[Callable[[], object]] = field(default_factory=list)
+    user_cancelled: bool = False  # /cancel (a stop of the server is not a cancel: the job resumes)
 
     @property
     def finished(self) -> bool:
@@ -89,13 +91,23 @@ class JobRecord:
 class JobQueue:
     """Queue and runner. Every public method is thread-safe and returns at once."""
 
-    def __init__(self, worker: JobService, *, capacity: int, ttl_s: float, results: Path) -> None:
+    def __init__(
+        self,
+        worker: JobService,
+        *,
+        capacity: int,
+        ttl_s: float,
+        results: Path,
+        store: JobStore | None = None,
+    ) -> None:
         self.worker = worker
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.results = results
+        self.store = store
         self._jobs: dict[str, JobRecord] = {}
         self._waiting: deque[str] = deque()
+        self._restore()
         self._running: str | None = None
         self._totals: Counter[str] = Counter()  # jobs ended since start, by status (RunPod's /health)
         self._lock = threading.Condition()
@@ -104,10 +116,16 @@ class JobQueue:
 
     @classmethod
     def for_worker(cls, worker: JobService) -> JobQueue:
-        """A queue sized by the worker's settings, its files in a fresh folder under the work dir."""
+        """A queue sized by the worker's settings: durable in MULTITALK_API_DATA_DIR when set (`jobs.db`,
+        `results/`), else in memory with its files in a fresh folder under the work dir."""
         settings = worker.settings
+        size = {"capacity": settings.queue_size, "ttl_s": settings.job_ttl_s}
+        if settings.api_data_dir is not None:
+            results = settings.api_data_dir / "results"
+            results.mkdir(parents=True, exist_ok=True)
+            return cls(worker, **size, results=results, store=JobStore(settings.api_data_dir / "jobs.db"))
         results = Path(tempfile.mkdtemp(prefix="multitalk-results-", dir=settings.work_dir))
-        return cls(worker, capacity=settings.queue_size, ttl_s=settings.job_ttl_s, results=results)
+        return cls(worker, **size, results=results)
 
     # -- lifecycle
 
@@ -115,7 +133,8 @@ class JobQueue:
         self._thread.start()
 
     def stop(self) -> None:
-        """Cancel the running job, drop the queue, wait for the runner, delete every file."""
+        """Stop the running job at its next step and wait for the runner. Without a store: drop the queue and
+        delete every file; with one the jobs stay as stored (the running one IN_PROGRESS, to resume)."""
         with self._lock:
             self._stopped = True
             for record in self._jobs.values():
@@ -123,7 +142,10 @@ class JobQueue:
             self._lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=60)
-        shutil.rmtree(self.results, ignore_errors=True)
+        if self.store is None:
+            shutil.rmtree(self.results, ignore_errors=True)
+        else:
+            self.store.close()
 
     # -- API
 
@@ -146,6 +168,7 @@ class JobQueue:
             )
             self._jobs[record.id] = record
             self._waiting.append(record.id)
+            self._save(record)
             self._lock.notify_all()
             return record
 
@@ -160,6 +183,7 @@ class JobQueue:
             record = self._jobs.get(job_id)
             if record is None or record.finished:
                 return record
+            record.user_cancelled = True
             record.cancel.set()
             if record.status == "IN_QUEUE":
                 self._end_queued(record, "CANCELLED", "cancelled while queued")
@@ -228,8 +252,10 @@ class JobQueue:
                 if self._stopped:
                     return
                 record = self._jobs[self._waiting.popleft()]
-                record.status, record.started_at = "IN_PROGRESS", time.time()
+                record.status = "IN_PROGRESS"
+                record.started_at = record.started_at or time.time()  # a resumed job keeps its start
                 self._running = record.id
+                self._save(record)
             self._run_one(record)
 
     def _run_one(self, record: JobRecord) -> None:
@@ -247,6 +273,12 @@ class JobQueue:
                 watchdog.cancel()
         with self._lock:
             self._running = None
+            stopped = outcome.error is not None and outcome.error["code"] == "CANCELLED"
+            if stopped and self._stopped and not record.user_cancelled and record.timed_out is None:
+                logger.info(
+                    "job %s stays IN_PROGRESS: the server stopped; it resumes at the next start", record.id
+                )
+                return  # stored IN_PROGRESS with its input: the next start runs it from its checkpoint
             record.input = None  # the inputs (base64 payloads included) are not kept for the TTL
             record.output, record.error = outcome.output, outcome.error
             if outcome.error is None:
@@ -291,6 +323,7 @@ class JobQueue:
         """Under the lock."""
         record.status, record.finished_at = status, time.time()
         self._totals[status] += 1
+        self._save(record)
         listeners, record.listeners = record.listeners, []
         for listener in listeners:
             listener()
@@ -312,4 +345,58 @@ class JobQueue:
             record = self._jobs.pop(job_id)
             if record.video is not None:
                 record.video.unlink(missing_ok=True)
+            if self.store is not None:
+                self.store.delete(job_id)
             logger.info("job %s expired after %.0f s", job_id, self.ttl_s)
+
+    # -- the store
+
+    def _save(self, record: JobRecord) -> None:
+        """Under the lock (or before the runner starts): write the record through to the store."""
+        if self.store is None:
+            return
+        self.store.put(
+            StoredJob(
+                id=record.id,
+                status=record.status,
+                created_at=record.created_at,
+                started_at=record.started_at,
+                finished_at=record.finished_at,
+                input=record.input,
+                output=record.output,
+                error=record.error,
+                video=record.video,
+                execution_timeout_s=record.execution_timeout_s,
+                ttl_s=record.ttl_s,
+            )
+        )
+
+    def _restore(self) -> None:
+        """The stored jobs, as the last process left them: finished ones listed (expired ones dropped on the
+        next purge), the one that was running first in the queue (it resumes from its checkpoint), then the
+        queued ones in order."""
+        if self.store is None:
+            return
+        stored = self.store.load()
+        for job in stored:
+            record = JobRecord(
+                id=job.id,
+                input=job.input,
+                created_at=job.created_at,
+                status=job.status if job.status in FINISHED else "IN_QUEUE",  # type: ignore[arg-type]
+                started_at=job.started_at,
+                finished_at=job.finished_at,
+                output=job.output,
+                error=job.error,
+                video=job.video,
+                execution_timeout_s=job.execution_timeout_s,
+                ttl_s=job.ttl_s,
+            )
+            self._jobs[record.id] = record
+        running = [j.id for j in stored if j.status == "IN_PROGRESS"]
+        queued = [j.id for j in stored if j.status == "IN_QUEUE"]
+        self._waiting.extend(running + queued)
+        if running or queued:
+            logger.info(
+                "restored %d stored jobs: %d to resume, %d queued", len(stored), len(running), len(queued)
+            )

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ class _Stage:
         self._hook = hook
         self._name = "validate"
         self.tracker = ProgressTracker()  # the job's one tracker: its stages and the pipeline's events
+        self.sink: Callable[[], ClipSegments] | None = None  # once the clips have one: what is finished
 
     @property
     def name(self) -> str:
@@ -87,7 +88,16 @@ class _Stage:
         self._name = value
         snapshot = self.tracker.update(Progress(value))
         if self._hook is not None:
-            self._hook(snapshot)
+            self._hook(self.with_ready(snapshot))
+
+    def with_ready(self, snapshot: Snapshot) -> Snapshot:
+        """`snapshot` with what the job's sink holds finished (once the clip loop has one)."""
+        if self.sink is None:
+            return snapshot
+        sink = self.sink()
+        fps = sink.spec.fps if sink.spec is not None else 0
+        seconds = sink.frames_written / fps if fps else 0.0
+        return replace(snapshot, clips_done=len(sink.frame_counts), ready_s=round(seconds, 3))
 
 
 class JobService:
@@ -185,7 +195,8 @@ class JobService:
                 timings.update(model_load_s=load_s, cold_start=cold)
                 timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
                 stage.name = "generate"
-                progress = self._progress(job, stage.tracker, on_update)
+                stage.sink = lambda: checkpoint.sink if checkpoint is not None else segments
+                progress = self._progress(job, stage, on_update)
                 result = pipeline(
                     request,
                     progress=progress,
@@ -313,14 +324,15 @@ class JobService:
         )
 
     def _progress(
-        self, job: dict[str, Any], tracker: ProgressTracker, on_update: UpdateHook | None
+        self, job: dict[str, Any], stage: _Stage, on_update: UpdateHook | None
     ) -> Callable[[Progress], None]:
-        """The pipeline's progress callback: each event through the job's tracker, the snapshot to RunPod's
-        progress updates (`progress_sink`) and to the door's hook."""
+        """The pipeline's progress callback: each event through the job's tracker, the snapshot (with what is
+        finished: `clips_done` and `ready_s`) to RunPod's progress updates (`progress_sink`) and to the door's
+        hook."""
         job_id = safe_id(job.get("id"))
 
         def report(event: Progress) -> None:
-            snapshot = tracker.update(event)
+            snapshot = stage.with_ready(stage.tracker.update(event))
             logger.debug("job %s progress %s", job_id, snapshot)
             if self.progress_sink is not None:
                 self.progress_sink(job, snapshot)

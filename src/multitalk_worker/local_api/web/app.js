@@ -236,7 +236,25 @@ function describe(body) {
   if (p.chunks) text += ` - clip ${p.chunk}/${p.chunks}, step ${p.step}/${p.steps}`;
   if (p.percent !== null) text += ` - ${p.percent}%`;
   if (p.eta_s !== null) text += ` - about ${Math.round(p.eta_s)} s left`;
+  if (body.ready_s) text += ` - ${body.ready_s.toFixed(1)} s ready`;
   return text;
+}
+
+// While the job runs, /jobs/{id}/video is the part so far (its finished clips): reloaded when more seconds
+// are ready, at the same position, playing on if it was playing.
+function showPart(id, readySeconds) {
+  const video = $("result");
+  if (!readySeconds || readySeconds === state.partSeconds) return;
+  const at = video.hidden ? 0 : video.currentTime;
+  const playing = !video.hidden && !video.paused && !video.ended;
+  state.partSeconds = readySeconds;
+  video.addEventListener("loadedmetadata", () => {
+    video.currentTime = Math.min(at, video.duration || at);
+    if (playing || at === 0) video.play().catch(() => {}); // autoplay may be refused until the user clicks
+  }, { once: true });
+  video.muted = video.hidden ? true : video.muted; // browsers let muted videos start by themselves
+  video.src = `/jobs/${id}/video?ready=${readySeconds}`;
+  video.hidden = false;
 }
 
 async function poll(id) {
@@ -248,7 +266,10 @@ async function poll(id) {
     $("cancel").hidden = true;
     $("bar").value = 100;
     const url = data.output.video.url;
+    const at = $("result").hidden ? 0 : $("result").currentTime;
+    state.partSeconds = null;
     $("result").src = url;
+    if (at) $("result").addEventListener("loadedmetadata", () => { $("result").currentTime = at; }, { once: true });
     $("result").classList.toggle("small", data.output.width < 480);
     $("result").hidden = false;
     $("download").href = url;
@@ -265,6 +286,7 @@ async function poll(id) {
     return;
   }
   showStatus(describe(data));
+  if (data.status === "IN_PROGRESS") showPart(id, data.ready_s);
   setTimeout(() => poll(id), 500);
 }
 
