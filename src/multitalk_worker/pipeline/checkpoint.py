@@ -121,9 +121,7 @@ class ClipCheckpoint:
     def _load_state(self) -> ClipState | None:
         try:
             raw = torch.load(self.folder / "state.pt", map_location="cpu", weights_only=True)
-        except (
-            Exception
-        ) as exc:  # a state torch cannot read back (cut short, any unpickler error) is no state
+        except Exception as exc:  # torch cannot read it back (cut short; any unpickler error): no state
             logger.warning("checkpoint %s: state unreadable (%s: %s)", self.folder, type(exc).__name__, exc)
             return None
         return ClipState(raw["clips_done"], raw["seed"], raw["rng"], raw["motion"], raw["conditioner"])
