@@ -19,6 +19,7 @@ from pathlib import Path
 from multitalk_worker.config import Settings
 from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, expire_checkpoints
 from multitalk_worker.pipeline.request import GenerationRequest
+from multitalk_worker.service.verify import sha256
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def job_digest(request: GenerationRequest, settings: Settings) -> str:
 
     def canonical(value: object) -> object:
         if isinstance(value, Path):
-            return {"file_sha256": _file_sha256(value)}
+            return {"file_sha256": sha256(value)}
         if isinstance(value, tuple | list):
             return [canonical(item) for item in value]
         if isinstance(value, dict):
@@ -70,11 +71,3 @@ def open_checkpoint(settings: Settings, job_id: str, request: GenerationRequest)
     for folder in expire_checkpoints(root, settings.checkpoint_ttl_s):
         logger.info("removed the expired checkpoint %s", folder.name)
     return ClipCheckpoint(root / job_id, job_digest(request, settings), crf=settings.video_crf)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
