@@ -210,7 +210,7 @@ compose_health() { # the compose service's command and environment, published on
   token=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')
   docker run -d --rm --name "$name" -p "127.0.0.1:$port:8000" -e MULTITALK_API_TOKEN="$token" \
     -e MULTITALK_WEIGHTS=tiny -e MULTITALK_VOLUME_ROOT=/runpod-volume -e MULTITALK_MAX_RESOLUTION=720p \
-    -v "$work/volume:/runpod-volume" "$tag" python -m multitalk_worker.server --host 0.0.0.0 --port 8000 > /dev/null
+    -v "$work/volume:/runpod-volume" "$tag" python -m multitalk_worker.local_api --host 0.0.0.0 --port 8000 > /dev/null
   for _ in $(seq 180); do
     code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health" || true)
     [ "$code" = 200 ] && break

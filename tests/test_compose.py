@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from multitalk_worker.server import is_loopback
 
+from multitalk_worker.local_api.app import is_loopback
 from tests.conftest import REPO
 
 SERVICE = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["worker"]
@@ -76,7 +76,7 @@ def test_compose_command_starts_a_server_that_answers_health(tmp_path: Path) -> 
     and GET /health answers 200 without the token; with an empty token (what the file gave before) the same
     command refuses to start."""
     command = list(SERVICE["command"])
-    assert command[:3] == ["python", "-m", "multitalk_worker.server"]
+    assert command[:3] == ["python", "-m", "multitalk_worker.local_api"]
     port = free_port()
     command[0] = sys.executable
     command[command.index("--port") + 1] = str(port)

@@ -27,7 +27,7 @@ from tests.conftest import REPO
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "examples" / "README.md"]
 TINY = re.compile(r"--weights tiny|MULTITALK_WEIGHTS=tiny")
 # Long-running servers: not run here (named reason above).
-SERVERS = ("multitalk_worker.server",)
+SERVERS = ("multitalk_worker.local_api",)
 
 
 def shell_commands(text: str) -> list[str]:

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from multitalk_worker.config import Settings
+from multitalk_worker.service.resident import PipelineHolder
 from multitalk_worker.startup import (
-    PipelineHolder,
     check_fp8,
     check_gpu,
     check_imports,
