@@ -223,8 +223,9 @@ def test_video_to_video_reference_frames_and_colour_reference(
     assert asked == [0, 0, 72, 99]
     assert result.frames is not None and result.frames.shape[0] == 204
     assert result.resolved["source"] == {
-        "kind": "video", "fps": 25.0, "frames": 100, "duration_s": 4.0, "fps_mode": "reference",
-        "last_frame_held": True, "last_frame_held_from": 144, "frames_held": 60, "frames_past_end": 104,
+        "kind": "video", "fps": 25.0, "frames": 100, "duration_s": 4.0, "counted_by": "demux",
+        "fps_mode": "reference", "last_frame_held": True, "last_frame_held_from": 144, "frames_held": 60,
+        "frames_past_end": 104,
     }  # fmt: skip
     first = original_prepare(read_frame_zero(source), "tiny").pixels[0, :, 0]
     assert len(references) == 3 and all(torch.equal(r, first) for r in references)

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_longcat import INDEX_FILE, TINY_10, TINY_15, key_shapes, write_longcat_dit, write_longcat_int8
 
 from multitalk_worker.errors import CheckpointError, ModelMissing
 from multitalk_worker.models.fp8 import fp8_linear_names
 from multitalk_worker.models.longcat.config import LONGCAT_AVATAR_15, LongCatAvatarConfig
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer
 from multitalk_worker.weights.longcat import INT8_FOLDER, dit_problems, load_dit, verify_dits
+from tests.tiny_longcat import INDEX_FILE, TINY_10, TINY_15, key_shapes, write_longcat_dit, write_longcat_int8
 
 FOLDER = "base_model"
 

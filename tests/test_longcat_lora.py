@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_longcat import TINY_15, TINY_LORA_TARGETS, write_dmd_lora, write_longcat_int8
 
 from multitalk_worker.errors import CheckpointError
 from multitalk_worker.models.longcat.config import LongCatAvatarConfig
 from multitalk_worker.models.longcat.transformer import LongCatAvatarTransformer
 from multitalk_worker.weights.longcat import INT8_FOLDER, load_dit
 from multitalk_worker.weights.longcat_lora import merge_lora, module_path, parse_lora
+from tests.tiny_longcat import TINY_15, TINY_LORA_TARGETS, write_dmd_lora, write_longcat_int8
 
 QKV = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv"
 GONE = "lora___lorahyphen___blocks___lorahyphen___9___lorahyphen___ffn"  # no block 9 in the tiny DiT

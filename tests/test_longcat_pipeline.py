@@ -216,7 +216,7 @@ def test_local_api_door(serve: Callable[..., str]) -> None:  # noqa: F811
 
     api = serve(MULTITALK_MODEL="longcat-avatar")
     models = requests.get(f"{api}/health", timeout=60).json()["models"]
-    assert models == [{"name": "longcat-avatar", "fps": 25, "sources": ["image", "video"],
+    assert models == [{"model": "longcat-avatar", "sources": ["image", "video"], "adapters": [], "fps": 25,
                        "presets": ["longcat-distill", "longcat-1.5"], "default_preset": "longcat-distill",
                        "default": True}]  # fmt: skip
     job = {"image": "inputs/person.png", "speakers": [{"audio": "inputs/speech_b.wav"}], "prompt": "hi",

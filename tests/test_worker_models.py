@@ -279,7 +279,7 @@ def test_model_rules_of_the_contract(make_settings: Callable[..., Settings]) -> 
     assert parsed.adapter_name("multitalk") == "multi"  # type: ignore[union-attr]
     with pytest.raises(InvalidInput, match="send model 'infinitetalk'"):
         parse_job_input(job, limits())  # the default model is multitalk
-    with pytest.raises(DurationTooLong, match=r"at most 120 s \(MULTITALK_INFINITETALK_MAX_DURATION_S\)"):
+    with pytest.raises(DurationTooLong, match=r"limit of 120 s \(MULTITALK_INFINITETALK_MAX_DURATION_S\)"):
         parse_job_input(job | {"model": "infinitetalk"}, limits(MULTITALK_INFINITETALK_MAX_DURATION_S="120"))
     with pytest.raises(DurationTooLong, match="limit of 40 s"):
         parse_job_input(job | {"video": None, "image": "i.png", "max_duration_s": 41}, limits())

@@ -23,7 +23,8 @@ from _parity_longcat_ours import (
     cases_for,
     variant,
 )
-from tiny_longcat import LORA_FILE, write_dmd_lora, write_longcat_dit
+
+from tests.tiny_longcat import LORA_FILE, write_dmd_lora, write_longcat_dit
 
 
 def build_reference(

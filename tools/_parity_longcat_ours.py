@@ -31,13 +31,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
-sys.path.insert(0, str(REPO / "tests"))
-
-from tiny_longcat import LORA_FILE, TINY_10, TINY_15  # noqa: E402
+sys.path.insert(0, str(REPO))
 
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer  # noqa: E402
 from multitalk_worker.weights.longcat import INT8_FOLDER, load_dit  # noqa: E402
 from multitalk_worker.weights.longcat_lora import merge_lora  # noqa: E402
+from tests.tiny_longcat import LORA_FILE, TINY_10, TINY_15  # noqa: E402
 
 Tensors = dict[str, torch.Tensor]
 # model name -> (tiny config dict, the DiT folder as published)

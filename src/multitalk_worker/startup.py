@@ -57,7 +57,7 @@ THIRD_PARTY_MODULES = (
     "torch", "diffusers", "transformers", "accelerate", "safetensors", "huggingface_hub", "httpx2",
     "tokenizers", "sentencepiece", "ftfy", "regex", "numpy", "scipy", "soxr", "pyloudnorm", "av", "PIL",
     "pi_heif", "skimage", "pydantic", "boto3", "botocore", "requests", "urllib3", "certifi", "runpod",
-    "fastapi", "uvicorn", "tqdm", "onnxruntime",
+    "fastapi", "starlette", "uvicorn", "tqdm", "onnxruntime",
 )  # fmt: skip
 # GPU memory the startup check asks for: the measured peak of a clip with every network resident, plus margin.
 # 480p: 58.5 GiB (reference engine, H100, bench/RESULTS.md run F; H200, run I2: 58.5 GiB allocated, 61.6

@@ -184,10 +184,11 @@ def image_size(path: Path, orientation: ImageOrientation = "exif") -> tuple[int,
     try:
         with _quiet_bomb_check(), Image.open(path) as img:
             width, height = img.size
+            # first: a PNG's EXIF may follow its pixel data, and Pillow decodes the picture to read it
+            check_pixels(width, height, Path(path).name)
             turned = check_orientation(orientation) == "exif" and exif_orientation(img) >= 5
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise _unreadable(path, exc) from exc
-    check_pixels(width, height, Path(path).name)
     return (height, width) if turned else (width, height)
 
 
