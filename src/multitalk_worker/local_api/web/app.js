@@ -69,10 +69,8 @@ function fail(text) {
 
 async function init() {
   const schema = (await api("GET", "/openapi.json")).data.components.schemas.GenerateInput.properties;
-  for (const [field, select] of [["preset", $("preset")], ["resolution", $("resolution")]]) {
-    for (const value of schema[field].enum) select.add(new Option(value, value));
-    select.value = schema[field].default;
-  }
+  for (const value of schema.resolution.enum) $("resolution").add(new Option(value, value));
+  $("resolution").value = schema.resolution.default;
   const health = (await api("GET", "/health")).data;
   showModels(health.models || []);
   if (health.settings && health.settings.MULTITALK_WEIGHTS === "tiny") {
@@ -95,6 +93,14 @@ function showModels(models) {
     `${m.model} (adapters ${m.adapters.join(", ")}; takes ${m.sources.join(" or ")})`).join("; ") +
     (models.length ? "." : " no model (see /health).");
   $("video").disabled = !models.some((m) => m.sources.includes("video"));
+  showPresets();
+}
+
+// The chosen model's presets (each model has its own), its default preselected.
+function showPresets() {
+  const chosen = state.models.find((m) => m.model === $("model").value);
+  $("preset").replaceChildren(...(chosen ? chosen.presets : []).map((name) => new Option(name, name)));
+  if (chosen) $("preset").value = chosen.default_preset;
 }
 
 function modelTakes(source) {
@@ -310,7 +316,7 @@ function setUpInputs() {
     if (!state.video) { showPicture(null); return; }
     if (!modelTakes("video")) {
       const dubber = state.models.find((m) => m.sources.includes("video"));
-      if (dubber) $("model").value = dubber.model;
+      if (dubber) { $("model").value = dubber.model; showPresets(); }
     }
     const first = document.createElement("video"); // its first frame is the picture the regions are drawn on
     first.muted = true;
@@ -323,6 +329,7 @@ function setUpInputs() {
     state.audio[n - 1] = file ? await readAsDataURI(file) : null;
     $("mode-row").hidden = state.audio[1] === null;
   }));
+  $("model").addEventListener("change", showPresets);
   $("draw1").addEventListener("click", () => selectDrawing(0));
   $("draw2").addEventListener("click", () => selectDrawing(1));
   $("clear").addEventListener("click", () => { state.regions = [null, null]; drawCanvas(); });
