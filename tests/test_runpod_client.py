@@ -108,8 +108,9 @@ def test_sdk_reads_a_failed_job_as_deploy_md_does(endpoint: runpod.Endpoint, api
 
 def test_sdk_cancel_purge_and_execution_timeout(endpoint: runpod.Endpoint, api: str) -> None:
     """A long job with a 5 s executionTimeout ends TIMED_OUT at its next step; of the two queued behind it,
-    one is cancelled through the SDK and the other removed by purge_queue."""
-    slow = endpoint.run({"input": LONG_JOB, "policy": {"executionTimeout": 5_000}})
+    one is cancelled through the SDK and the other removed by purge_queue. The long job is several clips of
+    100 steps (one such clip of 0.4 s took 4 s on CPU, too close to the limit)."""
+    slow = endpoint.run({"input": LONG_JOB | {"max_duration_s": 4.0}, "policy": {"executionTimeout": 5_000}})
     queued = [endpoint.run({"input": JOB, "policy": POLICY}) for _ in range(2)]
     cancelled = queued[0].cancel()
     assert cancelled["id"] == queued[0].job_id and cancelled["status"] == "CANCELLED"
