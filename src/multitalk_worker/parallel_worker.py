@@ -34,6 +34,7 @@ import torch.distributed as dist
 from multitalk_worker.config import Settings
 from multitalk_worker.distributed import Launch, exit_status, process_group
 from multitalk_worker.errors import GenerationFailed, WorkerError
+from multitalk_worker.pipeline.checkpoint import ClipCheckpoint
 from multitalk_worker.pipeline.inputs import PreparedInputs
 from multitalk_worker.pipeline.pipeline import DiscardFrames
 from multitalk_worker.pipeline.request import (
@@ -76,6 +77,8 @@ class JobChannel:
 class LeaderPipeline:
     """Rank 0's pipeline: sends each request to the followers, then runs it with them."""
 
+    resumable = False  # every rank would need the clip loop's state: a sequence-parallel job starts afresh
+
     def __init__(self, pipeline: Any, channel: JobChannel) -> None:
         self.pipeline = pipeline
         self.channel = channel
@@ -89,7 +92,12 @@ class LeaderPipeline:
         cancel: CancelCheck | None = None,
         sink: FrameSink | None = None,
         inputs: PreparedInputs | None = None,
+        checkpoint: ClipCheckpoint | None = None,
     ) -> GenerationResult:
+        if checkpoint is not None:
+            raise GenerationFailed(
+                "a sequence-parallel job cannot resume from a checkpoint", stage="generate"
+            )
         if self.out_of_step is not None:
             raise GenerationFailed(
                 f"this worker's processes are out of step since a {self.out_of_step} on rank 0; "

@@ -383,7 +383,7 @@ class JobQueue:
                 id=job.id,
                 input=job.input,
                 created_at=job.created_at,
-                status=job.status if job.status in FINISHED else "IN_QUEUE",  # type: ignore[arg-type]
+                status=job.status if job.status in FINISHED else "IN_QUEUE",
                 started_at=job.started_at,
                 finished_at=job.finished_at,
                 output=job.output,

@@ -18,6 +18,7 @@ parameters; a checkpoint with another digest is discarded and the reason reporte
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import torch
 from torch import Tensor
@@ -60,8 +62,11 @@ class Resumed:
 class ClipCheckpoint:
     """One job's checkpoint folder (created on first use). `sink` takes the finished clips' frames."""
 
-    def __init__(self, folder: Path, digest: str, crf: int = VIDEO_CRF) -> None:
-        self.folder, self.digest = Path(folder), digest
+    def __init__(
+        self, folder: Path, digest: str, crf: int = VIDEO_CRF, lock: IO[bytes] | None = None
+    ) -> None:
+        """`lock`: the open lock file that `claim` holds for this process (closed by `remove`)."""
+        self.folder, self.digest, self._lock = Path(folder), digest, lock
         self.folder.mkdir(parents=True, exist_ok=True)
         self.sink = ClipSegments(self.folder / "segments", crf)
         self.save_s = 0.0  # seconds spent writing states (the segments' encoding is the sink's)
@@ -109,8 +114,12 @@ class ClipCheckpoint:
         self.saved_bytes = (self.folder / "state.pt").stat().st_size
 
     def remove(self) -> None:
-        """Delete the whole checkpoint (the job has succeeded)."""
+        """Delete the whole checkpoint (the job has succeeded) and give up its lock."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self._lock is not None:
+            Path(self._lock.name).unlink(missing_ok=True)
+            self._lock.close()
+            self._lock = None
 
     def _meta(self) -> dict[str, object] | None:
         try:
@@ -137,14 +146,32 @@ class ClipCheckpoint:
         self.sink = ClipSegments(self.folder / "segments", self.sink.crf)
 
 
+def claim(folder: Path, digest: str, crf: int = VIDEO_CRF) -> ClipCheckpoint | None:
+    """The checkpoint in `folder` for this process alone, or None while another live process holds it (the
+    same job running twice at once, e.g. two local `--test_input` runs). The claim is an exclusive flock on
+    `<folder>.lock`, which the kernel drops when the process ends however it ends, so a killed worker's
+    checkpoint is free for the retry."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(folder.with_name(folder.name + ".lock"), "ab")  # noqa: SIM115 (held until remove)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return ClipCheckpoint(folder, digest, crf, lock=handle)
+
+
 def expire_checkpoints(root: Path, ttl_s: float, now: float | None = None) -> list[Path]:
     """Remove the checkpoint folders under `root` not updated for `ttl_s` seconds; returns them."""
     now = time.time() if now is None else now
     removed = []
     for folder in root.iterdir() if root.is_dir() else []:
+        if not folder.is_dir():  # a claim's lock file
+            continue
         meta = folder / "meta.json"
         updated = meta.stat().st_mtime if meta.exists() else folder.stat().st_mtime
-        if folder.is_dir() and now - updated > ttl_s:
+        if now - updated > ttl_s:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
     return removed

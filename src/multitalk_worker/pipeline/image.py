@@ -120,7 +120,7 @@ def check_orientation(orientation: str) -> ImageOrientation:
         raise InvalidInput(
             f"image orientation {orientation!r} is not accepted; use one of {list(IMAGE_ORIENTATIONS)}"
         )
-    return orientation  # type: ignore[return-value]
+    return orientation
 
 
 @functools.cache

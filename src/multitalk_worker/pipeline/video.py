@@ -205,18 +205,19 @@ def _span(
     end: Fraction | None,
     pts: int | None,
     duration: int | None,
-    time_base: Fraction,
+    time_base: Fraction | None,
     step: Fraction,
 ) -> tuple[Fraction | None, Fraction | None]:
-    """Widen (start, end) by a frame at `pts` lasting `duration` (else `step`); no pts: no time added."""
-    if pts is None:
+    """Widen (start, end) by a frame at `pts` lasting `duration` (else `step`); no pts or time base: no time
+    added."""
+    if pts is None or time_base is None:
         return start, end
     time = Fraction(pts) * time_base
     frame_end = time + (Fraction(duration) * time_base if duration else step)
     return (time if start is None else min(start, time)), (frame_end if end is None else max(end, frame_end))
 
 
-def _count_packets(container: av.container.InputContainer, stream: av.VideoStream, step: Fraction) -> Length:
+def _count_packets(container: InputContainer, stream: av.VideoStream, step: Fraction) -> Length:
     """Frames and span from the packets alone: each non-empty packet not flagged discard is one frame."""
     frames, start, end = 0, None, None
     for packet in container.demux(stream):
@@ -224,11 +225,12 @@ def _count_packets(container: av.container.InputContainer, stream: av.VideoStrea
             continue  # the flush packet; a frame the edit list hides (the decoder drops it too)
         frames += 1
         start, end = _span(start, end, packet.pts, packet.duration, stream.time_base, step)
-    return Length(frames, (end - start) if start is not None else frames * step, "demux", True)
+    span = end - start if start is not None and end is not None else frames * step
+    return Length(frames, span, "demux", True)
 
 
 def _count_decoded(
-    container: av.container.InputContainer, stream: av.VideoStream, step: Fraction, max_seconds: float | None
+    container: InputContainer, stream: av.VideoStream, step: Fraction, max_seconds: float | None
 ) -> Length:
     """Frames and span by decoding, stopping at the first frame that starts past `max_seconds`."""
     frames, start, end = 0, None, None
@@ -236,11 +238,17 @@ def _count_decoded(
         for frame in container.decode(stream):
             frames += 1
             start, end = _span(start, end, frame.pts, frame.duration, stream.time_base, step)
-            if max_seconds is not None and start is not None and end - start > max_seconds + step:
+            if (
+                max_seconds is not None
+                and start is not None
+                and end is not None
+                and end - start > max_seconds + step
+            ):
                 return Length(frames, end - start, "decode", False)
     except _ERRORS as exc:  # as `_Opened.next`: a stream that breaks off ends there
         logger.warning("counting frames: decoding stopped after %d frames: %s", frames, exc)
-    return Length(frames, (end - start) if start is not None else frames * step, "decode", True)
+    span = end - start if start is not None and end is not None else frames * step
+    return Length(frames, span, "decode", True)
 
 
 def count_length(path: Path, *, rate: Fraction = Fraction(0), max_seconds: float | None = None) -> Length:

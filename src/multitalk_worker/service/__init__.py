@@ -175,8 +175,7 @@ class JobService:
             request = self._build_request(parsed, fetched)
             # the CLI's checks, bounded; the pipeline takes what they decoded (nothing is decoded twice)
             # the model's pipeline class (registry entry) decodes and checks its inputs
-            pipeline_type = pipeline_class(request.model)
-            inputs = pipeline_type.prepare_inputs(request, tiny_model=settings.tiny_model)
+            inputs = pipeline_class(request.model).prepare_inputs(request, tiny_model=settings.tiny_model)
             try:
                 duration_s = self._check_duration(parsed, inputs.checked())
                 plan = plan_report(parsed, request, inputs, fetched.report, duration_s, delivery.plan)
@@ -186,12 +185,12 @@ class JobService:
                     if isinstance(inputs, PreparedInputs):  # the Wan models' preview (crop, masks)
                         plan |= plan_details(request, settings, with_image=True, inputs=inputs)
                     return {"validate_only": True, "plan": plan, "worker": worker_version(settings)}
-                # each clip is encoded as it is final: into the job's checkpoint (resumable after a lost
-                # worker) where the model's pipeline resumes, else into scratch segments
-                checkpoint = open_checkpoint(settings, job_id, request) if pipeline_type.resumable else None
-                segments = ClipSegments(Path(scratch) / "segments", settings.video_crf)
                 stage.name = "load"
                 pipeline, load_s, cold = self.holder.get()
+                # each clip is encoded as it is final: into the job's checkpoint (resumable after a lost
+                # worker) where the resident pipeline resumes, else into scratch segments
+                checkpoint = open_checkpoint(settings, job_id, request) if pipeline.resumable else None
+                segments = ClipSegments(Path(scratch) / "segments", settings.video_crf)
                 timings.update(model_load_s=load_s, cold_start=cold)
                 timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
                 stage.name = "generate"

@@ -14,10 +14,11 @@ import hashlib
 import json
 import logging
 import tempfile
+import uuid
 from pathlib import Path
 
 from multitalk_worker.config import Settings
-from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, expire_checkpoints
+from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, claim, expire_checkpoints
 from multitalk_worker.pipeline.request import GenerationRequest
 from multitalk_worker.service.verify import sha256
 
@@ -70,4 +71,9 @@ def open_checkpoint(settings: Settings, job_id: str, request: GenerationRequest)
     root = checkpoint_root(settings)
     for folder in expire_checkpoints(root, settings.checkpoint_ttl_s):
         logger.info("removed the expired checkpoint %s", folder.name)
-    return ClipCheckpoint(root / job_id, job_digest(request, settings), crf=settings.video_crf)
+    digest = job_digest(request, settings)
+    checkpoint = claim(root / job_id, digest, settings.video_crf)
+    if checkpoint is None:  # the same job id runs in another process now: this run keeps a folder of its own
+        logger.warning("job %s is running in another process; this run does not share its checkpoint", job_id)
+        checkpoint = claim(root / f"{job_id}.{uuid.uuid4().hex[:12]}", digest, settings.video_crf)
+    return checkpoint
