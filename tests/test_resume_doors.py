@@ -177,7 +177,15 @@ def assert_resumed(output: dict[str, Any], at_least: int, whole: dict[str, Any])
 # ----------------------------------------------------------------------------- the RunPod worker
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# each case costs two worker processes and an uninterrupted run: 84-137 s on the shared 2-core machine; the
+# image case stays in the default run, the other two are `slow` (tests/test_checkpoint.py resumes both
+# in-process on every run; these add only the process kill and the SDK's door, which the image case covers)
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=[] if case == IMAGE else [SLOW]) for case in CASES]
+)
 def test_a_killed_worker_finishes_the_job_sent_again(world: World, tmp_path: Path, case: str) -> None:
     checkpoints = tmp_path / "checkpoints"
     env = child_env(world, MULTITALK_CHECKPOINT_DIR=str(checkpoints))
