@@ -256,7 +256,7 @@ function showPart(id, readySeconds) {
   state.partSeconds = readySeconds;
   video.addEventListener("loadedmetadata", () => {
     video.currentTime = Math.min(at, video.duration || at);
-    if (playing || at === 0) video.play().catch(() => {}); // autoplay may be refused until the user clicks
+    if (playing) video.play().catch(() => {}); // plays on only if the user started it: no decoding beside the job
   }, { once: true });
   video.muted = video.hidden ? true : video.muted; // browsers let muted videos start by themselves
   video.src = `/jobs/${id}/video?ready=${readySeconds}`;
