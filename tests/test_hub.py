@@ -123,8 +123,8 @@ def test_the_build_context_holds_every_file_the_dockerfile_copies() -> None:
 
 def named_files(value: object) -> list[str]:
     """Every string in a job input that names a file of the repository (a relative path that exists)."""
-    if isinstance(value, dict):
-        return [name for item in value.values() for name in named_files(item)]
+    if isinstance(value, dict):  # where a job writes its video is not a file it reads
+        return [name for key, item in value.items() if key != "output" for name in named_files(item)]
     if isinstance(value, list):
         return [name for item in value for name in named_files(item)]
     if isinstance(value, str) and "/" in value and (REPO / value).is_file():

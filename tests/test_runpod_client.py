@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import requests
 import runpod
+import soundfile
 
 from multitalk_worker.config import Settings
 from multitalk_worker.local_api.app import create_app
@@ -39,6 +41,8 @@ def api(tmp_path_factory: pytest.TempPathFactory, https_server: HttpsServer) -> 
     (root / "inputs").mkdir()
     for name in ("person.png", "speech_a.wav"):
         shutil.copy(EXAMPLES / name, root / "inputs" / name)
+    speech, rate = soundfile.read(EXAMPLES / "speech_a.wav", dtype="float32")
+    soundfile.write(root / "inputs" / "long.wav", np.tile(speech, 6), rate)  # 24 s
     # loopback is allowed (the webhook receiver is on it); its self-signed certificate is trusted
     settings = tiny_settings(root, root, MULTITALK_CA_BUNDLE=str(https_server.ca_bundle))
     with serve_app(create_app(JobService(settings))) as base:
@@ -108,9 +112,10 @@ def test_sdk_reads_a_failed_job_as_deploy_md_does(endpoint: runpod.Endpoint, api
 
 def test_sdk_cancel_purge_and_execution_timeout(endpoint: runpod.Endpoint, api: str) -> None:
     """A long job with a 5 s executionTimeout ends TIMED_OUT at its next step; of the two queued behind it,
-    one is cancelled through the SDK and the other removed by purge_queue. The long job is several clips of
-    100 steps (one such clip of 0.4 s took 4 s on CPU, too close to the limit)."""
-    slow = endpoint.run({"input": LONG_JOB | {"max_duration_s": 4.0}, "policy": {"executionTimeout": 5_000}})
+    one is cancelled through the SDK and the other removed by purge_queue. The long job is 20 s of speech in
+    clips of 100 steps, minutes of CPU (a 4 s job of 100-step clips once finished inside the 5 s on CI)."""
+    long_speech = {"speakers": [{"audio": "inputs/long.wav"}], "max_duration_s": 20.0}
+    slow = endpoint.run({"input": LONG_JOB | long_speech, "policy": {"executionTimeout": 5_000}})
     queued = [endpoint.run({"input": JOB, "policy": POLICY}) for _ in range(2)]
     cancelled = queued[0].cancel()
     assert cancelled["id"] == queued[0].job_id and cancelled["status"] == "CANCELLED"

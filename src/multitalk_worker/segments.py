@@ -25,7 +25,7 @@ import numpy as np
 from av.error import FFmpegError
 
 from multitalk_worker.errors import OutputInvalid
-from multitalk_worker.media import VIDEO_CRF, Mp4Writer
+from multitalk_worker.media import VIDEO_CRF, Mp4Writer, video_frame
 from multitalk_worker.pipeline.request import VideoSpec
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def encode_segment(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
             options = {"crf": str(crf), "threads": "1"}
             stream = container.add_stream("libx264", rate=fps, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            for index, frame in enumerate(frames):
+                container.mux(stream.encode(video_frame(frame, index, fps)))
             container.mux(stream.encode(None))
     except (FFmpegError, OSError, ValueError) as exc:
         partial.unlink(missing_ok=True)
