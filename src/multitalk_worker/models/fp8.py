@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 # They hold 6% of a LongCat block's weights (0.9 GB over 48 blocks) but run on one row per latent frame:
 # float8 would save that memory and no time.
 FP32_LINEARS = ("adaLN_modulation",)
+ACTIVATION_AMAX_FLOOR = 1e-12  # the smallest row amax an activation scale is computed from
 
 
 def fp8_linear_names(model: nn.Module, *, keep: tuple[str, ...] = FP32_LINEARS) -> list[str]:
@@ -53,7 +54,13 @@ def quantize_block_linears_fp8(model: nn.Module, *, keep: tuple[str, ...] = FP32
     names = set(fp8_linear_names(model, keep=keep))
     # set_inductor_config=False: torchao's global inductor settings made the first compiled call of the
     # full model take over five minutes (bench/RESULTS.md); inductor stays as the caller configured it.
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+    # activation_value_lb: an all-zero activation row (LongCat's zero-padded text tokens reach the blocks'
+    # cross-attention as such rows) otherwise gets scale 0 and quantizes to 0/0 = NaN: the whole LongCat
+    # forward came out NaN on an H100 (bench/bench_longcat_dit.py). Rows with any value above the bound
+    # keep their scale.
+    config = Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow(), set_inductor_config=False, activation_value_lb=ACTIVATION_AMAX_FLOOR
+    )
     quantize_(model, config, filter_fn=lambda module, name: name in names)
     logger.info("converted %d block linears to float8 (per-row scales)", len(names))
     return len(names)
