@@ -1,5 +1,5 @@
-"""Tiny LongCat-Video-Avatar folders in the published file names (spec longcat-avatar-inference.md §2.1, §2.11):
-the model folder K and the base folder B = K/../LongCat-Video, every file the pipeline reads.
+"""Tiny LongCat-Video-Avatar folders in the published file names (spec longcat-avatar-inference.md §2.1,
+§2.11): the model folder K and the base folder B = K/../LongCat-Video, every file the pipeline reads.
 
     K (1.5)  base_model/ (tests/tiny_longcat.write_longcat_dit), lora/dmd_lora.safetensors,
              whisper-large-v3/ (tools/_parity_longcat_audio_ours.write_tiny_whisper: config.json,
@@ -7,8 +7,8 @@ the model folder K and the base folder B = K/../LongCat-Video, every file the pi
              graph with Kim_Vocal_2's input name and shape)
     K (1.0)  avatar_single/, avatar_multi/, chinese-wav2vec2-base/ (the parity fixture's tiny folder),
              vocal_separator/Kim_Vocal_2.onnx
-    B        tokenizer/ (save_pretrained), text_encoder/ (config.json, model-0000i-of-00002.safetensors + index),
-             vae/ (config.json, diffusion_pytorch_model.safetensors), float32 as published
+    B        tokenizer/ (save_pretrained), text_encoder/ (config.json, model-0000i-of-00002.safetensors
+             + index), vae/ (config.json, diffusion_pytorch_model.safetensors), float32 as published
 
 The umT5 and VAE are the tiny LongCat bundle's (their widths match the tiny DiT's caption and input channels).
 """

@@ -28,7 +28,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
 from torch import nn
@@ -52,7 +52,7 @@ from multitalk_worker.weights.longcat import (
     verify_dits,
 )
 from multitalk_worker.weights.longcat_lora import _TAIL, PREFIX, module_path
-from multitalk_worker.weights.manifest import RequiredFile, VerifyReport, missing_files, unique_problems
+from multitalk_worker.weights.manifest import RequiredFile, VerifyReport, unique_problems
 from multitalk_worker.weights.wav2vec import WAV2VEC_DIR, check_wav2vec
 from multitalk_worker.weights.whisper import WHISPER_DIR, check_whisper
 
@@ -199,71 +199,79 @@ def verify_longcat(
     base_root = Path(base) if base is not None else base_folder(root)
     report = VerifyReport(root, layout=f"LongCat-Video-Avatar {manifest.version}", preset=preset, model=model)
     report.notes.append(f"base folder {base_root}")
+    absent = set()
     for entry in manifest.files:
-        report.problems += _missing(root, base_root, entry, preset, report)
+        if _absent(root if entry.folder == "model" else base_root, entry):
+            absent.add(entry.shown)
+            _report_absent(entry, preset, spec.presets, report)
     dits = verify_dits(root, manifest.version)
     for check in dits:
         report.problems += check.problems
     config = next((c.config for c in dits if c.config is not None), None)
-    _check_audio(root, manifest, report)
-    _check_base(base_root, config, report)
-    if (
-        config is not None
-        and (root / LORA_FILE).is_file()
-        and any(e.file.path == LORA_FILE for e in manifest.files)
-    ):
+
+    def complete(folder: str) -> bool:  # every manifest file of `folder` is there: its tensors are checked
+        return not any(shown.startswith(folder + "/") for shown in absent)
+
+    _check_audio(root, [f for f in (WHISPER_DIR, WAV2VEC_DIR) if _lists(manifest, f) and complete(f)], report)
+    _check_base(
+        base_root, [f for f in ("text_encoder", "vae") if complete(f"../{BASE_DIR}/{f}")], config, report
+    )
+    if config is not None and _lists(manifest, LORA_FILE) and LORA_FILE not in absent:
         report.problems += lora_problems(root / LORA_FILE, LORA_FILE, build_empty(config))
     report.problems = unique_problems(report.problems)
     return report
 
 
-def _missing(root: Path, base: Path, entry: LongCatFile, preset: str, report: VerifyReport) -> list[Problem]:
-    """The file's problem when none of its names is present (a note when `preset` does not need it)."""
-    folder = root if entry.folder == "model" else base
-    prefix = "" if entry.folder == "model" else f"../{BASE_DIR}/"
-    problems = missing_files(folder, (entry.file,), prefix=prefix)
-    if not problems or entry.needed_by(preset):
-        if problems and entry.presets:
-            others = ", ".join(p for p in get_model(report.model or "").presets if p not in entry.presets)
-            detail = f"{problems[0].detail}; preset {preset} needs it (presets {others} run without it)"
-            return [dataclasses.replace(problems[0], detail=detail)]
-        return problems
-    if entry.optional:
+def _lists(manifest: LongCatManifest, prefix: str) -> bool:
+    return any(e.file.path.startswith(prefix) for e in manifest.files if e.folder == "model")
+
+
+def _absent(folder: Path, entry: LongCatFile) -> bool:
+    return not any((folder / name).is_file() for name in (entry.file.path, *entry.file.alternatives))
+
+
+def _report_absent(entry: LongCatFile, preset: str, presets: tuple[str, ...], report: VerifyReport) -> None:
+    """An absent file: a problem when `preset` needs it, else a note saying what is unavailable."""
+    either = " or ".join(
+        entry.shown.removesuffix(entry.file.path) + n for n in (entry.file.path, *entry.file.alternatives)
+    )
+    if entry.needed_by(preset):
+        detail = f"{entry.file.what}: need {either}"
+        if entry.presets:
+            others = ", ".join(p for p in presets if p not in entry.presets)
+            detail += f"; preset {preset} needs it (presets {others} run without it)"
+        report.problems.append(Problem("missing_file", entry.shown, None, detail))
+    elif entry.optional:
         report.notes.append(
             f"no {entry.shown}: {entry.file.what} skipped (the audio as sent drives the model)"
         )
     else:
         report.notes.append(f"no {entry.shown}: presets {', '.join(entry.presets)} unavailable")
-    return []
 
 
-def _check_audio(root: Path, manifest: LongCatManifest, report: VerifyReport) -> None:
-    """The audio encoder's tensors against its folder's config.json (when its files are there)."""
+def _check_audio(root: Path, folders: list[str], report: VerifyReport) -> None:
+    """The audio encoder's tensors against its folder's config.json."""
     checks: dict[str, Callable[[Path], list[Problem]]] = {
         WHISPER_DIR: check_whisper,
         WAV2VEC_DIR: check_wav2vec,
     }
-    for folder, check in checks.items():
-        if not any(e.file.path.startswith(folder + "/") for e in manifest.files):
-            continue
-        if not (root / folder / "config.json").is_file():
-            continue  # reported by the file list
+    for folder in folders:
         try:
-            report.problems += check(root / folder)
+            report.problems += checks[folder](root / folder)
         except (ModelMissing, CheckpointError, ModelLoadFailed, OSError, ValueError) as err:
             report.problems.append(Problem("bad_file", f"{folder}/config.json", None, _message(err)))
 
 
-def _check_base(base: Path, dit: LongCatAvatarConfig | None, report: VerifyReport) -> None:
-    """umT5 and the VAE of B against B's own config.json files; their widths against the DiT's config."""
+def _check_base(base: Path, names: list[str], dit: LongCatAvatarConfig | None, report: VerifyReport) -> None:
+    """umT5 and the VAE of B (those in `names`) against B's own config.json files; their widths against the
+    DiT's config."""
     prefix = f"../{BASE_DIR}/"
-    parts: tuple[tuple[str, Callable[[Path], Component], Callable[[Path], nn.Module]], ...] = (
-        ("text_encoder", diffusers_layout.text_encoder_component, _empty_text_encoder),
-        ("vae", diffusers_layout.vae_component, _empty_vae),
-    )
-    for name, open_component, build in parts:
-        if not (base / name / "config.json").is_file():
-            continue  # reported by the file list
+    parts: dict[str, tuple[Callable[[Path], Component], Callable[[Path], nn.Module]]] = {
+        "text_encoder": (diffusers_layout.text_encoder_component, _empty_text_encoder),
+        "vae": (diffusers_layout.vae_component, _empty_vae),
+    }
+    for name in names:
+        open_component, build = parts[name]
         try:
             model = build(base / name)
         except (OSError, ValueError, TypeError, KeyError) as err:
@@ -285,20 +293,19 @@ def _empty_text_encoder(folder: Path) -> nn.Module:
 
 
 def _empty_vae(folder: Path) -> nn.Module:
+    config = cast(dict[str, Any], AutoencoderKLWan.load_config(str(folder)))  # typed as a tuple; a dict here
     with empty_model():
-        return AutoencoderKLWan.from_config(AutoencoderKLWan.load_config(str(folder)))
+        return cast(AutoencoderKLWan, AutoencoderKLWan.from_config(config))  # no `return_unused_kwargs`
 
 
 def _width_problems(name: str, model: nn.Module, dit: LongCatAvatarConfig, prefix: str) -> list[Problem]:
     """umT5's width must be the DiT's caption width, the VAE's latent channels its input channels."""
     if isinstance(model, UMT5EncoderModel):
-        have, want, what = (
-            model.config.d_model,
-            dit.caption_channels,
-            "d_model",
-        )
+        what, have, want = "d_model", int(model.config.d_model), dit.caption_channels
+    elif isinstance(model, AutoencoderKLWan):
+        what, have, want = "z_dim", int(model.config["z_dim"]), dit.in_channels
     else:
-        have, want, what = model.config["z_dim"], dit.in_channels, "z_dim"
+        return []
     if have == want:
         return []
     detail = f"{what} {have}, the DiT's config needs {want}"
