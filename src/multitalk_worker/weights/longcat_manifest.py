@@ -17,6 +17,9 @@ pipeline/longcat_sampling.py), B/dit and B/lora (the base model's own DiT and Lo
 tokenizer, fp32 shards, .bin and flax copies, the 1.0 fairseq checkpoint. `LONGCAT_MANIFESTS` is the one
 list: `weights download` fetches it, `verify` checks it, the loader may import it.
 
+The INT8 DiT (`base_model_int8/`, 15.9 GB) is never downloaded: weights/longcat.py can read it, but no setting
+or preset of ours selects it, so fetching it would only fill the volume; a folder that has it is verified.
+
 Tensors are checked from headers only: the DiT folders by `weights/longcat.verify_dits`, Whisper and wav2vec2
 against their folder's config.json, umT5 and the VAE against B's config.json files, the DMD LoRA's keys and
 shapes against the DiT's Linear layers. Problems name files relative to K (B's as `../LongCat-Video/...`).
