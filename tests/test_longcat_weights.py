@@ -154,7 +154,8 @@ def test_version_1_0_faults(folders: dict[str, tuple[Path, Path]], tmp_path: Pat
     assert ("missing_file", f"../{BASE_DIR}/text_encoder/config.json") in problems
     assert ("missing_file", f"../{BASE_DIR}/tokenizer/tokenizer_config.json") in problems
     assert not any(f.startswith("avatar_single") for _, f in problems)
-    assert {kind for kind, _ in problems} == {"missing_file"}  # no tensor list of a folder with a file missing
+    # a folder with a file missing gets no list of its tensors besides
+    assert {kind for kind, _ in problems} == {"missing_file"}
 
 
 @pytest.fixture(scope="module")
