@@ -19,6 +19,7 @@ import importlib
 import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from safetensors.torch import save_file
@@ -32,7 +33,8 @@ WAV2VEC_FIXTURE = REPO / "tests/fixtures/parity/wav2vec/chinese-wav2vec2-base"
 TEXT_SHARDS = 2
 
 
-def _audio_tools():  # noqa: ANN202 - a module of tools/, imported by path as tests/test_longcat_audio.py does
+def _audio_tools() -> ModuleType:
+    """tools/_parity_longcat_audio_ours.py, imported by path as tests/test_longcat_audio.py does."""
     if str(REPO / "tools") not in sys.path:
         sys.path.insert(0, str(REPO / "tools"))
     return importlib.import_module("_parity_longcat_audio_ours")
