@@ -165,8 +165,8 @@ def test_hub_inputs_are_typed_like_the_settings() -> None:
         elif (
             var.kind == "choice"
         ):  # a subset, in the settings' order: the Hub offers what its volume steps fetch
-            offered = [option["value"] for option in field["options"]]  # (not LongCat: its real weights
-            assert offered == [c for c in var.choices if c in offered], entry["key"]  # do not load yet)
+            offered = [option["value"] for option in field["options"]]  # (LongCat: 1.5 only)
+            assert offered == [c for c in var.choices if c in offered], entry["key"]
             assert field["default"] == var.default
         elif var.kind in ("int", "float") and var.default is not None:
             assert field["type"] == "number", entry["key"]

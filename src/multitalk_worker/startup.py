@@ -165,7 +165,8 @@ def check_media() -> Check:
 
 
 def check_weights(settings: Settings, *, full: bool) -> Check:
-    """tiny: built in. A folder: presence (health) or the full manifest check of files and tensor shapes."""
+    """tiny: built in. A folder: presence (health) or the full manifest check of files and tensor shapes
+    (Wan models: each resident adapter; a LongCat model: its folder and ../LongCat-Video)."""
     if settings.tiny_model:
         return Check("weights", True, "built-in tiny model (random weights)")
     root = Path(settings.weights)
@@ -177,6 +178,10 @@ def check_weights(settings: Settings, *, full: bool) -> Check:
         return Check("weights", True, f"{root} present (verified at startup)")
     from multitalk_worker.weights.manifest import verify
 
+    spec = get_model(settings.default_model)
+    if not spec.adapters:  # LongCat-Video-Avatar: its folder and ../LongCat-Video, for its default preset
+        report = verify(root, model=spec.name)
+        return Check("weights", report.ok, str(report).replace("\n", "; "))
     try:
         adapters = resident_adapters(settings)
     except WorkerError as exc:

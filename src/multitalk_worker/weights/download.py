@@ -3,10 +3,15 @@
 What to fetch is the manifest of the layout and registry model (weights/manifest.py `manifest`, plus
 `WAV2VEC_MANIFEST`) and the shards that the manifest's index files name; where each file comes from: the
 layout's Wan repository (`BASE_REPOS`), each adapter file's `hub_repo` (registry.py), wav2vec2's repository.
-Adding a model is adding its registry entry. For each file the Hub's HEAD answer gives its size: a local file
-of that size is kept, a missing one is downloaded (huggingface_hub resumes an interrupted download from its
-`.incomplete` part), one of another size (truncated, or a different file) is fetched again. Then the folder is
-verified (`weights verify --model`). huggingface_hub honours `HF_ENDPOINT` (a mirror) and `HF_TOKEN`.
+Adding a Wan-based model is adding its registry entry. A LongCat-Video-Avatar model fetches the files of
+weights/longcat_manifest.py: DIR from its own repository, DIR/../LongCat-Video from LongCat-Video's (only
+what the pipeline reads: not Whisper's other weight copies, not LongCat-Video's dit/ and lora/, never the
+1.5 INT8 DiT, which no setting of ours loads).
+
+For each file the Hub's HEAD answer gives its size: a local file of that size is kept, a missing one is
+downloaded (huggingface_hub resumes an interrupted download from its `.incomplete` part), one of another size
+(truncated, or a different file) is fetched again. Then the folder is verified (`weights verify --model`).
+huggingface_hub honours `HF_ENDPOINT` (a mirror) and `HF_TOKEN`.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from multitalk_worker.config import Settings
 from multitalk_worker.errors import InputFetchFailed, InvalidInput, ModelMissing
 from multitalk_worker.registry import DEFAULT_MODEL, get_model
 from multitalk_worker.weights import LAYOUTS
+from multitalk_worker.weights.longcat_manifest import BASE_DIR, BASE_REPO, longcat_manifest
 from multitalk_worker.weights.manifest import WAV2VEC_MANIFEST, RequiredFile, VerifyReport, manifest, verify
 from multitalk_worker.weights.wav2vec import WAV2VEC_DIR
 
@@ -44,15 +50,25 @@ class Part:
 
 def sources_for(model: str, layout: str) -> tuple[Part, ...]:
     """The model folder (the Wan base with the model's adapter files from their own repositories), then
-    wav2vec2 in `chinese-wav2vec2-base/`."""
+    wav2vec2 in `chinese-wav2vec2-base/`. A LongCat-Video-Avatar model: its own repository into the folder
+    and LongCat-Video's into `../LongCat-Video` (`layout` does not apply)."""
     if layout not in LAYOUTS:
         raise InvalidInput(f"layout {layout!r} is not accepted; use one of {', '.join(LAYOUTS)}")
     spec = get_model(model)
+    if spec.family is not None:
+        return longcat_sources(model)
     adapters = {adapter.file: adapter.hub_repo for adapter in spec.adapters}
     return (
         Part(manifest(layout, spec.name), BASE_REPOS[layout], overrides=adapters),
         Part(WAV2VEC_MANIFEST, WAV2VEC_REPO, into=WAV2VEC_DIR),
     )
+
+
+def longcat_sources(model: str) -> tuple[Part, ...]:
+    """The files of weights/longcat_manifest.py: K's from the model's repository, B's from LongCat-Video's."""
+    manifest = longcat_manifest(model)
+    files = {where: tuple(e.file for e in manifest.files if e.folder == where) for where in ("model", "base")}
+    return Part(files["model"], manifest.repo), Part(files["base"], BASE_REPO, into=f"../{BASE_DIR}")
 
 
 @dataclass
@@ -159,11 +175,13 @@ def _fetch(root: Path, part: Part, name: str, endpoint: str | None, report: Down
     (report.refetched if again else report.fetched).append(shown)
 
 
-def ensure_weights(settings: Settings, endpoint: str | None = None, model: str = DEFAULT_MODEL) -> None:
-    """MULTITALK_FETCH_WEIGHTS: at start, fetch whatever `model`'s manifest lists and the folder lacks
-    (original layout unless the folder already holds a Diffusers one), then require it to verify."""
+def ensure_weights(settings: Settings, endpoint: str | None = None, model: str | None = None) -> None:
+    """MULTITALK_FETCH_WEIGHTS: at start, fetch whatever the manifest of `model` (default MULTITALK_MODEL)
+    lists and the folder lacks (original layout unless the folder already holds a Diffusers one; LongCat:
+    MULTITALK_WEIGHTS and ../LongCat-Video beside it), then require it to verify."""
     if not settings.fetch_weights or settings.tiny_model:
         return
+    model = model or settings.default_model
     root = Path(settings.weights)
     layout = "diffusers" if (root / "model_index.json").is_file() else "original"
     logger.info("MULTITALK_FETCH_WEIGHTS: completing %s (%s layout) from the Hub", root, layout)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from multitalk_worker.errors import CheckpointError, ModelLoadFailed, ModelMissing
+from multitalk_worker.errors import CheckpointError, InvalidInput, ModelLoadFailed, ModelMissing
 from multitalk_worker.models.configs import MultiTalkConfig
 from multitalk_worker.models.transformer import MultiTalkTransformer
 from multitalk_worker.registry import DEFAULT_MODEL, MODELS, Adapter, get_model
@@ -173,7 +173,14 @@ def verify(
 ) -> VerifyReport:
     """Check a model folder for registry model `model` completely: the Wan base, every adapter file of the
     model (or only `adapter`), the encoders, and the wav2vec2 folder (default `<path>/chinese-wav2vec2-base`).
-    Reads headers only. An unknown model or adapter name is an InvalidInput."""
+    Reads headers only. An unknown model or adapter name is an InvalidInput. A LongCat-Video-Avatar model
+    (a family of its own folders) is checked by weights/longcat_manifest.py, for its default job preset."""
+    if get_model(model).family is not None:
+        if config is not None or wav2vec_path is not None or adapter is not None:
+            raise InvalidInput(f"--preset, --wav2vec and --adapter name Wan files; model {model} has none")
+        from multitalk_worker.weights.longcat_manifest import verify_longcat  # it imports this module
+
+        return verify_longcat(path, model)
     root = Path(path)
     adapters = model_adapters(model, adapter)
     report = VerifyReport(root, model=model, adapters=tuple(a.file for a in adapters))
@@ -195,11 +202,11 @@ def verify(
     _check_dit(root, layout, config, adapters, report)
     _check_encoders(root, layout, config, report)
     _check_wav2vec(Path(wav2vec_path) if wav2vec_path is not None else root / WAV2VEC_DIR, report)
-    report.problems = _unique(report.problems)
+    report.problems = unique_problems(report.problems)
     return report
 
 
-def _unique(problems: list[Problem]) -> list[Problem]:
+def unique_problems(problems: list[Problem]) -> list[Problem]:
     """The first report of each (kind, file, key): a file both listed and opened is reported once."""
     first: dict[tuple[str, str, str | None], Problem] = {}
     for problem in problems:
