@@ -68,20 +68,25 @@ def volume(tmp_path: Path) -> Path:
     return root
 
 
-def tiny_settings(work: Path, volume: Path, **env: str) -> Settings:
-    """Settings for a test: tiny model on the CPU, `volume` as the volume root, loopback allowed (the test
-    servers), scratch and the revision file under `work`; `env` overrides."""
-    base = {
+def tiny_env(work: Path, volume: Path, **env: str) -> dict[str, str]:
+    """The MULTITALK_ variables of a test worker: tiny model on the CPU, `volume` as the volume root,
+    scratch and the revision file under `work`; `env` adds or overrides."""
+    return {
         "MULTITALK_WEIGHTS": "tiny",
         "MULTITALK_DEVICE": "cpu",
         "MULTITALK_VOLUME_ROOT": str(volume),
         "MULTITALK_WORK_DIR": str(work),
-        "MULTITALK_ALLOW_LOOPBACK": "true",
-        "MULTITALK_FETCH_TIMEOUT_S": "5",
         "MULTITALK_REVISION_FILE": str(work / "REVISION"),
         "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
+        **env,
     }
-    return Settings.from_env({**base, **env})
+
+
+def tiny_settings(work: Path, volume: Path, **env: str) -> Settings:
+    """Settings for a test (tiny_env), loopback allowed (the test servers) with a short fetch timeout."""
+    return Settings.from_env(
+        tiny_env(work, volume, MULTITALK_ALLOW_LOOPBACK="true", MULTITALK_FETCH_TIMEOUT_S="5", **env)
+    )
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from multitalk_worker.config import Settings
 from multitalk_worker.local_api.app import create_app
 from multitalk_worker.service import JobService
 from multitalk_worker.worker import make_handler
-from tests.conftest import EXAMPLES, REPO, Cli
+from tests.conftest import EXAMPLES, REPO, Cli, tiny_env
 from tests.servers import free_port
 
 FAST = {"resolution": "tiny", "max_duration_s": 0.4, "advanced": {"steps": 2, "seed": 3}}
@@ -116,15 +116,7 @@ def doors(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     write_tone(volume / "speech_120s.wav", 120.0)
     write_tone(volume / "speech_300s.wav", 300.0)
     (root / "work").mkdir()
-    env = {
-        "MULTITALK_WEIGHTS": "tiny",
-        "MULTITALK_DEVICE": "cpu",
-        "MULTITALK_VOLUME_ROOT": str(volume),
-        "MULTITALK_WORK_DIR": str(root / "work"),
-        "MULTITALK_VIDEO_CRF": "0",
-        "MULTITALK_REVISION_FILE": str(root / "REVISION"),
-        "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
-    }
+    env = tiny_env(root / "work", volume, MULTITALK_VIDEO_CRF="0")
     service = JobService(Settings.from_env(env))
     port = free_port()
     server = uvicorn.Server(

@@ -35,7 +35,7 @@ import torch
 from multitalk_worker.config import Settings
 from multitalk_worker.progress import Snapshot
 from multitalk_worker.service import JobService
-from tests.conftest import EXAMPLES, REPO
+from tests.conftest import EXAMPLES, REPO, tiny_env
 from tests.media_files import write_video
 from tests.servers import LOOPBACK, free_port
 
@@ -99,15 +99,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     join_wavs(volume / "long_b.wav", speech[::-1])
     write_video(volume / "thirty.mp4", 240, rate=30)  # 8 s: longer than the audio
     (root / "work").mkdir()
-    env = {
-        "MULTITALK_WEIGHTS": "tiny",
-        "MULTITALK_DEVICE": "cpu",
-        "MULTITALK_VOLUME_ROOT": str(volume),
-        "MULTITALK_WORK_DIR": str(root / "work"),
-        "MULTITALK_VIDEO_CRF": "0",
-        "MULTITALK_REVISION_FILE": str(root / "REVISION"),
-        "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
-    }
+    env = tiny_env(root / "work", volume, MULTITALK_VIDEO_CRF="0")
     checkpoints = root / "checkpoints"
     service = JobService(Settings.from_env(env | {"MULTITALK_CHECKPOINT_DIR": str(checkpoints)}))
     return World(volume, env, service, checkpoints)

@@ -106,25 +106,30 @@ def test_build_check_command() -> None:
     assert [c["name"] for c in report["checks"]] == ["imports", "versions", "media"]
 
 
-def test_missing_weights_stop_the_runpod_worker(tmp_path: Path) -> None:
-    """On RunPod (RUNPOD_WEBHOOK_GET_JOB set) the fitness checks run before any job; missing weights end the
-    process with status 1 and name the problem."""
-    env = {
+def runpod_start(tmp_path: Path, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m multitalk_worker.worker` as RunPod starts it (RUNPOD_WEBHOOK_GET_JOB set: the fitness
+    checks run before any job), with `env` on top; the queue it would poll does not answer."""
+    environ = {
         **os.environ,
-        "MULTITALK_WEIGHTS": str(tmp_path / "no-weights"),
         "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
         "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/job-take/$ID",
         "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
         "RUNPOD_SKIP_GPU_CHECK": "true",
+        **env,
     }
-    out = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "multitalk_worker.worker"],
-        env=env,
+        env=environ,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=timeout,
         cwd=tmp_path,
     )
+
+
+def test_missing_weights_stop_the_runpod_worker(tmp_path: Path) -> None:
+    """Missing weights end the process with status 1 and name the problem."""
+    out = runpod_start(tmp_path, 180, MULTITALK_WEIGHTS=str(tmp_path / "no-weights"))
     assert out.returncode == 1
     assert "check_weights" in out.stdout + out.stderr and "does not exist" in out.stdout + out.stderr
 
@@ -146,26 +151,8 @@ def test_fp8_is_checked_at_start_only_when_asked(make_settings: Callable[..., Se
 
 
 def test_fp8_that_cannot_run_stops_the_runpod_worker(tmp_path: Path) -> None:
-    """On RunPod the fitness checks run before any job: a worker asked for fp8 without a Hopper GPU ends with
-    status 1 and the check's line."""
-    env = {
-        **os.environ,
-        "MULTITALK_WEIGHTS": "tiny",
-        "MULTITALK_DEVICE": "cpu",
-        "MULTITALK_FP8": "true",
-        "MULTITALK_LOCK_FILE": str(REPO / "requirements.lock"),
-        "RUNPOD_WEBHOOK_GET_JOB": "http://127.0.0.1:9/job-take/$ID",
-        "RUNPOD_SKIP_AUTO_SYSTEM_CHECKS": "true",
-        "RUNPOD_SKIP_GPU_CHECK": "true",
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "multitalk_worker.worker"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    """A worker asked for fp8 without a Hopper GPU ends with status 1 and the check's line."""
+    out = runpod_start(tmp_path, 300, MULTITALK_WEIGHTS="tiny", MULTITALK_DEVICE="cpu", MULTITALK_FP8="true")
     assert out.returncode == 1
     lines = [line for line in (out.stdout + out.stderr).splitlines() if "MULTITALK_FP8=true needs" in line]
     assert lines and "check_fp8" in out.stdout + out.stderr
