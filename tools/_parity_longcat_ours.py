@@ -14,7 +14,7 @@ Each case is one DiT forward on the tiny model (tests/tiny_longcat.py) in float3
 * cont_band_front_1p, cont_far_ref_1p, cont_negative_ref_1p: the band at the window's front edge, and no band
   (reference at time 30; at −10 with range 3, in one call).
 * lora_* (1.5 only): the same cases with a DMD-style LoRA (reference key grammar, split ups on attn.qkv and
-  cross_attn.kv_linear, alpha_scale 0.375): the reference adds it at run time, we merge it once.
+  cross_attn.kv_linear, alpha_scale 0.375), added at run time on both sides.
 * bf16_*: cases in bfloat16 (the published weights as they are, the reference's CUDA autocast float32
   islands emulated on the CPU); tolerance 2e-2, 5e-2 with two speakers (tools/parity.py says why).
 * int8_* (1.5 only): the same cases on `base_model_int8/` as the reference's own `quantize_model` and
@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer  # noqa: E402
 from multitalk_worker.weights.longcat import INT8_FOLDER, load_dit  # noqa: E402
-from multitalk_worker.weights.longcat_lora import merge_lora  # noqa: E402
+from multitalk_worker.weights.longcat_lora import attach_lora  # noqa: E402
 from tests.tiny_longcat import LORA_FILE, TINY_10, TINY_15  # noqa: E402
 
 Tensors = dict[str, torch.Tensor]
@@ -171,7 +171,7 @@ def load_ours(root: Path, model_name: str, which: str = "float") -> LongCatAvata
     dtype = torch.bfloat16 if which == "bf16" else torch.float32
     model = load_dit(root, folder, device=torch.device("cpu"), dtype=dtype)
     if which == "lora":
-        merge_lora(model, root / LORA_FILE)
+        attach_lora(model, root / LORA_FILE).enabled = True
     return model
 
 
