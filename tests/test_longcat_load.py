@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import CheckpointError, InvalidInput, ModelMissing
 from multitalk_worker.media import probe_mp4
+from multitalk_worker.models.longcat.attention import Conditioning
 from multitalk_worker.models.longcat.blocks import linear_fp32
 from multitalk_worker.models.longcat.lora import LoraLinear
 from multitalk_worker.pipeline.longcat import LongCatPipeline
@@ -168,21 +169,35 @@ def test_lora_branch_is_the_reference_formula_and_off_is_the_base_layer() -> Non
 
 
 def test_lora_switch_is_honoured_by_compiled_blocks() -> None:
-    """The switch is read in forward, so a compiled block recompiles for it instead of running the graph
-    traced with the other state (dynamo's eager backend: the guards without a C++ toolchain)."""
+    """The switch is read in forward, so blocks compiled as models/runtime.compile_blocks compiles them
+    (each block, dynamic=False) recompile for it instead of running the graph traced with the other state
+    (dynamo's eager backend: its guards and graphs without a C++ toolchain, outputs bitwise eager's)."""
     bundle = build_tiny_longcat_bundle("longcat-avatar", seed=0)
-    assert bundle.lora is not None
-    qkv = bundle.dit.get_submodule("blocks.0.attn.qkv")
-    assert isinstance(qkv, LoraLinear)
-    x = torch.randn(1, 5, qkv.in_features, generator=torch.Generator().manual_seed(0))
-    compiled = torch.compile(qkv, backend="eager", dynamic=False)
-    bundle.lora.enabled = False
-    off = compiled(x)
-    bundle.lora.enabled = True
-    on = compiled(x)
-    assert torch.equal(on, qkv(x)) and not torch.equal(on, off)
-    bundle.lora.enabled = False
-    assert torch.equal(compiled(x), off)
+    dit, switch = bundle.dit, bundle.lora
+    assert switch is not None
+    gen = torch.Generator().manual_seed(0)
+    config = dit.config
+    latent = torch.randn(1, 16, 3, 4, 4, generator=gen)
+    text = torch.randn(1, config.model_max_length, config.caption_channels, generator=gen)
+    audio = torch.randn(1, 9, config.audio_window, config.audio_block, config.audio_channel, generator=gen)
+    t = torch.tensor([[0.0, 600.0, 600.0]])
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return dit(latent, t, text, None, audio, cond=Conditioning(num_cond_latents=1))
+
+    switch.enabled = False
+    off = run()
+    switch.enabled = True
+    on = run()
+    assert not torch.equal(on, off)
+    for block in dit.blocks:
+        block.compile(backend="eager", dynamic=False)
+    assert torch.equal(run(), on)
+    switch.enabled = False
+    assert torch.equal(run(), off)
+    switch.enabled = True
+    assert torch.equal(run(), on)
 
 
 def _copy(k: Path, tmp_path: Path) -> Path:

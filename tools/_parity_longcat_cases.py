@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from _parity_longcat_ours import (
@@ -95,7 +96,7 @@ def build_reference_lora(
 ) -> torch.nn.Module:
     """The DiT in `dtype` with the LoRA file added at run time, as the 1.5 demo does (`load_lora`, rank from
     the file's shapes as the demo's 128, then `enable_loras`, which casts it to the model's dtype)."""
-    model = build_reference(dit_module, root, folder, dtype)
+    model: Any = build_reference(dit_module, root, folder, dtype)  # the reference's class: its own methods
     model.load_lora(str(root / LORA_FILE), "dmd", multiplier=1.0, lora_network_dim=8, lora_network_alpha=4)
     model.enable_loras(["dmd"])
     return model
