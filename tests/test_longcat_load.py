@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import CheckpointError, InvalidInput, ModelMissing
@@ -217,7 +218,8 @@ def _copy(k: Path, tmp_path: Path) -> Path:
             "vae/diffusion_pytorch_model.safetensors",
         ),
         ("whisper-large-v3", "Whisper-large-v3 folder .*: .*whisper-large-v3"),
-        ("base_model/config.json", "base_model/config.json"),
+        ("base_model/config.json", "DiT base_model/ .*base_model/config.json"),
+        ("base_model/diffusion_pytorch_model-00002-of-00002.safetensors", "DiT base_model/ .*00002-of-00002"),
     ],
 )
 def test_each_missing_piece_is_named(
@@ -227,6 +229,18 @@ def test_each_missing_piece_is_named(
     target = (k / remove).resolve()
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     with pytest.raises(ModelMissing, match=message):
+        LongCatPipeline.from_pretrained(str(k), device="cpu", model="longcat-avatar")
+
+
+def test_a_tensor_missing_from_the_vae_file_is_named(
+    v15: tuple[LongCatPipeline, Path], tmp_path: Path
+) -> None:
+    k = _copy(v15[1], tmp_path)
+    path = k.parent / BASE_FOLDER / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(str(path))
+    key = sorted(tensors)[0]
+    save_file({name: t for name, t in tensors.items() if name != key}, str(path))
+    with pytest.raises(CheckpointError, match=rf"file vae/diffusion_pytorch_model.safetensors, key {key}"):
         LongCatPipeline.from_pretrained(str(k), device="cpu", model="longcat-avatar")
 
 

@@ -38,6 +38,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -45,7 +47,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import UMT5Config, UMT5EncoderModel, Wav2Vec2FeatureExtractor
 
 from multitalk_worker.errors import CheckpointError, ModelMissing
@@ -116,6 +118,15 @@ def parts(model: str) -> tuple[Part, ...]:
     return (*BASE_PARTS, *model_parts)
 
 
+@contextmanager
+def _part(what: str, where: Path) -> Iterator[None]:
+    """Prefix a ModelMissing raised inside with what the part is and its folder."""
+    try:
+        yield
+    except ModelMissing as err:
+        raise ModelMissing(f"{what} ({where}): {err.message}") from err
+
+
 def base_folder(model_dir: Path) -> Path:
     """B: the base LongCat-Video folder beside the model folder (K/../LongCat-Video)."""
     return model_dir.resolve().parent / BASE_FOLDER
@@ -144,17 +155,20 @@ def load_longcat_bundle(
         )
     start = time.monotonic()
     folder = family.multi_dit_folder if persons > 1 else family.dit_folder
-    dit = load_dit(model_dir, folder, device=device, dtype=dtype)
+    with _part(f"LongCat-Video-Avatar DiT {folder}/", model_dir / folder):
+        dit = load_dit(model_dir, folder, device=device, dtype=dtype)
     logger.info("loaded DiT %s/%s in %.1f s", model_dir.name, folder, time.monotonic() - start)
     lora = _lora(model_dir, dit) if _v15(family) else None
-    tokenizer = load_tokenizer(_present(base / diffusers_layout.TOKENIZER_DIR, "umT5 tokenizer folder"))
-    text_encoder = _text_encoder(base, device=device, dtype=dtype)
-    vae = _vae(base, device=device, dtype=dtype)
-    audio, audio_config = (
-        (_whisper(model_dir / family.audio_folder, device), AUDIO_V15)
-        if _v15(family)
-        else (_wav2vec(model_dir / family.audio_folder, device), AUDIO_V10)
-    )
+    tokenizer_dir = base / diffusers_layout.TOKENIZER_DIR
+    with _part("umT5 tokenizer", tokenizer_dir):
+        tokenizer = load_tokenizer(_present(tokenizer_dir, "umT5 tokenizer folder"))
+    with _part("umT5-XXL text encoder", base / "text_encoder"):
+        text_encoder = _text_encoder(base, device=device, dtype=dtype)
+    with _part("Wan VAE", base / "vae"):
+        vae = _vae(base, device=device, dtype=dtype)
+    audio_dir = model_dir / family.audio_folder
+    with _part(f"{family.audio_folder} audio encoder", audio_dir):
+        audio_encoder, audio = (_whisper if _v15(family) else _wav2vec)(audio_dir, device)
     vocals = load_vocal_separator(model_dir) if vocal_model_path(model_dir).is_file() else None
     logger.info(
         "LongCat %s loaded from %s and %s in %.1f s (LoRA %s, vocal separator %s)",
@@ -167,12 +181,13 @@ def load_longcat_bundle(
         tokenizer=tokenizer,
         vae=vae,
         audio=audio,
-        audio_config=audio_config,
+        audio_config=AUDIO_V15 if _v15(family) else AUDIO_V10,
         model=model,
         weights=str(model_dir),
         vocals=vocals,
         lora=lora,
         dit_slot=DiTSlot(model_dir, folder, dtype),
+        audio_encoder=audio_encoder,
     )
 
 
@@ -189,9 +204,14 @@ class DiTSlot:
         if folder == self.folder:
             return 0.0
         start = time.monotonic()
-        reload_dit(self.root, folder, dit, dtype=self.dtype)
+        held, self.folder = self.folder, ""  # a copy that fails midway leaves a mix: any next job reloads
+        try:
+            reload_dit(self.root, folder, dit, dtype=self.dtype)
+        except (ModelMissing, CheckpointError):
+            self.folder = held  # refused before the first copy: the DiT still holds `held`
+            raise
         seconds = time.monotonic() - start
-        logger.info("DiT %s -> %s in %.1f s", self.folder, folder, seconds)
+        logger.info("DiT %s -> %s in %.1f s", held, folder, seconds)
         self.folder = folder
         self.swaps += 1
         return seconds
@@ -260,7 +280,7 @@ def _vae(base: Path, *, device: torch.device, dtype: torch.dtype) -> Autoencoder
     return vae.eval().requires_grad_(False)
 
 
-def _whisper(folder: Path, device: torch.device) -> FeatureEncoder:
+def _whisper(folder: Path, device: torch.device) -> tuple[nn.Module, FeatureEncoder]:
     """1.5: the Whisper encoder in float32 on `device` (the reference: the whole model in float32 on the
     GPU; we build the encoder alone, weights/whisper.py)."""
     encoder, extractor = load_whisper(
@@ -270,10 +290,10 @@ def _whisper(folder: Path, device: torch.device) -> FeatureEncoder:
     def encode(signal: np.ndarray, frames: int) -> Tensor:
         return whisper_features(encoder, extractor, signal, frames).cpu()
 
-    return encode
+    return encoder, encode
 
 
-def _wav2vec(folder: Path, device: torch.device) -> FeatureEncoder:
+def _wav2vec(folder: Path, device: torch.device) -> tuple[nn.Module, FeatureEncoder]:
     """1.0: chinese-wav2vec2-base in float32 on `device`. The reference's feature extractor gets the folder
     path as its `feature_size` argument, so only the constructor's defaults apply (spec §2.1): so here."""
     model, _ = load_wav2vec(
@@ -284,7 +304,7 @@ def _wav2vec(folder: Path, device: torch.device) -> FeatureEncoder:
     def encode(signal: np.ndarray, frames: int) -> Tensor:
         return audio_features(model, extractor, signal, frames=frames).cpu()
 
-    return encode
+    return model, encode
 
 
 def _family(model: str) -> LongCatFamily:
