@@ -244,6 +244,18 @@ def test_a_tensor_missing_from_the_vae_file_is_named(
         LongCatPipeline.from_pretrained(str(k), device="cpu", model="longcat-avatar")
 
 
+def test_the_vocal_separator_is_loaded_when_present(
+    v15: tuple[LongCatPipeline, Path], tmp_path: Path
+) -> None:
+    pytest.importorskip("onnx")
+    from tests.test_vocals import _identity_model
+
+    k = _copy(v15[1], tmp_path)
+    _identity_model(k)  # an all-pass model at vocal_separator/Kim_Vocal_2.onnx
+    loaded = LongCatPipeline.from_pretrained(str(k), device="cpu", model="longcat-avatar")
+    assert loaded.bundle.vocals is not None
+
+
 def test_a_distilled_job_without_the_lora_file_is_refused(
     v15: tuple[LongCatPipeline, Path], tmp_path: Path
 ) -> None:
