@@ -168,7 +168,7 @@ def load_longcat_bundle(
         vae = _vae(base, device=device, dtype=dtype)
     audio_dir = model_dir / family.audio_folder
     with _part(f"{family.audio_folder} audio encoder", audio_dir):
-        audio_encoder, audio = (_whisper if _v15(family) else _wav2vec)(audio_dir, device)
+        audio, audio_encoder = (_whisper if _v15(family) else _wav2vec)(audio_dir, device)
     vocals = load_vocal_separator(model_dir) if vocal_model_path(model_dir).is_file() else None
     logger.info(
         "LongCat %s loaded from %s and %s in %.1f s (LoRA %s, vocal separator %s)",
@@ -280,7 +280,7 @@ def _vae(base: Path, *, device: torch.device, dtype: torch.dtype) -> Autoencoder
     return vae.eval().requires_grad_(False)
 
 
-def _whisper(folder: Path, device: torch.device) -> tuple[nn.Module, FeatureEncoder]:
+def _whisper(folder: Path, device: torch.device) -> tuple[FeatureEncoder, nn.Module]:
     """1.5: the Whisper encoder in float32 on `device` (the reference: the whole model in float32 on the
     GPU; we build the encoder alone, weights/whisper.py)."""
     encoder, extractor = load_whisper(
@@ -290,10 +290,10 @@ def _whisper(folder: Path, device: torch.device) -> tuple[nn.Module, FeatureEnco
     def encode(signal: np.ndarray, frames: int) -> Tensor:
         return whisper_features(encoder, extractor, signal, frames).cpu()
 
-    return encoder, encode
+    return encode, encoder
 
 
-def _wav2vec(folder: Path, device: torch.device) -> tuple[nn.Module, FeatureEncoder]:
+def _wav2vec(folder: Path, device: torch.device) -> tuple[FeatureEncoder, nn.Module]:
     """1.0: chinese-wav2vec2-base in float32 on `device`. The reference's feature extractor gets the folder
     path as its `feature_size` argument, so only the constructor's defaults apply (spec §2.1): so here."""
     model, _ = load_wav2vec(
@@ -304,7 +304,7 @@ def _wav2vec(folder: Path, device: torch.device) -> tuple[nn.Module, FeatureEnco
     def encode(signal: np.ndarray, frames: int) -> Tensor:
         return audio_features(model, extractor, signal, frames=frames).cpu()
 
-    return model, encode
+    return encode, model
 
 
 def _family(model: str) -> LongCatFamily:
