@@ -1,4 +1,5 @@
-"""The DMD LoRA merge (weights/longcat_lora.py, spec §2.7): the key grammar, strictness, the merge."""
+"""The DMD LoRA (weights/longcat_lora.py, models/longcat/lora.py, spec §2.7): the key grammar, strictness,
+the run-time branch (tests/test_longcat_load.py checks it inside the pipeline)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from safetensors.torch import save_file
 
 from multitalk_worker.errors import CheckpointError
 from multitalk_worker.models.longcat.config import LongCatAvatarConfig
+from multitalk_worker.models.longcat.lora import LoraLinear
 from multitalk_worker.models.longcat.transformer import LongCatAvatarTransformer
 from multitalk_worker.weights.longcat import INT8_FOLDER, load_dit
-from multitalk_worker.weights.longcat_lora import merge_lora, module_path, parse_lora
+from multitalk_worker.weights.longcat_lora import attach_lora, module_path, parse_lora
 from tests.tiny_longcat import TINY_15, TINY_LORA_TARGETS, write_dmd_lora, write_longcat_int8
 
 QKV = "lora___lorahyphen___blocks___lorahyphen___0___lorahyphen___attn___lorahyphen___qkv"
@@ -36,14 +38,23 @@ def test_module_names_and_split_ups(lora: dict[str, torch.Tensor]) -> None:
     assert len(modules["blocks.0.attn.qkv"].ups) == 3 and modules["blocks.0.attn.qkv"].alpha_scale == 0.375
 
 
-def test_merge_adds_scaled_block_deltas(lora: dict[str, torch.Tensor]) -> None:
+def test_attached_branch_adds_the_scaled_split_deltas_when_on(lora: dict[str, torch.Tensor]) -> None:
     model = _model()
-    before = model.blocks[0].attn.qkv.weight.detach().clone()
-    assert merge_lora(model, lora) == len(TINY_LORA_TARGETS)
+    keys = set(model.state_dict())
+    weight = model.get_parameter("blocks.0.attn.qkv.weight")
+    switch = attach_lora(model, lora)
+    assert len(switch) == len(TINY_LORA_TARGETS) and not switch.enabled
+    qkv = model.get_submodule("blocks.0.attn.qkv")
+    assert isinstance(qkv, LoraLinear) and qkv.weight is weight  # the same parameters
+    assert set(model.state_dict()) == keys
     down = lora[f"{QKV}.lora_down.weight"]
     ups = [lora[f"{QKV}.lora_up.blocks.{i}.weight"] for i in range(3)]
     rows = [ups[i] @ down[8 * i : 8 * (i + 1)] for i in range(3)]  # rank 8, q / k / v rows
-    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, before + 0.375 * torch.cat(rows))
+    x = torch.randn(3, weight.shape[1])
+    assert torch.equal(qkv(x), torch.nn.functional.linear(x, weight, qkv.bias))
+    switch.enabled = True
+    merged = torch.nn.functional.linear(x, weight + 0.375 * torch.cat(rows), qkv.bias)
+    torch.testing.assert_close(qkv(x), merged, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -65,21 +76,20 @@ def test_merge_adds_scaled_block_deltas(lora: dict[str, torch.Tensor]) -> None:
         ),
     ],
 )
-def test_bad_files_are_refused_before_any_weight_changes(
+def test_bad_files_are_refused_before_any_layer_changes(
     lora: dict[str, torch.Tensor], edit: object, message: str
 ) -> None:
     model = _model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
     edit(lora)  # type: ignore[operator]
     with pytest.raises(CheckpointError, match=message):
-        merge_lora(model, lora)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+        attach_lora(model, lora)
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
 
 
-def test_an_int8_dit_takes_no_merge(tmp_path: Path, lora: dict[str, torch.Tensor]) -> None:
+def test_an_int8_dit_takes_no_lora_yet(tmp_path: Path, lora: dict[str, torch.Tensor]) -> None:
     write_longcat_int8(tmp_path / INT8_FOLDER, TINY_15, seed=2)
     model = load_dit(tmp_path, INT8_FOLDER, device=torch.device("cpu"), dtype=torch.float32)
     path = tmp_path / "dmd_lora.safetensors"
     save_file(lora, str(path))
     with pytest.raises(CheckpointError, match="Int8Linear"):
-        merge_lora(model, path)
+        attach_lora(model, path)

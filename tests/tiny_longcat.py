@@ -2,6 +2,7 @@
 
     write_longcat_dit(folder, config, seed)   config.json + diffusion_pytorch_model-0000i-of-0000N.safetensors
                                               + diffusion_pytorch_model.safetensors.index.json, bf16 tensors
+    write_longcat_folders(root, bundle)       the whole K and B folders of an in-process tiny bundle (§2.2)
 
 The key names and shapes are the spec's table (§2.4), written out here from the config dict alone, not from
 our module tree, so a loader or model naming bug cannot cancel itself out. Values are seeded random; every
@@ -16,6 +17,9 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
+
+from multitalk_worker.pipeline.longcat import LongCatBundle
 
 SHARD_STEM = "diffusion_pytorch_model"
 INDEX_FILE = "diffusion_pytorch_model.safetensors.index.json"
@@ -213,3 +217,88 @@ def write_dmd_lora(
         tensors[f"{name}.alpha_scale"] = torch.tensor(alpha_scale)
     save_file(tensors, str(path))
     return tensors
+
+
+# ------------------------------------------------------------- whole model folders (K and B, spec §2.1, §2.2)
+
+BASE_FOLDER = "LongCat-Video"
+MODEL_FOLDERS = {"longcat-avatar": "LongCat-Video-Avatar-1.5", "longcat-avatar-1.0": "LongCat-Video-Avatar"}
+DIT_FOLDERS = {"longcat-avatar": ("base_model",), "longcat-avatar-1.0": ("avatar_single", "avatar_multi")}
+TEXT_SHARDS = 2
+
+
+def round_to(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Round a float32 module's parameters to `dtype`'s values in place (still float32), so that a file
+    written in `dtype`, as published, loads back to exactly these values."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(param.to(dtype).float())
+
+
+def dit_config(model: str) -> dict[str, Any]:
+    """The tiny in-process DiT's config in the published config.json's key set (TINY_15's keys)."""
+    from multitalk_worker.tiny_longcat import TINY_DIT
+
+    return TINY_15 | TINY_DIT[model]
+
+
+def write_longcat_folders(
+    root: Path,
+    bundle: LongCatBundle,
+    *,
+    multi: dict[str, torch.Tensor] | None = None,
+    lora: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """`root/LongCat-Video/` (tokenizer, text_encoder, vae) and the model folder K of `bundle.model` in the
+    published names and formats, from the bundle's own tensors; returns K. The DiT is written in bf16 and
+    Whisper in fp16 as published (round the bundle first: `round_to`), umT5, the VAE and wav2vec2 in float32.
+    1.0: `avatar_single/` is the bundle's DiT, `avatar_multi/` the tensors `multi` (default: the bundle's).
+    1.5: `lora/dmd_lora.safetensors` holds `lora` when given."""
+    from tests.tiny import _plain, wav2vec_file_state, write_index, write_sharded
+
+    base = root / BASE_FOLDER
+    text = _plain(bundle.text_encoder.state_dict(), torch.float32)
+    text.pop("encoder.embed_tokens.weight")  # tied to shared.weight; saved once
+    weight_map = write_sharded(base / "text_encoder", text, "model", TEXT_SHARDS)
+    write_index(base / "text_encoder" / "model.safetensors.index.json", weight_map, text)
+    bundle.text_encoder.config.save_pretrained(base / "text_encoder")
+    bundle.tokenizer.save_pretrained(base / "tokenizer")
+    (base / "vae").mkdir(parents=True)
+    vae_file = base / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file(_plain(bundle.vae.state_dict(), torch.float32), str(vae_file), metadata={"format": "pt"})
+    bundle.vae.save_config(base / "vae")
+
+    k = root / MODEL_FOLDERS[bundle.model]
+    k.mkdir(parents=True)
+    (k / "config.json").write_text(json.dumps({"model_name": MODEL_FOLDERS[bundle.model]}) + "\n")
+    own = {name: t.to(torch.bfloat16) for name, t in _plain(bundle.dit.state_dict()).items()}
+    for i, folder in enumerate(DIT_FOLDERS[bundle.model]):
+        tensors = multi if i == 1 and multi is not None else own
+        write_longcat_dit(k / folder, dit_config(bundle.model), 0, tensors=tensors)
+    encoder = bundle.audio_encoder
+    assert isinstance(encoder, PreTrainedModel)
+    if bundle.model == "longcat-avatar":
+        from transformers import WhisperFeatureExtractor
+
+        from multitalk_worker.tiny_longcat import TINY_WHISPER
+
+        folder = k / "whisper-large-v3"
+        folder.mkdir()
+        state = {f"model.encoder.{n}": t.to(torch.float16) for n, t in _plain(encoder.state_dict()).items()}
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        encoder.config.save_pretrained(folder)
+        WhisperFeatureExtractor(feature_size=TINY_WHISPER["num_mel_bins"]).save_pretrained(folder)
+        if lora is not None:
+            (k / "lora").mkdir()
+            save_file({n: t.contiguous() for n, t in lora.items()}, str(k / LORA_FILE))
+    else:
+        from transformers import Wav2Vec2FeatureExtractor
+
+        folder = k / "chinese-wav2vec2-base"
+        folder.mkdir()
+        torch.save(
+            wav2vec_file_state(_plain(encoder.state_dict(), torch.float32)), folder / "pytorch_model.bin"
+        )
+        encoder.config.save_pretrained(folder)
+        Wav2Vec2FeatureExtractor().save_pretrained(folder)
+    return k

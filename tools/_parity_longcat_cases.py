@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from _parity_longcat_ours import (
@@ -78,20 +79,24 @@ def longcat_cases(
         models["int8"] = build_reference_int8(models["float"], root, folder)
         write_dmd_lora(root / LORA_FILE, cfg, seed)
         models["lora"] = build_reference_lora(dit_module, root, folder)
+        models["bf16_lora"] = build_reference_lora(dit_module, root, folder, torch.bfloat16)
     cases = {}
     for name, case in cases_for(model_name).items():
         if (1 if case.streams == 1 or not case.masks else 2) not in persons:
             continue
-        base = name.split("_", 1)[1] if name.startswith(VARIANT_PREFIXES) else name
+        prefix = next((p for p in VARIANT_PREFIXES if name.startswith(p)), "")
+        base = name.removeprefix(prefix)
         inputs = case_inputs(cfg, case, seed * 100 + list(CASES).index(base))  # a variant: its base's inputs
         cases[name] = (inputs, run_reference(models[variant(case)], case, inputs))
     return cases
 
 
-def build_reference_lora(dit_module: ModuleType, root: Path, folder: str) -> torch.nn.Module:
-    """The float DiT with the LoRA file added at run time, as the 1.5 demo does (`load_lora`, rank from the
-    file's shapes as the demo's 128, then `enable_loras`)."""
-    model = build_reference(dit_module, root, folder)
+def build_reference_lora(
+    dit_module: ModuleType, root: Path, folder: str, dtype: torch.dtype = torch.float32
+) -> torch.nn.Module:
+    """The DiT in `dtype` with the LoRA file added at run time, as the 1.5 demo does (`load_lora`, rank from
+    the file's shapes as the demo's 128, then `enable_loras`, which casts it to the model's dtype)."""
+    model: Any = build_reference(dit_module, root, folder, dtype)  # the reference's class: its own methods
     model.load_lora(str(root / LORA_FILE), "dmd", multiplier=1.0, lora_network_dim=8, lora_network_alpha=4)
     model.enable_loras(["dmd"])
     return model

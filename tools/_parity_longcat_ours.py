@@ -14,7 +14,8 @@ Each case is one DiT forward on the tiny model (tests/tiny_longcat.py) in float3
 * cont_band_front_1p, cont_far_ref_1p, cont_negative_ref_1p: the band at the window's front edge, and no band
   (reference at time 30; at −10 with range 3, in one call).
 * lora_* (1.5 only): the same cases with a DMD-style LoRA (reference key grammar, split ups on attn.qkv and
-  cross_attn.kv_linear, alpha_scale 0.375): the reference adds it at run time, we merge it once.
+  cross_attn.kv_linear, alpha_scale 0.375), added at run time on both sides; bf16_lora_*: the same in
+  bfloat16 (the LoRA tensors in the DiT's dtype, as the reference's `enable_loras` casts them).
 * bf16_*: cases in bfloat16 (the published weights as they are, the reference's CUDA autocast float32
   islands emulated on the CPU); tolerance 2e-2, 5e-2 with two speakers (tools/parity.py says why).
 * int8_* (1.5 only): the same cases on `base_model_int8/` as the reference's own `quantize_model` and
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from multitalk_worker.models.longcat.transformer import Conditioning, LongCatAvatarTransformer  # noqa: E402
 from multitalk_worker.weights.longcat import INT8_FOLDER, load_dit  # noqa: E402
-from multitalk_worker.weights.longcat_lora import merge_lora  # noqa: E402
+from multitalk_worker.weights.longcat_lora import attach_lora  # noqa: E402
 from tests.tiny_longcat import LORA_FILE, TINY_10, TINY_15  # noqa: E402
 
 Tensors = dict[str, torch.Tensor]
@@ -80,7 +81,9 @@ CASES |= {f"lora_{name}": replace(CASES[name], lora=True) for name in ("ai2v_2p"
 CASES |= {
     f"bf16_{name}": replace(CASES[name], bf16=True) for name in ("at2v_1p", "ai2v_1p", "ai2v_2p", "cont_2p")
 }
-VARIANT_PREFIXES = ("int8_", "lora_", "bf16_")  # a variant case runs on its base case's inputs
+# the LoRA in a bf16 run: its two bf16 roundings per layer and its float32 islands, as the reference's
+CASES |= {f"bf16_lora_{name}": replace(CASES[name], lora=True, bf16=True) for name in ("ai2v_2p", "cont_1p")}
+VARIANT_PREFIXES = ("int8_", "lora_", "bf16_lora_", "bf16_")  # a variant case runs on its base case's inputs
 BF16_TOLERANCE = {1: 2e-2, 2: 5e-2}  # by speakers routed (1: none)
 
 
@@ -96,8 +99,10 @@ def cases_for(model_name: str) -> dict[str, Case]:
 
 
 def variant(case: Case) -> str:
-    """Which model a case runs on: "int8", "lora", "bf16" (a bf16 run) or "float" (float32 run)."""
-    return "int8" if case.int8 else "lora" if case.lora else "bf16" if case.bf16 else "float"
+    """Which model a case runs on: "int8", "lora", "bf16_lora", "bf16" (a bf16 run) or "float" (float32)."""
+    if case.lora:
+        return "bf16_lora" if case.bf16 else "lora"
+    return "int8" if case.int8 else "bf16" if case.bf16 else "float"
 
 
 def case_inputs(cfg: dict, case: Case, seed: int) -> Tensors:
@@ -168,10 +173,10 @@ def run_ours(model: LongCatAvatarTransformer, case: Case, inputs: Tensors) -> Te
 def load_ours(root: Path, model_name: str, which: str = "float") -> LongCatAvatarTransformer:
     """The tiny DiT folder under root through our strict loader (`which`: see `variant`)."""
     folder = INT8_FOLDER if which == "int8" else VERSIONS[model_name][1]
-    dtype = torch.bfloat16 if which == "bf16" else torch.float32
+    dtype = torch.bfloat16 if which in ("bf16", "bf16_lora") else torch.float32
     model = load_dit(root, folder, device=torch.device("cpu"), dtype=dtype)
-    if which == "lora":
-        merge_lora(model, root / LORA_FILE)
+    if which in ("lora", "bf16_lora"):
+        attach_lora(model, root / LORA_FILE).enabled = True
     return model
 
 

@@ -434,7 +434,7 @@ def run_generate(args: argparse.Namespace, launch: Launch | None = None) -> int:
     if not args.out.parent.is_dir():
         raise InvalidInput(f"--out: the folder {args.out.parent} does not exist")
     # before loading any weights: the model's pipeline class (registry entry) checks its own inputs
-    pipeline_class(request.model).check_inputs(request, tiny_model=settings.tiny_model)
+    pipeline_class(request.model).check_inputs(request, tiny_model=settings.tiny_sizes)
     lead = launch is None or launch.rank == 0
     if lead and args.preset is not None and PRESETS[args.preset].needs_lora:
         logger.warning(

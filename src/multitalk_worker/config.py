@@ -412,6 +412,21 @@ class Settings:
         return self.weights == TINY_WEIGHTS
 
     @property
+    def tiny_sizes(self) -> bool:
+        """Resolution `tiny` is served: the built-in tiny model, or a model folder holding a model of its
+        sizes (tests write the published layout at those sizes; the pipelines' `is_tiny` says the same of
+        the loaded model). A real model folder is not: its jobs take 480p or 720p."""
+        if self.tiny_model:
+            return True
+        from multitalk_worker.registry import get_model
+
+        if get_model(self.default_model).family is None:
+            return False
+        from multitalk_worker.weights.longcat_bundle import is_tiny_folder
+
+        return is_tiny_folder(Path(self.weights), self.default_model)
+
+    @property
     def max_input_bytes(self) -> int:
         return int(self.max_input_mb * 1_000_000)
 

@@ -34,7 +34,7 @@ def plan_details(
     """Clip plan, estimate and (with_image) the preview PNG as a data URI, from the job's own input checks
     (pipeline/inputs.prepare_inputs; `inputs`: already prepared by the caller, who closes them)."""
     own = inputs is None
-    inputs = inputs or prepare_inputs(request, tiny_model=settings.tiny_model)
+    inputs = inputs or prepare_inputs(request, tiny_model=settings.tiny_sizes)
     try:
         steps = request.sampling.steps
         passes = len(guidance_passes(request.sampling.text_guidance))

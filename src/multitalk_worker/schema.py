@@ -415,7 +415,7 @@ def parse_json_body(body: bytes | str) -> object:
 class JobLimits:
     """What this worker accepts, the same for every door: built once from the settings and the registry."""
 
-    tiny_model: bool  # the built-in tiny model: resolution `tiny` allowed, and the default
+    tiny_model: bool  # a tiny-size model (Settings.tiny_sizes): resolution `tiny` allowed, and the default
     max_resolution: str  # the largest bucket family served
     default_model: str  # the model of a job that names none
     duration_s: Mapping[str, float]  # per model: the longest video, in seconds (check_length's limit)
@@ -426,7 +426,7 @@ class JobLimits:
         """Each model's length limit: its registry entry's frames, lowered by the setting the entry names."""
         variable = {var.attr: var.name for var in ENV_VARS}
         return cls(
-            tiny_model=settings.tiny_model,
+            tiny_model=settings.tiny_sizes,
             max_resolution=settings.max_resolution,
             default_model=settings.default_model,
             duration_s={

@@ -6,10 +6,12 @@ network with seeded random weights, built in-process, the same classes and code 
 * the audio encoder: a 32-layer, width-8 Whisper encoder (32 layers: the reference pools hidden states
   0-31 in four groups, §4.4) with its 128-bin feature extractor, or the Wan tiny model's wav2vec2;
 * umT5, its tokenizer and the Wan VAE: the Wan tiny model's (tiny.py), the same computation as the
-  reference's (spec §2.9, §2.10).
+  reference's (spec §2.9, §2.10);
+* 1.5's DMD LoRA (`tiny_dmd_lora`, rank 4, on five linears), attached at run time like the published one,
+  so the distilled jobs of the tiny model take the LoRA path too.
 
 One generator seeded `seed` visits the DiT, umT5, the VAE and the audio encoder in that order, each in sorted
-key order (tiny.randomize).
+key order (tiny.randomize); the LoRA is drawn from its own generator seeded `seed + 1`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import WhisperConfig, WhisperFeatureExtractor
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -34,6 +36,7 @@ from multitalk_worker.pipeline.longcat_audio import AUDIO_V10, AUDIO_V15, Featur
 from multitalk_worker.registry import get_model
 from multitalk_worker.tiny import build_tiny_feature_extractor, build_tiny_tokenizer, randomize
 from multitalk_worker.weights.checkpoint import empty_model
+from multitalk_worker.weights.longcat_lora import HYPHEN, PREFIX, attach_lora
 from multitalk_worker.weights.original import T5_TIED
 
 TINY_WHISPER: dict[str, Any] = {
@@ -59,7 +62,7 @@ TINY_DIT: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 
 
-def _whisper(generator: torch.Generator, device: torch.device) -> FeatureEncoder:
+def _whisper(generator: torch.Generator, device: torch.device) -> tuple[FeatureEncoder, nn.Module]:
     with empty_model():
         encoder = WhisperEncoder(WhisperConfig(**TINY_WHISPER))
     randomize(encoder, generator, device=device, dtype=torch.float32)
@@ -69,10 +72,10 @@ def _whisper(generator: torch.Generator, device: torch.device) -> FeatureEncoder
     def encode(signal: np.ndarray, frames: int) -> Tensor:
         return whisper_features(encoder, extractor, signal, frames).cpu()
 
-    return encode
+    return encode, encoder
 
 
-def _wav2vec(generator: torch.Generator) -> FeatureEncoder:
+def _wav2vec(generator: torch.Generator) -> tuple[FeatureEncoder, nn.Module]:
     with empty_model():
         model = build_audio_encoder(TINY.audio_encoder)
     randomize(model, generator, device=torch.device("cpu"), dtype=torch.float32)
@@ -81,7 +84,39 @@ def _wav2vec(generator: torch.Generator) -> FeatureEncoder:
     def encode(signal: np.ndarray, frames: int) -> Tensor:
         return audio_features(model, extractor, signal, frames=frames)
 
-    return encode
+    return encode, model
+
+
+# module path -> parts its lora_up is split in (0: one `lora_up.weight`): a split qkv and kv, plain
+# linears in the bf16 path and one in a float32 island (the adaLN modulation)
+TINY_LORA_TARGETS = {
+    "blocks.0.attn.qkv": 3,
+    "blocks.1.cross_attn.kv_linear": 2,
+    "blocks.0.ffn.w2": 0,
+    "blocks.1.audio_cross_attn.q_linear": 0,
+    "blocks.0.adaLN_modulation.1": 0,
+}
+TINY_LORA_RANK = 4
+TINY_LORA_ALPHA_SCALE = 0.5
+
+
+def tiny_dmd_lora(dit: nn.Module, seed: int) -> dict[str, Tensor]:
+    """A DMD-style LoRA for the tiny DiT in the published key grammar and dtype (float32, spec §2.7),
+    its values drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for target, parts in TINY_LORA_TARGETS.items():
+        layer = dit.get_submodule(target)
+        assert isinstance(layer, nn.Linear)
+        name = PREFIX + target.replace(".", HYPHEN)
+        n, rank = max(parts, 1), TINY_LORA_RANK
+        tensors[f"{name}.lora_down.weight"] = torch.randn(n * rank, layer.in_features, generator=generator)
+        ups = [f"{name}.lora_up.blocks.{i}.weight" for i in range(parts)] or [f"{name}.lora_up.weight"]
+        for key in ups:
+            tensors[key] = 0.5 * torch.randn(layer.out_features // n, rank, generator=generator) / rank**0.5
+        tensors[f"{name}.lora_down.weight"] /= layer.in_features**0.5
+        tensors[f"{name}.alpha_scale"] = torch.tensor(TINY_LORA_ALPHA_SCALE)
+    return tensors
 
 
 def build_tiny_longcat_bundle(
@@ -105,7 +140,9 @@ def build_tiny_longcat_bundle(
     randomize(text_encoder, generator, device=device, dtype=dtype, tied=dict(T5_TIED))
     randomize(vae, generator, device=device, dtype=torch.float32)
     v15 = spec.family.audio_folder.startswith("whisper")
-    audio = _whisper(generator, device) if v15 else _wav2vec(generator)
+    audio, audio_encoder = _whisper(generator, device) if v15 else _wav2vec(generator)
+    # 1.5's DMD LoRA from its own generator (the other weights do not depend on it), switched per job
+    lora = attach_lora(dit, tiny_dmd_lora(dit, seed + 1)) if v15 else None
     return LongCatBundle(
         dit=dit.eval(),
         text_encoder=text_encoder.eval(),
@@ -115,4 +152,6 @@ def build_tiny_longcat_bundle(
         audio_config=AUDIO_V15 if v15 else AUDIO_V10,
         model=model,
         weights="tiny",
+        lora=lora,
+        audio_encoder=audio_encoder,
     )

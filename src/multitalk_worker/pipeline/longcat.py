@@ -22,6 +22,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -65,6 +66,12 @@ from multitalk_worker.pipeline.text import tokenize
 from multitalk_worker.pipeline.vocals import VOCAL_DIR, VOCAL_MODEL, VocalSeparator, separated_vocals
 from multitalk_worker.registry import LongCatFamily, get_model
 from multitalk_worker.timeline import SAMPLE_RATE
+from multitalk_worker.weights.longcat_lora import LORA_FILE, LoraSwitch
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from multitalk_worker.weights.longcat_bundle import DiTSlot
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +93,9 @@ class LongCatBundle:
     weights: str  # "tiny" or the folder
     adapter: None = None  # LongCat has no audio adapters (the doors report a model's adapter)
     vocals: VocalSeparator | None = None  # vocal_separator/ of the model folder, when it is there
+    lora: LoraSwitch | None = None  # 1.5's DMD LoRA, attached to `dit`, on for distilled jobs only
+    dit_slot: DiTSlot | None = None  # a folder-loaded model: which DiT folder `dit` holds (1.0 swaps)
+    audio_encoder: nn.Module | None = None  # the network behind `audio`
 
 
 @dataclass(frozen=True)
@@ -124,18 +134,26 @@ class LongCatPipeline:
         model: str = "longcat-avatar",
         **_: object,
     ) -> LongCatPipeline:
-        """ "tiny" for the built-in random-weight model; a published folder is not loadable yet."""
+        """ "tiny" for the built-in random-weight model, else the published model folder K (with the base
+        LongCat-Video/ folder beside it: weights/longcat_bundle.py)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        if str(path) != "tiny":
-            raise ModelMissing(f"loading {model} from a folder ({path}) is not implemented yet; use 'tiny'")
-        from multitalk_worker.tiny_longcat import build_tiny_longcat_bundle
+        if str(path) == "tiny":
+            from multitalk_worker.tiny_longcat import build_tiny_longcat_bundle
 
-        return cls(build_tiny_longcat_bundle(model, seed=0, device=device, dtype=dtype), device)
+            return cls(build_tiny_longcat_bundle(model, seed=0, device=device, dtype=dtype), device)
+        from multitalk_worker.weights.longcat_bundle import load_longcat_bundle
+
+        return cls(load_longcat_bundle(Path(path), model=model, device=device, dtype=dtype), device)
 
     @property
     def is_tiny(self) -> bool:
-        return self.bundle.weights == "tiny"
+        """The built-in tiny model, or a folder holding a DiT of its sizes (resolution `tiny` allowed)."""
+        from multitalk_worker.tiny_longcat import TINY_DIT
+
+        config, sizes = self.bundle.dit.config, TINY_DIT[self.bundle.model]
+        tiny_sizes = all(getattr(config, k) == sizes[k] for k in ("hidden_size", "depth", "num_heads"))
+        return self.bundle.weights == "tiny" or tiny_sizes
 
     @staticmethod
     def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> CheckedInputs:
@@ -182,6 +200,7 @@ class LongCatPipeline:
         out.open(VideoSpec(width, height, inputs.plan.output_frames, fps, inputs.soundtrack, SAMPLE_RATE))
         chosen = resolve_sampling(request, inputs.spec)
         steps, mode, shift = chosen.steps, chosen.mode, chosen.shift
+        self._prepare_dit(len(request.speakers), distilled=mode == "distill", timings=timings)
         text_scale, audio_scale = chosen.text_scale, chosen.audio_scale
         with _stage(timings, "audio"):
             features = self._features(inputs, request)
@@ -202,6 +221,27 @@ class LongCatPipeline:
             timings=timings,
             resolved=inputs.report(request) | {"weights": self.bundle.weights, "seed": seed},
         )
+
+    def _prepare_dit(self, persons: int, *, distilled: bool, timings: dict[str, float]) -> None:
+        """The DiT for this job: 1.0's folder for its speaker count (weights/longcat_bundle.DiTSlot), and
+        1.5's DMD LoRA on for the distilled schedule, off otherwise (the reference applies it with
+        --use_distill only, spec §2.7)."""
+        slot, lora = self.bundle.dit_slot, self.bundle.lora
+        if slot is not None:
+            folder = self.family.multi_dit_folder if persons > 1 else self.family.dit_folder
+            seconds = slot.use(self.bundle.dit, folder)
+            if seconds:
+                timings["dit_swap"] = seconds
+        if distilled and lora is None:
+            # The reference silently skips a missing LoRA file and samples the 8-step schedule with the
+            # base DiT; that makes a video the distilled preset does not describe, so we refuse.
+            raise ModelMissing(
+                f"the distilled schedule (8 steps, no guidance) needs the DMD LoRA "
+                f"{Path(self.bundle.weights) / LORA_FILE}, which is missing; add it "
+                "(part of the published model folder) or use the longcat-1.5 preset (50 steps, guided)"
+            )
+        if lora is not None:
+            lora.enabled = distilled
 
     def _features(self, inputs: LongCatInputs, request: GenerationRequest) -> list[Tensor]:
         """Each stream's features; with vocal separation (the reference's first stage, spec §4.1) the streams

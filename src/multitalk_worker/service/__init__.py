@@ -175,7 +175,7 @@ class JobService:
             request = self._build_request(parsed, fetched)
             # the CLI's checks, bounded; the pipeline takes what they decoded (nothing is decoded twice)
             # the model's pipeline class (registry entry) decodes and checks its inputs
-            inputs = pipeline_class(request.model).prepare_inputs(request, tiny_model=settings.tiny_model)
+            inputs = pipeline_class(request.model).prepare_inputs(request, tiny_model=settings.tiny_sizes)
             try:
                 duration_s = self._check_duration(parsed, inputs.checked())
                 plan = plan_report(parsed, request, inputs, fetched.report, duration_s, delivery.plan)

@@ -1,4 +1,5 @@
-"""LongCat-Video-Avatar 1.5's DMD distillation LoRA (`lora/dmd_lora.safetensors`, spec §2.7), merged.
+"""LongCat-Video-Avatar 1.5's DMD distillation LoRA (`lora/dmd_lora.safetensors`, spec §2.7), read strictly
+and attached at run time (models/longcat/lora.py), as the reference applies it: not merged.
 
 Key grammar: for the Linear at module path `blocks.3.attn.qkv` the tensors are
 `lora___lorahyphen___blocks___lorahyphen___3___lorahyphen___attn___lorahyphen___qkv.<tail>`, `<tail>` one of
@@ -7,12 +8,10 @@ Key grammar: for the Linear at module path `blocks.3.attn.qkv` the tensors are
 overrides alpha/rank). Every key must belong to a complete module whose target is a Linear of the model,
 as the reference's strict load requires; anything else is a CheckpointError naming the key.
 
-The reference adds the LoRA at run time, y = base(x) + cast(up(down(x)))·multiplier·alpha_scale, with the
-down output of a split module chunked into n parts, each through its own up matrix. Merged here once:
-W ← round(W + multiplier·alpha_scale·Δ) with Δ = [up₀·down₀; …; up_{n−1}·down_{n−1}] in float32 (downᵢ the
-i-th r rows), one rounding to W's dtype. The same function in float32 up to rounding (parity case
-lora_* of tools/parity.py); in bf16 it rounds differently from the reference's two bf16 roundings of the
-LoRA term (spec §11 test 4), and it costs no extra matmuls per step. An INT8 DiT cannot take a merge.
+Why at run time and not merged once: one resident pipeline serves both 1.5 presets, the distilled 8 steps
+(LoRA on) and the 50-step schedule (LoRA off), so the LoRA is switched per job (`LoraSwitch.enabled`); a
+merge would have to be undone, and in bf16 it rounds differently from the reference's two bf16 roundings
+of the LoRA term (spec §11 test 4). The cost: two thin matmuls (rank 128) per target Linear per call.
 """
 
 from __future__ import annotations
@@ -23,14 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from multitalk_worker.errors import CheckpointError
+from multitalk_worker.models.longcat.lora import LoraBranch, LoraLinear
 
 logger = logging.getLogger(__name__)
 
+LORA_FILE = "lora/dmd_lora.safetensors"  # under the 1.5 model folder
 PREFIX = "lora___lorahyphen___"
 HYPHEN = "___lorahyphen___"
 _TAIL = re.compile(
@@ -46,12 +46,6 @@ class LoraModule:
     down: Tensor
     ups: tuple[Tensor, ...]
     alpha_scale: float
-
-    def delta(self) -> Tensor:
-        """Δ [out, in] float32: the i-th up matrix times the i-th r rows of down, stacked."""
-        rank = self.down.shape[0] // len(self.ups)
-        downs = self.down.float().split(rank)
-        return torch.cat([up.float() @ down for up, down in zip(self.ups, downs, strict=True)])
 
 
 def module_path(lora_name: str) -> str:
@@ -89,12 +83,37 @@ def parse_lora(tensors: Mapping[str, Tensor], *, file: str) -> list[LoraModule]:
     return modules
 
 
-def merge_lora(model: nn.Module, lora: Path | Mapping[str, Tensor], *, multiplier: float = 1.0) -> int:
-    """Merge a DMD-style LoRA into the model's Linear weights in place; returns the modules merged.
-    Shapes and targets are all checked before any weight changes."""
+class LoraSwitch:
+    """The DMD LoRA attached to a DiT (one `LoraBranch` per target), off until `enabled` is set; the
+    pipeline sets it per job (on for the distilled schedule only)."""
+
+    def __init__(self, branches: list[LoraBranch], file: str) -> None:
+        self.branches = branches
+        self.file = file
+
+    def __len__(self) -> int:
+        return len(self.branches)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.branches) and self.branches[0].enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        for branch in self.branches:
+            branch.enabled = on
+
+
+def attach_lora(
+    model: nn.Module, lora: Path | Mapping[str, Tensor], *, multiplier: float = 1.0
+) -> LoraSwitch:
+    """Attach a DMD-style LoRA to the model's Linear layers at run time (disabled until switched on);
+    the LoRA tensors take the DiT's dtype (its first parameter's, as the reference's `enable_loras`).
+    Every target and shape is checked before any layer is replaced."""
     file = str(lora) if isinstance(lora, Path) else "<memory>"
     tensors = load_file(str(lora)) if isinstance(lora, Path) else lora
     modules = parse_lora(tensors, file=file)
+    dtype = next(model.parameters()).dtype
     targets = []
     for module in modules:
         try:
@@ -105,7 +124,8 @@ def merge_lora(model: nn.Module, lora: Path | Mapping[str, Tensor], *, multiplie
             ) from None
         if type(layer) is not nn.Linear:
             raise CheckpointError(
-                f"LoRA target is a {type(layer).__name__}; only the float DiT's Linear layers take a merge",
+                f"LoRA target is a {type(layer).__name__}; the LoRA applies to the float DiT's Linear layers "
+                "(the INT8 DiT with the LoRA is not supported yet)",
                 file=file, key=module.target,
             )  # fmt: skip
         rank = module.down.shape[0] // len(module.ups)
@@ -119,10 +139,14 @@ def merge_lora(model: nn.Module, lora: Path | Mapping[str, Tensor], *, multiplie
                 file=file, key=module.target,
             )  # fmt: skip
         targets.append((layer, module))
-    with torch.no_grad():
-        for layer, module in targets:
-            delta = module.delta().to(layer.weight.device)
-            merged = layer.weight.float() + (multiplier * module.alpha_scale) * delta
-            layer.weight.copy_(merged.to(layer.weight.dtype))
-    logger.info("merged %d LoRA modules from %s (multiplier %g)", len(targets), file, multiplier)
-    return len(targets)
+    branches = []
+    for layer, module in targets:
+        device = layer.weight.device
+        branch = LoraBranch(
+            module.down.to(device), [u.to(device) for u in module.ups], module.alpha_scale, multiplier, dtype
+        )
+        parent, _, name = module.target.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, LoraLinear(layer, branch))
+        branches.append(branch)
+    logger.info("attached %d LoRA modules from %s (multiplier %g)", len(branches), file, multiplier)
+    return LoraSwitch(branches, file)

@@ -26,11 +26,13 @@ from multitalk_worker.models.longcat.attention import (
 )
 from multitalk_worker.models.longcat.config import LongCatAvatarConfig
 from multitalk_worker.models.longcat.int8 import Int8Linear
+from multitalk_worker.models.longcat.lora import lora_term_fp32
 from multitalk_worker.models.runtime import REFERENCE_RUNTIME, DiTRuntime
 
 
 def linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
-    """A linear layer (nn.Linear or Int8Linear) in float32 on float32 copies of its weights."""
+    """A linear layer (nn.Linear or Int8Linear) in float32 on float32 copies of its weights, plus its DMD
+    LoRA term when one is attached and enabled (models/longcat/lora.py)."""
     if isinstance(layer, Int8Linear):
         weight = layer.weight_in(torch.float32)
     elif isinstance(layer, nn.Linear):
@@ -38,7 +40,9 @@ def linear_fp32(layer: nn.Module, x: Tensor) -> Tensor:
     else:
         raise TypeError(f"expected a linear layer, got {type(layer).__name__}")
     bias = layer.bias
-    return F.linear(x.float(), weight, None if bias is None else bias.float())
+    out = F.linear(x.float(), weight, None if bias is None else bias.float())
+    lora = lora_term_fp32(layer, x)
+    return out if lora is None else out + lora
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float) -> Tensor:
