@@ -15,8 +15,10 @@ import soundfile as sf
 import torch
 
 from multitalk_worker.config import Settings
-from multitalk_worker.errors import Cancelled, InvalidInput, ModelMissing
+from multitalk_worker.errors import Cancelled, InvalidInput, ModelLoadFailed, ModelMissing
 from multitalk_worker.media import probe_mp4
+from multitalk_worker.models.runtime import AUTO, FAST_RUNTIME, REFERENCE_RUNTIME
+from multitalk_worker.pipeline.engine import EngineOptions, engine_options
 from multitalk_worker.pipeline.longcat import LongCatPipeline
 from multitalk_worker.pipeline.longcat_segments import ADVANCE, SEGMENT_FRAMES
 from multitalk_worker.pipeline.request import (
@@ -225,3 +227,26 @@ def test_local_api_door(serve: Callable[..., str]) -> None:  # noqa: F811
     body = wait_until(api, submit(api, job), lambda b: b["status"] in ("COMPLETED", "FAILED"))
     assert body["status"] == "COMPLETED", body
     assert (body["output"]["frames"], body["output"]["fps"]) == (15, 25)
+
+
+def test_the_engine_reaches_the_dit(v15: LongCatPipeline) -> None:
+    """The fast engine's runtime (its attention kernels and fused paths; compilation is left out here: it
+    costs seconds of CPU per shape) runs every DiT call: the same frames as the reference path within float32
+    rounding. A kernel that cannot run here, and what LongCat does not support yet, are refused at load."""
+    fast = EngineOptions(runtime=FAST_RUNTIME, attention=AUTO)
+    pipeline = LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", engine=fast)
+    runtime = pipeline.engine.runtime
+    assert runtime.attention_backend == "sdpa" and runtime != REFERENCE_RUNTIME
+    ours, reference = Recorder(), Recorder()
+    pipeline(request(), sink=ours)
+    v15(request(), sink=reference)
+    difference = np.abs(np.concatenate(ours.chunks).astype(int) - np.concatenate(reference.chunks))
+    assert difference.max() <= 1
+    flash3 = engine_options("reference", attention="flash3")
+    with pytest.raises(ModelLoadFailed, match="flash3"):
+        LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", engine=flash3)
+    low_memory = engine_options("reference", offload=True)
+    with pytest.raises(InvalidInput, match="low-memory"):
+        LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", engine=low_memory)
+    with pytest.raises(InvalidInput, match="no audio adapters"):
+        LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", adapter="single")

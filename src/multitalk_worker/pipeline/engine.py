@@ -133,17 +133,22 @@ def prepare_bundle(bundle: ModelBundle, options: EngineOptions, device: torch.de
         merge_lora_file(bundle.dit, lora.path, scale=lora.scale)
     offloads = place_offloaded(bundle, device) if options.offload else []
     if options.fp8:
-        if next(bundle.dit.parameters()).device.type != "cuda":
-            raise InvalidInput("fp8 needs a CUDA GPU with float8 matrix units (Hopper or newer)")
-        try:
-            quantize_block_linears_fp8(bundle.dit)
-        except RuntimeError as exc:  # torchao missing: the optional `fp8` extra
-            raise ModelLoadFailed(f"{exc}; install the `fp8` extra (pip install torchao)") from None
+        quantize_dit_fp8(bundle.dit)
     if options.compile:
         compile_blocks(bundle.dit)
     if options.vae != REFERENCE_VAE_RUNTIME:  # the loaders already give the reference's float32 VAE
         prepare_vae(bundle.vae, options.vae)
     return offloads
+
+
+def quantize_dit_fp8(dit: nn.Module) -> None:
+    """The fp8 tier's float8 block linears (models/fp8.py), with the load-time errors of the engine."""
+    if next(dit.parameters()).device.type != "cuda":
+        raise InvalidInput("fp8 needs a CUDA GPU with float8 matrix units (Hopper or newer)")
+    try:
+        quantize_block_linears_fp8(dit)
+    except RuntimeError as exc:  # torchao missing: the optional `fp8` extra
+        raise ModelLoadFailed(f"{exc}; install the `fp8` extra (pip install torchao)") from None
 
 
 def place_offloaded(bundle: ModelBundle, device: torch.device) -> list[BlockOffload]:

@@ -33,9 +33,12 @@ from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 from multitalk_worker.errors import Cancelled, InvalidInput, ModelMissing
 from multitalk_worker.models.longcat.attention import Conditioning, KVCache
 from multitalk_worker.models.longcat.transformer import LongCatAvatarTransformer
+from multitalk_worker.models.runtime import compile_blocks
+from multitalk_worker.models.sequence_parallel import SequenceParallel
 from multitalk_worker.models.vae import vae_decode, vae_encode
 from multitalk_worker.pipeline import longcat_sampling as ls
 from multitalk_worker.pipeline.checkpoint import ClipCheckpoint
+from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, quantize_dit_fp8, resolve_engine
 from multitalk_worker.pipeline.longcat_audio import (
     FeatureEncoder,
     LongCatAudioConfig,
@@ -120,10 +123,18 @@ class LongCatPipeline:
 
     resumable = False  # the segment loop has no checkpoint hooks yet: a job sent again starts afresh
 
-    def __init__(self, bundle: LongCatBundle, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        bundle: LongCatBundle,
+        device: torch.device | None = None,
+        engine: EngineOptions = REFERENCE_ENGINE,
+    ) -> None:
+        """`engine`: resolved (pipeline/engine.resolve_engine) and already applied to `bundle.dit`
+        (`from_pretrained` does both); its runtime is what every DiT call runs with."""
         self.bundle = bundle
         self.device = device or next(bundle.dit.parameters()).device
         self.family: LongCatFamily = _family(bundle.model)
+        self.engine = engine
 
     @classmethod
     def from_pretrained(
@@ -132,19 +143,40 @@ class LongCatPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         model: str = "longcat-avatar",
-        **_: object,
+        *,
+        engine: EngineOptions = REFERENCE_ENGINE,
+        sequence_parallel: SequenceParallel | None = None,
+        adapter: str | None = None,
     ) -> LongCatPipeline:
         """ "tiny" for the built-in random-weight model, else the published model folder K (with the base
-        LongCat-Video/ folder beside it: weights/longcat_bundle.py)."""
+        LongCat-Video/ folder beside it: weights/longcat_bundle.py). `engine`: the DiT's attention kernels,
+        compiled blocks and the fp8 tier (bench/RESULTS.md run O); the low-memory mode, extra LoRAs and a
+        split over several GPUs are Wan's only so far and refused here."""
+        if sequence_parallel is not None and sequence_parallel.world_size > 1:
+            raise InvalidInput(f"{model} runs on one GPU; sequence parallelism serves the Wan models only")
+        if engine.offload or engine.loras:
+            raise InvalidInput(
+                f"{model}: the low-memory mode (MULTITALK_OFFLOAD) and extra LoRAs (MULTITALK_LORAS) serve "
+                "the Wan models only so far; unset them for LongCat-Video-Avatar"
+            )
+        if adapter is not None:
+            raise InvalidInput(f"{model} has no audio adapters; got adapter {adapter!r}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        engine = resolve_engine(engine, device)
         if str(path) == "tiny":
             from multitalk_worker.tiny_longcat import build_tiny_longcat_bundle
 
-            return cls(build_tiny_longcat_bundle(model, seed=0, device=device, dtype=dtype), device)
-        from multitalk_worker.weights.longcat_bundle import load_longcat_bundle
+            bundle = build_tiny_longcat_bundle(model, seed=0, device=device, dtype=dtype)
+        else:
+            from multitalk_worker.weights.longcat_bundle import load_longcat_bundle
 
-        return cls(load_longcat_bundle(Path(path), model=model, device=device, dtype=dtype), device)
+            bundle = load_longcat_bundle(Path(path), model=model, device=device, dtype=dtype)
+        if engine.fp8:
+            quantize_dit_fp8(bundle.dit)  # the LoRA branches stay: they read the layers' inputs
+        if engine.compile:
+            compile_blocks(bundle.dit)
+        return cls(bundle, device, engine)
 
     @property
     def is_tiny(self) -> bool:
@@ -307,6 +339,7 @@ class _Run:
         self.text_scale, self.audio_scale = text_scale, audio_scale
         self.progress, self.cancel = progress, cancel
         self.dit, self.vae, self.device = pipe.bundle.dit, pipe.bundle.vae, pipe.device
+        self.runtime = pipe.engine.runtime
         height, width = inputs.first.bucket
         self.latent_shape = (ls.LATENT_CHANNELS, SEGMENT_LATENTS, height // 8, width // 8)
 
@@ -387,7 +420,7 @@ class _Run:
         )
         windows = self._windows(segment)
         head = torch.cat([reference, clean], dim=2)  # [1, 16, 5, h, w]
-        cache = self.dit.clean_cache(head, self.text.positive[0], windows, cond=cond)
+        cache = self.dit.clean_cache(head, self.text.positive[0], windows, cond=cond, runtime=self.runtime)
         state = _Segment(windows, cond, cache, self._masks(), clean=0)
         noisy = noise[:, :, COND_LATENTS:]
         schedule = ls.segment_schedule(self.mode, self.steps, self.shift, continuation=True)
@@ -405,7 +438,7 @@ class _Run:
         def call(text: tuple[Tensor, Tensor], audio: Tensor) -> Tensor:
             return self.dit(
                 latent, timestep, text[0], text[1], audio, cond=state.cond, person_masks=state.masks,
-                kv_cache=state.cache,
+                kv_cache=state.cache, runtime=self.runtime,
             )  # fmt: skip
 
         passes = ls.guidance_passes(self.text_scale, self.audio_scale)

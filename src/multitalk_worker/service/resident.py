@@ -93,13 +93,17 @@ class PipelineHolder:
         start = time.monotonic()
         spec = get_model(self.settings.default_model)
         try:
+            engine = engine_from_settings(self.settings)
             if not spec.adapters:  # a model family with its own pipeline and no adapters (LongCat)
                 self.pipeline = pipeline_class(spec.name).from_pretrained(
-                    weights, device=self.device or resolve_device(self.settings.device), model=spec.name
+                    weights,
+                    device=self.device or resolve_device(self.settings.device),
+                    model=spec.name,
+                    engine=engine,
+                    sequence_parallel=self.sequence_parallel,
                 )
                 self.load_s = time.monotonic() - start
                 return
-            engine = engine_from_settings(self.settings)
             first = first_adapter(self.settings)
             check_swappable(
                 adapters=len(resident_adapters(self.settings)),

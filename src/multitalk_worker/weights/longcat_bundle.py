@@ -40,9 +40,8 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -66,56 +65,13 @@ from multitalk_worker.weights.checkpoint import (
     raise_first,
 )
 from multitalk_worker.weights.loader import load_tokenizer
-from multitalk_worker.weights.longcat import INDEX_FILE, dit_component, load_dit, read_config
+from multitalk_worker.weights.longcat import dit_component, load_dit, read_config
 from multitalk_worker.weights.longcat_lora import LORA_FILE, LoraSwitch, attach_lora
+from multitalk_worker.weights.longcat_manifest import BASE_DIR, TEXT_ENCODER_CONFIG, VAE_CONFIG, base_folder
 from multitalk_worker.weights.wav2vec import load_wav2vec
 from multitalk_worker.weights.whisper import load_whisper
 
 logger = logging.getLogger(__name__)
-
-BASE_FOLDER = "LongCat-Video"  # the base repository, beside the model folder
-TEXT_ENCODER_CONFIG = "text_encoder/config.json"
-VAE_CONFIG = "vae/config.json"
-
-
-@dataclass(frozen=True)
-class Part:
-    """One thing a version reads: under the model folder ("model", K) or the base folder ("base", B)."""
-
-    root: Literal["model", "base"]
-    path: str  # a file, or a folder ending in "/"
-    what: str
-    required: bool = True  # False: used when present (the LoRA is required by distilled jobs only)
-
-
-BASE_PARTS: tuple[Part, ...] = (
-    Part("base", f"{diffusers_layout.TOKENIZER_DIR}/", "umT5 tokenizer (tokenizer.json or spiece.model)"),
-    Part("base", TEXT_ENCODER_CONFIG, "umT5-XXL text encoder config"),
-    Part("base", diffusers_layout.TEXT_ENCODER_INDEX, "umT5-XXL text encoder shard index (and its shards)"),
-    Part("base", VAE_CONFIG, "Wan VAE (AutoencoderKLWan) config"),
-    Part("base", diffusers_layout.VAE_FILE, "Wan VAE (AutoencoderKLWan) weights"),
-)
-
-
-def parts(model: str) -> tuple[Part, ...]:
-    """What LongCat version `model` reads (registry name), for loading, `weights verify` and docs."""
-    family = _family(model)
-    dits = dict.fromkeys((family.dit_folder, family.multi_dit_folder))
-    audio = (
-        ("config.json", "preprocessor_config.json", "model.safetensors")
-        if _v15(family)
-        else ("config.json", "preprocessor_config.json", "pytorch_model.bin")
-    )
-    model_parts = [
-        Part("model", f"{folder}/{name}", f"DiT {folder}")
-        for folder in dits
-        for name in ("config.json", INDEX_FILE)
-    ]
-    model_parts += [Part("model", f"{family.audio_folder}/{name}", "audio encoder") for name in audio]
-    if _v15(family):
-        model_parts.append(Part("model", LORA_FILE, "DMD distillation LoRA (distilled jobs)", required=False))
-    model_parts.append(Part("model", "vocal_separator/Kim_Vocal_2.onnx", "vocal separator", required=False))
-    return (*BASE_PARTS, *model_parts)
 
 
 @contextmanager
@@ -125,11 +81,6 @@ def _part(what: str, where: Path) -> Iterator[None]:
         yield
     except ModelMissing as err:
         raise ModelMissing(f"{what} ({where}): {err.message}") from err
-
-
-def base_folder(model_dir: Path) -> Path:
-    """B: the base LongCat-Video folder beside the model folder (K/../LongCat-Video)."""
-    return model_dir.resolve().parent / BASE_FOLDER
 
 
 def load_longcat_bundle(
@@ -150,7 +101,7 @@ def load_longcat_bundle(
     if not base.is_dir():
         raise ModelMissing(
             f"missing the base folder {base}: LongCat-Video-Avatar reads its tokenizer, text encoder and VAE "
-            f"from {BASE_FOLDER}/ beside the model folder ({model_dir.name}/../{BASE_FOLDER}), as the "
+            f"from {BASE_DIR}/ beside the model folder ({model_dir.name}/../{BASE_DIR}), as the "
             "reference's demo scripts do; download meituan-longcat/LongCat-Video there"
         )
     start = time.monotonic()

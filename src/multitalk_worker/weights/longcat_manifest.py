@@ -39,6 +39,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from multitalk_worker.errors import CheckpointError, InvalidInput, ModelLoadFailed, ModelMissing
 from multitalk_worker.models.longcat.config import LongCatAvatarConfig
+from multitalk_worker.pipeline.vocals import VOCAL_DIR, VOCAL_MODEL
 from multitalk_worker.registry import get_model
 from multitalk_worker.weights import diffusers_layout
 from multitalk_worker.weights.checkpoint import (
@@ -54,15 +55,16 @@ from multitalk_worker.weights.longcat import (
     build_empty,
     verify_dits,
 )
-from multitalk_worker.weights.longcat_lora import _TAIL, PREFIX, module_path
+from multitalk_worker.weights.longcat_lora import _TAIL, LORA_FILE, PREFIX, module_path
 from multitalk_worker.weights.manifest import RequiredFile, VerifyReport, unique_problems
 from multitalk_worker.weights.wav2vec import WAV2VEC_DIR, check_wav2vec
 from multitalk_worker.weights.whisper import WHISPER_DIR, check_whisper
 
 BASE_DIR = "LongCat-Video"  # B, beside K (the reference's `K/../LongCat-Video`)
 BASE_REPO = "meituan-longcat/LongCat-Video"
-LORA_FILE = "lora/dmd_lora.safetensors"
-VOCAL_FILE = "vocal_separator/Kim_Vocal_2.onnx"  # pipeline/vocals.py VOCAL_DIR / VOCAL_MODEL
+TEXT_ENCODER_CONFIG = "text_encoder/config.json"
+VAE_CONFIG = "vae/config.json"
+VOCAL_FILE = f"{VOCAL_DIR}/{VOCAL_MODEL}"
 DISTILL_PRESET = "longcat-distill"  # pipeline/presets.py: the one preset that runs with the DMD LoRA
 
 
@@ -126,9 +128,9 @@ def _dit(folder: str, size: str) -> tuple[LongCatFile, ...]:
 BASE_FILES = (
     _base("tokenizer/tokenizer_config.json", "umT5 tokenizer config"),
     _base("tokenizer/tokenizer.json", "umT5 tokenizer", alt=("tokenizer/spiece.model",)),
-    _base("text_encoder/config.json", "umT5-XXL encoder config"),
+    _base(TEXT_ENCODER_CONFIG, "umT5-XXL encoder config"),
     _base(diffusers_layout.TEXT_ENCODER_INDEX, "umT5-XXL encoder index (5 shards)", size="22.7 GB (fp32)"),
-    _base("vae/config.json", "Wan VAE config"),
+    _base(VAE_CONFIG, "Wan VAE config"),
     _base(diffusers_layout.VAE_FILE, "Wan VAE", size="507.6 MB (fp32)"),
 )
 VOCALS = _model(VOCAL_FILE, "MDX-Net vocal separator (the vocal stage)", optional=True)
@@ -184,7 +186,7 @@ def longcat_manifest(model: str) -> LongCatManifest:
 
 def base_folder(root: Path) -> Path:
     """B for the model folder K = `root`: `K/../LongCat-Video`."""
-    return root.parent / BASE_DIR
+    return root.resolve().parent / BASE_DIR
 
 
 def verify_longcat(
