@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from multitalk_worker.config import Settings
 from multitalk_worker.errors import Cancelled, InvalidInput, ModelLoadFailed, ModelMissing
 from multitalk_worker.media import probe_mp4
 from multitalk_worker.models.runtime import AUTO, FAST_RUNTIME, REFERENCE_RUNTIME
+from multitalk_worker.pipeline.checkpoint import ClipCheckpoint
 from multitalk_worker.pipeline.engine import EngineOptions, engine_options
 from multitalk_worker.pipeline.longcat import LongCatPipeline
 from multitalk_worker.pipeline.longcat_segments import ADVANCE, SEGMENT_FRAMES
@@ -250,3 +252,28 @@ def test_the_engine_reaches_the_dit(v15: LongCatPipeline) -> None:
         LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", engine=low_memory)
     with pytest.raises(InvalidInput, match="no audio adapters"):
         LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", adapter="single")
+
+
+@pytest.mark.parametrize("model", ["longcat-avatar", "longcat-avatar-1.0"])
+def test_a_resumed_job_makes_the_same_video(
+    model: str, v15: LongCatPipeline, v10: LongCatPipeline, long_speech: Path, tmp_path: Path
+) -> None:
+    """Stopped once its first segment is on disk and run again, a job continues at segment 2 and its video
+    has the bytes of a run that never stopped (2 segments: 4 s at 1.5's 25 fps, 7 s at 1.0's 16 fps; a drawn
+    seed survives; 1.0 carries its last latents too)."""
+    pipeline, seconds = (v15, 4.0) if model == "longcat-avatar" else (v10, 7.0)
+    speech = (Speaker(long_speech),)
+    job = request(model, speakers=speech, max_duration_s=seconds, sampling=replace(ONE_STEP, seed=-1))
+    stopped = ClipCheckpoint(tmp_path / "job", "digest")
+    with pytest.raises(Cancelled):
+        pipeline(job, checkpoint=stopped, cancel=lambda: len(stopped.sink.paths()) >= 1)
+    again = ClipCheckpoint(tmp_path / "job", "digest")
+    resumed = pipeline(job, checkpoint=again)
+    assert (resumed.clips_resumed, resumed.clips_generated) == (1, 1)
+    assert resumed.resume_reason == "resumed after clip 1"
+    again.sink.assemble(tmp_path / "resumed.mp4")
+    whole = ClipCheckpoint(tmp_path / "whole", "digest")
+    uninterrupted = pipeline(replace(job, sampling=replace(ONE_STEP, seed=resumed.seed)), checkpoint=whole)
+    assert (uninterrupted.clips_resumed, uninterrupted.clips_generated) == (0, 2)
+    whole.sink.assemble(tmp_path / "whole.mp4")
+    assert (tmp_path / "resumed.mp4").read_bytes() == (tmp_path / "whole.mp4").read_bytes()

@@ -203,6 +203,47 @@ def test_a_killed_worker_finishes_the_job_sent_again(world: World, tmp_path: Pat
     assert not folder.exists()  # delivered: nothing is left to resume
 
 
+@SLOW
+def test_a_killed_longcat_worker_finishes_the_job_sent_again(world: World, tmp_path: Path) -> None:
+    """LongCat-Video-Avatar 1.5 through the same door: 7 s of speech, three segments of one step, killed
+    once one segment is in the checkpoint; the uninterrupted run is another worker process (the module's
+    service holds a Wan model)."""
+    env = child_env(world, MULTITALK_MODEL="longcat-avatar", MULTITALK_CHECKPOINT_DIR=str(tmp_path / "ckpt"))
+    job_input = {
+        "model": "longcat-avatar",
+        "image": "person.png",
+        "speakers": [{"audio": "long_a.wav"}],
+        "prompt": "a person talks",
+        "resolution": "tiny",
+        "max_duration_s": 7.0,
+        "advanced": {"steps": 1, "seed": 3},
+    }
+
+    def command(job_id: str) -> list[str]:
+        job = {
+            "id": job_id,
+            "input": job_input | {"output": {"delivery": "volume", "path": f"out/{job_id}.mp4"}},
+        }
+        return [sys.executable, "-m", "multitalk_worker.worker", "--test_input", json.dumps(job)]
+
+    def finish(job_id: str) -> dict[str, Any]:
+        done = subprocess.run(
+            command(job_id), capture_output=True, text=True, env=env, cwd=REPO, timeout=TIMEOUT_S
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return printed_result(done.stdout)
+
+    with (tmp_path / "killed.log").open("wb") as log:
+        first = subprocess.Popen(
+            command("resume-longcat"), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+    try:
+        kill_when(first, lambda: clips_on_disk(tmp_path / "ckpt" / "resume-longcat") >= 1, "a segment")
+    finally:
+        end(first)
+    assert_resumed(finish("resume-longcat"), 1, finish("whole-longcat"))
+
+
 # ----------------------------------------------------------------------------- the local API
 
 

@@ -10,7 +10,8 @@ video's last 13 frames (the video's first frame is the reference); its output is
 
 Each segment's kept frames go to the `FrameSink` as soon as they are decoded; only the last 13 uint8
 frames (and, for 1.0, the last 4 latents) are carried to the next segment, so memory does not grow with the
-video. One generator is seeded once and drawn in the reference's order (§7.5). Guidance runs the passes of
+video. With a checkpoint (pipeline/checkpoint.py) that carried state, the reference latent and the RNG state are
+saved after every segment, and a job sent again continues after its last saved segment. One generator is seeded once and drawn in the reference's order (§7.5). Guidance runs the passes of
 pipeline/longcat_sampling.py one at a time (the reference batches u_t and c for one speaker: same values
 within the batched GEMMs' rounding, §7.3).
 """
@@ -37,7 +38,7 @@ from multitalk_worker.models.runtime import compile_blocks
 from multitalk_worker.models.sequence_parallel import SequenceParallel
 from multitalk_worker.models.vae import vae_decode, vae_encode
 from multitalk_worker.pipeline import longcat_sampling as ls
-from multitalk_worker.pipeline.checkpoint import ClipCheckpoint
+from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, ClipState
 from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, quantize_dit_fp8, resolve_engine
 from multitalk_worker.pipeline.longcat_audio import (
     FeatureEncoder,
@@ -102,6 +103,15 @@ class LongCatBundle:
 
 
 @dataclass(frozen=True)
+class _Loop:
+    """The segment loop's seed, the state it resumes from (None: from segment 0) and where it saves."""
+
+    seed: int
+    state: ClipState | None
+    checkpoint: ClipCheckpoint | None
+
+
+@dataclass(frozen=True)
 class _Text:
     positive: tuple[Tensor, Tensor]  # [1, Lt, C], mask [1, Lt]
     negative: tuple[Tensor, Tensor] | None  # only when guidance is on
@@ -121,7 +131,7 @@ class _Segment:
 class LongCatPipeline:
     """Holds the loaded networks of one LongCat version; each call makes one video."""
 
-    resumable = False  # the segment loop has no checkpoint hooks yet: a job sent again starts afresh
+    resumable = True  # a checkpoint after every segment (pipeline/checkpoint.py)
 
     def __init__(
         self,
@@ -212,8 +222,6 @@ class LongCatPipeline:
         inputs: LongCatInputs | None = None,
         checkpoint: ClipCheckpoint | None = None,
     ) -> GenerationResult:
-        if checkpoint is not None:
-            raise InvalidInput(f"{request.model} jobs cannot resume from a checkpoint yet")
         if request.model != self.bundle.model:
             raise InvalidInput(
                 f"this pipeline serves model {self.bundle.model}; the request asks for {request.model}"
@@ -221,7 +229,12 @@ class LongCatPipeline:
         if request.resolution == "tiny" and not self.is_tiny:
             raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
         timings: dict[str, float] = {}
+        resumed = checkpoint.open() if checkpoint is not None else None
+        state = resumed.state if resumed is not None else None
         seed = request.sampling.seed if request.sampling.seed >= 0 else random.randint(0, MAX_SEED)
+        seed = state.seed if state is not None else seed  # a drawn seed is kept across resumes
+        if checkpoint is not None:
+            sink = checkpoint.sink
         with _stage(timings, "audio"):
             inputs = inputs or prepare_longcat_inputs(request)
         collector = FrameCollector() if sink is None else None
@@ -241,7 +254,9 @@ class LongCatPipeline:
         run = _Run(
             self, inputs, features, text, steps, mode, shift, text_scale, audio_scale, progress, cancel
         )
-        run.generate(torch.Generator(self.device).manual_seed(seed), out, timings)
+        loop = _Loop(seed, state, checkpoint)
+        run.generate(torch.Generator(self.device).manual_seed(seed), out, timings, loop)
+        segments, done = len(inputs.plan.segments), state.clips_done if state is not None else 0
         return GenerationResult(
             frames=None if collector is None else collector.frames(),
             frame_count=inputs.plan.output_frames,
@@ -252,6 +267,9 @@ class LongCatPipeline:
             seed=seed,
             timings=timings,
             resolved=inputs.report(request) | {"weights": self.bundle.weights, "seed": seed},
+            clips_generated=segments - done,
+            clips_resumed=done,
+            resume_reason=None if resumed is None else resumed.reason,
         )
 
     def _prepare_dit(self, persons: int, *, distilled: bool, timings: dict[str, float]) -> None:
@@ -343,7 +361,11 @@ class _Run:
         height, width = inputs.first.bucket
         self.latent_shape = (ls.LATENT_CHANNELS, SEGMENT_LATENTS, height // 8, width // 8)
 
-    def generate(self, generator: torch.Generator, sink: FrameSink, timings: dict[str, float]) -> None:
+    def generate(
+        self, generator: torch.Generator, sink: FrameSink, timings: dict[str, float], loop: _Loop
+    ) -> None:
+        """The segment loop; after each segment, what the next one needs goes to `loop.checkpoint`, and a
+        resumed loop (`loop.state`) starts after its last saved segment."""
         plan = self.inputs.plan
         count = len(plan.segments)
         reference: Tensor | None = None  # [1, 16, 1, h, w] float32: the first segment's latent 0
@@ -351,11 +373,20 @@ class _Run:
             None  # [1, 3, 13, H, W] in [-1, 1]: the last frames after the uint8 round trip
         )
         tail: Tensor | None = None  # v1.0: the previous returned latent's last 4 latents
-        if self.inputs.source_frames is not None:  # a video source: continue it
+        done = 0
+        if loop.state is not None:  # the segments before were made by an earlier run of this job
+            generator.set_state(loop.state.rng)
+            saved = {key: value.to(self.device) for key, value in loop.state.conditioner.items()}
+            reference, tail = saved["reference"], saved.get("tail")
+            carried = None if loop.state.motion is None else loop.state.motion.to(self.device)
+            done = loop.state.clips_done
+            if self.progress is not None:
+                self.progress(Progress("resume", done, count, 0, self.steps))
+        elif self.inputs.source_frames is not None:  # a video source: continue it
             carried = self.inputs.source_frames.to(self.device)
             with _stage(timings, "condition"):
                 reference = vae_encode(self.vae, self.inputs.first.pixels.to(self.device))
-        for segment in plan.segments:
+        for segment in plan.segments[done:]:
             if self.cancel is not None and self.cancel():
                 raise Cancelled(f"cancelled before segment {segment.index + 1} of {count}")
             self._report("condition", segment, 0)
@@ -376,6 +407,12 @@ class _Run:
                     sink.write(frames[first:last])
             carried = _from_uint8(frames[-COND_FRAMES:], self.device)
             tail = latent[:, :, -COND_LATENTS:]
+            if loop.checkpoint is not None:  # after the last segment too: a retry then only assembles
+                with _stage(timings, "checkpoint"):
+                    assert reference is not None
+                    kept = {"reference": reference} | ({} if tail is None else {"tail": tail})
+                    state = ClipState(segment.index + 1, loop.seed, generator.get_state(), carried, kept)
+                    loop.checkpoint.save(state)
 
     def _first(self, segment: Segment, generator: torch.Generator, timings: dict[str, float]) -> Tensor:
         """ai2v (§7.4): the image latent clean at latent 0 (timestep 0), latents 1... denoised."""
