@@ -27,9 +27,16 @@ from multitalk_worker.pipeline.longcat import LongCatPipeline
 from multitalk_worker.pipeline.request import GenerationRequest, SamplingParams, Speaker
 from multitalk_worker.service import JobService
 from multitalk_worker.tiny_longcat import TINY_LORA_ALPHA_SCALE, build_tiny_longcat_bundle, tiny_dmd_lora
-from multitalk_worker.weights.longcat_bundle import BASE_FOLDER, parts, reload_dit
+from multitalk_worker.weights.longcat_bundle import reload_dit
 from tests.conftest import EXAMPLES
-from tests.tiny_longcat import LORA_FILE, dit_config, random_tensors, round_to, write_longcat_folders
+from tests.tiny_longcat import (
+    BASE_FOLDER,
+    LORA_FILE,
+    dit_config,
+    random_tensors,
+    round_to,
+    write_longcat_folders,
+)
 
 ONE_STEP = SamplingParams(steps=1, text_guidance=1.0, audio_guidance=1.0, seed=3)
 DISTILLED = SamplingParams(steps=8, text_guidance=1.0, audio_guidance=1.0, seed=3)
@@ -281,20 +288,6 @@ def test_v10_missing_wav2vec_and_a_multi_dit_of_another_shape(
     with pytest.raises(CheckpointError, match="avatar_multi/config.json"):
         reload_dit(k, "avatar_multi", dit, dtype=torch.float32)
     assert all(torch.equal(before[key], value) for key, value in dit.state_dict().items())
-
-
-def test_parts_lists_what_each_version_reads() -> None:
-    v15 = {p.path for p in parts("longcat-avatar")}
-    assert {"base_model/config.json", "whisper-large-v3/model.safetensors", "lora/dmd_lora.safetensors",
-            "text_encoder/model.safetensors.index.json",
-            "vae/diffusion_pytorch_model.safetensors"} <= v15  # fmt: skip
-    v10 = {p.path for p in parts("longcat-avatar-1.0")}
-    assert {
-        "avatar_single/config.json",
-        "avatar_multi/config.json",
-        "chinese-wav2vec2-base/pytorch_model.bin",
-    } <= v10
-    assert not any(p.startswith("lora/") for p in v10)
 
 
 def test_a_real_size_folder_refuses_the_tiny_resolution(

@@ -221,7 +221,7 @@ def write_dmd_lora(
 
 # ------------------------------------------------------------- whole model folders (K and B, spec §2.1, §2.2)
 
-BASE_FOLDER = "LongCat-Video"
+BASE_FOLDER = "LongCat-Video"  # the published base repository, beside the model folder (spec §2.1)
 MODEL_FOLDERS = {"longcat-avatar": "LongCat-Video-Avatar-1.5", "longcat-avatar-1.0": "LongCat-Video-Avatar"}
 DIT_FOLDERS = {"longcat-avatar": ("base_model",), "longcat-avatar-1.0": ("avatar_single", "avatar_multi")}
 TEXT_SHARDS = 2
@@ -242,6 +242,24 @@ def dit_config(model: str) -> dict[str, Any]:
     return TINY_15 | TINY_DIT[model]
 
 
+def write_base_folder(base: Path, bundle: LongCatBundle) -> Path:
+    """B (`LongCat-Video/`): tokenizer/, text_encoder/ (2 float32 shards + index, `shared.weight` stored
+    once, as transformers saves it), vae/ (float32), from `bundle`'s own networks."""
+    from tests.tiny import _plain, write_index, write_sharded
+
+    text = _plain(bundle.text_encoder.state_dict(), torch.float32)
+    text.pop("encoder.embed_tokens.weight")  # tied to shared.weight; saved once
+    weight_map = write_sharded(base / "text_encoder", text, "model", TEXT_SHARDS)
+    write_index(base / "text_encoder" / "model.safetensors.index.json", weight_map, text)
+    bundle.text_encoder.config.save_pretrained(base / "text_encoder")
+    bundle.tokenizer.save_pretrained(base / "tokenizer")
+    (base / "vae").mkdir(parents=True)
+    vae_file = base / "vae" / "diffusion_pytorch_model.safetensors"
+    save_file(_plain(bundle.vae.state_dict(), torch.float32), str(vae_file), metadata={"format": "pt"})
+    bundle.vae.save_config(base / "vae")
+    return base
+
+
 def write_longcat_folders(
     root: Path,
     bundle: LongCatBundle,
@@ -254,20 +272,9 @@ def write_longcat_folders(
     Whisper in fp16 as published (round the bundle first: `round_to`), umT5, the VAE and wav2vec2 in float32.
     1.0: `avatar_single/` is the bundle's DiT, `avatar_multi/` the tensors `multi` (default: the bundle's).
     1.5: `lora/dmd_lora.safetensors` holds `lora` when given."""
-    from tests.tiny import _plain, wav2vec_file_state, write_index, write_sharded
+    from tests.tiny import _plain, wav2vec_file_state
 
-    base = root / BASE_FOLDER
-    text = _plain(bundle.text_encoder.state_dict(), torch.float32)
-    text.pop("encoder.embed_tokens.weight")  # tied to shared.weight; saved once
-    weight_map = write_sharded(base / "text_encoder", text, "model", TEXT_SHARDS)
-    write_index(base / "text_encoder" / "model.safetensors.index.json", weight_map, text)
-    bundle.text_encoder.config.save_pretrained(base / "text_encoder")
-    bundle.tokenizer.save_pretrained(base / "tokenizer")
-    (base / "vae").mkdir(parents=True)
-    vae_file = base / "vae" / "diffusion_pytorch_model.safetensors"
-    save_file(_plain(bundle.vae.state_dict(), torch.float32), str(vae_file), metadata={"format": "pt"})
-    bundle.vae.save_config(base / "vae")
-
+    write_base_folder(root / BASE_FOLDER, bundle)
     k = root / MODEL_FOLDERS[bundle.model]
     k.mkdir(parents=True)
     (k / "config.json").write_text(json.dumps({"model_name": MODEL_FOLDERS[bundle.model]}) + "\n")

@@ -22,12 +22,10 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors.torch import save_file
 
 from multitalk_worker.tiny_longcat import build_tiny_longcat_bundle
 from tests.conftest import REPO
-from tests.tiny import write_index, write_sharded
-from tests.tiny_longcat import TINY_10, TINY_15, write_dmd_lora, write_longcat_dit
+from tests.tiny_longcat import TINY_10, TINY_15, write_base_folder, write_dmd_lora, write_longcat_dit
 
 WAV2VEC_FIXTURE = REPO / "tests/fixtures/parity/wav2vec/chinese-wav2vec2-base"
 TEXT_SHARDS = 2
@@ -41,19 +39,8 @@ def _audio_tools() -> ModuleType:
 
 
 def write_base(folder: Path, seed: int = 0) -> Path:
-    """B: tokenizer/, text_encoder/ (2 shards + index, `shared.weight` stored once), vae/."""
-    bundle = build_tiny_longcat_bundle("longcat-avatar", seed=seed)
-    text = {k: v.detach().float().contiguous() for k, v in bundle.text_encoder.state_dict().items()}
-    text.pop("encoder.embed_tokens.weight")  # tied to shared.weight; saved once, as transformers saves it
-    weight_map = write_sharded(folder / "text_encoder", text, "model", TEXT_SHARDS)
-    write_index(folder / "text_encoder" / "model.safetensors.index.json", weight_map, text)
-    bundle.text_encoder.config.save_pretrained(folder / "text_encoder")
-    bundle.tokenizer.save_pretrained(folder / "tokenizer")
-    (folder / "vae").mkdir(parents=True)
-    vae = {k: v.detach().float().contiguous() for k, v in bundle.vae.state_dict().items()}
-    save_file(vae, str(folder / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
-    bundle.vae.save_config(folder / "vae")
-    return folder
+    """B: the tiny bundle's umT5, tokenizer and VAE (tests/tiny_longcat.write_base_folder)."""
+    return write_base_folder(folder, build_tiny_longcat_bundle("longcat-avatar", seed=seed))
 
 
 def write_model(folder: Path, model: str, seed: int = 0) -> Path:
