@@ -1,6 +1,7 @@
 """The part so far of a running local job (issue #22): /status says how many seconds are ready, and
 /jobs/{id}/video answers with the finished clips as one mp4 with audio, whose frames are the final video's
-first frames, then with the finished file."""
+first frames, then with the finished file. The publisher of the part so far (S3 delivery; its end-to-end test
+is tests/test_worker.py's) uploads the newest part beside the clip loop."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import numpy as np
 import requests
 
 from multitalk_worker.config import Settings
+from multitalk_worker.errors import UploadFailed
 from multitalk_worker.local_api.app import create_app
 from multitalk_worker.media import probe_mp4, read_frames
+from multitalk_worker.pipeline.request import VideoSpec
+from multitalk_worker.progress import Snapshot
+from multitalk_worker.segments import ClipSegments
 from multitalk_worker.service import JobService
+from multitalk_worker.service.part import PartPublisher
 from tests.servers import serve_app
 
 # the whole 4.1 s track: two tiny clips
@@ -88,3 +94,53 @@ def test_a_stopped_server_resumes_its_running_job_and_keeps_finished_ones(
     clips = status["output"]["clips"]
     assert clips["resumed"] >= 1 and clips["resume"].startswith("resumed after clip")
     assert clips["resumed"] + clips["generated"] == status["clips_done"]
+
+
+class RecordingBucket:
+    """Test double of S3 behind a `PartDelivery`: keeps each uploaded part's frame count; the first upload
+    is refused."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.frames: list[int] = []
+
+    def deliver_part(self, video: Path) -> dict[str, object]:
+        self.calls += 1
+        if self.calls == 1:
+            raise UploadFailed("the bucket refused it", retryable=True)
+        self.frames.append(probe_mp4(video).frames)
+        return {"url": f"http://bucket.invalid/part?upload={self.calls}"}
+
+    def remove_part(self) -> None:
+        raise AssertionError("the job service removes the part, not the publisher")
+
+
+def test_the_publisher_uploads_the_newest_part_and_skips_a_refused_one(tmp_path: Path) -> None:
+    sink = ClipSegments(tmp_path / "segments")
+    fps, rate = 25, 16_000
+    sink.open(VideoSpec(16, 16, 6, fps, np.zeros(6 * rate // fps, np.float32), rate))
+    for value in (40, 120, 200):  # three clips of two frames
+        sink.write(np.full((2, 16, 16, 3), value, np.uint8))
+    bucket = RecordingBucket()
+    publisher = PartPublisher(bucket, lambda: sink.folder, tmp_path)
+    empty = Snapshot("sample", 2, 3, 1, 2, None, None, None, False, clips_done=1)
+    try:
+        publisher.offer(1)
+        _wait(lambda: bucket.calls == 1)
+        assert publisher.annotate(empty) == empty  # refused: logged, no URL
+        publisher.offer(3)
+        publisher.offer(2)  # an older count than the newest offered: nothing to do
+        _wait(lambda: publisher.annotate(empty).part_url is not None)
+        shown = publisher.annotate(empty)
+        assert (shown.part_url, shown.part_clips) == ("http://bucket.invalid/part?upload=2", 3)
+    finally:
+        publisher.close()
+    assert bucket.frames == [6] and publisher.published == 1 and publisher.seconds > 0
+    assert not (tmp_path / "part.mp4").exists()  # the part's file is removed once uploaded
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -14,7 +14,15 @@ from botocore.exceptions import ClientError
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import WorkerError
-from multitalk_worker.io.delivery import S3Delivery, base64_size, deliver_base64, deliver_s3, deliver_volume
+from multitalk_worker.io.delivery import (
+    Base64Delivery,
+    S3Delivery,
+    base64_size,
+    deliver_base64,
+    deliver_s3,
+    deliver_volume,
+    part_delivery,
+)
 from multitalk_worker.io.fetch import InputFetcher, sniff
 from multitalk_worker.io.s3 import make_s3_client, s3_reason, s3_retryable, upload_reason
 from multitalk_worker.io.volume import volume_destination
@@ -366,6 +374,31 @@ def test_deliver_s3_failures(
     missing = make_settings(**s3_server.env(bucket="no-such-bucket"))
     error = expect("UPLOAD_FAILED", S3Delivery(missing, "k.mp4", lambda: make_s3_client(missing)).check)
     assert "no such bucket" in error.message and not error.retryable
+
+
+def test_the_part_so_far_beside_the_video(
+    make_settings: Callable[..., Settings], s3_server: S3Server, tmp_path: Path
+) -> None:
+    """S3 delivery with MULTITALK_S3_PART (the default) takes the part so far at `<key>.part`, replaced at
+    each upload; `remove_part` deletes it (a second time is no error). With the setting off, and for the
+    other deliveries, there is no part delivery."""
+    settings = make_settings(**s3_server.env())
+    delivery = S3Delivery(settings, "multitalk/job-3.mp4", lambda: make_s3_client(settings))
+    part = part_delivery(delivery, settings)
+    assert part is delivery
+    client, video = s3_server.client(), tmp_path / "part.mp4"
+    for size in (3000, 5000):
+        video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(size))
+        out = part.deliver_part(video)
+        assert out["key"] == "multitalk/job-3.mp4.part" and "X-Amz-Signature=" in str(out["url"])
+        head = client.head_object(Bucket=OUTPUT_BUCKET, Key="multitalk/job-3.mp4.part")
+        assert (head["ContentLength"], head["ContentType"]) == (size + 12, "video/mp4")
+    part.remove_part()
+    part.remove_part()
+    assert client.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix="multitalk/job-3")["KeyCount"] == 0
+    off = make_settings(MULTITALK_S3_PART="false", **s3_server.env())
+    assert part_delivery(S3Delivery(off, "multitalk/job-3.mp4", lambda: make_s3_client(off)), off) is None
+    assert part_delivery(Base64Delivery(settings), settings) is None
 
 
 def test_deliver_base64(make_settings: Callable[..., Settings], tmp_path: Path) -> None:

@@ -6,20 +6,24 @@ CI needs two things installed (not in requirements.lock yet; .ci/run belongs to 
 Without them the test skips with one line saying which is missing.
 
 One server and one browser for the module. The tests: an image job (upload the example files, draw both
-speakers' boxes, preview the job as the model sees it, run it on the tiny model, play the video); a dub (the
+speakers' boxes, preview the job as the model sees it, run it on the tiny model: two clips, the part so far
+seen playing before the job completes, then the finished video from where the part was); a dub (the
 example video through the page: the model choice follows the source, the result plays); a phone (390 px wide,
 a box drawn by touch events, nothing off the screen, a failed check clears the old preview).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import requests
 
@@ -60,14 +64,48 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Headless Chromium for the module. When the module ends, after a failure too, and when the run is
+    stopped by SIGTERM (`timeout`), every process under Playwright's driver (the browser, its renderers and
+    helpers, the driver itself) is SIGKILLed once the browser has been asked to close: orphaned headless
+    Chromium processes of an earlier run were found spinning at 94 % of a core on the 2-core machine, the
+    likely cause of an earlier stall of this test."""
     from playwright.sync_api import sync_playwright
 
-    with sync_playwright() as playwright:
+    this = psutil.Process()
+    before = {child.pid for child in this.children()}
+    playwright = sync_playwright().start()
+    drivers = [child for child in this.children() if child.pid not in before]
+
+    def processes() -> list[psutil.Process]:
+        found = list(drivers)
+        for driver in drivers:
+            with contextlib.suppress(psutil.Error):
+                found += driver.children(recursive=True)
+        return found
+
+    def stopped(signum: int, frame: object) -> None:
+        _kill(processes())
+        raise KeyboardInterrupt  # pytest stops the run, its teardowns done
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
         chromium = playwright.chromium.launch(
             executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
         )
         yield chromium
-        chromium.close()
+    finally:
+        running = processes()  # before closing: a closed driver's browser would be orphaned, out of reach
+        with contextlib.suppress(Exception):
+            playwright.stop()  # closes the browser
+        _kill(running)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _kill(processes: list[psutil.Process]) -> None:
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.kill()  # psutil checks the start time: a reused pid is not touched
+    psutil.wait_procs(processes, timeout=10)
 
 
 @pytest.fixture
@@ -112,7 +150,12 @@ def _wait_for_playable_result(page: Any) -> float:
     return float(page.evaluate("document.getElementById('result').duration"))
 
 
-def test_page_previews_runs_and_plays_a_two_speaker_job(page: Any, tmp_path: Path) -> None:
+def test_page_previews_runs_and_plays_a_two_speaker_job_as_it_grows(
+    page: Any, api: str, tmp_path: Path
+) -> None:
+    """Two speakers at once (4.1 s of speech: two tiny clips). Once the first clip is finished the page shows
+    the part so far and starts it by itself (muted); it is seen playing while /status still says
+    IN_PROGRESS; the finished video goes on from where the part was."""
     assert page.input_value("#model") == "multitalk"  # MULTITALK_MODEL, from /health
     held = page.inner_text("#models")
     assert "multitalk (adapters multitalk; takes image)" in held, held
@@ -120,7 +163,6 @@ def test_page_previews_runs_and_plays_a_two_speaker_job(page: Any, tmp_path: Pat
     page.set_input_files("#image", str(EXAMPLES / "two_people.png"))
     page.set_input_files("#audio1", str(EXAMPLES / "speech_a.wav"))
     page.set_input_files("#audio2", str(EXAMPLES / "speech_b.wav"))
-    page.fill("#max_duration_s", "0.4")
     page.fill("#steps", "2")
     page.fill("#seed", "3")
     page.wait_for_function("document.getElementById('canvas').height !== 360")
@@ -135,18 +177,50 @@ def test_page_previews_runs_and_plays_a_two_speaker_job(page: Any, tmp_path: Pat
     page.click("#check")
     page.wait_for_function("document.getElementById('preview').src.startsWith('data:image/png')")
     plan = page.inner_text("#plan")
-    assert "1 clip(s)" in plan and "10 frames" in plan and "2 steps x 3 passes" in plan, plan
+    assert "2 clip(s)" in plan and "99 frames" in plan and "2 steps x 3 passes" in plan, plan
     width = page.evaluate("document.getElementById('preview').naturalWidth")
     assert width == 64  # two_people.png is 2:1, the tiny 0.50 bucket is 32x64 (H x W)
     _screenshot(page, tmp_path, "web-preview")
 
+    page.evaluate(RECORD_PLAYING)
     page.click("#submit")
+    page.wait_for_function(PLAYING_OR_DONE, timeout=300_000)
+    assert page.evaluate(PLAYING), "the job completed before its part so far was seen playing"
+    src = page.evaluate("document.getElementById('result').src")
+    job_id = src.split("/jobs/")[1].split("/")[0]
+    status = requests.get(f"{api}/status/{job_id}", timeout=30).json()
+    # seen playing, then the job asked: it had not completed when the part so far played
+    assert "?ready=" in src and status["status"] == "IN_PROGRESS", (src, status["status"])
+    assert status["clips_done"] == 1, status
+    _screenshot(page, tmp_path, "web-part")
+
     duration = _wait_for_playable_result(page)
-    assert abs(duration - 0.4) < 0.1, duration
-    assert page.inner_text("#status").startswith("done: 10 frames, 64x32")
+    assert abs(duration - 3.96) < 0.1, duration
+    assert page.inner_text("#status").startswith("done: 99 frames, 64x32")
     href = page.get_attribute("#download", "href")
     assert href is not None and href.endswith("/video")
+    page.wait_for_function("window.playing.some(([src]) => !src.includes('?ready='))", timeout=60_000)
+    playing = page.evaluate("window.playing")
+    times = [at for _, at in playing]
+    assert times == sorted(times), playing  # the final video goes on from the part's position, not from 0
+    assert "?ready=" in playing[0][0] and playing[-1][0].endswith("/video"), playing
     _screenshot(page, tmp_path, "web-done")
+
+
+# The <video> plays: shown, not paused, past its first frame.
+PLAYING = """(() => {
+  const video = document.getElementById('result');
+  return !video.hidden && !video.paused && video.currentTime > 0;
+})()"""
+
+PLAYING_OR_DONE = f"{PLAYING} || !document.getElementById('download').hidden"
+
+# Every 'playing' event of the <video>: [its source, its position then].
+RECORD_PLAYING = """(() => {
+  const video = document.getElementById('result');
+  window.playing = [];
+  video.addEventListener('playing', () => window.playing.push([video.src, video.currentTime]));
+})()"""
 
 
 def test_page_dubs_a_video_to_a_playable_result(page: Any, api: str, tmp_path: Path) -> None:

@@ -18,12 +18,14 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import requests
 import torch
 from runpod.serverless.modules.rp_job import run_job
 from torch.distributed import DistBackendError
@@ -31,7 +33,7 @@ from torch.distributed import DistBackendError
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import ERROR_CODES, OutputInvalid
 from multitalk_worker.logs import configure_logging
-from multitalk_worker.media import probe_mp4, write_mp4
+from multitalk_worker.media import probe_mp4, read_frames, write_mp4
 from multitalk_worker.pipeline.request import GenerationResult
 from multitalk_worker.progress import Snapshot
 from multitalk_worker.service import JobService
@@ -442,6 +444,60 @@ def test_twenty_jobs_in_a_row(
     for secret in (*s3_server.writer, image_b64[100:160], "X-Amz-Signature", "X-Amz-Credential"):
         assert secret not in logs
     assert not re.search(r"[A-Za-z0-9+/]{200,}", logs)  # no base64 payload of any kind
+
+
+def test_s3_delivery_shows_the_part_so_far_as_it_grows(
+    make_settings: Callable[..., Settings], s3_server: S3Server, tmp_path: Path
+) -> None:
+    """A two-clip job (the whole 4.1 s of speech_a) with S3 delivery through the RunPod handler: after clip 1
+    the part so far is uploaded beside the video's key, its presigned URL comes in the progress updates, and
+    what that URL gives while the job runs decodes to the finished clip's frames (the final video's first
+    frames, bit for bit) with their audio; at the end the part is deleted and the object is the whole
+    video."""
+    key = "multitalk/grows.mp4"
+    client = s3_server.client()
+    updates: list[Snapshot] = []
+    fetched: list[tuple[int, bytes]] = []
+
+    def sink(job: dict[str, Any], snapshot: Snapshot) -> None:  # test double of RunPod's queue
+        updates.append(snapshot)
+        if snapshot.clips_done and not any(u.part_url for u in updates):
+            _wait_for_object(client, key + ".part")  # a client waiting for the part (the upload is a thread)
+        if snapshot.part_url and not fetched:  # fetched while the job runs: the clip loop waits on this
+            s3_server.enforce_auth(False)  # moto cannot check presigned signatures
+            try:
+                fetched.append((snapshot.part_clips, requests.get(snapshot.part_url, timeout=30).content))
+            finally:
+                s3_server.enforce_auth(True)
+
+    worker = JobService(make_settings(**s3_server.env()), progress_sink=sink)
+    raw = job_input(output={"delivery": "s3", "key": "grows.mp4"})
+    del raw["max_duration_s"]  # the whole track
+    result = run(worker, raw, "grows")["output"]
+
+    assert result["frames"] > 81 and updates[-1].chunks == 2, result  # two clips
+    assert fetched and fetched[0][0] == 1, [(u.clips_done, u.part_clips) for u in updates]
+    first_clip_s = next(u.ready_s for u in updates if u.clips_done == 1)
+    (tmp_path / "part.mp4").write_bytes(fetched[0][1])
+    body = client.get_object(Bucket=OUTPUT_BUCKET, Key=key)["Body"].read()
+    (tmp_path / "final.mp4").write_bytes(body)
+    assert hashlib.sha256(body).hexdigest() == result["sha256"]
+    part, final = probe_mp4(tmp_path / "part.mp4"), probe_mp4(tmp_path / "final.mp4")
+    assert part.frames == round(first_clip_s * 25) and final.frames == result["frames"]
+    assert part.has_audio and abs(part.audio_duration_s - part.frames / 25) < 0.07
+    part_frames = read_frames(tmp_path / "part.mp4")
+    assert np.array_equal(part_frames, read_frames(tmp_path / "final.mp4")[: len(part_frames)])
+    listed = client.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix="multitalk/grows")
+    assert [o["Key"] for o in listed.get("Contents", [])] == [key]  # the part is gone
+    assert result["timings"]["part_s"] > 0
+    assert "X-Amz-Signature" not in repr(updates[-1])  # snapshots are logged at DEBUG: no presigned URL
+
+
+def _wait_for_object(client: Any, key: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not client.list_objects_v2(Bucket=OUTPUT_BUCKET, Prefix=key).get("KeyCount"):
+        assert time.monotonic() < deadline, f"no {key} after {timeout_s} s"
+        time.sleep(0.05)
 
 
 def test_test_input_command_line(volume: Path, tmp_path: Path) -> None:

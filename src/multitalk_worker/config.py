@@ -265,6 +265,14 @@ ENV_VARS: tuple[EnvVar, ...] = (
         "Lifetime of the presigned download URL, in seconds.",
     ),
     EnvVar(
+        "MULTITALK_S3_PART",
+        "s3.part",
+        "bool",
+        "true",
+        "With `s3` delivery, upload the part so far (the finished clips as one mp4) to `<key>.part` after "
+        "each clip and give its presigned URL in the progress updates; deleted once the video is delivered.",
+    ),
+    EnvVar(
         "MULTITALK_QUEUE_SIZE",
         "queue_size",
         "int",
@@ -362,6 +370,7 @@ class S3Settings:
     secret_access_key: str | None = field(repr=False)
     session_token: str | None = field(repr=False)
     url_expiry_s: int
+    part: bool  # MULTITALK_S3_PART
 
 
 @dataclass(frozen=True)

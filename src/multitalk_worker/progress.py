@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 CLIP_STAGES = ("condition", "sample", "decode")  # the events that carry clip and step counts
@@ -60,6 +60,9 @@ class Snapshot:
     between_measured: bool
     clips_done: int = 0  # clips finished and encoded, a resumed job's included (the job service sets it)
     ready_s: float = 0.0  # their seconds of video: the part so far
+    # S3 delivery: a presigned URL of the part so far, once one is uploaded; out of the repr (logged at DEBUG)
+    part_url: str | None = field(default=None, repr=False)
+    part_clips: int = 0  # the clips that part holds (the upload runs behind `clips_done`)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,6 +4,10 @@ generation (a destination that cannot take the video refuses the job then, not a
 the volume (a file under MULTITALK_VOLUME_ROOT), base64 in the result (capped below RunPod's payload limit)
 and local (the local API's own folder; it serves the file itself). `choose_delivery` reads the job's
 `output` and the worker's settings; a new delivery is one class here and one branch there.
+
+A delivery that can also show the part so far while the job runs is a `PartDelivery` (`part_delivery`):
+S3, where the part is an object beside the video's key (`<key>.part`, overwritten per clip, deleted once
+the video is delivered) with a presigned URL.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from multitalk_worker.io.volume import volume_destination
 logger = logging.getLogger(__name__)
 
 VIDEO_CONTENT_TYPE = "video/mp4"
+PART_SUFFIX = ".part"  # the part so far beside the video: keys end in .mp4, so no video's key is a part's
 VOLUME_FILE_MODE = 0o644  # as the CLI's own files (open() under the usual umask 022)
 
 
@@ -70,6 +75,44 @@ class S3Delivery:
 
     def deliver(self, video: Path) -> dict[str, object]:
         return deliver_s3(video, self.key, self.settings, self.client())
+
+    @property
+    def part_key(self) -> str:
+        return self.key + PART_SUFFIX
+
+    def deliver_part(self, video: Path) -> dict[str, object]:
+        """Upload the part so far to `<key>.part` (replacing the previous one): `deliver_s3`'s entry."""
+        return deliver_s3(video, self.part_key, self.settings, self.client())
+
+    def remove_part(self) -> None:
+        """Delete the part so far (S3 answers a delete of a missing key with success too). A failure is
+        logged, not raised: the video is delivered by then."""
+        bucket = self.settings.s3.bucket
+        try:
+            self.client().delete_object(Bucket=bucket, Key=self.part_key)
+        except ClientError as exc:
+            logger.warning("could not delete s3://%s/%s: %s", bucket, self.part_key, s3_reason(exc))
+        except (BotoCoreError, Boto3Error) as exc:
+            logger.warning("could not delete s3://%s/%s: %s", bucket, self.part_key, type(exc).__name__)
+
+
+class PartDelivery(Protocol):
+    """A delivery that also takes the part so far of a running job (service/part.py publishes it)."""
+
+    def deliver_part(self, video: Path) -> dict[str, object]:
+        """Put the part so far there, replacing the previous one; its `url` and `url_expires_at`."""
+        ...
+
+    def remove_part(self) -> None:
+        """Remove the part so far (the video is delivered)."""
+        ...
+
+
+def part_delivery(delivery: Delivery, settings: Settings) -> PartDelivery | None:
+    """`delivery` when it shows the part so far: S3 with MULTITALK_S3_PART on."""
+    if isinstance(delivery, S3Delivery) and settings.s3.part:
+        return delivery
+    return None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from av.error import FFmpegError
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import WorkerError
-from multitalk_worker.io.delivery import Delivery, choose_delivery
+from multitalk_worker.io.delivery import Delivery, choose_delivery, part_delivery
 from multitalk_worker.io.fetch import InputFetcher
 from multitalk_worker.pipeline.checkpoint import ClipCheckpoint
 from multitalk_worker.pipeline.image import image_size
@@ -38,6 +38,7 @@ from multitalk_worker.schema import GenerateInput, HealthInput, JobLimits, parse
 from multitalk_worker.segments import ClipSegments
 from multitalk_worker.service.checkpoints import open_checkpoint
 from multitalk_worker.service.faults import error_for
+from multitalk_worker.service.part import PartPublisher
 from multitalk_worker.service.report import job_result, plan_report
 from multitalk_worker.service.request import build_request
 from multitalk_worker.service.resident import PipelineHolder
@@ -89,6 +90,10 @@ class _Stage:
         snapshot = self.tracker.update(Progress(value))
         if self._hook is not None:
             self._hook(self.with_ready(snapshot))
+
+    def clips(self) -> ClipSegments:
+        assert self.sink is not None, "the clip loop's sink is set before its first event"
+        return self.sink()
 
     def with_ready(self, snapshot: Snapshot) -> Snapshot:
         """`snapshot` with what the job's sink holds finished (once the clip loop has one)."""
@@ -166,6 +171,8 @@ class JobService:
         )
         delivery.check()  # a destination that cannot take the video refuses the job before any work
         timings: dict[str, Any] = {}
+        part = part_delivery(delivery, settings)  # S3: the part so far beside the video, as it grows
+        publisher: PartPublisher | None = None
         with tempfile.TemporaryDirectory(prefix=f"multitalk-{job_id}-", dir=settings.work_dir) as scratch:
             stage.name = "fetch"
             tick = time.monotonic()
@@ -195,7 +202,9 @@ class JobService:
                 timings["adapter_swap_s"] = self.holder.use(request.model, request.adapter or "")
                 stage.name = "generate"
                 stage.sink = lambda: checkpoint.sink if checkpoint is not None else segments
-                progress = self._progress(job, stage, on_update)
+                if part is not None:
+                    publisher = PartPublisher(part, lambda: stage.clips().folder, Path(scratch))
+                progress = self._progress(job, stage, on_update, publisher)
                 result = pipeline(
                     request,
                     progress=progress,
@@ -206,6 +215,9 @@ class JobService:
                 )
             finally:
                 inputs.close()
+                if publisher is not None:  # an upload under way ends before the video is delivered
+                    publisher.close()
+                    timings["part_s"] = publisher.seconds
             stage.name = "encode"
             sink = checkpoint.sink if checkpoint is not None else segments
             video = Path(scratch) / f"{job_id}.mp4"
@@ -217,6 +229,8 @@ class JobService:
             output = self._finish(parsed, result, video, delivery, timings, stage, checkpoint)
             if checkpoint is not None:  # delivered: nothing is left to resume
                 checkpoint.remove()
+            if part is not None:  # a resumed job's part may be an earlier worker's: removed all the same
+                part.remove_part()
             return output
 
     def _finish(
@@ -323,15 +337,22 @@ class JobService:
         )
 
     def _progress(
-        self, job: dict[str, Any], stage: _Stage, on_update: UpdateHook | None
+        self,
+        job: dict[str, Any],
+        stage: _Stage,
+        on_update: UpdateHook | None,
+        publisher: PartPublisher | None,
     ) -> Callable[[Progress], None]:
         """The pipeline's progress callback: each event through the job's tracker, the snapshot (with what is
-        finished: `clips_done` and `ready_s`) to RunPod's progress updates (`progress_sink`) and to the door's
-        hook."""
+        finished: `clips_done` and `ready_s`; with S3 delivery the part so far's `part_url`, `publisher`) to
+        RunPod's progress updates (`progress_sink`) and to the door's hook."""
         job_id = safe_id(job.get("id"))
 
         def report(event: Progress) -> None:
             snapshot = stage.with_ready(stage.tracker.update(event))
+            if publisher is not None:
+                publisher.offer(snapshot.clips_done)
+                snapshot = publisher.annotate(snapshot)
             logger.debug("job %s progress %s", job_id, snapshot)
             if self.progress_sink is not None:
                 self.progress_sink(job, snapshot)

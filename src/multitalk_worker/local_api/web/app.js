@@ -6,7 +6,7 @@
 const $ = (id) => document.getElementById(id);
 const COLOURS = ["rgb(255,140,0)", "rgb(40,120,255)"]; // speaker 1, 2: as preview.py draws them
 const state = { image: null, video: null, picture: null, audio: [null, null], regions: [null, null], drawing: null,
-  job: null, models: [] };
+  job: null, models: [], partSeconds: null, swap: null };
 
 function readAsDataURI(file) {
   return new Promise((resolve, reject) => {
@@ -55,6 +55,7 @@ function clearRun() {
   $("bar").value = 0;
   $("result").hidden = true;
   $("result").removeAttribute("src");
+  state.swap = null;
   $("download").hidden = true;
   $("cancel").hidden = true;
 }
@@ -246,21 +247,33 @@ function describe(body) {
   return text;
 }
 
-// While the job runs, /jobs/{id}/video is the part so far (its finished clips): reloaded when more seconds
-// are ready, at the same position, playing on if it was playing.
-function showPart(id, readySeconds) {
+// While the job runs, /jobs/{id}/video is the part so far (its finished clips). The first part starts by itself,
+// muted (what browsers allow without a click); a newer part (more seconds ready) and at the end the finished
+// video replace it at the same position, playing on unless the user paused it (a part that played to its end
+// goes on with the new seconds).
+function swapVideo(url) {
   const video = $("result");
-  if (!readySeconds || readySeconds === state.partSeconds) return;
-  const at = video.hidden ? 0 : video.currentTime;
-  const playing = !video.hidden && !video.paused && !video.ended;
-  state.partSeconds = readySeconds;
+  const pending = state.swap; // a swap still loading: its position and playing state carry over
+  const at = pending ? pending.at : video.hidden ? 0 : video.currentTime;
+  const play = pending ? pending.play : video.hidden || !video.paused || video.ended;
+  const swap = { at, play };
+  state.swap = swap;
+  if (video.hidden) video.muted = true;
   video.addEventListener("loadedmetadata", () => {
-    video.currentTime = Math.min(at, video.duration || at);
-    if (playing) video.play().catch(() => {}); // plays on only if the user started it: no decoding beside the job
+    if (state.swap !== swap) return; // a newer swap's listener takes over
+    state.swap = null;
+    video.classList.toggle("small", video.videoWidth < 480); // tiny videos: show the pixels, not a blur
+    if (at) video.currentTime = Math.min(at, video.duration || at);
+    if (play) video.play().catch(() => {}); // a refused autoplay leaves the controls to the user
   }, { once: true });
-  video.muted = video.hidden ? true : video.muted; // browsers let muted videos start by themselves
-  video.src = `/jobs/${id}/video?ready=${readySeconds}`;
+  video.src = url;
   video.hidden = false;
+}
+
+function showPart(id, readySeconds) {
+  if (!readySeconds || readySeconds === state.partSeconds) return;
+  state.partSeconds = readySeconds;
+  swapVideo(`/jobs/${id}/video?ready=${readySeconds}`);
 }
 
 async function poll(id) {
@@ -272,12 +285,8 @@ async function poll(id) {
     $("cancel").hidden = true;
     $("bar").value = 100;
     const url = data.output.video.url;
-    const at = $("result").hidden ? 0 : $("result").currentTime;
     state.partSeconds = null;
-    $("result").src = url;
-    if (at) $("result").addEventListener("loadedmetadata", () => { $("result").currentTime = at; }, { once: true });
-    $("result").classList.toggle("small", data.output.width < 480);
-    $("result").hidden = false;
+    swapVideo(url);
     $("download").href = url;
     $("download").hidden = false;
     const out = data.output;
