@@ -10,8 +10,9 @@ video's last 13 frames (the video's first frame is the reference); its output is
 
 Each segment's kept frames go to the `FrameSink` as soon as they are decoded; only the last 13 uint8
 frames (and, for 1.0, the last 4 latents) are carried to the next segment, so memory does not grow with the
-video. With a checkpoint (pipeline/checkpoint.py) that carried state, the reference latent and the RNG state are
-saved after every segment, and a job sent again continues after its last saved segment. One generator is seeded once and drawn in the reference's order (§7.5). Guidance runs the passes of
+video. With a checkpoint (pipeline/checkpoint.py) that carried state, the reference latent and the RNG
+state are saved after every segment, and a job sent again continues after its last saved segment. One
+generator is seeded once and drawn in the reference's order (§7.5). Guidance runs the passes of
 pipeline/longcat_sampling.py one at a time (the reference batches u_t and c for one speaker: same values
 within the batched GEMMs' rounding, §7.3).
 """
