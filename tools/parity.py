@@ -54,8 +54,17 @@ weights are the MultiTalk fixtures', which must have been written with the same 
 checkout, tools/_parity_longcat_ours.py) write a tiny DiT in the published folder layout (config.json, two
 bf16 shards and their index) and compare one DiT forward per case in float32 on the CPU (text-to-video with a
 CFG batch, image-to-video with 1, 2 and 3 audio streams, a continuation with and without the cached keys);
-tolerance 1e-5. Its --write-fixtures writes tests/fixtures/parity/longcat/<model>/, which
-tests/test_parity_longcat.py checks our code against without the reference.
+tolerance 1e-5. Then (unless --no-pipeline) two-segment runs of the checkout's LongCatVideoAvatarPipeline,
+driven as its demo scripts drive it (generate_ai2v, the uint8 frames, generate_avc with the KV cache and the
+reference latent), against our LongCatPipeline's segment loop on the same tiny folders (the DiT, umT5 and its
+tokenizer, the Wan VAE), inputs and seed (tools/_parity_longcat_run_cases.py says what the tool supplies,
+tools/_parity_longcat_run_ours.py what is compared): per run the text embeddings and masks (and the default
+negative prompt's text), the conditioning latents (the image's, the continuation's re-encoded 13 frames),
+segment 0's final latent, its decoded uint8 frames, segment 1's final latent and its kept frames; float32
+stages rel_err <= 1e-5, uint8 frames within one level. 1.5: the distilled 8 steps with 1 and 2 speakers and 3
+guided steps (CFG 4/4) with 1; 1.0: 3 guided steps with 1 and 2 speakers. Its --write-fixtures writes
+tests/fixtures/parity/longcat/<model>/, which tests/test_parity_longcat.py checks our code against without the
+reference.
 """
 
 from __future__ import annotations
@@ -298,7 +307,8 @@ LONGCAT_FIXTURES = FIXTURES / "longcat"
 
 def main_longcat(args: argparse.Namespace, persons: list[int]) -> int:
     fixtures = LONGCAT_FIXTURES / args.model if args.write_fixtures else None
-    lines, ok = run_longcat(args.reference, args.model, args.seed, persons, fixtures)
+    pipeline = not args.no_pipeline or args.write_fixtures
+    lines, ok = run_longcat(args.reference, args.model, args.seed, persons, fixtures, pipeline)
     print(
         f"{args.model}, seed {args.seed}, persons {persons}, float32 on CPU; rel_err = ||ours-ref|| / ||ref||"
     )
