@@ -125,7 +125,7 @@ def _runs(model: str) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
 def test_every_run_is_stored(model: str, runs_ours: ModuleType) -> None:
     manifest = json.loads((FIXTURES / model / "manifest.json").read_text())
     assert manifest["runs"] == list(runs_ours.RUNS[model])
-    assert set(_runs(model)) == set(runs_ours.RUNS[model])
+    assert set(_runs(model)) == {*runs_ours.RUNS[model], "image"}
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -136,6 +136,8 @@ def test_pipeline_runs_match_reference(model: str, ours: ModuleType, runs_ours: 
     LongCatVideoAvatarPipeline run (tools/_parity_longcat_run_ours.run_ours_stored). Measured: bitwise."""
     pipe = runs_ours.build_ours(FIXTURES / model, model, ours.VERSIONS[model][1])
     for name, stored in _runs(model).items():
+        if name == "image":
+            continue
         run = runs_ours.RUNS[model][name]
         got = runs_ours.run_ours_stored(pipe, model, run, stored["in"], stored["ref"]["frames/carried"])
         expected = {k: v for k, v in stored["ref"].items() if k in got}
@@ -144,6 +146,18 @@ def test_pipeline_runs_match_reference(model: str, ours: ModuleType, runs_ours: 
         for stage, ref in grouped_ref.items():
             max_abs, rel, ok = runs_ours.compare_stage(stage, grouped_ours[stage], ref)
             assert ok, f"{model} {name} {stage}: max_abs {max_abs:.3e}, rel_err {rel:.3e}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_image_buckets_and_pixels_match_reference(model: str, runs_ours: ModuleType) -> None:
+    """LongCat's own buckets (ASPECT_RATIO_627 / 960) and LANCZOS cover-and-paste resize: each source's bucket
+    and the sha256 of its float32 pixels as the checkout's get_condition_shape and VaeImageProcessor made
+    them (16:9 at 480p: 480x832, where MultiTalk's table gives 448x896)."""
+    stored = _runs(model)["image"]
+    expected = runs_ours.stage_outputs(stored["ref"])["image"]
+    got = runs_ours.stage_outputs(runs_ours.image_ours(int(stored["in"]["seed"])))["image"]
+    assert expected["1280x720_480p_bucket"].tolist() == [480, 832]
+    assert runs_ours.compare_stage("image", got, expected)[2]
 
 
 @pytest.mark.usefixtures("one_thread")

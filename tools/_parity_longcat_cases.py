@@ -158,6 +158,7 @@ def pipeline_runs(
     """Each run of `model_name` (tools/_parity_longcat_run_ours.py RUNS) by the checkout's pipeline and by
     ours, on the DiT folder under root and umT5, tokenizer and VAE folders written there."""
     from _parity_longcat_run_cases import (
+        image_reference,
         load_reference_pipeline,
         reference_pipe,
         run_reference,
@@ -165,7 +166,14 @@ def pipeline_runs(
         window_statements,
         write_encoders,
     )
-    from _parity_longcat_run_ours import build_ours, compare_stage, run_inputs, stage_outputs, tolerance_text
+    from _parity_longcat_run_ours import (
+        build_ours,
+        compare_stage,
+        image_ours,
+        run_inputs,
+        stage_outputs,
+        tolerance_text,
+    )
     from _parity_longcat_run_ours import run_ours as run_pipeline_ours
 
     cfg, folder = VERSIONS[model_name]
@@ -189,6 +197,15 @@ def pipeline_runs(
             label, bound = f"{stage}_{name}", tolerance_text(stage)
             lines.append(f"{label:<24} {max_abs:>11.3e} {rel:>11.3e} {bound:>9}  {'ok' if ok else 'FAIL'}")
     torch.set_num_threads(threads)
+    image_ref, worst = image_reference(reference, seed)
+    _, _, ok = compare_stage(
+        "image", stage_outputs(image_ours(seed))["image"], stage_outputs(image_ref)["image"]
+    )
+    ok_all &= ok
+    lines.append(
+        f"{'image_buckets_pixels':<24} {worst:>11.3e} {'-':>11} {'exact':>9}  {'ok' if ok else 'FAIL'}"
+    )
+    runs["image"] = ({"seed": torch.tensor([seed])}, image_ref)
     return runs, lines, ok_all
 
 
@@ -213,7 +230,7 @@ def _write_fixtures(
     if runs:
         stored = {f"{n}/in/{k}": v.contiguous() for n, (i, _) in runs.items() for k, v in i.items()}
         stored |= {f"{n}/ref/{k}": v.contiguous() for n, (_, r) in runs.items()
-                   for k, v in stored_form(r).items()}  # fmt: skip
+                   for k, v in (r if n == "image" else stored_form(r)).items()}  # fmt: skip
         save_file(stored, str(fixtures / "runs.safetensors"))
     manifest = {
         "written_by": f"tools/parity.py --model {model_name} --write-fixtures",
@@ -222,7 +239,7 @@ def _write_fixtures(
         "metric": "rel_err = ||ours - ref||_2 / ||ref||_2 of the DiT output, float32",
         "tolerance": {name: tolerance(CASES[name]) for name in cases},
         "cases": list(cases),
-        "runs": list(runs),
+        "runs": [name for name in runs if name != "image"],
         "run_tolerance": {"float rel_err": FLOAT_TOLERANCE, "uint8 max |diff| levels": FRAME_TOLERANCE},
     }
     (fixtures / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

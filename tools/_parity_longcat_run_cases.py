@@ -198,6 +198,32 @@ def run_reference(
     return out
 
 
+def image_reference(pipe: Any, seed: int) -> tuple[Tensors, float]:
+    """The `image` stage by the checkout: `get_condition_shape` (one GPU: scale factor 16) and its
+    `video_processor.preprocess(..., resize_mode="crop")`, as generate_ai2v runs them; with the largest
+    |ours − ref| of the pixels (the stage itself keeps digests)."""
+    from _parity_longcat_run_ours import IMAGE_RESOLUTIONS, IMAGE_SOURCES, digest, source_image
+
+    from multitalk_worker.pipeline.longcat_image import prepare_longcat_image
+
+    out: Tensors = {}
+    worst = 0.0
+    for size in IMAGE_SOURCES:
+        image = source_image(size, seed)
+        for resolution in IMAGE_RESOLUTIONS:
+            height, width = pipe.get_condition_shape(image, resolution, scale_factor_spatial=16)
+            pixels = pipe.video_processor.preprocess(image, height=height, width=width, resize_mode="crop")
+            name = f"image/{size[0]}x{size[1]}_{resolution}"
+            out[f"{name}_bucket"] = torch.tensor([height, width])
+            out[f"{name}_utf8"] = digest(pixels)
+            ours = prepare_longcat_image(image, resolution).pixels[:, :, 0]
+            if ours.shape == pixels.shape:
+                worst = max(worst, (ours - pixels).abs().max().item())
+            else:
+                worst = float("inf")
+    return out, worst
+
+
 def ls_guided(run: Run) -> bool:
     return run.text_scale > 1.0 or run.audio_scale > 1.0  # the pipeline's do_classifier_free_guidance
 

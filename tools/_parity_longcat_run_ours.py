@@ -24,12 +24,14 @@ Tolerances: float stages rel_err <= 1e-5 as the DiT cases; uint8 frames at most 
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +43,7 @@ from multitalk_worker.pipeline import longcat as lp  # noqa: E402
 from multitalk_worker.pipeline import longcat_sampling as ls  # noqa: E402
 from multitalk_worker.pipeline.image import ConditionImage  # noqa: E402
 from multitalk_worker.pipeline.longcat_audio import AUDIO_V10, AUDIO_V15  # noqa: E402
+from multitalk_worker.pipeline.longcat_image import prepare_longcat_image  # noqa: E402
 from multitalk_worker.pipeline.longcat_inputs import LongCatInputs  # noqa: E402
 from multitalk_worker.pipeline.longcat_segments import (  # noqa: E402
     COND_FRAMES,
@@ -260,6 +263,36 @@ def _kept(store: list[Tensor], latent: Tensor) -> Tensor:
     return latent
 
 
+IMAGE_SOURCES = ((1280, 720), (720, 1280), (1024, 1024), (640, 480), (333, 517))  # (W, H)
+IMAGE_RESOLUTIONS = ("480p", "720p")
+
+
+def source_image(size: tuple[int, int], seed: int) -> Image.Image:
+    """A smooth seeded RGB picture of `size` (W, H): random 8x8 blocks, bicubic-upscaled."""
+    width, height = size
+    rng = np.random.default_rng([seed, width, height])
+    blocks = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(blocks).resize((width, height), resample=Image.Resampling.BICUBIC)
+
+
+def digest(pixels: Tensor) -> Tensor:
+    """sha256 of a float32 tensor's bytes, as a uint8 tensor (the fixtures keep digests of big images)."""
+    return utf8(hashlib.sha256(pixels.float().contiguous().numpy().tobytes()).hexdigest())
+
+
+def image_ours(seed: int) -> Tensors:
+    """The `image` stage, ours: each source's LongCat bucket and the digest of its [1, 3, H, W] pixels."""
+    out: Tensors = {}
+    for size in IMAGE_SOURCES:
+        image = source_image(size, seed)
+        for resolution in IMAGE_RESOLUTIONS:
+            prepared = prepare_longcat_image(image, resolution)
+            name = f"image/{size[0]}x{size[1]}_{resolution}"
+            out[f"{name}_bucket"] = torch.tensor(prepared.bucket)
+            out[f"{name}_utf8"] = digest(prepared.pixels[:, :, 0])
+    return out
+
+
 def stage_outputs(outputs: Tensors) -> dict[str, Tensors]:
     """{"text": {...}, "cond": {...}, ...} from the flat `<stage>/<name>` keys."""
     grouped: dict[str, Tensors] = {}
@@ -277,7 +310,7 @@ def compare_stage(stage: str, ours: Tensors, ref: Tensors) -> tuple[float, float
         o = ours[name]
         if o.shape != r.shape:
             return float("inf"), float("inf"), False
-        if name.endswith("utf8"):
+        if name.endswith(("utf8", "bucket")):
             exact &= torch.equal(o, r)
             continue
         d = o.double() - r.double()

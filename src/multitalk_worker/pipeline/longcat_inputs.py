@@ -4,6 +4,8 @@ masks at pixel size, and the segment plan (spec longcat-avatar-inference.md §4.
 
 The plan follows the audio on the model's own timeline (registry entry `fps`): the fewest 93-frame segments
 that cover it, trimmed to it, or the reference's whole segments (`segment_length="whole_segments"`).
+The image (and a video source's frames) take LongCat's own buckets and LANCZOS resize
+(pipeline/longcat_image.py); the person masks keep the shared nearest-resize path of pipeline/image.py.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline import longcat_sampling as ls
 from multitalk_worker.pipeline.longcat_audio import stream_tracks, video_frames
+from multitalk_worker.pipeline.longcat_image import prepare_longcat_image
 from multitalk_worker.pipeline.longcat_segments import COND_FRAMES, SegmentPlan, plan_segments
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
 from multitalk_worker.pipeline.video import VideoSource
@@ -131,7 +134,7 @@ def _source_frames(path: Path, bucket: tuple[int, int], resolution: str) -> tupl
         first = max(0, count - COND_FRAMES)
         frames = []
         for index in range(first, first + COND_FRAMES):
-            prepared = image_prep.prepare_image(source.frame(min(index, count - 1)), resolution)
+            prepared = prepare_longcat_image(source.frame(min(index, count - 1)), resolution)
             if prepared.bucket != bucket:
                 raise InvalidInput(f"video frame {index} has another size than frame 0")
             frames.append(prepared.pixels)
@@ -158,7 +161,7 @@ def prepare_longcat_inputs(request: GenerationRequest) -> LongCatInputs:
     assert path is not None
     source = open_frames(Path(path), kind="image" if request.image is not None else "video")
     try:
-        first = image_prep.prepare_image(source.frame(0), request.resolution)
+        first = prepare_longcat_image(source.frame(0), request.resolution)
     finally:
         source.close()
     conditioning = None
