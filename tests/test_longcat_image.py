@@ -11,6 +11,7 @@ from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline.longcat_image import (
     LONGCAT_480P,
     longcat_bucket,
+    longcat_person_masks,
     prepare_longcat_image,
     resize_to_bucket,
 )
@@ -59,3 +60,20 @@ def test_pixels_are_2x_minus_1() -> None:
     assert prepared.bucket == (48, 64) and prepared.pixels.shape == (1, 3, 1, 48, 64)
     expected = 2.0 * (same.astype(np.float32) / 255.0) - 1.0
     assert np.array_equal(prepared.pixels[0, :, 0].permute(1, 2, 0).numpy(), expected)
+
+
+def test_person_masks_follow_the_bilinear_cover_and_crop() -> None:
+    """A 720x1280 source to 480x832 (scaled by 2/3 to 480x853, 10 columns cropped): each box lands where the
+    geometry puts it, the background between them, every pixel in at least one class (the exact values are
+    the checkout's: tests/test_parity_longcat.py)."""
+    boxes = [(0, 0, 720, 600), (0, 660, 720, 1280)]  # columns 600-659 are background only
+    masks = longcat_person_masks(boxes, (720, 1280), (480, 832))
+    assert masks.shape == (3, 480, 832) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    row = masks[:, 240]
+    # box 1 ends at source column 600 = scaled 400 -> bucket column 390
+    last_left = int(row[0].nonzero().max())
+    first_right = int(row[1].nonzero().min())
+    assert 389 <= last_left <= 391 and 429 <= first_right <= 431
+    gap = row[2].nonzero().flatten()
+    assert gap.min() <= last_left + 1 and gap.max() >= first_right - 1 and (row.sum(0) >= 1).all()
+    assert not row[2, :380].any() and not row[2, 440:].any()

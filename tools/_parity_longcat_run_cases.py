@@ -200,9 +200,10 @@ def run_reference(
 
 def image_reference(pipe: Any, seed: int) -> tuple[Tensors, float]:
     """The `image` stage by the checkout: `get_condition_shape` (one GPU: scale factor 16) and its
-    `video_processor.preprocess(..., resize_mode="crop")`, as generate_ai2v runs them; with the largest
-    |ours − ref| of the pixels (the stage itself keeps digests)."""
-    from _parity_longcat_run_ours import IMAGE_RESOLUTIONS, IMAGE_SOURCES, digest, source_image
+    `video_processor.preprocess(..., resize_mode="crop")`, as generate_ai2v runs them, and the multi script's
+    masks of two boxes through `_resize_and_centercrop_tensor` (`> 0`, as the DiT reads them); with the
+    largest |ours − ref| of the pixels (the stage itself keeps digests)."""
+    from _parity_longcat_run_ours import IMAGE_RESOLUTIONS, IMAGE_SOURCES, digest, source_boxes, source_image
 
     from multitalk_worker.pipeline.longcat_image import prepare_longcat_image
 
@@ -216,12 +217,28 @@ def image_reference(pipe: Any, seed: int) -> tuple[Tensors, float]:
             name = f"image/{size[0]}x{size[1]}_{resolution}"
             out[f"{name}_bucket"] = torch.tensor([height, width])
             out[f"{name}_utf8"] = digest(pixels)
+            masks = pipe._resize_and_centercrop_tensor(_demo_masks(size, source_boxes(size)), height, width)
+            out[f"{name}_masks_utf8"] = digest((masks > 0).float())
             ours = prepare_longcat_image(image, resolution).pixels[:, :, 0]
             if ours.shape == pixels.shape:
                 worst = max(worst, (ours - pixels).abs().max().item())
             else:
                 worst = float("inf")
     return out, worst
+
+
+def _demo_masks(size: tuple[int, int], boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:
+    """The multi script's `ref_target_masks` of two bboxes [y_min, x_min, y_max, x_max] (its statements:
+    each box filled, the background where neither is)."""
+    width, height = size
+    human = [torch.zeros([height, width]) for _ in boxes]
+    for mask, (y0, x0, y1, x1) in zip(human, boxes, strict=True):
+        mask[y0:y1, x0:x1] = 1
+    background = torch.zeros([height, width])
+    for mask in human:
+        background += mask
+    background = torch.where(background > 0, torch.tensor(0), torch.tensor(1))
+    return torch.stack([*human, background], dim=0)
 
 
 def ls_guided(run: Run) -> bool:

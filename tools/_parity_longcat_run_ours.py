@@ -43,7 +43,7 @@ from multitalk_worker.pipeline import longcat as lp  # noqa: E402
 from multitalk_worker.pipeline import longcat_sampling as ls  # noqa: E402
 from multitalk_worker.pipeline.image import ConditionImage  # noqa: E402
 from multitalk_worker.pipeline.longcat_audio import AUDIO_V10, AUDIO_V15  # noqa: E402
-from multitalk_worker.pipeline.longcat_image import prepare_longcat_image  # noqa: E402
+from multitalk_worker.pipeline.longcat_image import longcat_person_masks, prepare_longcat_image  # noqa: E402
 from multitalk_worker.pipeline.longcat_inputs import LongCatInputs  # noqa: E402
 from multitalk_worker.pipeline.longcat_segments import (  # noqa: E402
     COND_FRAMES,
@@ -280,16 +280,26 @@ def digest(pixels: Tensor) -> Tensor:
     return utf8(hashlib.sha256(pixels.float().contiguous().numpy().tobytes()).hexdigest())
 
 
+def source_boxes(size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Two person boxes (r0, c0, r1, c1) in source pixels: left and right thirds, overlapping rows."""
+    width, height = size
+    return [(height // 10, width // 20, 7 * height // 10, width // 2 + 7),
+            (height // 3, width // 2 - 5, 9 * height // 10, 19 * width // 20)]  # fmt: skip
+
+
 def image_ours(seed: int) -> Tensors:
-    """The `image` stage, ours: each source's LongCat bucket and the digest of its [1, 3, H, W] pixels."""
+    """The `image` stage, ours: each source's LongCat bucket, the digest of its [1, 3, H, W] pixels and of
+    its two-person masks at the bucket (`> 0`, uint8)."""
     out: Tensors = {}
     for size in IMAGE_SOURCES:
         image = source_image(size, seed)
         for resolution in IMAGE_RESOLUTIONS:
             prepared = prepare_longcat_image(image, resolution)
+            masks = longcat_person_masks(source_boxes(size), prepared.source_size, prepared.bucket)
             name = f"image/{size[0]}x{size[1]}_{resolution}"
             out[f"{name}_bucket"] = torch.tensor(prepared.bucket)
             out[f"{name}_utf8"] = digest(prepared.pixels[:, :, 0])
+            out[f"{name}_masks_utf8"] = digest((masks > 0).float())
     return out
 
 

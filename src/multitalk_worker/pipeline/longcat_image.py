@@ -6,12 +6,21 @@ order), and diffusers' `VaeImageProcessor` (resize mode `crop`) scales the image
 integer floor division, resamples it with LANCZOS, pastes it centred on a black canvas (negative offsets crop)
 and maps `x/255` to `2x − 1`. The same path serves a video source's frames (already bucket-sized for our
 continuations: the resize is then the identity). tools/parity.py compares both against the checkout.
+
+Person masks (spec §6.5): the reference draws the two boxes and the background at the source size, resizes
+them bilinearly (align_corners false) to the size that covers the bucket (`int()` of the float product) and
+crops `(new − target) // 2`; the DiT then tests each token's top-left value `> 0`. `longcat_person_masks`
+gives that `> 0` map at the bucket without the source-size tensors (12 bytes a source pixel): bilinear
+reads at most two source rows and two columns per output pixel, with the weights torch computes (taken
+from interpolating an identity matrix), so a box's output is non-zero iff a read row and a read column lie
+in it, and the background's iff the read pixels are not all inside the boxes (counted exactly).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from multitalk_worker.errors import InvalidInput
@@ -70,3 +79,59 @@ def prepare_longcat_image(image: Image.Image, resolution: str) -> ConditionImage
     pixels = torch.from_numpy(resize_to_bucket(image, bucket).astype(np.float32) / 255.0)
     pixels = pixels.permute(2, 0, 1)[None, :, None]
     return ConditionImage(pixels=2.0 * pixels - 1.0, source_size=(image.height, image.width), bucket=bucket)
+
+
+_CHUNK = 512  # one-hot source signals interpolated at a time
+
+
+def _reads(source: int, covered: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For output indices `first...first+count` of a bilinear resize `source -> covered`: the lowest and the
+    highest source index it reads with a positive weight (int64 [count] each; equal when it reads one).
+    The weights are torch's own: one-hot source signals interpolated, a chunk of them at a time."""
+    low = torch.full((count,), source, dtype=torch.int64)
+    high = torch.full((count,), -1, dtype=torch.int64)
+    for start in range(0, source, _CHUNK):
+        k = min(_CHUNK, source - start)
+        signals = torch.zeros(k, source)
+        signals[torch.arange(k), torch.arange(start, start + k)] = 1
+        weights = F.interpolate(signals[None], size=covered, mode="linear", align_corners=False)[0]
+        read = weights[:, first : first + count] > 0  # [k, count]
+        index = torch.arange(start, start + read.shape[0])[:, None].expand_as(read)
+        low = torch.minimum(low, torch.where(read, index, source).min(0).values)
+        high = torch.maximum(high, torch.where(read, index, -1).max(0).values)
+    return low, high
+
+
+def _count(inside: torch.Tensor, reads: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Source indices read per output index that lie where `inside` (0/1 float [source]) is 1."""
+    low, high = reads
+    return inside[low] + torch.where(high != low, inside[high], 0.0)
+
+
+def longcat_person_masks(
+    boxes: list[tuple[int, int, int, int]], source_size: tuple[int, int], bucket: tuple[int, int]
+) -> torch.Tensor:
+    """[person 1, person 2, background] at the bucket, float32 0/1: the reference's bilinear cover-and-crop
+    of its source-size masks, `> 0` (module docstring). `boxes`: two (r0, c0, r1, c1), end-exclusive."""
+    src_h, src_w = source_size
+    height, width = bucket
+    if width / height > src_w / src_h:
+        covered = (int(src_h * width / src_w), width)
+    else:
+        covered = (height, int(src_w * height / src_h))
+    rows = _reads(src_h, covered[0], (covered[0] - height) // 2, height)
+    cols = _reads(src_w, covered[1], (covered[1] - width) // 2, width)
+
+    def read_inside(r0: int, c0: int, r1: int, c1: int) -> torch.Tensor:
+        """[H, W]: source pixels read by each output pixel that lie in the box."""
+        r_in, c_in = torch.zeros(src_h), torch.zeros(src_w)
+        r_in[max(r0, 0) : max(r1, 0)] = 1
+        c_in[max(c0, 0) : max(c1, 0)] = 1
+        return _count(r_in, rows)[:, None] * _count(c_in, cols)[None, :]
+
+    (r0, c0, r1, c1), (s0, d0, s1, d1) = boxes[0], boxes[1]
+    first, second = read_inside(r0, c0, r1, c1), read_inside(s0, d0, s1, d1)
+    overlap = read_inside(max(r0, s0), max(c0, d0), min(r1, s1), min(c1, d1))
+    total = read_inside(0, 0, src_h, src_w)
+    masks = torch.stack([first > 0, second > 0, total - (first + second - overlap) > 0])
+    return masks.float()

@@ -4,8 +4,8 @@ masks at pixel size, and the segment plan (spec longcat-avatar-inference.md §4.
 
 The plan follows the audio on the model's own timeline (registry entry `fps`): the fewest 93-frame segments
 that cover it, trimmed to it, or the reference's whole segments (`segment_length="whole_segments"`).
-The image (and a video source's frames) take LongCat's own buckets and LANCZOS resize
-(pipeline/longcat_image.py); the person masks keep the shared nearest-resize path of pipeline/image.py.
+The image (and a video source's frames) take LongCat's own buckets and LANCZOS resize, the person masks its
+bilinear cover-and-crop (pipeline/longcat_image.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline import longcat_sampling as ls
 from multitalk_worker.pipeline.longcat_audio import stream_tracks, video_frames
-from multitalk_worker.pipeline.longcat_image import prepare_longcat_image
+from multitalk_worker.pipeline.longcat_image import longcat_person_masks, prepare_longcat_image
 from multitalk_worker.pipeline.longcat_segments import COND_FRAMES, SegmentPlan, plan_segments
 from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
 from multitalk_worker.pipeline.video import VideoSource
@@ -170,7 +170,8 @@ def prepare_longcat_inputs(request: GenerationRequest) -> LongCatInputs:
     masks = None
     if len(streams) > 1:
         boxes = image_prep.person_boxes([s.region for s in request.speakers], *first.source_size)
-        masks = image_prep.person_masks(boxes, first.source_size, first.bucket, first.bucket)
+        assert boxes is not None  # two speakers
+        masks = longcat_person_masks(boxes, first.source_size, first.bucket)
         image_prep.check_masks_visible(masks, 2)
     soundtrack = np.ascontiguousarray(mix[: plan.output_frames * SAMPLE_RATE // spec.fps])
     return LongCatInputs(
