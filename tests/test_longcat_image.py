@@ -77,3 +77,14 @@ def test_person_masks_follow_the_bilinear_cover_and_crop() -> None:
     gap = row[2].nonzero().flatten()
     assert gap.min() <= last_left + 1 and gap.max() >= first_right - 1 and (row.sum(0) >= 1).all()
     assert not row[2, :380].any() and not row[2, 440:].any()
+
+
+def test_default_boxes_use_the_multi_scripts_margin() -> None:
+    """Without regions LongCat's multi script frames each half with `face_scale` 0.1 (MultiTalk: 0.05)."""
+    from multitalk_worker.pipeline.image import person_boxes
+    from multitalk_worker.pipeline.longcat_image import FACE_MARGIN
+
+    assert person_boxes([None, None], 720, 1280, margin=FACE_MARGIN) == [
+        (72, 64, 648, 576),
+        (72, 704, 648, 1216),
+    ]

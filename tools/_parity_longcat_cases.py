@@ -197,7 +197,7 @@ def pipeline_runs(
             label, bound = f"{stage}_{name}", tolerance_text(stage)
             lines.append(f"{label:<24} {max_abs:>11.3e} {rel:>11.3e} {bound:>9}  {'ok' if ok else 'FAIL'}")
     torch.set_num_threads(threads)
-    image_ref, worst = image_reference(reference, seed)
+    image_ref, worst = image_reference(reference, checkout, seed)
     _, _, ok = compare_stage(
         "image", stage_outputs(image_ours(seed))["image"], stage_outputs(image_ref)["image"]
     )

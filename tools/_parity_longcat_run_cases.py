@@ -198,11 +198,11 @@ def run_reference(
     return out
 
 
-def image_reference(pipe: Any, seed: int) -> tuple[Tensors, float]:
+def image_reference(pipe: Any, checkout: Path, seed: int) -> tuple[Tensors, float]:
     """The `image` stage by the checkout: `get_condition_shape` (one GPU: scale factor 16) and its
     `video_processor.preprocess(..., resize_mode="crop")`, as generate_ai2v runs them, and the multi script's
-    masks of two boxes through `_resize_and_centercrop_tensor` (`> 0`, as the DiT reads them); with the
-    largest |ours − ref| of the pixels (the stage itself keeps digests)."""
+    masks of two boxes through `_resize_and_centercrop_tensor` (`> 0`, as the DiT reads them), and its
+    default boxes; with the largest |ours − ref| of the pixels (the stage itself keeps digests)."""
     from _parity_longcat_run_ours import IMAGE_RESOLUTIONS, IMAGE_SOURCES, digest, source_boxes, source_image
 
     from multitalk_worker.pipeline.longcat_image import prepare_longcat_image
@@ -224,7 +224,22 @@ def image_reference(pipe: Any, seed: int) -> tuple[Tensors, float]:
                 worst = max(worst, (ours - pixels).abs().max().item())
             else:
                 worst = float("inf")
+        out[f"image/{size[0]}x{size[1]}_default_boxes"] = _default_boxes(checkout, size)
     return out, worst
+
+
+def _default_boxes(checkout: Path, size: tuple[int, int]) -> torch.Tensor:
+    """The multi script's default boxes (its `if left_person_bbox is None and right_person_bbox is None:`
+    statement, compiled from the script and run with the source size): [[r0, c0, r1, c1], [...]]."""
+    path = checkout / SCRIPTS[2]
+    test = "left_person_bbox is None and right_person_bbox is None"
+    tree = ast.parse(path.read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == test)
+    space: dict[str, Any] = {"left_person_bbox": None, "right_person_bbox": None,
+                             "src_width": size[0], "src_height": size[1]}  # fmt: skip
+    exec(compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec"), space)  # noqa: S102
+    names = ("y_min", "x_min", "y_max", "x_max")
+    return torch.tensor([[space[f"{side}_{n}"] for n in names] for side in ("left", "right")])
 
 
 def _demo_masks(size: tuple[int, int], boxes: list[tuple[int, int, int, int]]) -> torch.Tensor:

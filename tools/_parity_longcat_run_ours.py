@@ -41,9 +41,13 @@ sys.path.insert(0, str(REPO))
 from multitalk_worker.models.vae import vae_decode  # noqa: E402
 from multitalk_worker.pipeline import longcat as lp  # noqa: E402
 from multitalk_worker.pipeline import longcat_sampling as ls  # noqa: E402
-from multitalk_worker.pipeline.image import ConditionImage  # noqa: E402
+from multitalk_worker.pipeline.image import ConditionImage, person_boxes  # noqa: E402
 from multitalk_worker.pipeline.longcat_audio import AUDIO_V10, AUDIO_V15  # noqa: E402
-from multitalk_worker.pipeline.longcat_image import longcat_person_masks, prepare_longcat_image  # noqa: E402
+from multitalk_worker.pipeline.longcat_image import (  # noqa: E402
+    FACE_MARGIN,
+    longcat_person_masks,
+    prepare_longcat_image,
+)
 from multitalk_worker.pipeline.longcat_inputs import LongCatInputs  # noqa: E402
 from multitalk_worker.pipeline.longcat_segments import (  # noqa: E402
     COND_FRAMES,
@@ -289,7 +293,7 @@ def source_boxes(size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
 
 def image_ours(seed: int) -> Tensors:
     """The `image` stage, ours: each source's LongCat bucket, the digest of its [1, 3, H, W] pixels and of
-    its two-person masks at the bucket (`> 0`, uint8)."""
+    its two-person masks at the bucket (`> 0`), and the default two-person boxes (no regions given)."""
     out: Tensors = {}
     for size in IMAGE_SOURCES:
         image = source_image(size, seed)
@@ -300,6 +304,8 @@ def image_ours(seed: int) -> Tensors:
             out[f"{name}_bucket"] = torch.tensor(prepared.bucket)
             out[f"{name}_utf8"] = digest(prepared.pixels[:, :, 0])
             out[f"{name}_masks_utf8"] = digest((masks > 0).float())
+        boxes = person_boxes([None, None], image.height, image.width, margin=FACE_MARGIN)
+        out[f"image/{size[0]}x{size[1]}_default_boxes"] = torch.tensor(boxes)
     return out
 
 
@@ -320,7 +326,7 @@ def compare_stage(stage: str, ours: Tensors, ref: Tensors) -> tuple[float, float
         o = ours[name]
         if o.shape != r.shape:
             return float("inf"), float("inf"), False
-        if name.endswith(("utf8", "bucket")):
+        if name.endswith(("utf8", "bucket", "boxes")):
             exact &= torch.equal(o, r)
             continue
         d = o.double() - r.double()

@@ -26,6 +26,8 @@ from PIL import Image
 from multitalk_worker.errors import InvalidInput
 from multitalk_worker.pipeline.image import BUCKETS_TINY, ConditionImage
 
+FACE_MARGIN = 0.1  # the multi script's `face_scale`: the default two-person boxes' margin (MultiTalk: 0.05)
+
 # Keys are height/width ratios as the reference writes them; values are (H, W) in pixels (spec §6.1).
 LONGCAT_480P: dict[str, tuple[int, int]] = {
     "0.26": (320, 1216), "0.31": (352, 1120), "0.38": (384, 1024), "0.43": (416, 960), "0.52": (448, 864),

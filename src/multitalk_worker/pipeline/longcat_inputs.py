@@ -21,9 +21,9 @@ from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline import longcat_sampling as ls
 from multitalk_worker.pipeline.longcat_audio import stream_tracks, video_frames
-from multitalk_worker.pipeline.longcat_image import longcat_person_masks, prepare_longcat_image
+from multitalk_worker.pipeline.longcat_image import FACE_MARGIN, longcat_person_masks, prepare_longcat_image
 from multitalk_worker.pipeline.longcat_segments import COND_FRAMES, SegmentPlan, plan_segments
-from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
+from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, Region
 from multitalk_worker.pipeline.video import VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model
@@ -169,7 +169,8 @@ def prepare_longcat_inputs(request: GenerationRequest) -> LongCatInputs:
         conditioning, _ = _source_frames(Path(request.video), first.bucket, request.resolution)
     masks = None
     if len(streams) > 1:
-        boxes = image_prep.person_boxes([s.region for s in request.speakers], *first.source_size)
+        regions: list[Region | None] = [s.region for s in request.speakers]
+        boxes = image_prep.person_boxes(regions, *first.source_size, margin=FACE_MARGIN)
         assert boxes is not None  # two speakers
         masks = longcat_person_masks(boxes, first.source_size, first.bucket)
         image_prep.check_masks_visible(masks, 2)
