@@ -30,7 +30,7 @@ from multitalk_worker.pipeline.request import (
     Speaker,
     VideoSpec,
 )
-from multitalk_worker.registry import pipeline_class
+from multitalk_worker.registry import get_model, pipeline_class
 from multitalk_worker.service import JobService
 from tests.conftest import EXAMPLES
 from tests.test_server import run as submit
@@ -277,3 +277,22 @@ def test_a_resumed_job_makes_the_same_video(
     assert (uninterrupted.clips_resumed, uninterrupted.clips_generated) == (0, 2)
     whole.sink.assemble(tmp_path / "whole.mp4")
     assert (tmp_path / "resumed.mp4").read_bytes() == (tmp_path / "whole.mp4").read_bytes()
+
+
+def test_batched_guidance_is_the_same_video(v15: LongCatPipeline) -> None:
+    """`batched_guidance` (the reference's one-speaker [u_t, c] batch, used by tools/parity.py) and the
+    default one-pass-at-a-time guidance give the same frames within the batched GEMMs' rounding."""
+    guided = request(sampling=SamplingParams(seed=5, steps=1, text_guidance=4.0, audio_guidance=3.0))
+    batched = LongCatPipeline(v15.bundle, v15.device, batched_guidance=True)
+    one, two = v15(guided).frames, batched(guided).frames
+    assert one is not None and two is not None and one.shape == two.shape
+    assert np.abs(one.astype(np.int16) - two.astype(np.int16)).max() <= 1
+
+
+def test_two_speakers_default_to_the_multi_scripts_negative_prompt() -> None:
+    """The multi script's negative prompt writes "bright" in lower case (spec §5): another token sequence."""
+    for model in ("longcat-avatar", "longcat-avatar-1.0"):
+        family = get_model(model).family
+        assert family is not None
+        one, two = family.default_negative(1), family.default_negative(2)
+        assert one.startswith("Close-up, Bright tones") and two == one.replace("Bright", "bright", 1)

@@ -1,7 +1,7 @@
 """LongCat-Video-Avatar DiT parity, the reference side: the checkout's DiT on the cases of
 tools/_parity_longcat_ours.py, loaded from the same tiny published-layout folder (diffusers `from_pretrained`,
 as the demo scripts load it), in float32 on the CPU (tools/_parity_longcat_reference.py says what is
-replaced to run it there)."""
+replaced to run it there); then the pipeline runs of tools/_parity_longcat_run_cases.py on the same folder."""
 
 from __future__ import annotations
 
@@ -117,13 +117,19 @@ def build_reference_int8(model: torch.nn.Module, root: Path, folder: str) -> tor
 
 
 def run_longcat(
-    checkout: Path, model_name: str, seed: int, persons: list[int], fixtures: Path | None
+    checkout: Path,
+    model_name: str,
+    seed: int,
+    persons: list[int],
+    fixtures: Path | None,
+    pipeline: bool = True,
 ) -> tuple[list[str], bool]:
-    """Every case of `model_name` against the checkout; one line per case. With `fixtures`, the DiT folder,
-    cases.safetensors (`<case>/in/<name>`, `<case>/ref/<name>`) and manifest.json are stored there."""
+    """Every case of `model_name` against the checkout, then (with `pipeline`) the two-segment runs of
+    tools/_parity_longcat_run_ours.py; one line per case or stage. With `fixtures`, the folders (DiT, umT5,
+    tokenizer, VAE), cases.safetensors (`<case>/in/<name>`, `<case>/ref/<name>`), runs.safetensors
+    (`<run>/in/<name>`, `<run>/ref/<stage>/<name>`, frames thinned) and manifest.json are stored there."""
     from _parity_longcat_ours import compare, load_ours, run_ours, tolerance
     from _parity_longcat_reference import load_reference_dit
-    from safetensors.torch import save_file
 
     dit_module = load_reference_dit(checkout)
     lines, ok_all = [], True
@@ -141,19 +147,104 @@ def run_longcat(
             lines.append(
                 f"dit_{name:<20} {max_abs:>11.3e} {rel:>11.3e} {bound:>9.0e}  {'ok' if ok else 'FAIL'}"
             )
+        runs: dict[str, tuple[Tensors, Tensors]] = {}
+        if pipeline:
+            runs, run_lines, runs_ok = pipeline_runs(checkout, root, model_name, seed, persons)
+            lines += run_lines
+            ok_all &= runs_ok
         if fixtures is not None:
-            shutil.rmtree(fixtures, ignore_errors=True)
-            shutil.copytree(root, fixtures)
-            tensors = {f"{c}/{kind}/{k}": v.contiguous() for c, (i, r) in cases.items()
-                       for kind, part in (("in", i), ("ref", r)) for k, v in part.items()}  # fmt: skip
-            save_file(tensors, str(fixtures / "cases.safetensors"))
-            manifest = {
-                "written_by": f"tools/parity.py --model {model_name} --write-fixtures",
-                "reference": "meituan-longcat/LongCat-Video @ 6b3f4b8, imported from a checkout, run on CPU",
-                "seed": seed,
-                "metric": "rel_err = ||ours - ref||_2 / ||ref||_2 of the DiT output, float32",
-                "tolerance": {name: tolerance(CASES[name]) for name in cases},
-                "cases": list(cases),
-            }
-            (fixtures / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+            _write_fixtures(fixtures, root, model_name, seed, cases, runs)
     return lines, ok_all
+
+
+def pipeline_runs(
+    checkout: Path, root: Path, model_name: str, seed: int, persons: list[int]
+) -> tuple[dict[str, tuple[Tensors, Tensors]], list[str], bool]:
+    """Each run of `model_name` (tools/_parity_longcat_run_ours.py RUNS) by the checkout's pipeline and by
+    ours, on the DiT folder under root and umT5, tokenizer and VAE folders written there."""
+    from _parity_longcat_run_cases import (
+        image_reference,
+        load_reference_pipeline,
+        reference_pipe,
+        run_reference,
+        runs_for,
+        window_statements,
+        write_encoders,
+    )
+    from _parity_longcat_run_ours import (
+        build_ours,
+        compare_stage,
+        image_ours,
+        run_inputs,
+        stage_outputs,
+        tolerance_text,
+    )
+    from _parity_longcat_run_ours import run_ours as run_pipeline_ours
+
+    cfg, folder = VERSIONS[model_name]
+    write_encoders(root, seed)
+    module = load_reference_pipeline(checkout)
+    reference, ours = reference_pipe(module, root, model_name, folder), build_ours(root, model_name, folder)
+    windows = window_statements(checkout)
+    runs, lines, ok_all = {}, [], True
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny VAE's tiny convolutions: 12x faster on one thread of a 2-core CPU
+    for index, (name, run) in enumerate(runs_for(model_name, persons).items()):
+        inputs = run_inputs(cfg, model_name, run, seed * 100 + 50 + index)
+        expected = run_reference(
+            reference, checkout, windows, model_name, run, inputs, cfg["model_max_length"]
+        )
+        runs[name] = (inputs, expected)
+        got = stage_outputs(run_pipeline_ours(ours, model_name, run, inputs))
+        for stage, ref in stage_outputs(expected).items():
+            max_abs, rel, ok = compare_stage(stage, got[stage], ref)
+            ok_all &= ok
+            label, bound = f"{stage}_{name}", tolerance_text(stage)
+            lines.append(f"{label:<24} {max_abs:>11.3e} {rel:>11.3e} {bound:>9}  {'ok' if ok else 'FAIL'}")
+    torch.set_num_threads(threads)
+    image_ref, worst = image_reference(reference, checkout, seed)
+    _, _, ok = compare_stage(
+        "image", stage_outputs(image_ours(seed))["image"], stage_outputs(image_ref)["image"]
+    )
+    ok_all &= ok
+    lines.append(
+        f"{'image_buckets_pixels':<24} {worst:>11.3e} {'-':>11} {'exact':>9}  {'ok' if ok else 'FAIL'}"
+    )
+    runs["image"] = ({"seed": torch.tensor([seed])}, image_ref)
+    return runs, lines, ok_all
+
+
+def _write_fixtures(
+    fixtures: Path,
+    root: Path,
+    model_name: str,
+    seed: int,
+    cases: dict[str, tuple[Tensors, Tensors]],
+    runs: dict[str, tuple[Tensors, Tensors]],
+) -> None:
+
+    from _parity_longcat_ours import tolerance
+    from _parity_longcat_run_ours import FLOAT_TOLERANCE, FRAME_TOLERANCE, stored_form
+    from safetensors.torch import save_file
+
+    shutil.rmtree(fixtures, ignore_errors=True)
+    shutil.copytree(root, fixtures)
+    tensors = {f"{c}/{kind}/{k}": v.contiguous() for c, (i, r) in cases.items()
+               for kind, part in (("in", i), ("ref", r)) for k, v in part.items()}  # fmt: skip
+    save_file(tensors, str(fixtures / "cases.safetensors"))
+    if runs:
+        stored = {f"{n}/in/{k}": v.contiguous() for n, (i, _) in runs.items() for k, v in i.items()}
+        stored |= {f"{n}/ref/{k}": v.contiguous() for n, (_, r) in runs.items()
+                   for k, v in (r if n == "image" else stored_form(r)).items()}  # fmt: skip
+        save_file(stored, str(fixtures / "runs.safetensors"))
+    manifest = {
+        "written_by": f"tools/parity.py --model {model_name} --write-fixtures",
+        "reference": "meituan-longcat/LongCat-Video @ 6b3f4b8, imported from a checkout, run on CPU",
+        "seed": seed,
+        "metric": "rel_err = ||ours - ref||_2 / ||ref||_2 of the DiT output, float32",
+        "tolerance": {name: tolerance(CASES[name]) for name in cases},
+        "cases": list(cases),
+        "runs": [name for name in runs if name != "image"],
+        "run_tolerance": {"float rel_err": FLOAT_TOLERANCE, "uint8 max |diff| levels": FRAME_TOLERANCE},
+    }
+    (fixtures / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -54,8 +54,19 @@ weights are the MultiTalk fixtures', which must have been written with the same 
 checkout, tools/_parity_longcat_ours.py) write a tiny DiT in the published folder layout (config.json, two
 bf16 shards and their index) and compare one DiT forward per case in float32 on the CPU (text-to-video with a
 CFG batch, image-to-video with 1, 2 and 3 audio streams, a continuation with and without the cached keys);
-tolerance 1e-5. Its --write-fixtures writes tests/fixtures/parity/longcat/<model>/, which
-tests/test_parity_longcat.py checks our code against without the reference.
+tolerance 1e-5. Then (unless --no-pipeline) two-segment runs of the checkout's LongCatVideoAvatarPipeline,
+driven as its demo scripts drive it (generate_ai2v, the uint8 frames, generate_avc with the KV cache and the
+reference latent), against our LongCatPipeline's segment loop on the same tiny folders (the DiT, umT5 and its
+tokenizer, the Wan VAE), inputs and seed (tools/_parity_longcat_run_cases.py says what the tool supplies,
+tools/_parity_longcat_run_ours.py what is compared): per run the text embeddings and masks (and the default
+negative prompt's text), the conditioning latents (the image's, the continuation's re-encoded 13 frames),
+segment 0's final latent, its decoded uint8 frames, segment 1's final latent and its kept frames; float32
+stages rel_err <= 1e-5, uint8 frames within one level. 1.5: the distilled 8 steps with 1 and 2 speakers and 3
+guided steps (CFG 4/4) with 1; 1.0: 3 guided steps with 1 and 2 speakers. The version's audio-feature stages
+(Whisper or wav2vec2) and the schedules come first, from tools/parity_longcat_audio.py run in its own process
+(its fixtures are written by that tool). Its --write-fixtures writes
+tests/fixtures/parity/longcat/<model>/, which tests/test_parity_longcat.py checks our code against without the
+reference.
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -296,9 +308,34 @@ LONGCAT_MODELS = ("longcat-avatar", "longcat-avatar-1.0")
 LONGCAT_FIXTURES = FIXTURES / "longcat"
 
 
+LONGCAT_AUDIO_TOOL = REPO / "tools" / "parity_longcat_audio.py"
+LONGCAT_AUDIO_STAGES = {"longcat-avatar": ("whisper_",), "longcat-avatar-1.0": ("wav2vec_",)}
+
+
+def longcat_audio(checkout: Path, model: str, seed: int) -> tuple[list[str], bool]:
+    """The audio-feature and schedule stages of `model` from tools/parity_longcat_audio.py, run in its own
+    process (it imports the checkout's audio package its own way); its fixtures are its own."""
+    command = [sys.executable, str(LONGCAT_AUDIO_TOOL), "--reference", str(checkout), "--seed", str(seed)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=1800)
+    wanted = (*LONGCAT_AUDIO_STAGES[model], "sched_", "step_guidance")
+    rows = [line.split() for line in result.stdout.splitlines()]
+    rows = [row for row in rows if len(row) == 4 and row[0].startswith(wanted)]
+    if not rows:
+        return [f"{'audio':<24} {'-':>11} {'-':>11} {'-':>9}  FAIL ({result.stderr[-300:]!r})"], False
+    lines = []
+    for stage, max_abs, rel, result_ in rows:
+        bound = "1e-5" if stage.startswith(LONGCAT_AUDIO_STAGES[model]) else "bitwise"
+        lines.append(f"{stage:<24} {float(max_abs):>11.3e} {float(rel):>11.3e} {bound:>9}  {result_}")
+    return lines, all(row[3] == "ok" for row in rows)
+
+
 def main_longcat(args: argparse.Namespace, persons: list[int]) -> int:
     fixtures = LONGCAT_FIXTURES / args.model if args.write_fixtures else None
-    lines, ok = run_longcat(args.reference, args.model, args.seed, persons, fixtures)
+    pipeline = not args.no_pipeline or args.write_fixtures
+    lines, ok = run_longcat(args.reference, args.model, args.seed, persons, fixtures, pipeline)
+    if pipeline:
+        audio_lines, audio_ok = longcat_audio(args.reference, args.model, args.seed)
+        lines, ok = audio_lines + lines, ok and audio_ok
     print(
         f"{args.model}, seed {args.seed}, persons {persons}, float32 on CPU; rel_err = ||ours-ref|| / ||ref||"
     )

@@ -52,6 +52,13 @@ class LongCatFamily:
     # segment's own last latents (both decode with the re-encoded ones, §7.6 step 4)
     condition: Literal["reencoded", "latent"]
     negative: str  # the reference's single-speaker default negative prompt (§5)
+    # two speakers: the multi script's, the same words with "bright" in lower case (a different token
+    # sequence for umT5's case-sensitive tokenizer; tools/parity.py reads both from the demo scripts)
+    negative_multi: str
+
+    def default_negative(self, speakers: int) -> str:
+        """The negative prompt a job without one gets: the single or the multi script's."""
+        return self.negative if speakers == 1 else self.negative_multi
 
 
 @dataclass(frozen=True)
@@ -144,6 +151,7 @@ LONGCAT_NEGATIVE = (
     "extra fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused "
     "fingers, still picture, messy background, three legs, many people in the background, walking backwards"
 )
+LONGCAT_NEGATIVE_MULTI = LONGCAT_NEGATIVE.replace("Bright tones", "bright tones")
 LONGCAT_PIPELINE = "multitalk_worker.pipeline.longcat:LongCatPipeline"
 
 LONGCAT_AVATAR = ModelSpec(
@@ -167,6 +175,7 @@ LONGCAT_AVATAR = ModelSpec(
         shift=7.0,
         condition="reencoded",
         negative=LONGCAT_NEGATIVE,
+        negative_multi=LONGCAT_NEGATIVE_MULTI,
     ),
 )
 
@@ -191,6 +200,7 @@ LONGCAT_AVATAR_10 = ModelSpec(
         shift=12.0,
         condition="latent",
         negative=LONGCAT_NEGATIVE,
+        negative_multi=LONGCAT_NEGATIVE_MULTI,
     ),
 )
 

@@ -258,20 +258,21 @@ def prepare_image(image: Image.Image, resolution: str) -> ConditionImage:
     return ConditionImage(pixels=(pixels - 0.5) * 2, source_size=(src_h, src_w), bucket=bucket)
 
 
-def default_bbox(side: str, src_h: int, src_w: int) -> PixelBox:
-    """The reference's default mask of the left or right person (spec 3.5), in pixels."""
+def default_bbox(side: str, src_h: int, src_w: int, margin: float = FACE_MARGIN) -> PixelBox:
+    """The reference's default mask of the left or right person (spec 3.5), in pixels; `margin` is its
+    `face_scale` (MultiTalk's 0.05; LongCat's multi script uses 0.1)."""
     half = src_w // 2
-    r0, r1 = int(src_h * FACE_MARGIN), int(src_h * (1 - FACE_MARGIN))
-    c0, c1 = int(half * FACE_MARGIN), int(half * (1 - FACE_MARGIN))
+    r0, r1 = int(src_h * margin), int(src_h * (1 - margin))
+    c0, c1 = int(half * margin), int(half * (1 - margin))
     if side == "right":
-        c0, c1 = int(half * FACE_MARGIN + half), int(half * (1 - FACE_MARGIN) + half)
+        c0, c1 = int(half * margin + half), int(half * (1 - margin) + half)
     return r0, c0, r1, c1
 
 
-def region_to_bbox(region: Region, src_h: int, src_w: int) -> PixelBox:
+def region_to_bbox(region: Region, src_h: int, src_w: int, margin: float = FACE_MARGIN) -> PixelBox:
     """Our `[x0, y0, x1, y1]` (normalised, x right, y down) or shorthand -> the reference's row-first box."""
     if region in ("left", "right"):
-        return default_bbox(str(region), src_h, src_w)
+        return default_bbox(str(region), src_h, src_w, margin)
     if region == "full":
         return 0, 0, src_h, src_w
     if isinstance(region, str) or len(region) != 4:
@@ -295,8 +296,10 @@ def _overlap(a: PixelBox, b: PixelBox) -> bool:
     return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
 
 
-def person_boxes(regions: list[Region | None], src_h: int, src_w: int) -> list[PixelBox] | None:
-    """Pixel boxes of two persons (defaults: left and right halves); None for one person."""
+def person_boxes(
+    regions: list[Region | None], src_h: int, src_w: int, margin: float = FACE_MARGIN
+) -> list[PixelBox] | None:
+    """Pixel boxes of two persons (defaults: left and right halves, `margin` inside); None for one person."""
     if len(regions) == 1:
         if regions[0] is not None:
             raise InvalidInput("a region only applies with two speakers; omit it for a single speaker")
@@ -306,7 +309,7 @@ def person_boxes(regions: list[Region | None], src_h: int, src_w: int) -> list[P
         given = ["left", "right"]
     elif len(given) != len(regions):
         raise InvalidInput("give a region for both speakers or for neither")
-    boxes = [region_to_bbox(r, src_h, src_w) for r in given]
+    boxes = [region_to_bbox(r, src_h, src_w, margin) for r in given]
     for person, box in enumerate(boxes, start=1):
         if box[2] <= box[0] or box[3] <= box[1]:
             raise InvalidInput(f"region of speaker {person} covers no pixel of the {src_w}x{src_h} image")

@@ -14,7 +14,7 @@ video. With a checkpoint (pipeline/checkpoint.py) that carried state, the refere
 state are saved after every segment, and a job sent again continues after its last saved segment. One
 generator is seeded once and drawn in the reference's order (§7.5). Guidance runs the passes of
 pipeline/longcat_sampling.py one at a time (the reference batches u_t and c for one speaker: same values
-within the batched GEMMs' rounding, §7.3).
+within the batched GEMMs' rounding, §7.3; `batched_guidance` batches them as the reference does).
 """
 
 from __future__ import annotations
@@ -139,11 +139,16 @@ class LongCatPipeline:
         bundle: LongCatBundle,
         device: torch.device | None = None,
         engine: EngineOptions = REFERENCE_ENGINE,
+        batched_guidance: bool = False,
     ) -> None:
         """`engine`: resolved (pipeline/engine.resolve_engine) and already applied to `bundle.dit`
-        (`from_pretrained` does both); its runtime is what every DiT call runs with."""
+        (`from_pretrained` does both); its runtime is what every DiT call runs with.
+        `batched_guidance`: one speaker's `u_t` and `c` passes as one batch-2 DiT call, as the reference
+        runs them (§7.3); off, they run one at a time (half the activation memory, the same values within
+        the batched GEMMs' rounding: float32 rel 5e-7 on the tiny model, tools/parity.py)."""
         self.bundle = bundle
         self.device = device or next(bundle.dit.parameters()).device
+        self.batched_guidance = batched_guidance
         self.family: LongCatFamily = _family(bundle.model)
         self.engine = engine
 
@@ -321,9 +326,8 @@ class LongCatPipeline:
         with the mask (§5)."""
         prompts = [request.prompt]
         if guided:
-            prompts.append(
-                request.negative_prompt if request.negative_prompt is not None else self.family.negative
-            )
+            default = self.family.default_negative(len(request.speakers))
+            prompts.append(request.negative_prompt if request.negative_prompt is not None else default)
         length = self.bundle.dit.config.model_max_length
         ids, mask = tokenize(self.bundle.tokenizer, prompts, max_length=length)
         device = self.bundle.text_encoder.get_input_embeddings().weight.device
@@ -484,6 +488,21 @@ class _Run:
             return call(self.text.positive, state.windows)
         negative = self.text.negative
         assert negative is not None
+        if self.pipe.batched_guidance and state.masks is None:  # the reference's [u_t, c] batch
+            pair = (
+                torch.cat([negative[0], self.text.positive[0]]),
+                torch.cat([negative[1], self.text.positive[1]]),
+            )
+            both = self.dit(
+                torch.cat([latent] * 2), timestep.expand(2, -1), pair[0], pair[1],
+                torch.cat([state.windows] * 2), cond=state.cond, kv_cache=state.cache, runtime=self.runtime,
+            )  # fmt: skip
+            preds = {
+                "drop_text": both[:1],
+                "cond": both[1:],
+                "uncond": call(negative, null_windows(state.windows)),
+            }
+            return ls.combine(preds, self.text_scale, self.audio_scale)
         preds = {
             "drop_text": call(negative, state.windows),
             "cond": call(self.text.positive, state.windows),

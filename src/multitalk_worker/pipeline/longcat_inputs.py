@@ -4,6 +4,8 @@ masks at pixel size, and the segment plan (spec longcat-avatar-inference.md §4.
 
 The plan follows the audio on the model's own timeline (registry entry `fps`): the fewest 93-frame segments
 that cover it, trimmed to it, or the reference's whole segments (`segment_length="whole_segments"`).
+The image (and a video source's frames) take LongCat's own buckets and LANCZOS resize, the person masks its
+bilinear cover-and-crop (pipeline/longcat_image.py).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from multitalk_worker.pipeline import audio as audio_prep
 from multitalk_worker.pipeline import image as image_prep
 from multitalk_worker.pipeline import longcat_sampling as ls
 from multitalk_worker.pipeline.longcat_audio import stream_tracks, video_frames
+from multitalk_worker.pipeline.longcat_image import FACE_MARGIN, longcat_person_masks, prepare_longcat_image
 from multitalk_worker.pipeline.longcat_segments import COND_FRAMES, SegmentPlan, plan_segments
-from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest
+from multitalk_worker.pipeline.request import CheckedInputs, GenerationRequest, Region
 from multitalk_worker.pipeline.video import VideoSource
 from multitalk_worker.pipeline.video import open_source as open_frames
 from multitalk_worker.registry import ModelSpec, get_model
@@ -131,7 +134,7 @@ def _source_frames(path: Path, bucket: tuple[int, int], resolution: str) -> tupl
         first = max(0, count - COND_FRAMES)
         frames = []
         for index in range(first, first + COND_FRAMES):
-            prepared = image_prep.prepare_image(source.frame(min(index, count - 1)), resolution)
+            prepared = prepare_longcat_image(source.frame(min(index, count - 1)), resolution)
             if prepared.bucket != bucket:
                 raise InvalidInput(f"video frame {index} has another size than frame 0")
             frames.append(prepared.pixels)
@@ -158,7 +161,7 @@ def prepare_longcat_inputs(request: GenerationRequest) -> LongCatInputs:
     assert path is not None
     source = open_frames(Path(path), kind="image" if request.image is not None else "video")
     try:
-        first = image_prep.prepare_image(source.frame(0), request.resolution)
+        first = prepare_longcat_image(source.frame(0), request.resolution)
     finally:
         source.close()
     conditioning = None
@@ -166,8 +169,10 @@ def prepare_longcat_inputs(request: GenerationRequest) -> LongCatInputs:
         conditioning, _ = _source_frames(Path(request.video), first.bucket, request.resolution)
     masks = None
     if len(streams) > 1:
-        boxes = image_prep.person_boxes([s.region for s in request.speakers], *first.source_size)
-        masks = image_prep.person_masks(boxes, first.source_size, first.bucket, first.bucket)
+        regions: list[Region | None] = [s.region for s in request.speakers]
+        boxes = image_prep.person_boxes(regions, *first.source_size, margin=FACE_MARGIN)
+        assert boxes is not None  # two speakers
+        masks = longcat_person_masks(boxes, first.source_size, first.bucket)
         image_prep.check_masks_visible(masks, 2)
     soundtrack = np.ascontiguousarray(mix[: plan.output_frames * SAMPLE_RATE // spec.fps])
     return LongCatInputs(

@@ -12,8 +12,9 @@ with σ = 0. The raw sigmas per mode:
 | `distill_v1` | `(1000 − 20·⌊50·i/N⌋) / 1000` | v1.0 with `--use_distill` (no LoRA, N steps) |
 
 `enhance_hf` (continuations whenever distillation is off) keeps the timesteps above 500 and appends 500, 450,
-..., 50; its sigmas are then `t / 1000` and 0. The DiT sees every timestep rounded to bfloat16
-(`Schedule.model_timesteps`: multiples of 4 above 512, so 1000, 980, 956, ... in the distilled schedule).
+..., 50; its sigmas are then `t / 1000` and 0. The DiT sees every timestep rounded to its own dtype,
+so to bfloat16 with the published weights (`Schedule.model_timesteps`: multiples of 4 above 512, so 1000,
+980, 956, ... in the distilled schedule); a float32 run keeps the float32 timesteps, as the reference's does.
 
 Step (§7.2): the DiT predicts `x0 − ε`; the reference negates it and the scheduler adds `(σ_next − σ)·(−v̂)` in
 float32. Guidance (§7.3): `v̂ = u + s_t·(c − u_t) + s_a·(u_t − u)` with `c` = positive text + audio, `u_t` =
@@ -139,9 +140,11 @@ def euler_step(latent: Tensor, velocity: Tensor, schedule: Schedule, step: int) 
 
 
 def model_timestep(schedule: Schedule, step: int, latents: int, clean: int = 0) -> Tensor:
-    """The per-latent timestep vector of one DiT call `[1, latents]` bfloat16: the step's bf16-rounded
-    timestep, 0 on the first `clean` latents (ai2v's image latent, §7.4)."""
-    vector = schedule.model_timesteps[step].expand(1, latents).clone()
+    """The per-latent timestep vector of one DiT call `[1, latents]` float32: the step's timestep, 0 on the
+    first `clean` latents (ai2v's image latent, §7.4). The DiT rounds it to its own dtype, as the reference
+    casts it to the DiT's dtype (`t.expand(B).to(dit_dtype)`): bf16 for the published weights
+    (`Schedule.model_timesteps`), unrounded in a float32 run (what the float32 parity runs compare)."""
+    vector = schedule.timesteps[step].expand(1, latents).clone()
     vector[:, :clean] = 0
     return vector
 
