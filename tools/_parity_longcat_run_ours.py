@@ -214,7 +214,8 @@ def run_ours(pipe: lp.LongCatPipeline, model_name: str, run: Run, inputs: Tensor
     state._first = lambda *a: _kept(latents, sample_first(*a))  # type: ignore[method-assign]
     state._continue = lambda *a: _kept(latents, sample_next(*a))  # type: ignore[method-assign]
     sink = FrameCollector()
-    state.generate(torch.Generator("cpu").manual_seed(int(inputs["seed"])), sink, {})
+    seed = int(inputs["seed"])
+    state.generate(torch.Generator("cpu").manual_seed(seed), sink, {}, lp._Loop(seed, None, None))
     video = torch.from_numpy(sink.frames())
     return _text_outputs(text, model_name, run.persons) | {
         "cond/image_latent": latents[0][:, :, :1],
