@@ -84,9 +84,8 @@ def tiny_env(work: Path, volume: Path, **env: str) -> dict[str, str]:
 
 def tiny_settings(work: Path, volume: Path, **env: str) -> Settings:
     """Settings for a test (tiny_env), loopback allowed (the test servers) with a short fetch timeout."""
-    return Settings.from_env(
-        tiny_env(work, volume, MULTITALK_ALLOW_LOOPBACK="true", MULTITALK_FETCH_TIMEOUT_S="5", **env)
-    )
+    test = {"MULTITALK_ALLOW_LOOPBACK": "true", "MULTITALK_FETCH_TIMEOUT_S": "5"}
+    return Settings.from_env(tiny_env(work, volume, **(test | env)))
 
 
 @pytest.fixture

@@ -78,7 +78,9 @@ def test_the_docs_tiny_commands_are_found() -> None:
 
 def run_as_written(command: str, folder: Path) -> subprocess.CompletedProcess[str]:
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    # one thread each: two commands run side by side on two cores (two threads each made the tiny LongCat
+    # VAE's 93-frame decodes many times slower, test_longcat_pipeline's one_thread says by how much)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         ["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=600
     )
