@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from multitalk_worker.config import Settings
 from multitalk_worker.pipeline.request import GenerationResult
@@ -66,6 +67,16 @@ def volume(tmp_path: Path) -> Path:
     for name in ("person.png", "two_people.png", "speech_a.wav", "speech_b.wav"):
         (root / "inputs" / name).write_bytes((EXAMPLES / name).read_bytes())
     return root
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one thread for a module: the tiny models' convolutions (the LongCat VAE's 93-frame decodes)
+    only pay the threads' synchronisation on a shared 2-core machine (7.7 s against 93 s, measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_env(work: Path, volume: Path, **env: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ piece is a typed error naming its path; the CLI and the worker serve a folder.""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from multitalk_worker.service import JobService
 from multitalk_worker.tiny_longcat import TINY_LORA_ALPHA_SCALE, build_tiny_longcat_bundle, tiny_dmd_lora
 from multitalk_worker.weights.longcat_bundle import reload_dit
 from tests.conftest import EXAMPLES
+from tests.test_longcat_pipeline import request as pipeline_job
 from tests.tiny_longcat import (
     BASE_FOLDER,
     LORA_FILE,
@@ -38,21 +39,13 @@ from tests.tiny_longcat import (
     write_longcat_folders,
 )
 
-ONE_STEP = SamplingParams(steps=1, text_guidance=1.0, audio_guidance=1.0, seed=3)
 DISTILLED = SamplingParams(steps=8, text_guidance=1.0, audio_guidance=1.0, seed=3)
 TWO = (
     Speaker(EXAMPLES / "speech_a.wav", region=(0.0, 0.0, 0.5, 1.0)),
     Speaker(EXAMPLES / "speech_b.wav", region=(0.5, 0.0, 1.0, 1.0)),
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny convolutions pay only the threads' synchronisation (tests/test_longcat_pipeline.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny convolutions, one thread
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +73,8 @@ def v10(tmp_path_factory: pytest.TempPathFactory) -> tuple[LongCatPipeline, Path
 
 
 def request(model: str = "longcat-avatar", **changes: object) -> GenerationRequest:
-    fields: dict[str, object] = {
-        "speakers": (Speaker(EXAMPLES / "speech_a.wav"),),
-        "prompt": "a person talks",
-        "model": model,
-        "image": EXAMPLES / "person.png",
-        "resolution": "tiny",
-        "max_duration_s": 0.6,
-        "sampling": ONE_STEP,
-    }
-    return GenerationRequest(**(fields | changes))  # type: ignore[arg-type]
+    """test_longcat_pipeline's job, 0.6 s long (15 frames at 25 fps)."""
+    return pipeline_job(model, **({"max_duration_s": 0.6} | changes))
 
 
 def frames(pipe: LongCatPipeline, job: GenerationRequest) -> np.ndarray:

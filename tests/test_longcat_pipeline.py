@@ -6,14 +6,13 @@ test decodes as few segments as it can."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from multitalk_worker.config import Settings
 from multitalk_worker.errors import Cancelled, InvalidInput, ModelLoadFailed, ModelMissing
@@ -38,15 +37,7 @@ from tests.test_server import serve, wait_until  # noqa: F401 - serve: the local
 
 ONE_STEP = SamplingParams(steps=1, text_guidance=1.0, audio_guidance=1.0, seed=3)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny VAE's 93-frame decode is 12x slower with 2 threads than with 1 on a shared 2-core machine
-    (7.7 s against 93 s, measured): tiny convolutions only pay the threads' synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny convolutions, one thread
 
 
 @pytest.fixture(scope="module")

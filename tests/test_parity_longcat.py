@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -90,15 +89,6 @@ def test_a_one_percent_weight_error_is_caught(ours: ModuleType, tmp_path: Path) 
     dit = ours.load_ours(tmp_path / model, model)
     _, rel = ours.compare(ours.run_ours(dit, ours.CASES["ai2v_2p"], case["in"]), case["ref"])
     assert rel > 10 * ours.TOLERANCE  # measured 3.1e-4
-
-
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """The tiny VAE's convolutions are many times faster on one thread of a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
