@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from multitalk_worker.media import probe_mp4
 from multitalk_worker.models.longcat.attention import Conditioning
 from multitalk_worker.models.longcat.blocks import linear_fp32
 from multitalk_worker.models.longcat.lora import LoraLinear
+from multitalk_worker.pipeline.engine import engine_options
 from multitalk_worker.pipeline.longcat import LongCatPipeline
 from multitalk_worker.pipeline.request import GenerationRequest, SamplingParams, Speaker
 from multitalk_worker.service import JobService
@@ -126,6 +128,23 @@ def test_v10_folder_one_speaker_then_two_on_avatar_multi(
     tiny.bundle.dit.load_state_dict({key: value.float() for key, value in multi.items()})  # its multi DiT
     assert result.frames is not None
     np.testing.assert_array_equal(result.frames, frames(tiny, two))
+
+
+def test_v10_swap_in_the_low_memory_mode(v10: tuple[LongCatPipeline, Path, dict[str, torch.Tensor]]) -> None:
+    """With the DiT's blocks in host memory (MULTITALK_OFFLOAD), a swap to avatar_multi/ also reaches the
+    block still on the device from the last call: the frames of the resident folder pipeline, bit for bit."""
+    _, k, _ = v10
+    low_memory = engine_options("reference", offload=True)
+    offloaded = LongCatPipeline.from_pretrained(
+        str(k), device="cpu", model="longcat-avatar-1.0", engine=low_memory
+    )
+    resident = LongCatPipeline.from_pretrained(str(k), device="cpu", model="longcat-avatar-1.0")
+    two_steps = replace(DISTILLED, steps=2)  # a block written during the swap is read again at step 2
+    one = request("longcat-avatar-1.0", sampling=two_steps)
+    two = request("longcat-avatar-1.0", sampling=two_steps, speakers=TWO, image=EXAMPLES / "two_people.png")
+    for job in (one, two):
+        np.testing.assert_array_equal(frames(offloaded, job), frames(resident, job))
+    assert offloaded.bundle.dit_slot is not None and offloaded.bundle.dit_slot.folder == "avatar_multi"
 
 
 def test_lora_branch_is_the_reference_formula_and_off_is_the_base_layer() -> None:

@@ -19,7 +19,7 @@ from multitalk_worker.errors import Cancelled, InvalidInput, ModelLoadFailed, Mo
 from multitalk_worker.media import probe_mp4
 from multitalk_worker.models.runtime import AUTO, FAST_RUNTIME, REFERENCE_RUNTIME
 from multitalk_worker.pipeline.checkpoint import ClipCheckpoint
-from multitalk_worker.pipeline.engine import EngineOptions, engine_options
+from multitalk_worker.pipeline.engine import EngineOptions, LoraSpec, engine_options
 from multitalk_worker.pipeline.longcat import LongCatPipeline
 from multitalk_worker.pipeline.longcat_segments import ADVANCE, SEGMENT_FRAMES
 from multitalk_worker.pipeline.request import (
@@ -238,9 +238,9 @@ def test_the_engine_reaches_the_dit(v15: LongCatPipeline) -> None:
     flash3 = engine_options("reference", attention="flash3")
     with pytest.raises(ModelLoadFailed, match="flash3"):
         LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", engine=flash3)
-    low_memory = engine_options("reference", offload=True)
-    with pytest.raises(InvalidInput, match="low-memory"):
-        LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", engine=low_memory)
+    extra_lora = engine_options("reference", loras=(LoraSpec(EXAMPLES / "none.safetensors"),))
+    with pytest.raises(InvalidInput, match="extra LoRAs"):
+        LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", engine=extra_lora)
     with pytest.raises(InvalidInput, match="no audio adapters"):
         LongCatPipeline.from_pretrained("tiny", device="cpu", model="longcat-avatar", adapter="single")
 
@@ -287,3 +287,22 @@ def test_two_speakers_default_to_the_multi_scripts_negative_prompt() -> None:
         assert family is not None
         one, two = family.default_negative(1), family.default_negative(2)
         assert one.startswith("Close-up, Bright tones") and two == one.replace("Bright", "bright", 1)
+
+
+@pytest.mark.parametrize("model", ["longcat-avatar", "longcat-avatar-1.0"])
+def test_the_low_memory_mode_makes_the_same_video(
+    model: str, v15: LongCatPipeline, v10: LongCatPipeline
+) -> None:
+    """MULTITALK_OFFLOAD: the DiT's and umT5's blocks live in host memory and visit the device one at a time
+    (models/offload.py; on the CPU the copies are plain): the resident pipeline's frames, bit for bit, and
+    every block back in host memory but the prefetched first."""
+    low_memory = engine_options("reference", offload=True)
+    pipeline = LongCatPipeline.from_pretrained("tiny", device="cpu", model=model, engine=low_memory)
+    dit, text = pipeline.offloads
+    assert len(dit.blocks) == len(pipeline.bundle.dit.blocks) and text.host_bytes() > 0
+    resident = v15 if model == "longcat-avatar" else v10
+    ours, reference = Recorder(), Recorder()
+    pipeline(request(model), sink=ours)
+    resident(request(model), sink=reference)
+    np.testing.assert_array_equal(np.concatenate(ours.chunks), np.concatenate(reference.chunks))
+    assert dit.resident() == [0] and text.resident() == [0]

@@ -154,19 +154,25 @@ def quantize_dit_fp8(dit: nn.Module) -> None:
 def place_offloaded(bundle: ModelBundle, device: torch.device) -> list[BlockOffload]:
     """Low-memory placement: everything on `device` except the DiT's and umT5's blocks (~94% of the
     weights), which `BlockOffload` streams in one block at a time. The audio encoder stays where it is."""
+    stacks = [(bundle.dit, bundle.dit.blocks), (bundle.text_encoder, bundle.text_encoder.encoder.block)]
+    # their libraries' `to` is typed as an unbound function
+    return offload_stacks(
+        stacks, [cast(nn.Module, bundle.image_encoder), cast(nn.Module, bundle.vae)], device
+    )
+
+
+def offload_stacks(
+    stacks: list[tuple[nn.Module, nn.ModuleList]], others: list[nn.Module], device: torch.device
+) -> list[BlockOffload]:
+    """Each (network, block stack): the stack streamed by a `BlockOffload`, the rest of the network on
+    `device`; every module of `others` wholly on `device`. Returns the offloads."""
     offloads = []
-    for network, stack in (
-        (bundle.dit, bundle.dit.blocks),
-        (bundle.text_encoder, bundle.text_encoder.encoder.block),
-    ):
+    for network, stack in stacks:
         offloads.append(BlockOffload(stack, device))
         stacked = {id(tensor) for tensor in [*stack.parameters(), *stack.buffers()]}
         for tensor in [*network.parameters(), *network.buffers()]:
             if id(tensor) not in stacked:
                 tensor.data = tensor.data.to(device)
-    for encoder in (
-        bundle.image_encoder,
-        bundle.vae,
-    ):  # their libraries' `to` is typed as an unbound function
-        cast(nn.Module, encoder).to(device)
+    for module in others:
+        module.to(device)
     return offloads

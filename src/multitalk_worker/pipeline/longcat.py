@@ -24,23 +24,30 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import AutoencoderKLWan
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase, UMT5EncoderModel
 
 from multitalk_worker.errors import Cancelled, InvalidInput, ModelMissing
 from multitalk_worker.models.longcat.attention import Conditioning, KVCache
 from multitalk_worker.models.longcat.transformer import LongCatAvatarTransformer
+from multitalk_worker.models.offload import BlockOffload
 from multitalk_worker.models.runtime import compile_blocks
 from multitalk_worker.models.sequence_parallel import SequenceParallel
 from multitalk_worker.models.vae import vae_decode, vae_encode
 from multitalk_worker.pipeline import longcat_sampling as ls
 from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, ClipState
-from multitalk_worker.pipeline.engine import REFERENCE_ENGINE, EngineOptions, quantize_dit_fp8, resolve_engine
+from multitalk_worker.pipeline.engine import (
+    REFERENCE_ENGINE,
+    EngineOptions,
+    offload_stacks,
+    quantize_dit_fp8,
+    resolve_engine,
+)
 from multitalk_worker.pipeline.longcat_audio import (
     FeatureEncoder,
     LongCatAudioConfig,
@@ -151,6 +158,7 @@ class LongCatPipeline:
         self.batched_guidance = batched_guidance
         self.family: LongCatFamily = _family(bundle.model)
         self.engine = engine
+        self.offloads: list[BlockOffload] = []  # the low-memory mode's streamed stacks (DiT first)
 
     @classmethod
     def from_pretrained(
@@ -166,33 +174,45 @@ class LongCatPipeline:
     ) -> LongCatPipeline:
         """ "tiny" for the built-in random-weight model, else the published model folder K (with the base
         LongCat-Video/ folder beside it: weights/longcat_bundle.py). `engine`: the DiT's attention kernels,
-        compiled blocks and the fp8 tier (bench/RESULTS.md run O); the low-memory mode, extra LoRAs and a
-        split over several GPUs are Wan's only so far and refused here."""
+        compiled blocks, the fp8 tier (bench/RESULTS.md run O) and the low-memory mode (the DiT's and
+        umT5's blocks in host memory, one at a time on the GPU: the networks are loaded on the CPU first);
+        extra LoRAs and a split over several GPUs are Wan's only so far and refused here."""
         if sequence_parallel is not None and sequence_parallel.world_size > 1:
             raise InvalidInput(f"{model} runs on one GPU; sequence parallelism serves the Wan models only")
-        if engine.offload or engine.loras:
+        if engine.loras:
             raise InvalidInput(
-                f"{model}: the low-memory mode (MULTITALK_OFFLOAD) and extra LoRAs (MULTITALK_LORAS) serve "
-                "the Wan models only so far; unset them for LongCat-Video-Avatar"
+                f"{model}: extra LoRAs (MULTITALK_LORAS) serve the Wan models only so far; unset them for "
+                "LongCat-Video-Avatar"
             )
         if adapter is not None:
             raise InvalidInput(f"{model} has no audio adapters; got adapter {adapter!r}")
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         engine = resolve_engine(engine, device)
+        load_on = torch.device("cpu") if engine.offload else device
         if str(path) == "tiny":
             from multitalk_worker.tiny_longcat import build_tiny_longcat_bundle
 
-            bundle = build_tiny_longcat_bundle(model, seed=0, device=device, dtype=dtype)
+            bundle = build_tiny_longcat_bundle(model, seed=0, device=load_on, dtype=dtype)
         else:
             from multitalk_worker.weights.longcat_bundle import load_longcat_bundle
 
-            bundle = load_longcat_bundle(Path(path), model=model, device=device, dtype=dtype)
+            bundle = load_longcat_bundle(Path(path), model=model, device=load_on, dtype=dtype)
+        offloads = []
+        if engine.offload:
+            stacks = [
+                (bundle.dit, bundle.dit.blocks),
+                (bundle.text_encoder, bundle.text_encoder.encoder.block),
+            ]
+            others = [cast(nn.Module, bundle.vae)] + ([bundle.audio_encoder] if bundle.audio_encoder else [])
+            offloads = offload_stacks(stacks, others, device)
         if engine.fp8:
             quantize_dit_fp8(bundle.dit)  # the LoRA branches stay: they read the layers' inputs
         if engine.compile:
             compile_blocks(bundle.dit)
-        return cls(bundle, device, engine)
+        pipeline = cls(bundle, device, engine)
+        pipeline.offloads = offloads
+        return pipeline
 
     @property
     def is_tiny(self) -> bool:
@@ -288,6 +308,8 @@ class LongCatPipeline:
             seconds = slot.use(self.bundle.dit, folder)
             if seconds:
                 timings["dit_swap"] = seconds
+                for offload in self.offloads:  # a block still on the device was written there
+                    offload.sync_host()
         if distilled and lora is None:
             # The reference silently skips a missing LoRA file and samples the 8-step schedule with the
             # base DiT; that makes a video the distilled preset does not describe, so we refuse.
