@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from multitalk_worker.models.vae import vae_decode  # noqa: E402
 from multitalk_worker.pipeline import longcat as lp  # noqa: E402
 from multitalk_worker.pipeline import longcat_sampling as ls  # noqa: E402
+from multitalk_worker.pipeline.checkpoint import LoopStart  # noqa: E402
 from multitalk_worker.pipeline.image import ConditionImage, person_boxes  # noqa: E402
 from multitalk_worker.pipeline.longcat_audio import AUDIO_V10, AUDIO_V15  # noqa: E402
 from multitalk_worker.pipeline.longcat_image import (  # noqa: E402
@@ -215,7 +216,7 @@ def run_ours(pipe: lp.LongCatPipeline, model_name: str, run: Run, inputs: Tensor
     state._continue = lambda *a: _kept(latents, sample_next(*a))  # type: ignore[method-assign]
     sink = FrameCollector()
     seed = int(inputs["seed"])
-    state.generate(torch.Generator("cpu").manual_seed(seed), sink, {}, lp._Loop(seed, None, None))
+    state.generate(torch.Generator("cpu").manual_seed(seed), sink, {}, LoopStart(seed, None, None))
     video = torch.from_numpy(sink.frames())
     return _text_outputs(text, model_name, run.persons) | {
         "cond/image_latent": latents[0][:, :, :1],

@@ -52,6 +52,16 @@ class ClipState:
 
 
 @dataclass(frozen=True)
+class LoopStart:
+    """Where a clip (or segment) loop starts: its seed, the state of an earlier run of the job (None: from
+    the first clip) and the checkpoint it saves to (None: no saving)."""
+
+    seed: int
+    state: ClipState | None
+    checkpoint: ClipCheckpoint | None
+
+
+@dataclass(frozen=True)
 class Resumed:
     """What opening a checkpoint found: the state to continue from (None: start afresh) and why."""
 

@@ -109,6 +109,12 @@ class PreparedInputs:
         self.source.close()
 
 
+def check_resolution(request: GenerationRequest, *, tiny_model: bool) -> None:
+    """The tiny resolution is the built-in tiny model's (or a folder of its sizes) alone."""
+    if request.resolution == "tiny" and not tiny_model:
+        raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
+
+
 def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
     """Checks of the request's own values (no file is read); the request's model."""
     spec = get_model(request.model)
@@ -119,8 +125,7 @@ def check_params(request: GenerationRequest, *, tiny_model: bool) -> ModelSpec:
         raise InvalidInput(
             f"model {spec.name} animates an image; a video source needs model {models_taking('video')}"
         )
-    if request.resolution == "tiny" and not tiny_model:
-        raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
+    check_resolution(request, tiny_model=tiny_model)
     if params.steps < 1:
         raise InvalidInput(f"steps={params.steps} is not accepted; use 1 or more")
     if not 0.0 <= params.color_correction <= 1.0:

@@ -40,7 +40,7 @@ from multitalk_worker.models.runtime import compile_blocks
 from multitalk_worker.models.sequence_parallel import SequenceParallel
 from multitalk_worker.models.vae import vae_decode, vae_encode
 from multitalk_worker.pipeline import longcat_sampling as ls
-from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, ClipState
+from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, ClipState, LoopStart
 from multitalk_worker.pipeline.engine import (
     REFERENCE_ENGINE,
     EngineOptions,
@@ -48,6 +48,7 @@ from multitalk_worker.pipeline.engine import (
     quantize_dit_fp8,
     resolve_engine,
 )
+from multitalk_worker.pipeline.inputs import check_resolution
 from multitalk_worker.pipeline.longcat_audio import (
     FeatureEncoder,
     LongCatAudioConfig,
@@ -108,15 +109,6 @@ class LongCatBundle:
     lora: LoraSwitch | None = None  # 1.5's DMD LoRA, attached to `dit`, on for distilled jobs only
     dit_slot: DiTSlot | None = None  # a folder-loaded model: which DiT folder `dit` holds (1.0 swaps)
     audio_encoder: nn.Module | None = None  # the network behind `audio`
-
-
-@dataclass(frozen=True)
-class _Loop:
-    """The segment loop's seed, the state it resumes from (None: from segment 0) and where it saves."""
-
-    seed: int
-    state: ClipState | None
-    checkpoint: ClipCheckpoint | None
 
 
 @dataclass(frozen=True)
@@ -226,15 +218,13 @@ class LongCatPipeline:
     @staticmethod
     def check_inputs(request: GenerationRequest, *, tiny_model: bool) -> CheckedInputs:
         """Every input check of `request` without any model."""
-        if request.resolution == "tiny" and not tiny_model:
-            raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
+        check_resolution(request, tiny_model=tiny_model)
         return prepare_longcat_inputs(request).checked()
 
     @staticmethod
     def prepare_inputs(request: GenerationRequest, *, tiny_model: bool) -> LongCatInputs:
         """`request`'s inputs decoded and checked, for `__call__(inputs=...)`."""
-        if request.resolution == "tiny" and not tiny_model:
-            raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
+        check_resolution(request, tiny_model=tiny_model)
         return prepare_longcat_inputs(request)
 
     @torch.inference_mode()
@@ -252,8 +242,7 @@ class LongCatPipeline:
             raise InvalidInput(
                 f"this pipeline serves model {self.bundle.model}; the request asks for {request.model}"
             )
-        if request.resolution == "tiny" and not self.is_tiny:
-            raise InvalidInput("resolution 'tiny' exists only for the built-in tiny model; use 480p or 720p")
+        check_resolution(request, tiny_model=self.is_tiny)
         timings: dict[str, float] = {}
         resumed = checkpoint.open() if checkpoint is not None else None
         state = resumed.state if resumed is not None else None
@@ -280,7 +269,7 @@ class LongCatPipeline:
         run = _Run(
             self, inputs, features, text, steps, mode, shift, text_scale, audio_scale, progress, cancel
         )
-        loop = _Loop(seed, state, checkpoint)
+        loop = LoopStart(seed, state, checkpoint)
         run.generate(torch.Generator(self.device).manual_seed(seed), out, timings, loop)
         segments, done = len(inputs.plan.segments), state.clips_done if state is not None else 0
         return GenerationResult(
@@ -389,7 +378,7 @@ class _Run:
         self.latent_shape = (ls.LATENT_CHANNELS, SEGMENT_LATENTS, height // 8, width // 8)
 
     def generate(
-        self, generator: torch.Generator, sink: FrameSink, timings: dict[str, float], loop: _Loop
+        self, generator: torch.Generator, sink: FrameSink, timings: dict[str, float], loop: LoopStart
     ) -> None:
         """The segment loop; after each segment, what the next one needs goes to `loop.checkpoint`, and a
         resumed loop (`loop.state`) starts after its last saved segment."""

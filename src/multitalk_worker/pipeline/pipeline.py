@@ -33,7 +33,7 @@ from multitalk_worker.models.sequence_parallel import SequenceParallel
 from multitalk_worker.models.text_encoder import encode_text
 from multitalk_worker.models.vae import vae_decode
 from multitalk_worker.pipeline import audio as audio_prep
-from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, ClipState
+from multitalk_worker.pipeline.checkpoint import ClipCheckpoint, ClipState, LoopStart
 from multitalk_worker.pipeline.color import match_colors
 from multitalk_worker.pipeline.conditioning import (
     CONDITIONERS,
@@ -128,15 +128,6 @@ class _Run:
     conditioner: ClipConditioner
     settings: GuidanceSettings
     color_strength: float
-
-
-@dataclass(frozen=True)
-class _Loop:
-    """Where the clip loop starts: its seed, the state of an earlier run of the job, and where to save."""
-
-    seed: int
-    state: ClipState | None
-    checkpoint: ClipCheckpoint | None
 
 
 class TalkingVideoPipeline:
@@ -250,7 +241,7 @@ class TalkingVideoPipeline:
             out = sink or collector
             assert out is not None
             out.open(VideoSpec(width, height, inputs.plan.output_frames, FPS, soundtrack, SAMPLE_RATE))
-            loop = _Loop(seed, state, checkpoint if self._saves else None)
+            loop = LoopStart(seed, state, checkpoint if self._saves else None)
             self._generate(run, loop, timer, progress, cancel, out)
         finally:
             if inputs is not None:
@@ -370,7 +361,7 @@ class TalkingVideoPipeline:
     def _generate(
         self,
         run: _Run,
-        loop: _Loop,
+        loop: LoopStart,
         timer: _Timer,
         progress: ProgressCallback | None,
         cancel: CancelCheck | None,
